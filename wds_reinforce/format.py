@@ -1,0 +1,432 @@
+"""Byte layout of reinforced shards: the per-sample sidecar and the manifest.
+
+This module is the only place that knows how bytes are laid out; docs/FORMAT.md is its
+normative spec. It depends on the standard library, numpy and msgpack only.
+
+A sidecar (tar member ``{key}.dr.mp``) is one msgpack map, columnar across the R rounds
+stored for one sample, so decoding costs about the same for R=8 or R=400.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import msgpack
+import numpy as np
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SIDECAR_EXT",
+    "MAX_SIDECAR_BYTES",
+    "COLUMNS",
+    "Column",
+    "FormatError",
+    "Sidecar",
+    "encode_sidecar",
+    "decode_sidecar",
+    "ShardInfo",
+    "SkippedInput",
+    "Manifest",
+]
+
+FORMAT_VERSION = 1
+SIDECAR_EXT = "dr.mp"
+# A sidecar of 4096 rounds at top-100 with every op is ~1.7 MB; anything far larger is not ours.
+MAX_SIDECAR_BYTES = 16 * 1024 * 1024
+FINGERPRINT_BYTES = 8
+_MAX_ROUNDS = 65535
+_MAX_TOPK = 65535
+
+
+class FormatError(ValueError):
+    """Bytes that are not a valid sidecar or manifest of a version this reader knows.
+
+    The message names the sample key (or file) when the caller passed one.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+@dataclass(frozen=True)
+class Column:
+    """The layout of one op's parameter column: ``rows`` x ``fields`` values of one kind.
+
+    kind ``uint``: little-endian unsigned integers whose width (1, 2 or 4 bytes) is the
+    smallest holding the column's largest value; a reader derives it from the byte length.
+    kind ``bits``: one bit per value, packed little-endian bit order (``np.packbits``).
+    kind ``sparse``: for ops that usually do nothing: a presence bitmap of R bits (packed as
+    ``bits``), then ``uint`` values (width derived as above) for the present rows only;
+    absent rows decode as zeros.
+    kind ``i8``, ``i16``, ``f16``: fixed-width little-endian signed int / IEEE half.
+    ``fields=0`` means a variable row width that is a multiple of ``group``, derived from the
+    byte length (RandAugment stores ``num_ops`` pairs).
+    """
+
+    name: str
+    kind: str
+    fields: int
+    group: int = 1
+    doc: str = ""
+
+
+COLUMNS: dict[str, Column] = {
+    c.name: c
+    for c in (
+        Column("rrc", "uint", 4, doc="random resized crop box (top, left, height, width) in source pixels"),
+        Column("flip", "bits", 1, doc="horizontal flip applied"),
+        Column("ra", "i8", 0, group=2, doc="RandAugment: num_ops pairs of (op id, signed magnitude bin)"),
+        Column("re", "sparse", 4, doc="random erasing box (top, left, height, width) in output pixels; absent = none"),
+        # Reserved for the mixing (+mix) recipes; the layout is fixed now so readers know them.
+        Column("mixp", "i16", 1, doc="mixing partner as an offset within the shard's pairing group; 0 = none"),
+        Column("mixl", "f16", 1, doc="mixing weight lambda of this sample"),
+        Column("mixb", "uint", 4, doc="CutMix box (top, left, height, width) in output pixels; 0 x 0 = MixUp"),
+    )
+}
+
+_FIXED_DTYPES = {"i8": np.dtype("<i1"), "i16": np.dtype("<i2"), "f16": np.dtype("<f2")}
+_UINT_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_ID_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+
+@dataclass(frozen=True, eq=False)
+class Sidecar:
+    """Everything stored for one sample: R rounds of augmentation parameters and top-k outputs.
+
+    Attributes:
+        fingerprint: the recipe fingerprint, 8 bytes (hex in the manifest).
+        idx: (R, k) class ids, uint16 or uint32; row r holds round r's top-k, by falling probability.
+        prob: (R, k) float16 probabilities matching ``idx``.
+        ops: column name -> (R, fields) array, one per recorded op (see ``COLUMNS``).
+    """
+
+    fingerprint: bytes
+    idx: np.ndarray
+    prob: np.ndarray
+    ops: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def rounds(self) -> int:
+        return int(self.idx.shape[0])
+
+    @property
+    def topk(self) -> int:
+        return int(self.idx.shape[1])
+
+    def round_params(self, r: int) -> dict[str, np.ndarray]:
+        """Op parameters of round ``r``: column name -> 1-D row."""
+        return {name: col[r] for name, col in self.ops.items()}
+
+    def validate(self, num_classes: int | None = None, key: str | None = None) -> None:
+        """Deep checks that ``decode_sidecar`` leaves out of the hot path.
+
+        Raises:
+            FormatError: probabilities not finite, outside [0, 1] or not falling along a row;
+                a class id repeated within a row or not below ``num_classes``.
+        """
+        prob = self.prob.astype(np.float32)
+        if not np.all(np.isfinite(prob)) or prob.min(initial=0) < 0 or prob.max(initial=0) > 1:
+            raise FormatError("probabilities must be finite and within [0, 1]", key)
+        if np.any(np.diff(prob, axis=1) > 0):
+            raise FormatError("probabilities must fall along each row", key)
+        if self.topk > 1:
+            srt = np.sort(self.idx, axis=1)
+            if np.any(srt[:, 1:] == srt[:, :-1]):
+                raise FormatError("a class id repeats within a round", key)
+        if num_classes is not None and self.idx.size and int(self.idx.max()) >= num_classes:
+            raise FormatError(f"class id {int(self.idx.max())} is not below num_classes={num_classes}", key)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sidecar):
+            return NotImplemented
+        return (
+            self.fingerprint == other.fingerprint
+            and np.array_equal(self.idx, other.idx)
+            and np.array_equal(self.prob.view(np.uint16), other.prob.view(np.uint16))
+            and self.ops.keys() == other.ops.keys()
+            and all(np.array_equal(v, other.ops[k]) for k, v in self.ops.items())
+        )
+
+
+def _uint_width(values: np.ndarray) -> int:
+    top = int(values.max()) if values.size else 0
+    return 1 if top <= 0xFF else 2 if top <= 0xFFFF else 4
+
+
+def _encode_column(col: Column, values: np.ndarray, rounds: int) -> bytes:
+    values = np.asarray(values)
+    if values.ndim == 1:
+        values = values[:, None]
+    if values.ndim != 2 or values.shape[0] != rounds:
+        raise ValueError(f"expected op column {col.name!r} with {rounds} rows, got shape {values.shape}")
+    width = values.shape[1]
+    if (col.fields and width != col.fields) or (not col.fields and width % col.group):
+        expected = col.fields or f"a multiple of {col.group}"
+        raise ValueError(f"expected op column {col.name!r} rows of {expected} values, got {width}")
+    if col.kind == "bits":
+        return np.packbits(values.astype(bool).ravel(), bitorder="little").tobytes()
+    if col.kind == "sparse":
+        present = values.any(axis=1)
+        bitmap = np.packbits(present, bitorder="little").tobytes()
+        return bitmap + _encode_column(dataclasses.replace(col, kind="uint"), values[present], int(present.sum()))
+    if col.kind == "uint":
+        if values.size and values.min() < 0:
+            raise ValueError(f"expected non-negative values in op column {col.name!r}")
+        return values.astype(_UINT_DTYPES[_uint_width(values)]).tobytes()
+    dtype = _FIXED_DTYPES[col.kind]
+    if dtype.kind == "i" and values.size:
+        info = np.iinfo(dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise ValueError(f"expected op column {col.name!r} values within {dtype}")
+    return values.astype(dtype).tobytes()
+
+
+def _decode_column(col: Column, raw: Any, rounds: int, key: str | None) -> np.ndarray:
+    if not isinstance(raw, bytes):
+        raise FormatError(f"op column {col.name!r} must be bytes, got {type(raw).__name__}", key)
+    n = len(raw)
+    if col.kind == "bits":
+        count = rounds * col.fields
+        if n != (count + 7) // 8:
+            raise FormatError(f"op column {col.name!r} has {n} bytes, expected {(count + 7) // 8}", key)
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8), count=count, bitorder="little")
+        return bits.reshape(rounds, col.fields)
+    if col.kind == "sparse":
+        nmap = (rounds + 7) // 8
+        if n < nmap:
+            raise FormatError(f"op column {col.name!r} has {n} bytes, fewer than its {nmap}-byte bitmap", key)
+        present = np.unpackbits(np.frombuffer(raw, np.uint8, nmap), count=rounds, bitorder="little").astype(bool)
+        out = np.zeros((rounds, col.fields), np.uint16)
+        count = int(present.sum())
+        if count == 0:
+            if n != nmap:
+                raise FormatError(f"op column {col.name!r} has values but no row is present", key)
+            return out
+        values = _decode_column(dataclasses.replace(col, kind="uint"), raw[nmap:], count, key)
+        out = np.zeros((rounds, col.fields), values.dtype)
+        out[present] = values
+        return out
+    if col.kind == "uint":
+        width = n // (rounds * col.fields) if n % (rounds * col.fields) == 0 else 0
+        if width not in _UINT_DTYPES:
+            raise FormatError(
+                f"op column {col.name!r} has {n} bytes, expected {rounds}x{col.fields} values of 1, 2 or 4 bytes",
+                key,
+            )
+        return np.frombuffer(raw, _UINT_DTYPES[width]).reshape(rounds, col.fields)
+    dtype = _FIXED_DTYPES[col.kind]
+    per_row = n / (rounds * dtype.itemsize)
+    fields = col.fields or int(per_row)
+    if per_row != fields or fields % col.group:
+        raise FormatError(f"op column {col.name!r} has {n} bytes, which is not {rounds} whole rows", key)
+    return np.frombuffer(raw, dtype).reshape(rounds, fields)
+
+
+def encode_sidecar(sidecar: Sidecar) -> bytes:
+    """Encode one sample's sidecar (see docs/FORMAT.md).
+
+    Class ids are dictionary-coded when that is smaller: ``cls`` holds the sorted distinct ids
+    of all rounds and ``idx`` holds, per (round, rank), the position of the id in ``cls``
+    (1 byte while a sample has at most 256 distinct ids). Teachers put the same few classes on
+    top in most rounds, so this about halves the id bytes. Otherwise ``cls`` is empty and
+    ``idx`` holds the ids themselves.
+
+    Raises:
+        ValueError: arrays of the wrong shape or range, an unknown op column.
+    """
+    idx = np.asarray(sidecar.idx)
+    prob = np.asarray(sidecar.prob)
+    if idx.ndim != 2 or prob.shape != idx.shape:
+        raise ValueError(f"expected idx and prob of one shape (R, k), got {idx.shape} and {prob.shape}")
+    rounds, topk = idx.shape
+    if not (1 <= rounds <= _MAX_ROUNDS and 1 <= topk <= _MAX_TOPK):
+        raise ValueError(f"expected 1 to {_MAX_ROUNDS} rounds and top-k of 1 to {_MAX_TOPK}, got {rounds}, {topk}")
+    if len(sidecar.fingerprint) != FINGERPRINT_BYTES:
+        raise ValueError(f"expected a {FINGERPRINT_BYTES}-byte fingerprint, got {len(sidecar.fingerprint)}")
+    if idx.min() < 0 or idx.max() > 0xFFFFFFFF:
+        raise ValueError("expected class ids within [0, 2**32)")
+    cls, codes = np.unique(idx, return_inverse=True)
+    id_width = 2 if cls[-1] <= 0xFFFF else 4
+    code_width = _uint_width(np.asarray([cls.size - 1]))
+    if cls.size * id_width + idx.size * code_width >= idx.size * id_width:
+        cls, codes, code_width = cls[:0], idx, id_width
+    ops = {}
+    for name, values in sidecar.ops.items():
+        if name not in COLUMNS:
+            raise ValueError(f"unknown op column {name!r}; known: {sorted(COLUMNS)}")
+        ops[name] = _encode_column(COLUMNS[name], values, rounds)
+    body = {
+        "v": FORMAT_VERSION,
+        "fp": bytes(sidecar.fingerprint),
+        "n": rounds,
+        "k": topk,
+        "cw": id_width,
+        "cls": cls.astype(_ID_DTYPES[id_width]).tobytes(),
+        "idx": codes.reshape(-1).astype(_UINT_DTYPES[code_width]).tobytes(),
+        "prob": prob.astype("<f2").tobytes(),
+        "ops": ops,
+    }
+    return msgpack.packb(body, use_bin_type=True)
+
+
+_REQUIRED = ("v", "fp", "n", "k", "cw", "cls", "idx", "prob", "ops")
+
+
+def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
+    """Decode and structurally check one sidecar. Arrays are read-only views of ``data``.
+
+    Raises:
+        FormatError: not msgpack, too large, an unknown format version, a missing or
+            mistyped field, or array lengths that disagree with the rounds and top-k.
+    """
+    if len(data) > MAX_SIDECAR_BYTES:
+        raise FormatError(f"sidecar of {len(data)} bytes exceeds the {MAX_SIDECAR_BYTES}-byte limit", key)
+    try:
+        body = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_SIDECAR_BYTES,
+            max_str_len=1024,
+            max_array_len=1024,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise FormatError(f"sidecar is not valid msgpack ({type(exc).__name__}: {exc})", key) from None
+    if not isinstance(body, dict):
+        raise FormatError(f"sidecar must be a msgpack map, got {type(body).__name__}", key)
+    version = body.get("v")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"unknown sidecar format version {version!r}; this reader knows {FORMAT_VERSION}", key)
+    missing = [name for name in _REQUIRED if name not in body]
+    if missing:
+        raise FormatError(f"sidecar lacks field(s) {missing}", key)
+    rounds, topk, id_width = body["n"], body["k"], body["cw"]
+    if not (isinstance(rounds, int) and 1 <= rounds <= _MAX_ROUNDS):
+        raise FormatError(f"rounds 'n' must be an integer in [1, {_MAX_ROUNDS}], got {rounds!r}", key)
+    if not (isinstance(topk, int) and 1 <= topk <= _MAX_TOPK):
+        raise FormatError(f"top-k 'k' must be an integer in [1, {_MAX_TOPK}], got {topk!r}", key)
+    if id_width not in _ID_DTYPES:
+        raise FormatError(f"class id width 'cw' must be 2 or 4, got {id_width!r}", key)
+    for name in ("fp", "cls", "idx", "prob"):
+        if not isinstance(body[name], bytes):
+            raise FormatError(f"field {name!r} must be bytes, got {type(body[name]).__name__}", key)
+    if len(body["fp"]) != FINGERPRINT_BYTES:
+        raise FormatError(f"fingerprint must be {FINGERPRINT_BYTES} bytes, got {len(body['fp'])}", key)
+    count = rounds * topk
+    if len(body["prob"]) != 2 * count:
+        raise FormatError(f"'prob' has {len(body['prob'])} bytes, expected {2 * count} for {rounds}x{topk}", key)
+    if len(body["cls"]) % id_width:
+        raise FormatError(f"'cls' length {len(body['cls'])} is not a multiple of {id_width}", key)
+    cls = np.frombuffer(body["cls"], _ID_DTYPES[id_width])
+    code_width = len(body["idx"]) // count
+    if code_width not in _UINT_DTYPES or code_width * count != len(body["idx"]):
+        raise FormatError(f"'idx' has {len(body['idx'])} bytes, expected {count} codes of 1, 2 or 4 bytes", key)
+    codes = np.frombuffer(body["idx"], _UINT_DTYPES[code_width])
+    if cls.size == 0:  # ids stored directly
+        if code_width != id_width:
+            raise FormatError(f"'idx' holds ids directly but has {code_width}-byte values, not {id_width}", key)
+        idx = codes.reshape(rounds, topk)
+    elif int(codes.max()) >= cls.size:
+        raise FormatError(f"'idx' refers past the {cls.size} distinct class ids in 'cls'", key)
+    else:
+        idx = cls[codes].reshape(rounds, topk)
+    ops_raw = body["ops"]
+    if not isinstance(ops_raw, dict):
+        raise FormatError(f"'ops' must be a map, got {type(ops_raw).__name__}", key)
+    ops = {}
+    for name, raw in ops_raw.items():
+        if name not in COLUMNS:
+            raise FormatError(f"unknown op column {name!r}; this reader knows {sorted(COLUMNS)}", key)
+        ops[name] = _decode_column(COLUMNS[name], raw, rounds, key)
+    return Sidecar(
+        fingerprint=body["fp"],
+        idx=idx,
+        prob=np.frombuffer(body["prob"], "<f2").reshape(rounds, topk),
+        ops=ops,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass
+class ShardInfo:
+    """One finished shard: its file name (relative to the manifest), samples, size and hash."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+    first_key: str
+    last_key: str
+
+
+@dataclass
+class SkippedInput:
+    """A source input that was not written, and why."""
+
+    key: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``, written next to the shards after all of them are finished.
+
+    New fields get defaults; existing fields never change type; a reader rejects a
+    ``format_version`` it does not know.
+    """
+
+    recipe: dict[str, Any]
+    fingerprint: str
+    teacher: dict[str, Any]
+    num_classes: int
+    rounds: int
+    topk: int
+    seed: int
+    class_names: list[str] = field(default_factory=list)
+    shards: list[ShardInfo] = field(default_factory=list)
+    skipped: list[SkippedInput] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "manifest") -> Manifest:
+        """Parse a manifest, raising FormatError (naming ``source``) for anything unexpected."""
+        try:
+            raw = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FormatError(f"not valid JSON ({exc})", source) from None
+        if not isinstance(raw, dict):
+            raise FormatError("manifest must be a JSON object", source)
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise FormatError(
+                f"unknown manifest format_version {raw.get('format_version')!r}; this reader knows {FORMAT_VERSION}",
+                source,
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in raw.items() if k in known}
+        try:
+            fields["shards"] = [ShardInfo(**s) for s in fields.get("shards", [])]
+            fields["skipped"] = [SkippedInput(**s) for s in fields.get("skipped", [])]
+            manifest = cls(**fields)
+        except TypeError as exc:
+            raise FormatError(f"manifest fields do not match the schema ({exc})", source) from None
+        for name, typ in (("num_classes", int), ("rounds", int), ("topk", int), ("seed", int)):
+            if not isinstance(getattr(manifest, name), typ):
+                raise FormatError(f"{name} must be an integer, got {getattr(manifest, name)!r}", source)
+        return manifest
