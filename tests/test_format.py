@@ -244,6 +244,17 @@ def test_manifest_round_trip():
     assert json.loads(text)["format_version"] == FORMAT_VERSION
 
 
+def test_timm_info_lists_the_split():
+    info = _manifest().timm_info()
+    assert info["splits"]["train"] == {
+        "name": "train",
+        "num_samples": 5,
+        "filenames": ["s-000000.tar"],
+        "shard_lengths": [5],
+    }
+    assert info["num_classes"] == 10
+
+
 def test_manifest_ignores_unknown_fields_and_defaults_new_ones():
     raw = json.loads(_manifest().to_json())
     raw["added_in_a_later_minor"] = 1

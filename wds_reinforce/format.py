@@ -395,6 +395,8 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     skipped: list[SkippedInput] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    split: str = "train"
+    name: str = "reinforced"
     format_version: int = FORMAT_VERSION
 
     @property
@@ -403,6 +405,16 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+    def timm_info(self) -> dict[str, Any]:
+        """The ``_info.json`` that timm's webdataset reader (``create_dataset("wds/...")``) reads."""
+        split = {
+            "name": self.split,
+            "num_samples": self.num_samples,
+            "filenames": [s.name for s in self.shards],
+            "shard_lengths": [s.samples for s in self.shards],
+        }
+        return {"name": self.name, "num_classes": self.num_classes, "splits": {self.split: split}}
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "manifest") -> Manifest:
