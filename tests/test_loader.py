@@ -1,0 +1,497 @@
+"""The streaming loader: exact replay, the round schedule, URL kinds, bad data, interop.
+
+Shards are made by tests/shardmaker.py (fake teacher outputs, the real recipe sampling and
+replay), tiny: 4 shards x 3 samples of ~50x60 JPEGs, 32x32 output, 3 rounds. Servers (HTTP,
+moto S3) listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.shardmaker import make_shards
+from wds_reinforce.augment import normalize
+from wds_reinforce.format import FormatError, Manifest
+from wds_reinforce.loader import (
+    MismatchError,
+    ReinforcedDataset,
+    SampleError,
+    SharedEpoch,
+    SkipCounter,
+    check_counts,
+    decode_sidecars,
+    read_manifest,
+    reinforce_stages,
+    round_for,
+)
+from wds_reinforce.targets import densify, one_hot
+
+R = 3  # rounds in the test shards
+META = ("image", "target", "__key__", "round")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), rounds=R)
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def collect(ds) -> list[tuple]:
+    return [tuple(x) for x in ds]
+
+
+def by_key(rows) -> dict[str, tuple]:
+    return {row[2]: row for row in rows}
+
+
+# ----------------------------------------------------------------------------------------
+# Schedule
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 2**40), st.text(min_size=1, max_size=8), st.integers(0, 3))
+def test_round_for_uses_every_round_once_per_cycle(rounds, seed, key, cycle):
+    picked = [round_for(seed, key, cycle * rounds + e, rounds) for e in range(rounds)]
+    assert sorted(picked) == list(range(rounds))
+    assert picked == [round_for(seed, key, cycle * rounds + e, rounds) for e in range(rounds)]
+
+
+def test_round_for_varies_with_key_and_cycle():
+    orders = {tuple(round_for(0, f"k{i}", e, 8) for e in range(8)) for i in range(20)}
+    assert len(orders) > 10
+    assert [round_for(0, "k", e, 8) for e in range(8)] != [round_for(0, "k", e, 8) for e in range(8, 16)]
+    with pytest.raises(ValueError, match="expected epoch a non-negative int, got -1"):
+        round_for(0, "k", -1, 3)
+    with pytest.raises(ValueError, match="expected rounds a positive int, got 0"):
+        round_for(0, "k", 0, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Exact replay
+
+
+@pytest.mark.parametrize("decode", ["full", "reduced"])
+def test_replay_equals_producer_pixels_for_every_round(tmp_path, decode):
+    made = make_shards(tmp_path, rounds=R, decode=decode, num_shards=2, image_hw=(72, 90))
+    ds = ReinforcedDataset(str(tmp_path), keys=META)
+    seen = defaultdict(list)
+    for epoch in range(R):
+        ds.set_epoch(epoch)
+        rows = collect(ds)
+        assert sorted(r[2] for r in rows) == sorted(made.keys)
+        for img, target, key, rnd in rows:
+            assert img.dtype == torch.uint8 and img.shape == (3, 32, 32)
+            assert torch.equal(img, made.pixels[(key, rnd)]), f"{key} round {rnd} differs"
+            sc = made.sidecars[key]
+            torch.testing.assert_close(target, densify(sc.idx[rnd], sc.prob[rnd], made.manifest.num_classes))
+            seen[key].append(rnd)
+    assert all(sorted(v) == list(range(R)) for v in seen.values())
+
+
+def test_float_output_is_normalised_uint8(made):
+    a = collect(ReinforcedDataset(made.pattern, keys=("image", "__key__")))
+    b = collect(ReinforcedDataset(made.pattern, keys=("image", "__key__"), output="float", mean=(0.5,) * 3, std=(0.25,) * 3))
+    for (u8, ka), (f, kb) in zip(a, b):
+        assert ka == kb and f.dtype == torch.float32
+        torch.testing.assert_close(f, normalize(u8, (0.5,) * 3, (0.25,) * 3))
+
+
+def test_sparse_targets_densify_on_the_batch_to_the_dense_ones(made):
+    dense = collect(ReinforcedDataset(made.pattern, p=0.5, label_smoothing=0.1, keys=("target", "round")))
+    loader = torch.utils.data.DataLoader(ReinforcedDataset(made.pattern, p=0.5, label_smoothing=0.1, densify="sparse"), batch_size=5)
+    batches = [densify(idx, prob, made.manifest.num_classes) for _, idx, prob in loader]
+    torch.testing.assert_close(torch.cat(batches), torch.stack([t for t, _ in dense]))
+    assert {r for _, r in dense} & {-1} and {r for _, r in dense} - {-1}, "p=0.5 should mix both kinds"
+
+
+def test_p_zero_gives_originals_with_one_hot_targets(made):
+    rows = collect(ReinforcedDataset(made.pattern, p=0.0, label_smoothing=0.1, keys=("image", "target", "__key__", "round")))
+    again = collect(ReinforcedDataset(made.pattern, p=0.0, label_smoothing=0.1, keys=("image", "target", "__key__", "round")))
+    for (img, target, key, rnd), (img2, *_rest) in zip(rows, again):
+        assert rnd == -1 and img.shape == (3, 32, 32)
+        assert torch.equal(img, img2), "the original-image augmentation is seeded, not random"
+        torch.testing.assert_close(target, one_hot(made.labels[key], made.manifest.num_classes, 0.1))
+    zeros = collect(ReinforcedDataset(made.pattern, p=0.0, label_smoothing=0.1, densify="zeros", keys=("target", "__key__")))
+    for target, key in zeros:
+        torch.testing.assert_close(target, one_hot(made.labels[key], made.manifest.num_classes, 0.1))
+
+
+# ----------------------------------------------------------------------------------------
+# Schedule through DataLoader workers and ranks
+
+
+def _rounds_per_epoch(ds, loader, epochs) -> list[dict[str, int]]:
+    out = []
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        rows = [(key, int(rnd)) for _, _, key, rnd in loader]
+        keys = [k for k, _ in rows]
+        assert len(keys) == len(set(keys)), "a sample came twice in one epoch"
+        out.append(dict(rows))
+    return out
+
+
+@pytest.mark.parametrize("workers,persistent,context", [(0, False, None), (2, False, None), (2, True, None), (2, True, "spawn")])
+def test_schedule_covers_all_rounds_with_workers(made, workers, persistent, context):
+    ds = ReinforcedDataset(made.pattern, keys=META, shardshuffle=True, shuffle=4)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=workers, persistent_workers=persistent, multiprocessing_context=context
+    )
+    epochs = _rounds_per_epoch(ds, loader, R + 1)
+    for key in made.keys:
+        first_cycle = [e[key] for e in epochs[:R]]
+        assert sorted(first_cycle) == list(range(R)), f"{key}: {first_cycle}"
+        assert all(e[key] == round_for(0, key, i, R) for i, e in enumerate(epochs))
+
+
+def test_simulated_world_size_two_gets_equal_disjoint_halves(made, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        ds = ReinforcedDataset(made.pattern, keys=META, shardshuffle=True)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        per_rank.append(_rounds_per_epoch(ds, loader, R))
+    for epoch in range(R):
+        a, b = per_rank[0][epoch], per_rank[1][epoch]
+        assert len(a) == len(b) == len(made.keys) // 2
+        assert not a.keys() & b.keys() and a.keys() | b.keys() == set(made.keys)
+        assert all(r == round_for(0, k, epoch, R) for k, r in {**a, **b}.items())
+
+
+def test_fewer_shards_than_ranks_times_workers_is_an_error(made, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    ds = ReinforcedDataset(made.urls[:2], keys=META)
+    exc = _first_error(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+    assert isinstance(exc, ValueError)
+    assert "expected at least 4 shards for 2 rank(s) x 2 worker(s), got 2" in str(exc)
+
+
+def _first_error(loader) -> BaseException | None:
+    # Drop the traceback before returning: it would keep the loader iterator (and its worker
+    # processes) alive, and torch then takes seconds to shut them down later.
+    it = iter(loader)
+    try:
+        next(it)
+    except Exception as exc:  # noqa: BLE001
+        exc.__traceback__ = None
+        return exc
+    finally:
+        del it
+    return None
+
+
+def test_shared_epoch_reaches_workers():
+    epoch = SharedEpoch(3)
+    epoch.set(5)
+    assert epoch.get() == 5
+    with pytest.raises(ValueError, match="expected epoch a non-negative int"):
+        epoch.set(-2)
+
+
+# ----------------------------------------------------------------------------------------
+# Plain webdataset and timm
+
+
+def test_stages_compose_into_a_plain_webdataset(made):
+    stages = reinforce_stages(made.manifest, epoch=1)
+    ds = wds.WebDataset(made.pattern, shardshuffle=False).compose(*stages).to_tuple("image", "target", "__key__", "round")
+    ours = ReinforcedDataset(made.pattern, epoch=1, keys=META)
+    for (a, ta, ka, ra), (b, tb, kb, rb) in zip(collect(ds), collect(ours), strict=True):
+        assert ka == kb and ra == rb and torch.equal(a, b) and torch.equal(ta, tb)
+
+
+def test_plain_webdataset_reads_the_shards(made):
+    ds = wds.WebDataset(made.pattern, shardshuffle=False).decode("pil").to_tuple("jpg", "cls", "__key__")
+    rows = collect(ds)
+    assert [k for *_, k in rows] == made.keys
+    assert all(img.mode == "RGB" and cls == made.labels[k] for img, cls, k in rows)
+    sample = next(iter(wds.WebDataset(made.pattern, shardshuffle=False).decode()))
+    assert isinstance(sample["dr.mp"], dict) and sample["dr.mp"]["v"] == 1
+
+
+def test_timm_reads_the_shards_via_info_json(made):
+    timm_data = pytest.importorskip("timm.data")
+    ds = timm_data.create_dataset("wds/tiny", root=str(made.root), split="train", batch_size=1)
+    rows = list(ds)
+    assert len(rows) == len(made.keys)
+    assert sorted(label for _, label in rows) == sorted(made.labels.values())
+
+
+# ----------------------------------------------------------------------------------------
+# URL kinds: brace pattern, manifest path, http, s3
+
+
+def test_sources_resolve_to_the_same_samples(made):
+    expect = collect(ReinforcedDataset(made.pattern, keys=("__key__", "round")))
+    assert collect(ReinforcedDataset(str(made.root / "manifest.json"), keys=("__key__", "round"))) == expect
+    assert collect(ReinforcedDataset(made.urls, keys=("__key__", "round"))) == expect
+    assert collect(ReinforcedDataset(made.urls[:1], manifest=made.manifest, keys=("__key__", "round"))) == expect[:3]
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot read .*manifest.json"):
+        ReinforcedDataset(str(tmp_path / "shard-{000000..000001}.tar"))
+
+
+def assert_same_as_local(made, url_pattern, manifest_url):
+    local = collect(ReinforcedDataset(made.pattern, epoch=2, keys=META))
+    for source in (url_pattern, manifest_url):
+        remote = collect(ReinforcedDataset(source, epoch=2, keys=META))
+        assert len(remote) == len(local) == len(made.keys)
+        for (a, ta, ka, ra), (b, tb, kb, rb) in zip(local, remote):
+            assert (ka, ra) == (kb, rb) and torch.equal(a, b) and torch.equal(ta, tb)
+    assert read_manifest(manifest_url).to_json() == made.manifest.to_json()
+
+
+@pytest.fixture
+def http_root(made):
+    handler = functools.partial(_QuietHandler, directory=str(made.root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_http_streaming_equals_local(made, http_root):
+    assert_same_as_local(made, f"{http_root}/shard-{{000000..000003}}.tar", f"{http_root}/manifest.json")
+    with pytest.raises(FileNotFoundError, match="cannot read http://127.0.0.1"):
+        read_manifest(f"{http_root}/nope/manifest.json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    pytest.importorskip("moto")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:  # poll until it accepts connections
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("moto server did not start")
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(monkeypatch, moto_endpoint):
+    for name, value in {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return moto_endpoint
+
+
+def test_s3_streaming_equals_local(made, s3_env):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_env)
+    client.create_bucket(Bucket="data")
+    for path in sorted(made.root.iterdir()):
+        client.upload_file(str(path), "data", f"tiny/{path.name}")
+    assert_same_as_local(made, "s3://data/tiny/shard-{000000..000003}.tar", "s3://data/tiny/manifest.json")
+    with pytest.raises(FileNotFoundError, match="s3://data/tiny/nope.json"):
+        read_manifest("s3://data/tiny/nope.json")
+    # the scheme also writes (upload on close), and timm's _info.json reader sees s3 too
+    with wds.gopen("s3://data/copy/x.bin", "wb") as f:
+        f.write(b"hello")
+    assert wds.gopen("s3://data/copy/x.bin").read() == b"hello"
+
+
+# ----------------------------------------------------------------------------------------
+# Bad data
+
+
+def _flip_all_prob_high_bytes(data: bytes) -> bytes:
+    # 'prob' is the bin after the key a4 'prob' c4 len; flipping each fp16's high byte makes it negative or huge
+    at = data.index(b"\xa4prob") + 5
+    assert data[at] == 0xC4
+    n, start = data[at + 1], at + 2
+    body = bytearray(data)
+    for i in range(start + 1, start + n, 2):
+        body[i] ^= 0xFF
+    return bytes(body)
+
+
+CORRUPTIONS = {
+    "sidecar_header": lambda k, ext, d: bytes([d[0] ^ 0xFF]) + d[1:] if ext == "dr.mp" else d,
+    "sidecar_prob": lambda k, ext, d: _flip_all_prob_high_bytes(d) if ext == "dr.mp" else d,
+    "bad_jpeg": lambda k, ext, d: b"\xff\xd8\xff" + bytes(range(256)) * 4 if ext == "jpg" else d,
+    "not_an_image": lambda k, ext, d: b"this is not an image" if ext == "jpg" else d,
+    "missing_sidecar": lambda k, ext, d: None if ext == "dr.mp" else d,
+}
+BAD_KEY = "s01_0001"
+
+
+@pytest.fixture(params=sorted(CORRUPTIONS))
+def corrupt(request, tmp_path):
+    name = request.param
+    fn = CORRUPTIONS[name]
+    mutate = lambda k, ext, d: fn(k, ext, d) if k == BAD_KEY else d  # noqa: E731
+    return make_shards(tmp_path, rounds=R, mutate=mutate, record_pixels=False)
+
+
+def test_corrupt_sample_raises_with_key_and_url(corrupt):
+    ds = ReinforcedDataset(corrupt.pattern, keys=("__key__",))
+    with pytest.raises(SampleError, match=f"shard-000001.tar: sample '{BAD_KEY}': "):
+        collect(ds)
+
+
+def test_corrupt_sample_is_skipped_and_counted(corrupt):
+    counter = SkipCounter()
+    rows = collect(ReinforcedDataset(corrupt.pattern, keys=("__key__",), handler=counter))
+    assert [k for (k,) in rows] == [k for k in corrupt.keys if k != BAD_KEY]
+    assert counter.count == 1 and counter.samples == 1 and BAD_KEY in counter.last
+
+
+def test_skips_are_counted_across_workers(tmp_path):
+    mutate = lambda k, ext, d: b"not an image" if ext == "jpg" and k.endswith("_0001") else d  # noqa: E731
+    made = make_shards(tmp_path, rounds=R, mutate=mutate, record_pixels=False)
+    counter = SkipCounter()
+    loader = torch.utils.data.DataLoader(ReinforcedDataset(made.pattern, keys=("__key__",), handler=counter), batch_size=None, num_workers=2)
+    keys = sorted(k for (k,) in loader)
+    assert keys == sorted(k for k in made.keys if not k.endswith("_0001"))
+    assert counter.count == counter.samples == 4
+
+
+@pytest.mark.parametrize("cut", ["mid_member", "member_boundary"])
+def test_truncated_shard_is_detected(made, tmp_path, cut):
+    data = Path(made.urls[1]).read_bytes()
+    if cut == "mid_member":
+        end = data.index(b"s01_0001.jpg") + 512 + 100  # inside the second sample's image
+    else:
+        end = data.index(b"s01_0002.jpg")  # the header of the third sample: a clean member boundary
+    for i, url in enumerate(made.urls):
+        (tmp_path / Path(url).name).write_bytes(data[:end] if i == 1 else Path(url).read_bytes())
+    (tmp_path / "manifest.json").write_text(made.manifest.to_json())
+    with pytest.raises(Exception, match="shard-000001.tar"):
+        collect(ReinforcedDataset(str(tmp_path), keys=("__key__",)))
+    counter = SkipCounter()
+    rows = [k for (k,) in ReinforcedDataset(str(tmp_path), keys=("__key__",), handler=counter)]
+    lost = {"s01_0001", "s01_0002"} if cut == "mid_member" else {"s01_0002"}
+    assert rows == [k for k in made.keys if k not in lost]
+    assert counter.count >= 1
+
+
+def test_check_counts_stage_on_in_memory_samples():
+    expected = {"u": (3, "a")}
+
+    def run(keys, handler=None):
+        samples = [{"__url__": "u", "__key__": k} for k in keys]
+        stage = check_counts(expected=expected, handler=handler) if handler else check_counts(expected=expected)
+        return [s["__key__"] for s in stage(iter(samples))]
+
+    assert run("abcabc") == list("abcabc")  # a resampled shard drawn twice in a row
+    with pytest.raises(SampleError, match="u: expected 3 samples \\(per the manifest\\), got 2"):
+        run("ababc")
+    counter = SkipCounter()
+    assert run("ab", counter) == ["a", "b"] and counter.samples == 1
+
+
+def test_fluent_shuffle_and_batched(made):
+    ds = ReinforcedDataset(made.pattern, seed=3).shuffle(5).batched(4)
+    batches = collect(ds)
+    assert len(batches) == 3
+    images, targets = batches[0]
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
+    assert targets.shape == (4, made.manifest.num_classes) and targets.dtype == torch.float32
+
+
+def test_resampled_with_epoch_yields_the_requested_count(made):
+    ds = ReinforcedDataset(made.pattern, resampled=True, keys=("__key__", "round")).with_epoch(20)
+    rows = collect(ds)
+    assert len(rows) == 20 and all(r == round_for(0, k, 0, R) for k, r in rows)
+
+
+def test_recipe_mismatch_is_an_error_at_the_first_sample_even_when_skipping(made, tmp_path):
+    other = make_shards(tmp_path, rounds=R, recipe="rrc+ra/re", record_pixels=False)
+    ds = ReinforcedDataset(other.pattern, manifest=made.manifest, handler=SkipCounter())
+    with pytest.raises(MismatchError, match="shard-000000.tar: sample 's00_0000': recipe fingerprint"):
+        next(iter(ds))  # the manifest's own recipe check passes; the sidecars disagree
+    stage = decode_sidecars(fingerprint=bytes.fromhex(made.manifest.fingerprint), handler=SkipCounter())
+    samples = [{"__key__": "k", "__url__": "u", "dr.mp": _sidecar_bytes(other)}]
+    with pytest.raises(MismatchError, match="u: sample 'k': recipe fingerprint .* differs from the manifest's"):
+        list(stage(iter(samples)))
+
+
+def _sidecar_bytes(made) -> bytes:
+    from wds_reinforce.format import encode_sidecar
+
+    return encode_sidecar(next(iter(made.sidecars.values())))
+
+
+def test_unknown_sidecar_version_is_an_error_at_the_first_sample(made):
+    import msgpack
+
+    body = msgpack.unpackb(_sidecar_bytes(made))
+    body["v"] = 99
+    stage = decode_sidecars(fingerprint=bytes.fromhex(made.manifest.fingerprint), handler=SkipCounter())
+    with pytest.raises(MismatchError, match="sidecar format version 99, this reader knows 1"):
+        list(stage(iter([{"__key__": "k", "__url__": "u", "dr.mp": msgpack.packb(body)}])))
+
+
+def test_manifest_recipe_that_this_version_fingerprints_differently_is_refused(made):
+    bad = Manifest.from_json(made.manifest.to_json())
+    bad.fingerprint = "00" * 8
+    with pytest.raises(FormatError, match="replay would not match"):
+        ReinforcedDataset(made.pattern, manifest=bad)
+
+
+def test_bad_arguments_fail_early(made):
+    with pytest.raises(ValueError, match="expected densify in"):
+        ReinforcedDataset(made.pattern, densify="dense")
+    with pytest.raises(ValueError, match="expected p a probability"):
+        ReinforcedDataset(made.pattern, p=1.5)
+    with pytest.raises(ValueError, match="expected output in"):
+        ReinforcedDataset(made.pattern, output="fp16")
