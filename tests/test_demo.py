@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+import torch
+
+from wds_reinforce.demo import DEMO_CLASSES, DEMO_SIZE, run_demo
+from wds_reinforce.format import Manifest
+
+
+def test_tiny_demo_runs_offline_and_reuses_its_cache(tmp_path):
+    torch.set_num_threads(1)
+    lines: list[str] = []
+    root = tmp_path / "demo"
+    first = run_demo(root, per_class=11, rounds=2, epochs=1, log=lines.append)
+    assert first.samples == 66 and first.made == 1
+    manifest = Manifest.from_json((root / "manifest.json").read_text())
+    assert manifest.class_names == sorted(DEMO_CLASSES) and manifest.recipe["size"] == [DEMO_SIZE, DEMO_SIZE]
+    assert manifest.teacher["members"][0]["checkpoint"].endswith(".pt")
+    assert any(line.startswith("next:") for line in lines)
+    lines.clear()
+    again = run_demo(root, per_class=11, rounds=2, epochs=1, log=lines.append)
+    assert (again.made, again.reused) == (0, 1)
+    assert any("reusing" in line for line in lines)

@@ -1,0 +1,231 @@
+"""The CLI end to end: argument errors, kill + resume, torchrun, and s3:// against a real moto server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.producer_data import TEACHER, cli_args, job_args, make_image_folder, tree_digest
+from wds_reinforce.writer import UsageError, make_shards, prepare_job
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import make_shards as cli  # noqa: E402
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = str(ROOT / "tools" / "make_shards.py")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    env.update(extra)
+    return env
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}: {proc.stderr.read() if proc.stderr else ''}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("src"), per_class=4)
+
+
+@pytest.fixture(scope="module")
+def reference(source, tmp_path_factory):
+    """The uninterrupted single-process run every other run must match byte for byte."""
+    out = tmp_path_factory.mktemp("ref")
+    make_shards(str(source), TEACHER, out=str(out), **job_args())
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Bad arguments: one line, exit 2, nothing written
+
+
+@pytest.mark.parametrize(
+    "over, drop, match",
+    [
+        ({"--source": "{tmp}/missing"}, None, "not found"),
+        ({"--source": "{tmp}/empty"}, None, "empty source"),
+        ({}, "--source", "expected --source"),
+        ({"--teacher": "timm:no_such_model"}, None, "unknown teacher 'timm:no_such_model'"),
+        ({"--teacher": "keras:resnet"}, None, "unknown teacher kind 'keras'"),
+        ({"--recipe": "no_such_recipe"}, None, "unknown recipe 'no_such_recipe'"),
+        ({"--recipe": "{tmp}/missing.yaml"}, None, "does not exist"),
+        ({"--topk": "4"}, None, "expected topk <= the 3 classes, got 4"),
+        ({"--teacher-num-classes": "10"}, None, "expected a teacher with the source's 3 classes, got 10"),
+        ({"--out": "{tmp}/afile/out"}, None, "expected a writable --out"),
+        ({"--rounds": "0"}, None, "expected rounds an integer >= 1, got 0"),
+        ({"--teacher-checkpoint": "{tmp}/missing.pt"}, None, "expected a teacher checkpoint file"),
+        ({"--class-map": "{tmp}/missing.json"}, None, "expected --class-map to be a JSON file"),
+    ],
+)
+def test_bad_arguments_fail_early(source, tmp_path, capsys, over, drop, match):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "out"
+    argv = cli_args(source, str(out), **{k: v.format(tmp=tmp_path) for k, v in over.items()})
+    if drop:
+        i = argv.index(drop)
+        del argv[i : i + 2]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("make_shards.py: error: ") and "\n" not in err
+    assert match in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device, match", [("cuda", "CUDA is not available"), ("gpu7", "expected --device auto, cpu")])
+def test_bad_device_fails_early(source, tmp_path, capsys, device, match):
+    assert cli.main(cli_args(source, str(tmp_path / "out"), **{"--device": device})) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_argument_in_a_subprocess_has_no_traceback(source, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, TOOL, *cli_args(source, str(out), **{"--topk": "9"})],
+        capture_output=True, text=True, env=_env(), timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "make_shards.py: error: expected topk <= the 3 classes, got 9"
+    assert not out.exists()
+
+
+def test_config_yaml_gives_the_same_shards(source, reference, tmp_path):
+    out = tmp_path / "out"
+    argv = cli_args(source, str(out))
+    cfg = tmp_path / "job.yaml"
+    # Options from the file, except --out given on the command line (which wins).
+    pairs = dict(zip(argv[0:-1:2], argv[1:-1:2]))
+    pairs.pop("--out")
+    cfg.write_text("".join(f"{k[2:]}: {v!r}\n" if k in ("--source", "--teacher", "--device") else f"{k[2:]}: {v}\n" for k, v in pairs.items()))
+    assert cli.main(["--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert tree_digest(out) == tree_digest(reference)
+
+
+# ----------------------------------------------------------------------------------------
+# Killed mid-way, then resumed: the same bytes as an uninterrupted run
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path):
+    src = make_image_folder(tmp_path / "src", per_class=10)  # 31 inputs, one shard each
+    ref = tmp_path / "ref"
+    make_shards(str(src), TEACHER, out=str(ref), **job_args(shard_size=1))
+    out = tmp_path / "out"
+    argv = [sys.executable, TOOL, *cli_args(src, str(out), **{"--shard-size": "1"})]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        _wait_for(lambda: (out / ".done" / "train-000000.tar.json").exists(), 120, "the first finished shard", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    finished = len(list((out / ".done").glob("*.json")))
+    assert not (out / "manifest.json").exists() and 1 <= finished < 31, f"{finished} shards finished before the kill"
+    done = subprocess.run([*argv], capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{31 - finished} made, {finished} reused" in done.stdout or finished == 31
+    assert tree_digest(out) == tree_digest(ref)
+
+
+# ----------------------------------------------------------------------------------------
+# torchrun on CPU: two ranks share the shards; rank 0 writes the manifest
+
+
+def test_torchrun_two_ranks_match_one_process(source, reference, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TOOL, *cli_args(source, str(out))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tree_digest(out) == tree_digest(reference)
+
+
+# ----------------------------------------------------------------------------------------
+# s3:// against a real moto server on 127.0.0.1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+    )
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        _wait_for(up, 60, "the moto server", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch):
+    import boto3
+
+    for name, value in {
+        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "NO_PROXY": "127.0.0.1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="reinforced")
+    return client
+
+
+def test_s3_out_matches_local_and_resumes(source, reference, s3):
+    summary = make_shards(str(source), TEACHER, out="s3://reinforced/run1", **job_args())
+    assert summary.made == 3
+    listed = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="reinforced", Prefix="run1/")["Contents"])
+    assert [k for k in listed if not k.startswith("run1/.done/")] == [
+        "run1/_info.json", "run1/manifest.json", "run1/train-000000.tar", "run1/train-000001.tar", "run1/train-000002.tar",
+    ]
+    for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar", "manifest.json", "_info.json"):
+        body = s3.get_object(Bucket="reinforced", Key=f"run1/{name}")["Body"].read()
+        assert body == (reference / name).read_bytes(), name
+    s3.delete_object(Bucket="reinforced", Key="run1/train-000001.tar")
+    again = make_shards(str(source), TEACHER, out="s3://reinforced/run1", **job_args())
+    assert (again.made, again.reused) == (1, 2)
+
+
+def test_s3_missing_bucket_is_a_usage_error(source, s3):
+    with pytest.raises(UsageError, match="expected a writable --out"):
+        prepare_job(str(source), TEACHER, out="s3://no-such-bucket/x", **job_args())

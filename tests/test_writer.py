@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from tests.producer_data import CLASSES, TEACHER, job_args, make_image_folder, tree_digest
+from wds_reinforce.augment import Recipe, SourceImage, replay
+from wds_reinforce.format import Manifest, decode_sidecar
+from wds_reinforce.teacher import load_teacher, topk
+from wds_reinforce.writer import UsageError, make_shards, prepare_job
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("src"), per_class=4)
+
+
+@pytest.fixture(scope="module")
+def made(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    summary = make_shards(str(source), TEACHER, out=str(out), **job_args())
+    return out, summary
+
+
+def test_end_to_end_manifest_and_members(source, made):
+    out, summary = made
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    assert manifest.num_classes == 3 and manifest.class_names == list(CLASSES)
+    assert (manifest.rounds, manifest.topk, manifest.seed) == (3, 2, 7)
+    # 13 inputs in shards of 5: 3 shards; the broken JPEG is skipped and listed with its reason.
+    assert [s.name for s in manifest.shards] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert manifest.num_samples == 12 == summary.samples
+    assert [s.key for s in manifest.skipped] == ["dog_broken"]
+    assert "cannot decode" in manifest.skipped[0].reason
+    assert json.loads((out / "_info.json").read_text()) == manifest.timm_info()
+    assert manifest.teacher["members"][0]["name"] == "test_resnet"
+    assert manifest.fingerprint == Recipe.from_spec("rrc", size=32).fingerprint.hex()
+    for info in manifest.shards:
+        with tarfile.open(out / info.name) as tar:
+            members = tar.getmembers()
+        assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.mode == 0o444 for m in members)
+        names = [m.name for m in members]
+        assert names[0].split(".")[0] == info.first_key and names[-1].split(".")[0] == info.last_key
+        assert len(names) == 3 * info.samples
+    first = tarfile.open(out / "train-000000.tar").extractfile("cat_img_0.jpg").read()
+    assert first == (source / "cat" / "img.0.jpg").read_bytes()  # bytes untouched
+
+
+def test_plain_webdataset_reads_the_shards(made):
+    out, _ = made
+    urls = [str(p) for p in sorted(out.glob("*.tar"))]
+    ds = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg;png", "cls", "dr.mp")
+    rows = list(ds)
+    assert len(rows) == 12
+    img, cls, side = rows[0]
+    assert img.size == (48, 40) and cls == 0
+    assert isinstance(side, (bytes, dict))
+
+
+def test_exact_replay_reproduces_the_stored_topk(source, made):
+    out, _ = made
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    recipe = Recipe.from_dict(manifest.recipe)
+    teacher = load_teacher(TEACHER, num_classes=3, device="cpu")
+    with tarfile.open(out / "train-000001.tar") as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    keys = sorted({name.split(".")[0] for name in files})
+    checked = 0
+    for key in keys:
+        image = files.get(f"{key}.jpg") or files[f"{key}.png"]
+        sc = decode_sidecar(files[f"{key}.dr.mp"], key)
+        sc.validate(num_classes=3, key=key)
+        assert sc.fingerprint == recipe.fingerprint and sc.rounds == 3
+        for r in range(sc.rounds):
+            pixels = replay(SourceImage(image), sc.round_params(r), recipe)
+            idx, prob = topk(teacher.predict(pixels[None]), 2)
+            assert idx[0].tolist() == sc.idx[r].tolist()
+            np.testing.assert_allclose(prob[0].astype(np.float32), sc.prob[r].astype(np.float32), atol=2e-3)
+            checked += 1
+    assert checked >= 9
+
+
+def test_rerun_is_byte_identical_and_independent_of_workers(source, made, tmp_path):
+    out, _ = made
+    again = tmp_path / "again"
+    make_shards(str(source), TEACHER, out=str(again), **job_args(workers=1))
+    assert tree_digest(again) == tree_digest(out)
+
+
+def test_resume_verifies_and_redoes_only_broken_shards(source, made, tmp_path):
+    out, _ = made
+    copy = tmp_path / "copy"
+    make_shards(str(source), TEACHER, out=str(copy), **job_args())
+    (copy / "train-000000.tar").unlink()
+    data = bytearray((copy / "train-000002.tar").read_bytes())
+    data[600] ^= 0xFF
+    (copy / "train-000002.tar").write_bytes(bytes(data))
+    (copy / "manifest.json").unlink()
+    summary = make_shards(str(source), TEACHER, out=str(copy), **job_args())
+    assert (summary.made, summary.reused) == (2, 1)
+    assert tree_digest(copy) == tree_digest(out)
+
+
+def test_another_job_into_the_same_out_is_refused(source, made):
+    out, _ = made
+    with pytest.raises(UsageError, match="another job"):
+        prepare_job(str(source), TEACHER, out=str(out), **job_args(seed=8))
+
+
+def test_class_map_restricts_a_larger_teacher(source, tmp_path):
+    cmap = tmp_path / "map.json"
+    cmap.write_text(json.dumps({"cat": 7, "dog": 2, "eel": 9}))
+    out = tmp_path / "out"
+    make_shards(str(source), TEACHER, out=str(out), class_map=str(cmap), **job_args(teacher_num_classes=10, rounds=1, shard_size=20))
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    assert manifest.num_classes == 3 and manifest.teacher["class_map"] == [7, 2, 9]
+    with tarfile.open(out / "train-000000.tar") as tar:
+        sc = decode_sidecar(tar.extractfile("cat_img_0.dr.mp").read())
+    sc.validate(num_classes=3)
+    assert 2 / 3 - 1e-2 <= float(sc.prob[0].astype(np.float32).sum()) <= 1 + 1e-2  # top-2 of 3 renormalised classes
+    with pytest.raises(UsageError, match="cover every source class"):
+        cmap.write_text(json.dumps({"cat": 7}))
+        prepare_job(str(source), TEACHER, out=str(tmp_path / "o2"), class_map=str(cmap), **job_args(teacher_num_classes=10))
+
+
+def test_checkpoint_sets_classes_and_ensemble_averages(tmp_path):
+    import timm
+
+    model = timm.create_model("test_resnet", num_classes=5)
+    ckpt = tmp_path / "t.pt"
+    torch.save(model.state_dict(), ckpt)
+    one = load_teacher(TEACHER, str(ckpt), device="cpu")
+    assert one.num_classes == 5
+    two = load_teacher([TEACHER, TEACHER], [str(ckpt), None], num_classes=5, device="cpu")
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    rnd = load_teacher(TEACHER, num_classes=5, device="cpu")
+    torch.testing.assert_close(two.predict(x), (one.predict(x) + rnd.predict(x)) / 2)
+    assert len(two.describe()["members"]) == 2
+
+
+def test_topk_sorted_fp16_and_ties_by_class_id():
+    probs = torch.tensor([[0.1, 0.4, 0.1, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    idx, prob = topk(probs, 3)
+    assert idx.tolist() == [[1, 3, 0], [0, 1, 2]]
+    assert prob.dtype == np.float16 and np.all(np.diff(prob.astype(np.float32), axis=1) <= 0)
+    with pytest.raises(ValueError, match="top-k"):
+        topk(probs, 5)
+
+
+def test_exact_replay_with_randaugment_erasing_and_reduced_decode(source, tmp_path):
+    out = tmp_path / "out"
+    make_shards(str(source), TEACHER, out=str(out), **job_args(recipe="rrc+ra/re", decode="reduced", image_size=16, rounds=6, shard_size=20))
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    recipe = Recipe.from_dict(manifest.recipe)
+    assert recipe.decode == "reduced" and manifest.num_samples == 12
+    teacher = load_teacher(TEACHER, num_classes=3, device="cpu")
+    with tarfile.open(out / "train-000000.tar") as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for key in ("cat_img_0", "eel_img_3"):
+        sc = decode_sidecar(files[f"{key}.dr.mp"], key)
+        assert set(sc.ops) == {"rrc", "flip", "ra", "re"}
+        for r in range(sc.rounds):
+            pixels = replay(SourceImage(files[f"{key}.jpg"]), sc.round_params(r), recipe)
+            idx, prob = topk(teacher.predict(pixels[None]), 2)
+            assert idx[0].tolist() == sc.idx[r].tolist()
+            np.testing.assert_allclose(prob[0].astype(np.float32), sc.prob[r].astype(np.float32), atol=2e-3)

@@ -1,0 +1,204 @@
+"""The offline demo behind ``python tools/make_shards.py`` with no arguments.
+
+It needs no network and no downloaded weights: it draws a small image-classification set
+(shapes of random colour, size and position on textured backgrounds, where crops and flips
+matter), trains a small timm teacher on it from random initialisation, and reinforces the set
+into shards. Every stage is cached under ``shards/demo/``: a second run reuses the images and
+the teacher, and verifies and reuses the finished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+__all__ = ["DEMO_CLASSES", "DEMO_SIZE", "make_demo_images", "train_demo_teacher", "run_demo"]
+
+DEMO_CLASSES = ("circle", "square", "triangle", "cross", "ring", "stripes")
+DEMO_SIZE = 64  # reinforced output size (and the teacher's training size)
+_SOURCE_SIZE = 80  # stored JPEGs are larger than the output, as in real data
+_MODEL = "resnet10t"
+
+
+def _draw(cls: str, rng: np.random.Generator, size: int) -> Image.Image:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1 = rng.uniform(30, 225, 3), rng.uniform(30, 225, 3)
+    angle = rng.uniform(0, 2 * math.pi)
+    t = (np.cos(angle) * xx + np.sin(angle) * yy + 1) / 2
+    bg = c0 * (1 - t[..., None]) + c1 * t[..., None]
+    bg += rng.normal(0, 10, (size, size, 3))  # texture the classifier must look past
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.7))
+    draw = ImageDraw.Draw(img)
+    # Contrasting with the background, so the shape (not the colour) is what tells classes apart.
+    colour = tuple(int(v) for v in np.clip(255 - (c0 + c1) / 2 + rng.normal(0, 40, 3), 0, 255))
+    r = rng.uniform(0.18, 0.36) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    rot = rng.uniform(0, 2 * math.pi)
+    if cls == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif cls == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(r / 3)))
+    elif cls in ("square", "triangle"):
+        n = 4 if cls == "square" else 3
+        pts = [(cx + r * math.cos(rot + 2 * math.pi * i / n), cy + r * math.sin(rot + 2 * math.pi * i / n)) for i in range(n)]
+        draw.polygon(pts, fill=colour)
+    elif cls == "cross":
+        w = max(2, int(r / 2.5))
+        for a in (rot, rot + math.pi / 2):
+            dx, dy = r * math.cos(a), r * math.sin(a)
+            draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=colour, width=w)
+    else:  # stripes: a patch of parallel bars
+        w = max(2, int(r / 4))
+        for k in range(-2, 3):
+            ox, oy = k * 2 * w * math.cos(rot + math.pi / 2), k * 2 * w * math.sin(rot + math.pi / 2)
+            dx, dy = r * math.cos(rot), r * math.sin(rot)
+            draw.line([(cx + ox - dx, cy + oy - dy), (cx + ox + dx, cy + oy + dy)], fill=colour, width=w)
+    return img
+
+
+def make_demo_images(root: str | os.PathLike, per_class: int, seed: int = 0, size: int = _SOURCE_SIZE) -> Path:
+    """Write ``per_class`` JPEGs per class in ImageFolder layout under ``root`` (cached by a marker)."""
+    root = Path(root)
+    marker = root / ".complete.json"
+    spec = {"classes": list(DEMO_CLASSES), "per_class": per_class, "seed": seed, "size": size, "style": 3}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return root
+    shutil.rmtree(root, ignore_errors=True)  # images of another spec would linger under new names
+    for ci, cls in enumerate(DEMO_CLASSES):
+        folder = root / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rng = np.random.default_rng([seed, ci, i])
+            _draw(cls, rng, size).save(folder / f"{i:05d}.jpg", "JPEG", quality=90)
+    marker.write_text(json.dumps(spec))
+    return root
+
+
+def _load_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from .sources import ImageFolderSource
+    from .augment import SourceImage
+
+    src = ImageFolderSource(root)
+    images = torch.stack([SourceImage(src[i].data).decode() for i in range(len(src))])
+    labels = torch.tensor([src[i].label for i in range(len(src))])
+    return images, labels
+
+
+def train_demo_teacher(
+    train_root: Path, val_root: Path, path: Path, epochs: int = 12, batch_size: int = 64, seed: int = 0, log: Any = print
+) -> float:
+    """Train a random-init timm resnet10t on the demo images; save its state_dict; return val accuracy."""
+    import timm
+
+    from .augment import Recipe, normalize, replay
+
+    torch.manual_seed(seed)
+    images, labels = _load_images(train_root)
+    val_images, val_labels = _load_images(val_root)
+    model = timm.create_model(_MODEL, pretrained=False, num_classes=len(DEMO_CLASSES))
+    cfg = model.pretrained_cfg
+    train_recipe = Recipe.from_spec({"size": DEMO_SIZE, "ops": [{"op": "rrc", "scale": [0.35, 1.0]}, {"op": "flip"}]})
+    val_recipe = Recipe.from_spec({"size": DEMO_SIZE, "ops": [{"op": "center", "crop_pct": 1.0}]})
+    per_epoch = max(1, len(images) // batch_size)
+    steps = epochs * per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.15)
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        order = rng.permutation(len(images))
+        for b in range(per_epoch):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            batch = torch.stack([replay(images[i], train_recipe.sample(rng, tuple(images[i].shape[1:])), train_recipe) for i in idx])
+            loss = torch.nn.functional.cross_entropy(
+                model(normalize(batch, cfg["mean"], cfg["std"])), labels[idx], label_smoothing=0.1
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        acc = _accuracy(model, val_images, val_labels, val_recipe, cfg)
+        log(f"  teacher epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, val acc {acc:.1%} ({time.perf_counter() - start:.0f} s)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return acc
+
+
+@torch.inference_mode()
+def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: Any, cfg: dict) -> float:
+    from .augment import normalize, replay
+
+    model.eval()
+    views = torch.stack([replay(img, {}, recipe) for img in images])
+    correct = 0
+    for b in range(0, len(views), 256):
+        logits = model(normalize(views[b : b + 256], cfg["mean"], cfg["std"]))
+        correct += int((logits.argmax(1) == labels[b : b + 256]).sum())
+    return correct / len(views)
+
+
+def run_demo(root: str | os.PathLike = "shards/demo", per_class: int = 400, rounds: int = 8, epochs: int = 12, log: Any = print) -> Any:
+    """Generate, train (cached) and reinforce the demo set; print what was written and what to run next."""
+    from .writer import make_shards
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    root = Path(root)
+    t0 = time.perf_counter()
+    log(f"[1/3] demo images: {per_class} x {len(DEMO_CLASSES)} classes ({', '.join(DEMO_CLASSES)}), {_SOURCE_SIZE} px JPEG")
+    marker = root / "source" / "train" / ".complete.json"
+    before = marker.read_text() if marker.is_file() else None
+    train_root = make_demo_images(root / "source" / "train", per_class, seed=0)
+    cached = before == marker.read_text()
+    val_root = make_demo_images(root / "source" / "val", max(per_class // 8, 10), seed=1)
+    ckpt = root / f"teacher_{_MODEL}.pt"
+    if ckpt.is_file() and not cached:
+        ckpt.unlink()  # new images: the cached teacher was trained on others
+    if ckpt.is_file():
+        log(f"[2/3] teacher: reusing {ckpt}")
+    else:
+        log(f"[2/3] teacher: training timm:{_MODEL} from random init at {DEMO_SIZE} px ({epochs} epochs)")
+        # Shards of an earlier teacher are another job's: clear them rather than refuse.
+        for old in [*root.glob("train-*.tar"), root / "manifest.json", root / "_info.json"]:
+            old.unlink(missing_ok=True)
+        shutil.rmtree(root / ".done", ignore_errors=True)
+        train_demo_teacher(train_root, val_root, ckpt, epochs=epochs, log=log)
+    log(f"[3/3] reinforcing: recipe rrc at {DEMO_SIZE} px, {rounds} rounds, top-3 -> {root}/")
+    summary = make_shards(
+        str(train_root),
+        f"timm:{_MODEL}",
+        out=str(root),
+        teacher_checkpoint=str(ckpt),
+        recipe="rrc",
+        image_size=DEMO_SIZE,
+        rounds=rounds,
+        topk=3,
+        shard_size=600,
+        batch_size=256,
+        workers=1,
+        seed=0,
+        name="demo",
+    )
+    log(summary.format())
+    log(f"demo done in {time.perf_counter() - t0:.0f} s: shards {root}/train-*.tar, manifest {root}/manifest.json")
+    val = root / "source" / "val"
+    log("next: train a student on the teacher's soft targets, and the same student on one-hot labels:")
+    log(f"  python tools/train.py --data {root} --val {val}")
+    log(f"  python tools/train.py --data {root} --val {val} --targets labels")
+    log("or read the shards like any webdataset:")
+    log(
+        f"  python -c \"import webdataset as wds; s = next(iter(wds.WebDataset('{root}/train-000000.tar', shardshuffle=False)"
+        ".decode())); print(s['__key__'], s['cls'], sorted(s['dr.mp']))\""
+    )
+    return summary

@@ -1,0 +1,373 @@
+"""Readers of source datasets for the producer: ImageFolder trees, webdataset shards, torchvision sets.
+
+A source is a random-access, deterministically ordered list of samples
+``SourceSample(key, data, label, ext)``: ``data`` is the encoded image exactly as stored
+(never re-encoded; only CIFAR's raw arrays are stored losslessly as PNG). Because sample i is
+the same on every machine, output shard j is a pure function of the source's j-th slice.
+
+Sources are chosen by a spec string (see ``open_source``): a directory (ImageFolder layout),
+a tar path or brace pattern (webdataset shards), or ``NAME:ROOT`` for a registered source.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ._registry import Registry
+
+__all__ = [
+    "SOURCES",
+    "IMAGE_EXTS",
+    "SourceSample",
+    "Source",
+    "ImageFolderSource",
+    "WebDatasetSource",
+    "TorchvisionSource",
+    "open_source",
+    "sanitize_key",
+]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# ustar names hold 100 bytes; a key plus ".dr.mp" must fit, with room to spare.
+_MAX_KEY = 80
+
+
+@dataclass(frozen=True)
+class SourceSample:
+    """One source input: a dot-free unique ``key``, the encoded image bytes, the label, the extension."""
+
+    key: str
+    data: bytes
+    label: int
+    ext: str
+
+
+class Source:
+    """A deterministically ordered, random-access list of ``SourceSample``.
+
+    Subclasses implement ``__len__`` and ``__getitem__`` and set ``class_names`` and ``spec``.
+    Instances are pickled into DataLoader workers only by fork (no pickle of data on disk).
+    """
+
+    spec: str = ""
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> SourceSample:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def slice(self, start: int, stop: int) -> Iterator[SourceSample]:
+        """Samples ``start`` .. ``stop - 1`` in order."""
+        for i in range(start, min(stop, len(self))):
+            yield self[i]
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "samples": len(self), "num_classes": self.num_classes}
+
+    def index_digest(self) -> str:
+        """16 hex digits over the ordered keys and labels: changes when the listing changes.
+
+        Subclasses that keep ``_keys`` and ``_labels`` get this without reading any image.
+        """
+        h = hashlib.sha256()
+        for i in range(len(self)):
+            key, label = (self._keys[i], self._labels[i]) if hasattr(self, "_keys") else (self[i].key, self[i].label)
+            h.update(f"{key}\t{label}\n".encode())
+        return h.hexdigest()[:16]
+
+
+SOURCES: Registry[Callable[[str], Source]] = Registry("source")
+
+
+def sanitize_key(text: str) -> str:
+    """A webdataset key from arbitrary text: only ``[A-Za-z0-9_-]``, no dots, at most 80 chars."""
+    key = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
+    if len(key) > _MAX_KEY:
+        digest = hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
+        key = f"{key[: _MAX_KEY - 9]}_{digest}"
+    return key
+
+
+def _unique_keys(raw: Sequence[str]) -> list[str]:
+    """Sanitised keys, made unique deterministically (in order) with a numeric suffix."""
+    seen: set[str] = set()
+    out = []
+    for text in raw:
+        key = base = sanitize_key(text)
+        n = 1
+        while key in seen:
+            n += 1
+            key = f"{base}_{n}"
+        seen.add(key)
+        out.append(key)
+    return out
+
+
+def _ext_of(path: str) -> str:
+    ext = path.rsplit(".", 1)[-1].lower()
+    return "jpg" if ext == "jpeg" else ext
+
+
+# ----------------------------------------------------------------------------------------
+# ImageFolder
+
+
+class ImageFolderSource(Source):
+    """``ROOT/<class>/**/<image>.{jpg,jpeg,png,webp}``; classes are the sorted folder names.
+
+    Keys are ``<class>_<path below the class folder without extension>``, sanitised.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"expected an ImageFolder directory, got {str(root)!r} (not a directory)")
+        self.spec = str(root)
+        self.class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        files: list[tuple[str, int]] = []
+        for label, name in enumerate(self.class_names):
+            found = []
+            for dirpath, dirnames, filenames in os.walk(root / name):
+                dirnames.sort()
+                for fname in filenames:
+                    if fname.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and not fname.startswith("."):
+                        found.append(os.path.relpath(os.path.join(dirpath, fname), root))
+            files.extend((rel, label) for rel in sorted(found))
+        self._files = [f for f, _ in files]
+        self._labels = [lab for _, lab in files]
+        self._keys = _unique_keys([os.path.splitext(f)[0].replace(os.sep, "_") for f in self._files])
+        self._root = root
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> SourceSample:
+        rel = self._files[index]
+        data = (self._root / rel).read_bytes()
+        return SourceSample(self._keys[index], data, self._labels[index], _ext_of(rel))
+
+
+# ----------------------------------------------------------------------------------------
+# webdataset shards
+
+
+def _expand_shards(pattern: str) -> list[str]:
+    import braceexpand
+
+    paths: list[str] = []
+    for part in braceexpand.braceexpand(pattern):
+        matched = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+        paths.extend(matched)
+    return paths
+
+
+class WebDatasetSource(Source):
+    """Existing webdataset tar shards (a path, brace pattern or glob), read in order.
+
+    The image is the sample's ``jpg``/``jpeg``/``png``/``webp`` member; the label its ``cls``
+    member, else ``json["label"]``. Keys are the shards' keys (sanitised, made unique). Class
+    names come from ``_info.json`` / ``manifest.json`` (``class_names``) beside the first shard
+    when present, else ``0 .. max label``. Only member offsets are kept in memory.
+    """
+
+    def __init__(self, pattern: str):
+        self.spec = pattern
+        paths = _expand_shards(pattern)
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if not paths or missing:
+            raise ValueError(f"expected existing webdataset shard(s), got {pattern!r} (missing: {missing[:3] or [pattern]})")
+        self._paths = paths
+        entries: list[tuple[int, int, int, str, str]] = []  # (shard, offset, size, ext, raw key)
+        labels: list[int] = []
+        for si, path in enumerate(paths):
+            for raw_key, members in self._scan(path):
+                image = next(((ext, m) for ext in IMAGE_EXTS for m in [members.get(ext)] if m), None)
+                if image is None:
+                    continue
+                label = self._label(si, members)
+                entries.append((si, image[1][0], image[1][1], _ext_of(image[0]), raw_key))
+                labels.append(label)
+        self._entries = entries
+        self._labels = labels
+        self._keys = _unique_keys([e[4] for e in entries])
+        self.class_names = self._class_names(paths[0], labels)
+
+    @staticmethod
+    def _scan(path: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+        """(key, {ext: (data offset, size)}) per sample, grouping consecutive members as webdataset does."""
+        current: str | None = None
+        members: dict[str, tuple[int, int]] = {}
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                dirname, base = os.path.split(info.name)
+                if "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)
+                key = os.path.join(dirname, stem) if dirname else stem
+                if key != current:
+                    if current is not None:
+                        yield current, members
+                    current, members = key, {}
+                members[ext.lower()] = (info.offset_data, info.size)
+        if current is not None:
+            yield current, members
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        with open(self._paths[shard], "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def _label(self, si: int, members: dict[str, tuple[int, int]]) -> int:
+        path = self._paths[si]
+        if "cls" in members:
+            text = self._read(si, *members["cls"]).decode("ascii", "replace").strip()
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"expected an integer label in {path}, got cls {text!r}") from None
+        if "json" in members:
+            meta = json.loads(self._read(si, *members["json"]))
+            if isinstance(meta, dict) and isinstance(meta.get("label"), int):
+                return meta["label"]
+        raise ValueError(f"expected a 'cls' member or json 'label' for every sample in {path}")
+
+    @staticmethod
+    def _class_names(first: str, labels: list[int]) -> list[str]:
+        folder = os.path.dirname(first)
+        for name in ("manifest.json", "_info.json"):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    meta = json.load(f)
+                names = meta.get("class_names") if isinstance(meta, dict) else None
+                if isinstance(names, list) and names:
+                    return [str(n) for n in names]
+                if isinstance(meta, dict) and isinstance(meta.get("num_classes"), int):
+                    return [str(i) for i in range(meta["num_classes"])]
+        return [str(i) for i in range(max(labels) + 1)] if labels else []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> SourceSample:
+        shard, offset, size, ext, _ = self._entries[index]
+        return SourceSample(self._keys[index], self._read(shard, offset, size), self._labels[index], ext)
+
+
+# ----------------------------------------------------------------------------------------
+# torchvision datasets (download=False: the files must already be there)
+
+
+class TorchvisionSource(Source):
+    """A torchvision classification dataset already on disk, read without re-encoding files.
+
+    CIFAR's images are arrays, not files: they are stored losslessly as PNG. Note that
+    torchvision reads CIFAR's own distribution files with pickle; those files are the
+    dataset's published format, not something this project writes.
+    """
+
+    def __init__(self, name: str, root: str, split: str = "train"):
+        import torchvision.datasets as tvd
+
+        self.spec = f"{name}:{root}"
+        if not os.path.isdir(root):
+            raise ValueError(f"expected the {name} root directory, got {root!r} (not a directory)")
+        try:
+            if name == "cifar100":
+                ds = tvd.CIFAR100(root, train=split == "train", download=False)
+            elif name == "flowers102":
+                ds = tvd.Flowers102(root, split=split, download=False)
+            elif name == "food101":
+                ds = tvd.Food101(root, split=split, download=False)
+            else:
+                raise ValueError(f"expected cifar100, flowers102 or food101, got {name!r}")
+        except (RuntimeError, ImportError) as exc:  # "Dataset not found or corrupted"; Flowers102 needs scipy
+            raise ValueError(f"cannot open {name} at {root!r}: {exc}") from None
+        self._name = name
+        if name == "cifar100":
+            self._arrays = np.asarray(ds.data)
+            self._labels = [int(t) for t in ds.targets]
+            self._files: list[Path] = []
+            self._keys = [f"{split}_{i:05d}" for i in range(len(self._labels))]
+            self.class_names = list(ds.classes)
+        else:
+            self._files = [Path(p) for p in ds._image_files]
+            self._labels = [int(t) for t in ds._labels]
+            if name == "food101":
+                raw = [f"{p.parent.name}_{p.stem}" for p in self._files]
+                self.class_names = list(ds.classes)
+            else:
+                raw = [p.stem for p in self._files]
+                self.class_names = list(getattr(ds, "classes", [])) or [str(i) for i in range(max(self._labels) + 1)]
+            self._keys = _unique_keys(raw)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> SourceSample:
+        if self._name == "cifar100":
+            from PIL import Image
+
+            buf = io.BytesIO()
+            # compress_level fixed: the PNG bytes (and so the shards) must not vary between runs.
+            Image.fromarray(self._arrays[index]).save(buf, "PNG", compress_level=6)
+            return SourceSample(self._keys[index], buf.getvalue(), self._labels[index], "png")
+        path = self._files[index]
+        return SourceSample(self._keys[index], path.read_bytes(), self._labels[index], _ext_of(path.name))
+
+
+for _name in ("cifar100", "flowers102", "food101"):
+    SOURCES.register(_name, lambda root, _n=_name: TorchvisionSource(_n, root))
+SOURCES.register("imagefolder", ImageFolderSource)
+SOURCES.register("wds", WebDatasetSource)
+
+
+def open_source(spec: str | Source) -> Source:
+    """The source a spec names.
+
+    ``NAME:ARG`` picks a registered source (``imagefolder:DIR``, ``wds:PATTERN``,
+    ``cifar100:ROOT``, ``flowers102:ROOT``, ``food101:ROOT``); otherwise a directory is an
+    ImageFolder and a ``.tar`` path or pattern is a set of webdataset shards.
+
+    Raises:
+        ValueError: an unknown source name, a missing path, or a source with no samples.
+    """
+    if isinstance(spec, Source):
+        source = spec
+    else:
+        if not isinstance(spec, str) or not spec:
+            raise ValueError(f"expected a source spec string, got {spec!r}")
+        name, sep, arg = spec.partition(":")
+        if sep and name in SOURCES:
+            source = SOURCES.get(name)(arg)
+        elif sep and re.fullmatch(r"[a-z0-9_]+", name) and len(name) > 1 and not os.path.exists(spec):
+            SOURCES.get(name)  # raises, listing the valid names
+            raise AssertionError("unreachable")
+        elif os.path.isdir(spec):
+            source = ImageFolderSource(spec)
+        elif ".tar" in spec:
+            source = WebDatasetSource(spec)
+        else:
+            raise ValueError(f"expected a source directory, .tar shard pattern or NAME:ROOT, got {spec!r} (not found)")
+    if len(source) == 0:
+        raise ValueError(f"expected a source with samples, got an empty source {source.spec!r}")
+    return source

@@ -1,0 +1,260 @@
+"""Teachers for the producer: one timm model or an ensemble, batched inference, top-k.
+
+A member is named ``timm:MODEL``; several members (repeated or comma-separated) form an
+ensemble whose output is the mean of the members' softmax probabilities. Weights are random
+unless a checkpoint is given (``torch.load(..., weights_only=True)``; never pickle) or
+``pretrained=True`` is asked for explicitly. Input normalisation comes from timm's pretrained
+config of each member. The loader never imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ._registry import Registry
+from .augment import normalize
+
+__all__ = ["TEACHERS", "Teacher", "parse_teacher_spec", "load_teacher", "topk"]
+
+# kind -> builder(name, num_classes | None, pretrained) -> torch.nn.Module
+TEACHERS: Registry[Callable[[str, int | None, bool], torch.nn.Module]] = Registry("teacher kind")
+
+
+def _build_timm(name: str, num_classes: int | None, pretrained: bool) -> torch.nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown teacher 'timm:{name}'; expected a timm model name (see timm.list_models())")
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+TEACHERS.register("timm", _build_timm)
+
+
+def parse_teacher_spec(spec: str | Sequence[str]) -> list[tuple[str, str]]:
+    """``"timm:a,timm:b"`` or ``["timm:a", "timm:b"]`` -> ``[("timm", "a"), ("timm", "b")]``.
+
+    Raises:
+        ValueError: an empty spec, a member without ``KIND:``, or an unknown kind.
+    """
+    items = [spec] if isinstance(spec, str) else list(spec)
+    members = [m.strip() for item in items for m in str(item).split(",") if m.strip()]
+    if not members:
+        raise ValueError(f"expected at least one teacher like 'timm:resnet50', got {spec!r}")
+    out = []
+    for member in members:
+        kind, sep, name = member.partition(":")
+        if not sep or not name:
+            raise ValueError(f"expected a teacher like 'timm:resnet50', got {member!r}")
+        TEACHERS.get(kind)
+        out.append((kind, name))
+    return out
+
+
+def _classifier_out(state: dict[str, torch.Tensor], model: torch.nn.Module) -> int | None:
+    """The class count a checkpoint's classifier was trained for, if it can be told."""
+    head = getattr(model, "pretrained_cfg", {}).get("classifier")
+    heads = [head] if isinstance(head, str) else list(head or [])
+    for h in heads:
+        for suffix in (".weight", ".fc.weight"):
+            w = state.get(h + suffix)
+            if w is not None and w.ndim >= 1:
+                return int(w.shape[0])
+    return None
+
+
+def _load_state(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise ValueError(f"expected a teacher checkpoint file, got {path!r} (not found)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a state_dict in {path!r}, got {type(state).__name__}")
+    # Checkpoints saved from DDP or torch.compile wrap every name.
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """16 hex digits of sha256 over the state_dict (names, dtypes, shapes, values): the teacher's identity."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"expected --device auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"expected --device auto or cpu (CUDA is not available), got {device!r}")
+    return dev
+
+
+class Teacher:
+    """A teacher ensemble on one device: uint8 image batches in, class probabilities out.
+
+    Args:
+        members: ``(kind, name)`` pairs (see ``parse_teacher_spec``) or the spec string.
+        checkpoints: one path (or None) per member, or one path for every member.
+        num_classes: classifier size for members without a checkpoint (default: the model's,
+            e.g. 1000); members with a checkpoint take the checkpoint's.
+        pretrained: load timm's pretrained weights (needs them cached or a network).
+        device: ``auto`` (CUDA if present, at ``LOCAL_RANK``), ``cpu``, ``cuda:1``...
+        amp: bf16 autocast on CUDA (default: on for CUDA).
+    """
+
+    def __init__(
+        self,
+        members: str | Sequence[str] | Sequence[tuple[str, str]],
+        checkpoints: Sequence[str | None] | str | None = None,
+        num_classes: int | None = None,
+        pretrained: bool = False,
+        device: str | torch.device | None = "auto",
+        amp: bool | None = None,
+    ):
+        import timm.data
+
+        if isinstance(members, str) or (members and isinstance(list(members)[0], str)):
+            pairs = parse_teacher_spec(members)  # type: ignore[arg-type]
+        else:
+            pairs = [tuple(m) for m in members]  # type: ignore[misc]
+        if checkpoints is None or isinstance(checkpoints, str):
+            checkpoints = [checkpoints] * len(pairs)
+        checkpoints = list(checkpoints)
+        if len(checkpoints) == 1 and len(pairs) > 1:
+            checkpoints = checkpoints * len(pairs)
+        if len(checkpoints) != len(pairs):
+            raise ValueError(f"expected one teacher checkpoint per member ({len(pairs)}), got {len(checkpoints)}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"expected num_classes a positive integer, got {num_classes!r}")
+        self.pretrained = bool(pretrained)
+        self.device = _pick_device(device)
+        self.amp = self.device.type == "cuda" if amp is None else bool(amp)
+        self.members = pairs
+        self.checkpoints = checkpoints
+        self.models: list[torch.nn.Module] = []
+        self.configs: list[dict[str, Any]] = []
+        self.weights: list[str] = []
+        for (kind, name), ckpt in zip(pairs, checkpoints):
+            builder = TEACHERS.get(kind)
+            if ckpt:
+                state = _load_state(ckpt)
+                probe = builder(name, num_classes, False)
+                n = _classifier_out(state, probe) or num_classes
+                model = probe if n is None or n == probe.num_classes else builder(name, n, False)
+                missing, unexpected = model.load_state_dict(state, strict=False)
+                if missing or unexpected:
+                    raise ValueError(
+                        f"checkpoint {ckpt!r} does not fit timm:{name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                    )
+            else:
+                # Random weights (tests, benchmarks) are seeded so that reruns give the same shards.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    model = builder(name, num_classes, pretrained)
+            model.eval().requires_grad_(False).to(self.device)
+            if self.device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+            self.models.append(model)
+            self.configs.append(timm.data.resolve_data_config({}, model=model))
+            self.weights.append(_weights_digest(model))
+        counts = {int(m.num_classes) for m in self.models}
+        if len(counts) != 1:
+            raise ValueError(f"expected ensemble members with one class count, got {sorted(counts)}")
+        self.num_classes = counts.pop()
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the first member's pretrained config."""
+        return tuple(self.configs[0]["input_size"][1:])  # type: ignore[return-value]
+
+    def describe(self) -> dict[str, Any]:
+        """The teacher description stored in the manifest."""
+        return {
+            "members": [
+                {
+                    "kind": kind,
+                    "name": name,
+                    "checkpoint": os.path.basename(ckpt) if ckpt else None,
+                    "weights_sha256": digest,
+                    "pretrained": bool(ckpt is None and self.pretrained),
+                    "input_size": list(cfg["input_size"]),
+                    "mean": list(cfg["mean"]),
+                    "std": list(cfg["std"]),
+                    "interpolation": cfg["interpolation"],
+                    "crop_pct": cfg.get("crop_pct"),
+                }
+                for (kind, name), ckpt, cfg, digest in zip(self.members, self.checkpoints, self.configs, self.weights)
+            ],
+            "ensemble": "mean of softmax",
+            "num_classes": self.num_classes,
+            "amp": "bf16" if self.amp else None,
+        }
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean softmax probabilities of the members, float32 (B, num_classes) on the CPU.
+
+        Args:
+            images: uint8 (B, 3, H, W) pixels as replayed; each member normalises them with its
+                own mean and std.
+        """
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        x8 = images.to(self.device, non_blocking=True)
+        total: torch.Tensor | None = None
+        for model, cfg in zip(self.models, self.configs):
+            x = normalize(x8, cfg["mean"], cfg["std"])
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits = model(x)
+            probs = torch.softmax(logits.float(), dim=1)
+            total = probs if total is None else total + probs
+        assert total is not None
+        return (total / len(self.models)).cpu()
+
+
+def load_teacher(
+    spec: str | Sequence[str],
+    checkpoints: Sequence[str | None] | str | None = None,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    device: str | None = "auto",
+) -> Teacher:
+    """Build a ``Teacher`` from a spec like ``"timm:resnet50,timm:convnext_tiny"``."""
+    return Teacher(spec, checkpoints, num_classes=num_classes, pretrained=pretrained, device=device)
+
+
+def topk(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(idx, prob) of the ``k`` most probable classes per row, falling; ids uint32, probs float16.
+
+    Ties are broken toward the smaller class id so the choice never depends on the kernel.
+    """
+    if not 1 <= k <= probs.shape[1]:
+        raise ValueError(f"expected top-k in [1, {probs.shape[1]}], got {k}")
+    p = probs.float().numpy()
+    # stable argsort on -p: equal probabilities keep ascending class id order.
+    idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    val = np.take_along_axis(p, idx, axis=1).astype(np.float16)
+    return idx.astype(np.uint32), val
