@@ -2,9 +2,16 @@
 
 Reinforced shards keep the original image bytes and add, per sample, a msgpack sidecar with
 every round's augmentation parameters and the teacher's sparse (top-k) outputs.
+
+``import wds_reinforce`` loads the format, augmentations, targets and the streaming loader
+(which registers an ``s3://`` scheme in webdataset). The producer's names (``make_shards``,
+``load_teacher``, ...) load on first use, so a training job never imports teacher code.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .augment import OPS, RECIPES, DecodeError, Recipe, SourceImage, normalize, replay, round_rng
 from .format import (
@@ -17,11 +24,46 @@ from .format import (
     decode_sidecar,
     encode_sidecar,
 )
+from .loader import (
+    MismatchError,
+    ReinforcedDataset,
+    SampleError,
+    SharedEpoch,
+    SkipCounter,
+    check_counts,
+    decode_sidecars,
+    make_targets,
+    pick_rounds,
+    read_manifest,
+    read_url,
+    register_s3_scheme,
+    reinforce_stages,
+    replay_images,
+    round_for,
+)
+from .targets import DENSIFY, densify, kl_div_loss, one_hot, soft_cross_entropy, sparse_one_hot
 
 __version__ = "0.1.0"
 
+# Producer API, imported lazily (see the module docstring): name -> submodule.
+_LAZY = {
+    "make_shards": "writer",
+    "prepare_job": "writer",
+    "ProducerSummary": "writer",
+    "UsageError": "writer",
+    "open_source": "sources",
+    "Source": "sources",
+    "SourceSample": "sources",
+    "SOURCES": "sources",
+    "Teacher": "teacher",
+    "load_teacher": "teacher",
+    "verify_shards": "verify",
+    "draw_rounds": "verify",
+}
+
 __all__ = [
     "__version__",
+    # format
     "FORMAT_VERSION",
     "FormatError",
     "Manifest",
@@ -30,6 +72,7 @@ __all__ = [
     "SkippedInput",
     "decode_sidecar",
     "encode_sidecar",
+    # augment
     "OPS",
     "RECIPES",
     "DecodeError",
@@ -38,4 +81,36 @@ __all__ = [
     "normalize",
     "replay",
     "round_rng",
+    # targets
+    "DENSIFY",
+    "densify",
+    "kl_div_loss",
+    "one_hot",
+    "soft_cross_entropy",
+    "sparse_one_hot",
+    # loader
+    "MismatchError",
+    "ReinforcedDataset",
+    "SampleError",
+    "SharedEpoch",
+    "SkipCounter",
+    "check_counts",
+    "decode_sidecars",
+    "make_targets",
+    "pick_rounds",
+    "read_manifest",
+    "read_url",
+    "register_s3_scheme",
+    "reinforce_stages",
+    "replay_images",
+    "round_for",
+    # producer and tools (lazy)
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -1,0 +1,330 @@
+"""Check reinforced shards against their manifest, and optionally against the teacher.
+
+``verify_shards`` streams every shard once: byte count and sha256 against the manifest, sample
+count and first/last key, unique keys, every sidecar decoded and validated (all rounds, top-k,
+fingerprint, class ids), every label parsed and every image decoded. With a teacher it also
+replays random (sample, round) pairs and compares the teacher's outputs with the stored ones.
+``draw_rounds`` renders one sample's rounds as the teacher saw them, with its top-3 under each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from webdataset.gopen import gopen
+
+from .augment import DecodeError, Recipe, SourceImage, replay
+from .format import SIDECAR_EXT, FormatError, Manifest, Sidecar, decode_sidecar
+from .loader import read_manifest
+
+__all__ = ["Problem", "VerifyReport", "manifest_url", "verify_shards", "draw_rounds"]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Problem:
+    """One thing wrong: where (shard, key) and what."""
+
+    shard: str
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.shard}" + (f" key {self.key}" if self.key else "")
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    teacher_checks: int = 0
+    max_prob_diff: float | None = None
+    top1_agreement: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        lines = [f"{self.shards} shards, {self.samples} samples, {self.bytes / 1e6:.1f} MB checked"]
+        if self.teacher_checks:
+            lines.append(
+                f"teacher: {self.teacher_checks} (sample, round) pairs replayed, largest probability difference "
+                f"{self.max_prob_diff:.4g}, top-1 agreement {self.top1_agreement:.1%}"
+            )
+        lines.append("OK" if self.ok else f"{len(self.problems)} problem(s)")
+        return "\n".join(lines)
+
+
+def manifest_url(location: str) -> str:
+    """``manifest.json`` of a shard directory or URL prefix (or the location itself if it names a .json)."""
+    return location if location.endswith(".json") else location.rstrip("/") + "/manifest.json"
+
+
+def _base(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes and counts what passes through it."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.sha256 = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.stream.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.sha256.update(data)
+        self.count += n
+        return n
+
+    def finish(self) -> None:
+        while True:
+            data = self.stream.read(1 << 20)
+            if not data:
+                return
+            self.sha256.update(data)
+            self.count += len(data)
+
+
+def _samples(reader: _HashingReader) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for consecutive tar members sharing a key."""
+    key, members = None, {}
+    with tarfile.open(fileobj=reader, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, _, ext = info.name.partition(".")
+            f = tar.extractfile(info)
+            data = f.read() if f is not None else b""
+            if k != key and key is not None:
+                yield key, members
+                members = {}
+            key = k
+            members[ext] = data
+    if key is not None:
+        yield key, members
+
+
+def _check_sample(
+    key: str, members: dict[str, bytes], manifest: Manifest, fingerprint: bytes, decode_images: bool
+) -> tuple[Sidecar | None, bytes | None, list[str]]:
+    errors = []
+    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+    if image is None:
+        errors.append(f"no image member ({'/'.join(IMAGE_EXTS)})")
+    elif decode_images:
+        try:
+            SourceImage(image).decode(1)
+        except DecodeError as exc:
+            errors.append(str(exc))
+    label = members.get("cls")
+    try:
+        value = int(label.decode()) if label is not None else None
+        if value is None:
+            errors.append("no cls member")
+        elif not 0 <= value < manifest.num_classes:
+            errors.append(f"label {value} is not in [0, {manifest.num_classes})")
+    except (UnicodeDecodeError, ValueError):
+        errors.append(f"label {label[:20]!r} is not an integer")
+    sidecar = None
+    raw = members.get(SIDECAR_EXT)
+    if raw is None:
+        errors.append(f"no {SIDECAR_EXT} member")
+    else:
+        try:
+            sidecar = decode_sidecar(raw)
+            sidecar.validate(manifest.num_classes)
+            if sidecar.fingerprint != fingerprint:
+                errors.append(f"recipe fingerprint {sidecar.fingerprint.hex()} differs from the manifest's {fingerprint.hex()}")
+            if (sidecar.rounds, sidecar.topk) != (manifest.rounds, manifest.topk):
+                errors.append(
+                    f"sidecar has {sidecar.rounds} rounds of top-{sidecar.topk}, "
+                    f"the manifest says {manifest.rounds} of top-{manifest.topk}"
+                )
+        except FormatError as exc:
+            errors.append(f"bad sidecar: {exc}")
+            sidecar = None
+    return sidecar, image, errors
+
+
+def verify_shards(
+    location: str,
+    teacher: Any = None,
+    checks: int = 32,
+    tolerance: float = 0.02,
+    seed: int = 0,
+    decode_images: bool = True,
+    progress: bool = False,
+) -> VerifyReport:
+    """Check every shard of a reinforced dataset.
+
+    Args:
+        location: a shard directory or URL prefix holding ``manifest.json``, or the manifest's URL.
+        teacher: a ``wds_reinforce.teacher.Teacher`` to rerun on ``checks`` random (sample, round)
+            pairs; a stored probability further than ``tolerance`` from the teacher's is a problem.
+        checks: how many (sample, round) pairs to replay through the teacher.
+        tolerance: largest allowed |stored - teacher| probability (fp16 storage and AMP differ a little).
+        seed: picks the pairs.
+        decode_images: decode every image (the slow part) to find undecodable ones.
+        progress: show a tqdm bar over samples.
+    """
+    url = manifest_url(location)
+    manifest = read_manifest(url)
+    recipe = Recipe.from_dict(manifest.recipe)
+    fingerprint = bytes.fromhex(manifest.fingerprint)
+    report = VerifyReport()
+    if recipe.fingerprint != fingerprint:
+        report.problems.append(Problem(url, None, f"the manifest's recipe has fingerprint {recipe.fingerprint.hex()}, "
+                                                  f"not the {manifest.fingerprint} it states"))
+    rng = np.random.default_rng(seed)
+    total = manifest.num_samples
+    picked = set(rng.choice(total, min(checks, total), replace=False).tolist()) if teacher is not None and total else set()
+    chosen: list[tuple[str, str, bytes, Sidecar]] = []
+    seen: dict[str, str] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="sample", desc="verify")
+    index = 0
+    for shard in manifest.shards:
+        shard_url = _base(url) + "/" + shard.name
+        report.shards += 1
+        keys: list[str] = []
+        try:
+            stream = gopen(shard_url, "rb")
+        except Exception as exc:  # gopen raises several kinds for a missing file or URL
+            report.problems.append(Problem(shard.name, None, f"cannot open: {exc}"))
+            index += shard.samples
+            continue
+        reader = _HashingReader(stream)
+        try:
+            for key, members in _samples(reader):
+                keys.append(key)
+                if key in seen:
+                    report.problems.append(Problem(shard.name, key, f"key repeats (first in {seen[key]})"))
+                seen.setdefault(key, shard.name)
+                sidecar, image, errors = _check_sample(key, members, manifest, fingerprint, decode_images)
+                report.problems.extend(Problem(shard.name, key, e) for e in errors)
+                if index in picked and sidecar is not None and image is not None and not errors:
+                    chosen.append((shard.name, key, image, sidecar))
+                index += 1
+                if bar is not None:
+                    bar.update(1)
+            reader.finish()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            report.problems.append(Problem(shard.name, keys[-1] if keys else None, f"unreadable tar: {exc}"))
+        finally:
+            stream.close()
+        report.samples += len(keys)
+        report.bytes += reader.count
+        if reader.count != shard.bytes:
+            report.problems.append(Problem(shard.name, None, f"{reader.count} bytes, the manifest says {shard.bytes}"))
+        elif reader.sha256.hexdigest() != shard.sha256:
+            report.problems.append(Problem(shard.name, None, "sha256 differs from the manifest's"))
+        if len(keys) != shard.samples:
+            report.problems.append(Problem(shard.name, None, f"{len(keys)} samples, the manifest says {shard.samples}"))
+        elif keys and (keys[0], keys[-1]) != (shard.first_key, shard.last_key):
+            report.problems.append(
+                Problem(shard.name, None, f"first/last key {keys[0]}/{keys[-1]}, the manifest says "
+                                          f"{shard.first_key}/{shard.last_key}")
+            )
+    if bar is not None:
+        bar.close()
+    if teacher is not None and chosen:
+        _check_teacher(report, chosen, recipe, teacher, tolerance, rng)
+    return report
+
+
+def _check_teacher(
+    report: VerifyReport,
+    chosen: Sequence[tuple[str, str, bytes, Sidecar]],
+    recipe: Recipe,
+    teacher: Any,
+    tolerance: float,
+    rng: np.random.Generator,
+) -> None:
+    rounds = [int(rng.integers(sc.rounds)) for *_, sc in chosen]
+    images = torch.stack([replay(image, sc.round_params(r), recipe) for (_, _, image, sc), r in zip(chosen, rounds)])
+    probs = teacher.predict(images).numpy()
+    worst, agree = 0.0, 0
+    for (shard, key, _, sc), r, p in zip(chosen, rounds, probs):
+        stored_idx, stored = sc.idx[r].astype(np.int64), sc.prob[r].astype(np.float32)
+        diff = float(np.abs(p[stored_idx] - stored).max())
+        worst = max(worst, diff)
+        agree += int(int(np.argmax(p)) == int(stored_idx[0]))
+        if diff > tolerance:
+            report.problems.append(
+                Problem(shard, key, f"round {r}: stored outputs differ from the teacher's by {diff:.4f} (> {tolerance})")
+            )
+    report.teacher_checks = len(chosen)
+    report.max_prob_diff = worst
+    report.top1_agreement = agree / len(chosen)
+
+
+def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int = 16, columns: int = 4) -> str:
+    """Draw one sample's replayed rounds with the stored top-3 under each; return the key drawn.
+
+    Args:
+        location: shard directory / URL prefix, or the manifest's URL.
+        out: the PNG to write.
+        key: the sample to draw (default: the first of the first shard).
+        max_rounds: draw at most this many rounds.
+        columns: tiles per row.
+    """
+    from PIL import Image, ImageDraw
+
+    url = manifest_url(location)
+    manifest = read_manifest(url)
+    recipe = Recipe.from_dict(manifest.recipe)
+    found = None
+    for shard in manifest.shards:
+        with gopen(_base(url) + "/" + shard.name, "rb") as stream:
+            for k, members in _samples(_HashingReader(stream)):
+                if key is None or k == key:
+                    found = (k, members)
+                    break
+        if found:
+            break
+    if found is None:
+        raise ValueError(f"key {key!r} is not in {location}")
+    key, members = found
+    image = next(members[e] for e in IMAGE_EXTS if e in members)
+    sidecar = decode_sidecar(members[SIDECAR_EXT], key)
+    src = SourceImage(image)
+    names = manifest.class_names
+    n = min(sidecar.rounds, max_rounds)
+    h, w = recipe.size
+    tile_w, text_h = max(w, 150), 3 * 14 + 18
+    rows = -(-n // columns)
+    canvas = Image.new("RGB", (columns * tile_w, 20 + rows * (h + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), f"{key}: {n} of {sidecar.rounds} rounds, recipe {manifest.recipe.get('name', '')}", fill="black")
+    for r in range(n):
+        pixels = replay(src, sidecar.round_params(r), recipe).permute(1, 2, 0).contiguous().numpy()
+        x, y = (r % columns) * tile_w, 20 + (r // columns) * (h + text_h)
+        canvas.paste(Image.fromarray(pixels), (x, y))
+        draw.text((x + 2, y + h + 2), f"round {r}", fill="gray")
+        for i in range(min(3, sidecar.topk)):
+            c = int(sidecar.idx[r, i])
+            label = names[c] if c < len(names) else f"class {c}"
+            draw.text((x + 2, y + h + 16 + 14 * i), f"{label[:18]} {float(sidecar.prob[r, i]):.2f}", fill="black")
+    canvas.save(out)
+    return key
