@@ -20,3 +20,14 @@ def test_tiny_demo_runs_offline_and_reuses_its_cache(tmp_path):
     again = run_demo(root, per_class=11, rounds=2, epochs=1, log=lines.append)
     assert (again.made, again.reused) == (0, 1)
     assert any("reusing" in line for line in lines)
+
+
+def test_demo_remakes_shards_of_another_job(tmp_path):
+    torch.set_num_threads(1)
+    root = tmp_path / "demo"
+    run_demo(root, per_class=11, rounds=2, epochs=1, log=lambda line: None)
+    lines: list[str] = []
+    again = run_demo(root, per_class=11, rounds=3, epochs=1, log=lines.append)  # other settings, same folder
+    assert (again.made, again.reused) == (1, 0)
+    assert any("another job" in line for line in lines)
+    assert Manifest.from_json((root / "manifest.json").read_text()).rounds == 3

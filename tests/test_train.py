@@ -49,3 +49,13 @@ def test_train_missing_data_is_a_one_line_error(tmp_path):
     )
     assert out.returncode == 2
     assert out.stderr.startswith("train.py: error: cannot read") and "Traceback" not in out.stderr
+
+
+def test_train_bad_recipe_is_a_one_line_error(data):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), "--data", str(data / "ds"), "--val", str(data / "val"),
+         "--recipe", "rrc+mixup"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("train.py: error: unknown recipe 'rrc+mixup'") and "Traceback" not in out.stderr

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--name", help="dataset name in the manifest (default reinforced)")
     p.add_argument("--split", help="split name; shards are SPLIT-000000.tar (default train)")
+    p.add_argument("--no-shuffle", action="store_true",
+                   help="keep the source's order in the shards (default: a permutation seeded by --seed, so that "
+                   "class-sorted sources such as ImageFolder give mixed shards)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -66,6 +69,7 @@ _KEYS = {
     "device": "device",
     "name": "name",
     "split": "split",
+    "shuffle": "shuffle",
 }
 
 
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"unknown --config option(s) {unknown}; expected some of {sorted(_KEYS)}")
         options.update(loaded)
     for key in _KEYS:
-        value = getattr(args, key)
+        value = getattr(args, key, None)  # config-only keys (shuffle) have no flag of that name
         if value is not None and value is not False:
             options[key] = value
     if not options.get("source"):
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if not options.get("teacher"):
         return _fail("expected --teacher, e.g. timm:resnet50")
     options.setdefault("out", "shards/out")
+    if args.no_shuffle:
+        options["shuffle"] = False
     progress = not args.no_progress
 
     from wds_reinforce.writer import UsageError, prepare_job

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=["reinforced", "labels"], default="reinforced", help="teacher soft targets or one-hot labels")
     p.add_argument("--p", type=float, default=1.0, help="probability of a reinforced round per sample (paper: 0.99; default 1.0)")
     p.add_argument("--densify", choices=["smooth", "zeros"], default="smooth", help="sparse -> dense targets (default smooth)")
+    p.add_argument("--recipe", help="augmentation of the labels arm (and of non-reinforced samples): a preset or "
+                   "YAML/JSON recipe file, at the shards' size (default: the shards' own recipe)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="smoothing of one-hot targets (default 0.1)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
@@ -112,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     recipe = Recipe.from_dict(manifest.recipe)
-    # Labels arm: the same recipe, sampled afresh each epoch (p=0 never uses a stored round).
+    try:
+        fresh = Recipe.from_spec(args.recipe, size=recipe.size) if args.recipe else recipe
+    except ValueError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+    # Labels arm: fresh augmentations each epoch (p=0 never uses a stored round); by default
+    # the shards' recipe, so both arms see the same augmentation distribution.
     dataset = ReinforcedDataset(
         args.data,
         manifest=manifest,
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         p=args.p if reinforced else 0.0,
         densify=args.densify,
         label_smoothing=args.label_smoothing,
-        fallback_recipe=recipe,
+        fallback_recipe=fresh,
         shardshuffle=True,
         shuffle=1000,
     )

@@ -149,9 +149,15 @@ def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
     return correct / len(views)
 
 
+def _clear_shards(root: Path) -> None:
+    for old in [*root.glob("train-*.tar"), root / "manifest.json", root / "_info.json"]:
+        old.unlink(missing_ok=True)
+    shutil.rmtree(root / ".done", ignore_errors=True)
+
+
 def run_demo(root: str | os.PathLike = "shards/demo", per_class: int = 400, rounds: int = 8, epochs: int = 12, log: Any = print) -> Any:
     """Generate, train (cached) and reinforce the demo set; print what was written and what to run next."""
-    from .writer import make_shards
+    from .writer import UsageError, make_shards
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     root = Path(root)
@@ -169,16 +175,10 @@ def run_demo(root: str | os.PathLike = "shards/demo", per_class: int = 400, roun
         log(f"[2/3] teacher: reusing {ckpt}")
     else:
         log(f"[2/3] teacher: training timm:{_MODEL} from random init at {DEMO_SIZE} px ({epochs} epochs)")
-        # Shards of an earlier teacher are another job's: clear them rather than refuse.
-        for old in [*root.glob("train-*.tar"), root / "manifest.json", root / "_info.json"]:
-            old.unlink(missing_ok=True)
-        shutil.rmtree(root / ".done", ignore_errors=True)
+        _clear_shards(root)  # shards of an earlier teacher are another job's
         train_demo_teacher(train_root, val_root, ckpt, epochs=epochs, log=log)
     log(f"[3/3] reinforcing: recipe rrc at {DEMO_SIZE} px, {rounds} rounds, top-3 -> {root}/")
-    summary = make_shards(
-        str(train_root),
-        f"timm:{_MODEL}",
-        out=str(root),
+    job = dict(
         teacher_checkpoint=str(ckpt),
         recipe="rrc",
         image_size=DEMO_SIZE,
@@ -190,6 +190,15 @@ def run_demo(root: str | os.PathLike = "shards/demo", per_class: int = 400, roun
         seed=0,
         name="demo",
     )
+    try:
+        summary = make_shards(str(train_root), f"timm:{_MODEL}", out=str(root), **job)
+    except UsageError as exc:
+        if "another job" not in str(exc):
+            raise
+        # Shards of an older demo (another version or setting): the demo folder is ours to redo.
+        log("  the demo shards are from another job: remaking them")
+        _clear_shards(root)
+        summary = make_shards(str(train_root), f"timm:{_MODEL}", out=str(root), **job)
     log(summary.format())
     log(f"demo done in {time.perf_counter() - t0:.0f} s: shards {root}/train-*.tar, manifest {root}/manifest.json")
     val = root / "source" / "val"

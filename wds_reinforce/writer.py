@@ -1,8 +1,10 @@
 """The producer: source + teacher + recipe -> reinforced webdataset shards and a manifest.
 
-Work is partitioned by output shard: shard j holds the source's samples
-``j * shard_size .. (j + 1) * shard_size - 1`` (minus undecodable ones, listed as skipped), so
-any process can make any shard and get the same bytes. DataLoader workers decode, sample every
+Work is partitioned by output shard: shard j holds positions ``j * shard_size .. (j + 1) *
+shard_size - 1`` of the source order (minus undecodable ones, listed as skipped), so any process
+can make any shard and get the same bytes. The order is a permutation seeded by ``seed``
+(``shuffle=True``, the default: an ImageFolder lists its samples class by class, and shards of
+one or two classes train badly through a shuffle buffer) or the source's own. DataLoader workers decode, sample every
 round's parameters and replay them (uint8); the main process runs the teacher in batches that
 never cross a shard boundary (so a shard's bytes do not depend on what was made before it) and
 writes each shard to a temporary name, fsyncs and renames it, then records a small done
@@ -270,8 +272,10 @@ class ReinforceJob:
     progress: bool = True
     name: str = "reinforced"
     split: str = "train"
+    shuffle: bool = True
     wait_timeout: float = 7 * 24 * 3600.0
     _digest: str = field(default="", init=False)
+    _order: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @property
     def num_shards(self) -> int:
@@ -301,6 +305,7 @@ class ReinforceJob:
                 "seed": self.seed,
                 "shard_size": self.shard_size,
                 "batch_size": self.batch_size,
+                "shuffle": self.shuffle,
             }
             canon = json.dumps(ident, sort_keys=True, separators=(",", ":"))
             self._digest = hashlib.sha256(canon.encode()).hexdigest()[:16]
@@ -355,8 +360,15 @@ class ReinforceJob:
         self.output.close()
         return summary
 
-    def _indices(self, j: int) -> range:
-        return range(j * self.shard_size, min((j + 1) * self.shard_size, len(self.source)))
+    def _indices(self, j: int) -> Sequence[int]:
+        """Source indices of shard j: a slice of the (seeded) source order."""
+        positions = range(j * self.shard_size, min((j + 1) * self.shard_size, len(self.source)))
+        if not self.shuffle:
+            return positions
+        if self._order is None:
+            # Its own stream (tagged), independent of the augmentation seeds of round_rng.
+            self._order = np.random.default_rng([self.seed, 0x5348554646]).permutation(len(self.source))
+        return self._order[positions.start : positions.stop].tolist()
 
     def _make(self, todo: list[int]) -> int:
         if not todo:
@@ -652,6 +664,7 @@ def prepare_job(
     progress: bool = True,
     name: str = "reinforced",
     split: str = "train",
+    shuffle: bool = True,
 ) -> ReinforceJob:
     """Check every argument and build the job; nothing is written.
 
@@ -732,6 +745,7 @@ def prepare_job(
         progress=progress,
         name=name,
         split=split,
+        shuffle=bool(shuffle),
     )
     job.check_existing()
     return job
@@ -747,7 +761,7 @@ def make_shards(source: str | Source, teacher: str | Sequence[str] | Teacher, ou
         **kwargs: the other arguments of ``prepare_job`` (recipe, image_size, decode, rounds,
             topk, shard_size, batch_size (images, i.e. samples x rounds, per teacher call),
             workers, seed, device, teacher_checkpoint, teacher_num_classes, pretrained,
-            class_map, progress, name, split).
+            class_map, progress, name, split, shuffle).
 
     Returns:
         A ``ProducerSummary``. Under torchrun (RANK / WORLD_SIZE set) each rank makes shards
