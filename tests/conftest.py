@@ -1,25 +1,19 @@
 from __future__ import annotations
 
 import io
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from wds_reinforce.demo import photo_like
 
-def photo_like(height: int, width: int, seed: int) -> np.ndarray:
-    """A smooth, textured RGB image (gradients, blobs, a little noise) like a photo, not like noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.zeros((height, width, 3), np.float32)
-    for c in range(3):
-        img[..., c] = 120 + 80 * np.sin(x / rng.uniform(20, 80) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(20, 80))
-    for _ in range(6):
-        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(10, max(height, width) / 3)
-        mask = (y - cy) ** 2 + (x - cx) ** 2 < r * r
-        img[mask] = img[mask] * 0.4 + rng.uniform(0, 255, 3) * 0.6
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
+__all__ = ["photo_like", "encode"]
 
 
 def encode(arr: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
@@ -31,3 +25,53 @@ def encode(arr: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
 @pytest.fixture
 def jpeg_bytes() -> bytes:
     return encode(photo_like(375, 500, seed=1), quality=90)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real S3-compatible server (moto) on 127.0.0.1 for the whole session; yields its URL."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1"),
+    )
+    deadline = time.monotonic() + 60
+    while True:  # poll until it accepts connections
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("the moto server did not start")
+            time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_env(monkeypatch, moto_server):
+    """Environment for boto3 (and subprocesses) to talk to the moto server only; yields its URL."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "NO_PROXY": "127.0.0.1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return moto_server

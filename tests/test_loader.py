@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import functools
 import http.server
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -286,51 +282,6 @@ def test_http_streaming_equals_local(made, http_root):
     assert_same_as_local(made, f"{http_root}/shard-{{000000..000003}}.tar", f"{http_root}/manifest.json")
     with pytest.raises(FileNotFoundError, match="cannot read http://127.0.0.1"):
         read_manifest(f"{http_root}/nope/manifest.json")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    pytest.importorskip("moto")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:  # poll until it accepts connections
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("moto server did not start")
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-@pytest.fixture
-def s3_env(monkeypatch, moto_endpoint):
-    for name, value in {
-        "AWS_ENDPOINT_URL": moto_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return moto_endpoint
 
 
 def test_s3_streaming_equals_local(made, s3_env):

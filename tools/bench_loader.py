@@ -34,26 +34,11 @@ import webdataset as wds  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
 from wds_reinforce.augment import Recipe, SourceImage  # noqa: E402
+from wds_reinforce.demo import photo_like  # noqa: E402
 from wds_reinforce.format import Manifest, ShardInfo, Sidecar, decode_sidecar, encode_sidecar  # noqa: E402
 from wds_reinforce.loader import ReinforcedDataset, _check_row, _dense_row, round_for  # noqa: E402
 
 NUM_CLASSES = 1000
-
-
-def photo_like(height: int, width: int, seed: int, noise: float = 20.0) -> np.ndarray:
-    """A smooth, textured RGB image (gradients, blobs, grain); noise 20 gives ~100 kB JPEGs at
-    500x375, quality 90, about ImageNet's average (JPEG decode cost grows with the bytes)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.zeros((height, width, 3), np.float32)
-    for c in range(3):
-        img[..., c] = 120 + 80 * np.sin(x / rng.uniform(20, 80) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(20, 80))
-    for _ in range(6):
-        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(10, max(height, width) / 3)
-        mask = (y - cy) ** 2 + (x - cx) ** 2 < r * r
-        img[mask] = img[mask] * 0.4 + rng.uniform(0, 255, 3) * 0.6
-    img += rng.normal(0, noise, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def _jpeg(arr: np.ndarray, quality: int) -> bytes:
@@ -75,7 +60,7 @@ def make_bench_shards(root: Path, images: int, shards: int, rounds: int, topk: i
     jpegs = []
     for i in range(images):
         h, w = (375, 500) if i % 3 else (500, 375)
-        jpegs.append(_jpeg(photo_like(h, w, seed=i), quality))
+        jpegs.append(_jpeg(photo_like(h, w, seed=i, noise=20.0), quality))
     per = -(-images // shards)
     out = {"plain": [], "full": None, "reduced": None, "jpeg_kb": float(np.mean([len(j) for j in jpegs]) / 1024)}
     sidecar_bytes = []
