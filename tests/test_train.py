@@ -59,3 +59,17 @@ def test_train_bad_recipe_is_a_one_line_error(data):
     )
     assert out.returncode == 2
     assert out.stderr.startswith("train.py: error: unknown recipe 'rrc+mixup'") and "Traceback" not in out.stderr
+
+
+def test_train_under_torchrun_with_two_cpu_ranks(data):
+    """DDP on gloo: both ranks step together and rank 0 reports."""
+    make_shards(data / "ds4", num_shards=4, per_shard=8, rounds=3, num_classes=3, size=32, record_pixels=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "tools" / "train.py"), "--data", str(data / "ds4"), "--val", str(data / "val"),
+         "--epochs", "1", "--batch-size", "4", "--workers", "1", "--json"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["steps"] == 32 // (4 * 2)

@@ -75,3 +75,36 @@ def test_grid_shows_every_round(made, tmp_path):
     assert key == made.keys[0]
     img = Image.open(out)
     assert img.size[0] == 2 * 150 and img.size[1] > 2 * 32
+
+
+def test_producer_shards_pass_the_teacher_check(tmp_path):
+    from tests.producer_data import TEACHER, job_args, make_image_folder
+    from wds_reinforce.teacher import load_teacher
+    from wds_reinforce.writer import make_shards as produce
+
+    source = make_image_folder(tmp_path / "src", per_class=3, corrupt=False)
+    produce(str(source), TEACHER, out=str(tmp_path / "out"), **job_args())
+    teacher = load_teacher(TEACHER, num_classes=3, device="cpu")
+    report = verify_shards(str(tmp_path / "out"), teacher=teacher, checks=6)
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.teacher_checks == 6 and report.max_prob_diff < 2e-3 and report.top1_agreement == 1.0
+
+
+def _inspect(*args):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "tools" / "inspect_shards.py"), *args], capture_output=True, text=True, cwd=root)
+
+
+def test_inspect_cli_exit_status(made, tmp_path):
+    ok = _inspect(str(made.root), "--no-progress")
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("OK")
+    path = Path(made.urls[0])
+    path.write_bytes(path.read_bytes()[:-1024])  # lose the end-of-archive blocks and more
+    bad = _inspect(str(made.root), "--no-progress")
+    assert bad.returncode == 1 and "FAIL shard-000000.tar" in bad.stdout
+    missing = _inspect(str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and missing.stderr.startswith("inspect_shards.py: error: cannot read")
+    assert "Traceback" not in missing.stderr
