@@ -157,6 +157,14 @@ def test_bad_sidecars_are_rejected_with_reason(changes, match):
         decode_sidecar(_mutate(_sample(), **changes), key="shard-000/abc")
 
 
+def test_unknown_version_is_a_version_error():
+    from wds_reinforce.format import VersionError
+
+    with pytest.raises(VersionError, match="unknown sidecar format version 3") as info:
+        decode_sidecar(_mutate(_sample(), v=3))
+    assert info.value.version == 3
+
+
 def test_error_names_the_key():
     with pytest.raises(FormatError, match=r"^s1/key7: unknown sidecar format version 9"):
         decode_sidecar(_mutate(_sample(), v=9), key="s1/key7")

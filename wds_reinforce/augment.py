@@ -44,6 +44,7 @@ __all__ = [
     "Recipe",
     "SourceImage",
     "DecodeError",
+    "key_word",
     "round_rng",
     "replay",
     "normalize",
@@ -71,10 +72,14 @@ class DecodeError(ValueError):
     """Encoded image bytes that cannot be decoded."""
 
 
+def key_word(key: str) -> int:
+    """A stable 64-bit number for a sample key, for seeding generators from (seed, key, ...)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
 def round_rng(seed: int, key: str, round_index: int) -> np.random.Generator:
     """The generator for one (seed, sample key, round): independent of process, worker and time."""
-    key_word = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, key_word, round_index])
+    return np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, key_word(key), round_index])
 
 
 # ----------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ __all__ = [
     "COLUMNS",
     "Column",
     "FormatError",
+    "VersionError",
     "Sidecar",
     "encode_sidecar",
     "decode_sidecar",
@@ -50,6 +51,14 @@ class FormatError(ValueError):
     def __init__(self, message: str, key: str | None = None):
         self.key = key
         super().__init__(f"{key}: {message}" if key else message)
+
+
+class VersionError(FormatError):
+    """A sidecar or manifest of a format version this reader does not know (``.version``)."""
+
+    def __init__(self, message: str, key: str | None = None, version: Any = None):
+        self.version = version
+        super().__init__(message, key)
 
 
 @dataclass(frozen=True)
@@ -302,7 +311,7 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
         raise FormatError(f"sidecar must be a msgpack map, got {type(body).__name__}", key)
     version = body.get("v")
     if version != FORMAT_VERSION:
-        raise FormatError(f"unknown sidecar format version {version!r}; this reader knows {FORMAT_VERSION}", key)
+        raise VersionError(f"unknown sidecar format version {version!r}; this reader knows {FORMAT_VERSION}", key, version)
     missing = [name for name in _REQUIRED if name not in body]
     if missing:
         raise FormatError(f"sidecar lacks field(s) {missing}", key)
@@ -426,9 +435,10 @@ class Manifest:
         if not isinstance(raw, dict):
             raise FormatError("manifest must be a JSON object", source)
         if raw.get("format_version") != FORMAT_VERSION:
-            raise FormatError(
+            raise VersionError(
                 f"unknown manifest format_version {raw.get('format_version')!r}; this reader knows {FORMAT_VERSION}",
                 source,
+                raw.get("format_version"),
             )
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in raw.items() if k in known}

@@ -16,7 +16,6 @@ patterns work as in webdataset. This module never imports the teacher.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import tempfile
@@ -24,7 +23,6 @@ import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
-import msgpack
 import numpy as np
 import torch
 from webdataset import filters as wds_filters
@@ -38,8 +36,18 @@ from webdataset.shardlists import ResampledShards, expand_urls, split_by_node, s
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, RANDAUGMENT_SPACE, DecodeError, Recipe, SourceImage, normalize, replay
-from .format import FORMAT_VERSION, SIDECAR_EXT, FormatError, Manifest, decode_sidecar
+from .augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RANDAUGMENT_SPACE,
+    DecodeError,
+    Recipe,
+    SourceImage,
+    key_word,
+    normalize,
+    replay,
+)
+from .format import FORMAT_VERSION, SIDECAR_EXT, FormatError, Manifest, VersionError, decode_sidecar
 from .targets import sparse_one_hot
 
 __all__ = [
@@ -194,10 +202,6 @@ def _epoch_value(epoch: int | SharedEpoch | Callable[[], int]) -> int:
     return _check_epoch(epoch)
 
 
-def _key_word(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-
-
 def round_for(seed: int, key: str, epoch: int, rounds: int) -> int:
     """The round a sample uses in an epoch: a function of (seed, key, epoch) only.
 
@@ -210,12 +214,12 @@ def round_for(seed: int, key: str, epoch: int, rounds: int) -> int:
     cycle, pos = divmod(_check_epoch(epoch), rounds)
     if rounds == 1:
         return 0
-    rng = np.random.default_rng([seed & _U64, _key_word(key), cycle, _SCHEDULE_TAG])
+    rng = np.random.default_rng([seed & _U64, key_word(key), cycle, _SCHEDULE_TAG])
     return int(rng.permutation(rounds)[pos])
 
 
 def _original_rng(seed: int, key: str, epoch: int) -> np.random.Generator:
-    return np.random.default_rng([seed & _U64, _key_word(key), epoch, _ORIGINAL_TAG])
+    return np.random.default_rng([seed & _U64, key_word(key), epoch, _ORIGINAL_TAG])
 
 
 # ----------------------------------------------------------------------------------------
@@ -445,14 +449,6 @@ def _check_counts(
         handler(err)
 
 
-def _peek_version(data: bytes) -> Any:
-    try:
-        body = msgpack.unpackb(data, raw=False, max_bin_len=len(data), max_str_len=1024, max_array_len=1024, max_map_len=64, max_ext_len=0)
-    except Exception:
-        return None
-    return body.get("v") if isinstance(body, dict) else None
-
-
 def _decode_sidecars(
     src: Iterable[dict],
     fingerprint: bytes,
@@ -473,16 +469,15 @@ def _decode_sidecars(
             key = sample.get("__key__")
             try:
                 sidecar = decode_sidecar(raw, key)
-            except FormatError as exc:
-                version = _peek_version(raw) if first else None
-                if first and isinstance(version, int) and version != FORMAT_VERSION:
-                    raise MismatchError(
-                        f"sidecar format version {version}, this reader knows {FORMAT_VERSION}: "
-                        "upgrade wds_reinforce or remake the shards",
-                        key,
-                        sample.get("__url__"),
-                    ) from exc
-                raise
+            except VersionError as exc:
+                if not first:
+                    raise
+                raise MismatchError(
+                    f"sidecar format version {exc.version!r}, this reader knows {FORMAT_VERSION}: "
+                    "upgrade wds_reinforce or remake the shards",
+                    key,
+                    sample.get("__url__"),
+                ) from exc
             if sidecar.fingerprint != fingerprint:
                 cls = MismatchError if first else SampleError
                 raise cls(

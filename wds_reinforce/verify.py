@@ -21,11 +21,9 @@ from webdataset.gopen import gopen
 
 from .augment import DecodeError, Recipe, SourceImage, replay
 from .format import SIDECAR_EXT, FormatError, Manifest, Sidecar, decode_sidecar
-from .loader import read_manifest
+from .loader import IMAGE_EXTS, read_manifest
 
 __all__ = ["Problem", "VerifyReport", "manifest_url", "verify_shards", "draw_rounds"]
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass
