@@ -235,6 +235,32 @@ def test_bad_recipes_fail_early(build, match):
         build()
 
 
+def test_malformed_recipe_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("ops: [ {op: rrc\n")
+    with pytest.raises(ValueError, match="expected a readable YAML recipe in"):
+        Recipe.from_spec(str(path))
+
+
+def test_sidecar_columns_must_be_the_recipe_s():
+    recipe = Recipe.from_spec("rrc+ra/re")
+    cols = recipe.sample_rounds(0, "k", 3, (100, 120))
+    recipe.check_columns(cols)
+    assert recipe.column_fields == {"rrc": 4, "flip": 1, "ra": 4, "re": 4}
+    with pytest.raises(ValueError, match="expected op columns"):
+        recipe.check_columns({k: v for k, v in cols.items() if k != "flip"})
+    with pytest.raises(ValueError, match="expected op columns"):
+        recipe.check_columns({**cols, "ra": cols["ra"][:, :2]})
+
+
+def test_decompression_bomb_is_bad_data(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40x50 is then more than 2x the limit
+    with pytest.raises(DecodeError, match="cannot decode image"):
+        SourceImage(encode(photo_like(40, 50, seed=0), "PNG")).decode(1)
+
+
 def test_presets_are_listed():
     assert RECIPES.names() == ["center", "rrc", "rrc+ra/re"]
     with pytest.raises(ValueError, match="already registered"):

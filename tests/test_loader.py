@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.shardmaker import make_shards
-from wds_reinforce.augment import normalize
-from wds_reinforce.format import FormatError, Manifest
+from wds_reinforce.augment import Recipe, normalize
+from wds_reinforce.format import FormatError, Manifest, Sidecar, decode_sidecar, encode_sidecar
 from wds_reinforce.loader import (
     MismatchError,
     ReinforcedDataset,
@@ -32,6 +32,7 @@ from wds_reinforce.loader import (
     decode_sidecars,
     read_manifest,
     reinforce_stages,
+    replay_images,
     round_for,
 )
 from wds_reinforce.targets import densify, one_hot
@@ -263,7 +264,9 @@ def assert_same_as_local(made, url_pattern, manifest_url):
 
 
 @pytest.fixture
-def http_root(made):
+def http_root(made, monkeypatch):
+    for name in ("NO_PROXY", "no_proxy"):  # curl must not send 127.0.0.1 through a proxy
+        monkeypatch.setenv(name, "127.0.0.1")
     handler = functools.partial(_QuietHandler, directory=str(made.root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -315,7 +318,14 @@ def _flip_all_prob_high_bytes(data: bytes) -> bytes:
     return bytes(body)
 
 
+def _drop_column(data: bytes, name: str) -> bytes:
+    sc = decode_sidecar(data)
+    ops = {k: v for k, v in sc.ops.items() if k != name}
+    return encode_sidecar(Sidecar(sc.fingerprint, sc.idx, sc.prob, ops))
+
+
 CORRUPTIONS = {
+    "missing_op_column": lambda k, ext, d: _drop_column(d, "flip") if ext == "dr.mp" else d,
     "sidecar_header": lambda k, ext, d: bytes([d[0] ^ 0xFF]) + d[1:] if ext == "dr.mp" else d,
     "sidecar_prob": lambda k, ext, d: _flip_all_prob_high_bytes(d) if ext == "dr.mp" else d,
     "bad_jpeg": lambda k, ext, d: b"\xff\xd8\xff" + bytes(range(256)) * 4 if ext == "jpg" else d,
@@ -403,6 +413,21 @@ def test_resampled_with_epoch_yields_the_requested_count(made):
     ds = ReinforcedDataset(made.pattern, resampled=True, keys=("__key__", "round")).with_epoch(20)
     rows = collect(ds)
     assert len(rows) == 20 and all(r == round_for(0, k, 0, R) for k, r in rows)
+    again = collect(ReinforcedDataset(made.pattern, resampled=True, keys=("__key__", "round")).with_epoch(20))
+    assert again == rows, "resampling is seeded, not drawn from time and pid"
+
+
+def test_a_stage_order_bug_is_not_swallowed_by_a_skipping_handler(made):
+    """KeyError from a missing earlier stage is a bug: it propagates even with SkipCounter."""
+    counter = SkipCounter()
+    recipe = Recipe.from_dict(made.manifest.recipe)
+    ds = wds.WebDataset(made.urls, shardshuffle=False).compose(
+        decode_sidecars(fingerprint=recipe.fingerprint, handler=counter),
+        replay_images(recipe=recipe, handler=counter),  # pick_rounds left out
+    )
+    with pytest.raises(KeyError, match="round"):
+        next(iter(ds))
+    assert counter.count == 0
 
 
 def test_recipe_mismatch_is_an_error_at_the_first_sample_even_when_skipping(made, tmp_path):

@@ -73,3 +73,18 @@ def test_train_under_torchrun_with_two_cpu_ranks(data):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     assert result["steps"] == 32 // (4 * 2)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--p", "1.5"], "expected --p in [0, 1], got 1.5"),
+        (["--batch-size", "0"], "expected --batch-size >= 1, got 0"),
+        (["--val", "/nonexistent/val"], "/nonexistent/val"),
+    ],
+)
+def test_train_bad_arguments_are_one_line_errors(data, extra, message):
+    args = ["--data", str(data / "ds"), "--val", str(data / "val"), *extra]
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("train.py: error: ") and message in out.stderr

@@ -108,3 +108,18 @@ def test_inspect_cli_exit_status(made, tmp_path):
     missing = _inspect(str(tmp_path / "nothing"))
     assert missing.returncode == 2 and missing.stderr.startswith("inspect_shards.py: error: cannot read")
     assert "Traceback" not in missing.stderr
+
+
+def test_sidecar_without_a_recipe_column_fails(tmp_path):
+    from wds_reinforce.format import Sidecar, decode_sidecar, encode_sidecar
+
+    def drop_flip(key, ext, data):
+        if key != "s00_0002" or ext != "dr.mp":
+            return data
+        sc = decode_sidecar(data)
+        return encode_sidecar(Sidecar(sc.fingerprint, sc.idx, sc.prob, {"rrc": sc.ops["rrc"]}))
+
+    made = make_shards(tmp_path / "ds", num_shards=1, per_shard=3, record_pixels=False, mutate=drop_flip)
+    report = verify_shards(str(made.root))
+    assert [(p.key, p.message.split(":")[0]) for p in report.problems] == [("s00_0002", "bad sidecar")]
+    assert "expected op columns" in report.problems[0].message

@@ -15,6 +15,7 @@ center crop. CPU or GPU; under ``torchrun`` it trains with DDP.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -53,6 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", help="write the final state_dict here")
     p.add_argument("--json", action="store_true", help="print the final result as one JSON line")
     return p
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """A one-line complaint about an argument, or None."""
+    checks = [
+        (0.0 <= args.p <= 1.0, f"expected --p in [0, 1], got {args.p}"),
+        (args.epochs >= 1, f"expected --epochs >= 1, got {args.epochs}"),
+        (args.batch_size >= 1, f"expected --batch-size >= 1, got {args.batch_size}"),
+        (args.workers >= 0, f"expected --workers >= 0, got {args.workers}"),
+        (args.lr > 0, f"expected --lr > 0, got {args.lr}"),
+        (0.0 <= args.label_smoothing < 1.0, f"expected --label-smoothing in [0, 1), got {args.label_smoothing}"),
+        (0.0 < args.eval_crop_pct <= 1.0, f"expected --eval-crop-pct in (0, 1], got {args.eval_crop_pct}"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
 
 
 def _device(name: str) -> torch.device:
@@ -96,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     from wds_reinforce.targets import soft_cross_entropy
     from wds_reinforce.verify import manifest_url
 
+    parser_error = _check_args(args)
+    if parser_error:
+        print(f"train.py: error: {parser_error}", file=sys.stderr)
+        return 2
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = _device(args.device)
     if distributed:
@@ -116,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe.from_dict(manifest.recipe)
     try:
         fresh = Recipe.from_spec(args.recipe, size=recipe.size) if args.recipe else recipe
+        val_images, val_labels = _val_views(args.val, recipe.size, args.eval_crop_pct)
     except ValueError as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
@@ -160,23 +180,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    val_images, val_labels = _val_views(args.val, recipe.size, args.eval_crop_pct)
     start, step, top1 = time.perf_counter(), 0, 0.0
     for epoch in range(args.epochs):
         dataset.set_epoch(epoch)
         train_model.train()
         losses = []
-        for images, target in loader:
-            if step >= (epoch + 1) * steps_per_epoch:
-                break  # equal iterations per epoch on every rank
-            x = normalize(images.to(device, non_blocking=True), mean, std)
-            loss = soft_cross_entropy(train_model(x), target.to(device, non_blocking=True))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            step += 1
+        # Under DDP a rank whose shards run out first must not leave the others waiting in an
+        # all-reduce: join() shadows its missing steps.
+        with train_model.join() if distributed else contextlib.nullcontext():
+            for images, target in loader:
+                if step >= (epoch + 1) * steps_per_epoch:
+                    break  # at most the same iterations per epoch on every rank
+                x = normalize(images.to(device, non_blocking=True), mean, std)
+                loss = soft_cross_entropy(train_model(x), target.to(device, non_blocking=True))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                step += 1
         top1 = evaluate(model, val_images, val_labels, mean, std, device)
         if rank == 0:
             print(

@@ -130,6 +130,7 @@ class Op:
 
     name: ClassVar[str]
     geometry: ClassVar[bool] = False
+    fields: ClassVar[int] = 0  # values per round in this op's sidecar column (0: no column)
 
     def sample(self, rng: np.random.Generator, size: Size) -> np.ndarray | None:
         """Draw this op's parameters for an input of ``size``; None if it has none."""
@@ -192,6 +193,7 @@ class RandomResizedCrop(GeometryOp):
     """torchvision's RandomResizedCrop: same parameter distribution, same kernel (crop, then resize)."""
 
     name = "rrc"
+    fields = 4
 
     def __init__(
         self,
@@ -286,6 +288,7 @@ class CenterCrop(GeometryOp):
 @OPS.register("flip")
 class HorizontalFlip(Op):
     name = "flip"
+    fields = 1
 
     def __init__(self, p: float = 0.5):
         self.p = _prob("p", p)
@@ -391,6 +394,7 @@ class RandAugment(Op):
         if not isinstance(magnitude, int) or not 0 <= magnitude < num_magnitude_bins:
             raise ValueError(f"expected magnitude an integer in [0, {num_magnitude_bins}), got {magnitude!r}")
         self.num_ops = num_ops
+        self.fields = 2 * num_ops  # type: ignore[misc]
         self.magnitude = magnitude
         self.num_magnitude_bins = num_magnitude_bins
         self.interpolation = _interpolation(interpolation)
@@ -433,6 +437,7 @@ class RandomErasing(Op):
     """
 
     name = "re"
+    fields = 4
 
     def __init__(
         self,
@@ -523,6 +528,10 @@ class SourceImage:
         return img
 
 
+# What Pillow raises for bad bytes; a decompression bomb is bad data too (not an OSError).
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
@@ -553,14 +562,14 @@ def _decode_rgb(data: bytes, scale: int, size: Size) -> np.ndarray:
             pass  # CMYK, or data libjpeg-turbo rejects: Pillow decides, at full scale
     try:
         return np.array(_open_pil(data).convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as exc:
+    except _PIL_ERRORS as exc:
         raise DecodeError(f"cannot decode image: {exc}") from None
 
 
 def _open_pil(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
-    except (OSError, SyntaxError, ValueError) as exc:
+    except _PIL_ERRORS as exc:
         raise DecodeError(f"cannot decode image: {exc}") from None
 
 
@@ -641,6 +650,17 @@ class Recipe:
         """Names of the ops that record parameters, in order."""
         return [op.name for op in self.ops if type(op).sample is not Op.sample]
 
+    @functools.cached_property
+    def column_fields(self) -> dict[str, int]:
+        """Column name -> values per round: what a sidecar of this recipe must hold."""
+        return {op.name: op.fields for op in self.ops if op.name in self.columns}
+
+    def check_columns(self, ops: Mapping[str, np.ndarray]) -> None:
+        """Raise ValueError unless ``ops`` (a sidecar's columns) are exactly this recipe's."""
+        got = {name: int(col.shape[1]) for name, col in ops.items()}
+        if got != self.column_fields:
+            raise ValueError(f"expected op columns {self.column_fields} (name: values per round), got {got}")
+
     @classmethod
     def from_dict(cls, desc: Mapping[str, Any]) -> Recipe:
         if not isinstance(desc, Mapping) or "ops" not in desc:
@@ -664,12 +684,14 @@ class Recipe:
             path = Path(spec)
             if not path.is_file():
                 raise ValueError(f"recipe file {spec!r} does not exist")
-            if spec.endswith(".json"):
-                desc = json.loads(path.read_text())
-            else:
-                import yaml
+            import yaml
 
-                desc = yaml.safe_load(path.read_text())
+            try:
+                text = path.read_text()
+                desc = json.loads(text) if spec.endswith(".json") else yaml.safe_load(text)
+            except (OSError, ValueError, yaml.YAMLError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ValueError(f"expected a readable {path.suffix[1:].upper()} recipe in {spec!r}: {first}") from None
         elif isinstance(spec, str):
             desc = dict(RECIPES.get(spec), name=spec)
         else:

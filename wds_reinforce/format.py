@@ -93,7 +93,7 @@ COLUMNS: dict[str, Column] = {
         # Reserved for the mixing (+mix) recipes; the layout is fixed now so readers know them.
         Column("mixp", "i16", 1, doc="mixing partner as an offset within the shard's pairing group; 0 = none"),
         Column("mixl", "f16", 1, doc="mixing weight lambda of this sample"),
-        Column("mixb", "uint", 4, doc="CutMix box (top, left, height, width) in output pixels; 0 x 0 = MixUp"),
+        Column("mixb", "uint", 4, doc="CutMix box (top, left, height, width) in output pixels; height 0 and width 0 = MixUp"),
     )
 }
 

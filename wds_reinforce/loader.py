@@ -78,7 +78,7 @@ _ORIGINAL_TAG = 0x4F524947  # "ORIG": the coin and parameters of a non-reinforce
 _U64 = 0xFFFFFFFFFFFFFFFF
 # Errors that bad bytes can provoke in decoding and replay; anything else (TypeError above all)
 # is a bug and propagates without going through the handler.
-_DATA_ERRORS = (FormatError, DecodeError, ValueError, OSError, RuntimeError, KeyError, IndexError, EOFError)
+_DATA_ERRORS = (FormatError, DecodeError, ValueError, OSError, RuntimeError, EOFError)
 
 
 # ----------------------------------------------------------------------------------------
@@ -453,10 +453,13 @@ def _decode_sidecars(
     src: Iterable[dict],
     fingerprint: bytes,
     rounds: int | None = None,
+    topk: int | None = None,
+    recipe: Recipe | None = None,
     handler: Callable = reraise_exception,
 ) -> Iterator[dict]:
     """Decode ``{key}.dr.mp`` into ``sample["sidecar"]`` and check it against the manifest.
 
+    Rounds, top-k and the op columns (names and widths, from ``recipe``) must be the manifest's.
     A version or fingerprint mismatch at the first sample raises ``MismatchError`` whatever the
     handler; later ones, and corrupt sidecars, go through ``handler``.
     """
@@ -470,8 +473,8 @@ def _decode_sidecars(
             try:
                 sidecar = decode_sidecar(raw, key)
             except VersionError as exc:
-                if not first:
-                    raise
+                if not first or not isinstance(exc.version, int):
+                    raise  # one odd sample, or garbage without a version: bad data, not a mismatch
                 raise MismatchError(
                     f"sidecar format version {exc.version!r}, this reader knows {FORMAT_VERSION}: "
                     "upgrade wds_reinforce or remake the shards",
@@ -488,6 +491,10 @@ def _decode_sidecars(
                 )
             if rounds is not None and sidecar.rounds != rounds:
                 raise FormatError(f"sidecar has {sidecar.rounds} rounds, the manifest says {rounds}")
+            if topk is not None and sidecar.topk != topk:
+                raise FormatError(f"sidecar has top-{sidecar.topk}, the manifest says top-{topk}")
+            if recipe is not None:
+                recipe.check_columns(sidecar.ops)
         except MismatchError:
             raise
         except _DATA_ERRORS as exc:
@@ -570,11 +577,11 @@ def _replay_images(
         raise ValueError(f"expected output in {list(OUTPUT_MODES)}, got {output!r}")
     fallback = fallback or Recipe.from_spec("rrc", size=recipe.size, decode=recipe.decode)
     for sample in src:
+        r, sidecar = sample["round"], sample["sidecar"]  # set by earlier stages: missing = a bug, not data
         try:
             image = SourceImage(_image_bytes(sample))
-            r = sample["round"]
             if r >= 0:
-                params = sample["sidecar"].round_params(r)
+                params = sidecar.round_params(r)
                 _check_params(params, recipe, image.size)
                 img = replay(image, params, recipe)
             else:
@@ -632,9 +639,8 @@ def _make_targets(
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"expected label_smoothing in [0, 1), got {label_smoothing!r}")
     for sample in src:
+        r, sidecar = sample["round"], sample["sidecar"]  # set by earlier stages: missing = a bug, not data
         try:
-            r = sample["round"]
-            sidecar = sample["sidecar"]
             if r >= 0:
                 idx, prob = sidecar.idx[r], sidecar.prob[r]
                 _check_row(idx, prob, num_classes)
@@ -714,7 +720,7 @@ def reinforce_stages(
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"expected label_smoothing in [0, 1), got {label_smoothing!r}")
     return [
-        decode_sidecars(fingerprint=fingerprint, rounds=manifest.rounds, handler=handler),
+        decode_sidecars(fingerprint=fingerprint, rounds=manifest.rounds, topk=manifest.topk, recipe=recipe, handler=handler),
         pick_rounds(seed=seed, epoch=epoch, p=float(p)),
         replay_images(recipe=recipe, fallback=fallback_recipe, output=output, mean=mean, std=std, handler=handler),
         make_targets(num_classes=manifest.num_classes, densify=densify, label_smoothing=label_smoothing, handler=handler),
@@ -836,7 +842,8 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
         )
         self.recipe = Recipe.from_dict(self.manifest.recipe)
         if resampled:
-            self.append(ResampledShards(self.urls))
+            # deterministic: draws seeded by (seed, worker), not by pid and time
+            self.append(ResampledShards(self.urls, seed=seed, deterministic=True))
         else:
             self.append(_ShardList(self.urls, shardshuffle, seed, self.epoch, nodesplitter is not None, workersplitter is not None))
             if nodesplitter is not None:

@@ -20,7 +20,7 @@ import torch
 from webdataset.gopen import gopen
 
 from .augment import DecodeError, Recipe, SourceImage, replay
-from .format import SIDECAR_EXT, FormatError, Manifest, Sidecar, decode_sidecar
+from .format import SIDECAR_EXT, Manifest, Sidecar, decode_sidecar
 from .loader import IMAGE_EXTS, read_manifest
 
 __all__ = ["Problem", "VerifyReport", "manifest_url", "verify_shards", "draw_rounds"]
@@ -121,8 +121,9 @@ def _samples(reader: _HashingReader) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def _check_sample(
-    key: str, members: dict[str, bytes], manifest: Manifest, fingerprint: bytes, decode_images: bool
+    key: str, members: dict[str, bytes], manifest: Manifest, recipe: Recipe, decode_images: bool
 ) -> tuple[Sidecar | None, bytes | None, list[str]]:
+    fingerprint = bytes.fromhex(manifest.fingerprint)
     errors = []
     image = next((members[e] for e in IMAGE_EXTS if e in members), None)
     if image is None:
@@ -156,7 +157,8 @@ def _check_sample(
                     f"sidecar has {sidecar.rounds} rounds of top-{sidecar.topk}, "
                     f"the manifest says {manifest.rounds} of top-{manifest.topk}"
                 )
-        except FormatError as exc:
+            recipe.check_columns(sidecar.ops)
+        except ValueError as exc:  # FormatError, or columns that do not fit the recipe
             errors.append(f"bad sidecar: {exc}")
             sidecar = None
     return sidecar, image, errors
@@ -219,7 +221,7 @@ def verify_shards(
                 if key in seen:
                     report.problems.append(Problem(shard.name, key, f"key repeats (first in {seen[key]})"))
                 seen.setdefault(key, shard.name)
-                sidecar, image, errors = _check_sample(key, members, manifest, fingerprint, decode_images)
+                sidecar, image, errors = _check_sample(key, members, manifest, recipe, decode_images)
                 report.problems.extend(Problem(shard.name, key, e) for e in errors)
                 if index in picked and sidecar is not None and image is not None and not errors:
                     chosen.append((shard.name, key, image, sidecar))
