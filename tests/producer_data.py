@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
 from pathlib import Path
 
 from tests.conftest import encode, photo_like
 
-__all__ = ["CLASSES", "TEACHER", "make_image_folder", "job_args", "cli_args", "tree_digest"]
+__all__ = ["CLASSES", "TEACHER", "make_image_folder", "make_wds_shard", "job_args", "cli_args", "tree_digest"]
 
 CLASSES = ("cat", "dog", "eel")
 TEACHER = "timm:test_resnet"  # 0.4 M parameters: fast on a 2-core CPU
@@ -26,6 +28,26 @@ def make_image_folder(root: Path, per_class: int = 4, corrupt: bool = True, seed
     if corrupt:
         (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     return root
+
+
+def make_wds_shard(path: Path, per_class: int = 2, no_image: tuple[str, ...] = ("nopic",), seed: int = 0) -> Path:
+    """One webdataset shard of small JPEGs labelled 0..2 (``cls``), plus samples without an image
+    member (a ``cls`` and a ``txt`` only) under the keys in ``no_image``, placed mid-shard."""
+    members: list[tuple[str, bytes]] = []
+    for ci in range(len(CLASSES)):
+        for i in range(per_class):
+            key = f"s{ci}_{i}"
+            members += [(f"{key}.jpg", encode(photo_like(40, 44, seed=seed + 10 * ci + i), quality=85)), (f"{key}.cls", b"%d" % ci)]
+        if ci == 0:
+            for key in no_image:
+                members += [(f"{key}.cls", b"1"), (f"{key}.txt", b"a caption, but no picture")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
 
 
 def job_args(**over) -> dict:

@@ -72,11 +72,17 @@ def reference(source, tmp_path_factory):
         ({"--rounds": "0"}, None, "expected rounds an integer >= 1, got 0"),
         ({"--teacher-checkpoint": "{tmp}/missing.pt"}, None, "expected a teacher checkpoint file"),
         ({"--class-map": "{tmp}/missing.json"}, None, "expected --class-map to be a JSON file"),
+        ({"--teacher-checkpoint": "{tmp}/text.pt"}, None, "expected a torch state_dict checkpoint at '{tmp}/text.pt' (loaded with weights_only=True), got "),
+        ({"--teacher-checkpoint": "{tmp}/bytes.pt"}, None, "expected a torch state_dict checkpoint at '{tmp}/bytes.pt' (loaded with weights_only=True), got UnpicklingError: Unsupported operand"),
+        ({"--teacher-checkpoint": "{tmp}/zero.pt"}, None, "(loaded with weights_only=True), got EOFError: unreadable"),
+        ({"--teacher-checkpoint": "{tmp}/other.zip"}, None, "(loaded with weights_only=True), got RuntimeError: "),
+        ({"--teacher-checkpoint": "{tmp}/cut.pt"}, None, "(loaded with weights_only=True), got RuntimeError: PytorchStreamReader failed"),
+        ({"--teacher-checkpoint": "{tmp}/pickled.pt"}, None, "(loaded with weights_only=True), got UnpicklingError: "),
+        ({"--source": "{tmp}/text.tar"}, None, "expected webdataset .tar shards, got {tmp}/text.tar: ReadError"),
     ],
 )
 def test_bad_arguments_fail_early(source, tmp_path, capsys, over, drop, match):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "afile").write_text("x")
+    _bad_inputs(tmp_path)
     out = tmp_path / "out"
     argv = cli_args(source, str(out), **{k: v.format(tmp=tmp_path) for k, v in over.items()})
     if drop:
@@ -85,7 +91,7 @@ def test_bad_arguments_fail_early(source, tmp_path, capsys, over, drop, match):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("make_shards.py: error: ") and "\n" not in err
-    assert match in err
+    assert match.format(tmp=tmp_path) in err
     assert not out.exists()
 
 
@@ -95,6 +101,44 @@ def test_bad_device_fails_early(source, tmp_path, capsys, device, match):
     assert cli.main(cli_args(source, str(tmp_path / "out"), **{"--device": device})) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _bad_inputs(tmp: Path) -> None:
+    """Files that are not what their option expects: none may give a traceback."""
+    import pickle
+    import zipfile
+
+    (tmp / "empty").mkdir()
+    (tmp / "afile").write_text("x")
+    (tmp / "text.pt").write_text("these are not weights\n")
+    (tmp / "bytes.pt").write_bytes(bytes(range(123, 256)) * 4)
+    (tmp / "zero.pt").write_bytes(b"")
+    with zipfile.ZipFile(tmp / "other.zip", "w") as z:
+        z.writestr("readme.txt", "a zip, but not a torch file")
+    torch.save({"w": torch.zeros(3)}, tmp / "good.pt")
+    (tmp / "cut.pt").write_bytes((tmp / "good.pt").read_bytes()[:200])
+    (tmp / "pickled.pt").write_bytes(pickle.dumps({"w": {1, 2}}))  # needs pickle, not weights_only
+    (tmp / "text.tar").write_text("not a tar file\n" * 40)
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"--teacher-checkpoint": "{tmp}/bytes.pt"}, "expected a torch state_dict checkpoint at '{tmp}/bytes.pt'"),
+        ({"--source": "{tmp}/text.tar"}, "expected webdataset .tar shards, got {tmp}/text.tar: ReadError"),
+    ],
+)
+def test_bad_input_file_in_a_subprocess_is_one_line(source, tmp_path, over, match):
+    _bad_inputs(tmp_path)
+    out = tmp_path / "out"
+    argv = cli_args(source, str(out), **{k: v.format(tmp=tmp_path) for k, v in over.items()})
+    proc = subprocess.run([sys.executable, TOOL, *argv], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("make_shards.py: error: "), proc.stderr
+    assert match.format(tmp=tmp_path) in lines[0]
+    assert not out.exists()
 
 
 def test_bad_argument_in_a_subprocess_has_no_traceback(source, tmp_path):

@@ -7,9 +7,10 @@ import tarfile
 import pytest
 
 from tests.conftest import encode, photo_like
-from tests.producer_data import CLASSES, make_image_folder
+from tests.producer_data import CLASSES, make_image_folder, make_wds_shard
 from wds_reinforce.sources import (
     ImageFolderSource,
+    SourceSampleError,
     WebDatasetSource,
     open_source,
     sanitize_key,
@@ -71,6 +72,17 @@ def test_webdataset_source_reads_cls_json_and_brace_patterns(tmp_path):
     assert len(open_source(f"wds:{tmp_path}/s-*.tar")) == 4
 
 
+def test_webdataset_sample_without_image_is_listed_not_dropped(tmp_path):
+    src = open_source(str(make_wds_shard(tmp_path / "s.tar", per_class=1, no_image=("nopic",))))
+    assert [src.key(i) for i in range(len(src))] == ["s0_0", "nopic", "s1_0", "s2_0"]
+    assert [src[i].label for i in (0, 2, 3)] == [0, 1, 2]
+    with pytest.raises(SourceSampleError, match=r"no image member \(jpg/jpeg/png/webp\); members: \['cls', 'txt'\] \(sample 'nopic' in .*s\.tar\)") as info:
+        src[1]
+    assert info.value.key == "nopic" and info.value.reason == "no image member (jpg/jpeg/png/webp); members: ['cls', 'txt']"
+    # The listing (and so the job's identity) includes it.
+    assert src.index_digest() != open_source(str(make_wds_shard(tmp_path / "t.tar", per_class=1, no_image=()))).index_digest()
+
+
 def test_webdataset_source_class_names_from_manifest(tmp_path):
     _tar(tmp_path / "s.tar", [("a.jpg", encode(photo_like(32, 32, 0))), ("a.cls", b"0")])
     (tmp_path / "manifest.json").write_text(json.dumps({"class_names": ["x", "y"]}))
@@ -123,9 +135,18 @@ def test_cifar100_arrays_become_lossless_deterministic_png(tmp_path, monkeypatch
         ("nosuchsource:{tmp}", "unknown source 'nosuchsource'"),
         ("{tmp}/nope-{{0..1}}.tar", "expected existing webdataset shard"),
         ("cifar100:{tmp}/empty", "cannot open cifar100"),
+        ("{tmp}/text.tar", r"expected webdataset \.tar shards, got .*text\.tar: ReadError"),
+        ("{tmp}/zero.tar", r"expected webdataset \.tar shards, got .*zero\.tar: ReadError: empty file"),
+        ("{tmp}/s-{{0..1}}.tar", r"expected webdataset \.tar shards, got .*s-1\.tar: ReadError"),
+        ("{tmp}/captions.tar", r"expected webdataset samples with an image member \(jpg/jpeg/png/webp\), got none"),
     ],
 )
 def test_open_source_errors(tmp_path, spec, match):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "text.tar").write_text("not a tar file, just some words\n" * 40)
+    (tmp_path / "zero.tar").write_bytes(b"")
+    _tar(tmp_path / "s-0.tar", [("a.jpg", encode(photo_like(32, 32, 0))), ("a.cls", b"0")])
+    (tmp_path / "s-1.tar").write_bytes(bytes(range(256)) * 8)
+    _tar(tmp_path / "captions.tar", [("a.txt", b"x"), ("a.cls", b"0"), ("b.txt", b"y")])
     with pytest.raises(ValueError, match=match):
         open_source(spec.format(tmp=tmp_path))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from tests.producer_data import CLASSES, TEACHER, job_args, make_image_folder, tree_digest
+from tests.producer_data import CLASSES, TEACHER, job_args, make_image_folder, make_wds_shard, tree_digest
 from wds_reinforce.augment import Recipe, SourceImage, replay
 from wds_reinforce.format import Manifest, decode_sidecar
 from wds_reinforce.teacher import load_teacher, topk
@@ -199,3 +199,62 @@ def test_exact_replay_with_randaugment_erasing_and_reduced_decode(source, tmp_pa
             idx, prob = topk(teacher.predict(pixels[None]), 2)
             assert idx[0].tolist() == sc.idx[r].tolist()
             np.testing.assert_allclose(prob[0].astype(np.float32), sc.prob[r].astype(np.float32), atol=2e-3)
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs that cannot be read are listed as skipped, never dropped silently, never fatal
+
+
+def _shard_keys(out) -> list[str]:
+    keys = []
+    for path in sorted(out.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".cls")]
+    return keys
+
+
+def test_webdataset_sample_without_image_is_listed_as_skipped(tmp_path):
+    shard = make_wds_shard(tmp_path / "src" / "s.tar", per_class=2, no_image=("nopic",))
+    out = tmp_path / "out"
+    summary = make_shards(str(shard), TEACHER, out=str(out), **job_args(rounds=1, shard_size=4))
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    assert [(s.key, s.reason) for s in manifest.skipped] == [
+        ("nopic", "no image member (jpg/jpeg/png/webp); members: ['cls', 'txt']")
+    ]
+    assert summary.skipped == 1 and manifest.num_samples == 6 == summary.samples
+    assert sorted(_shard_keys(out)) == ["s0_0", "s0_1", "s1_0", "s1_1", "s2_0", "s2_1"]
+
+
+def test_source_file_gone_after_listing_is_listed_as_skipped(tmp_path):
+    src = make_image_folder(tmp_path / "src", per_class=2, corrupt=False)
+    out = tmp_path / "out"
+    job = prepare_job(str(src), TEACHER, out=str(out), **job_args(rounds=1, shard_size=4))
+    (src / "dog" / "img.0.jpg").unlink()  # listed by open_source, gone before it is read
+    summary = job.run()
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    assert [s.key for s in manifest.skipped] == ["dog_img_0"]
+    assert manifest.skipped[0].reason.startswith("FileNotFoundError: [Errno 2] No such file or directory")
+    assert "dog/img.0.jpg" in manifest.skipped[0].reason
+    assert summary.manifest_written and manifest.num_samples == 5
+    assert "dog_img_0" not in _shard_keys(out) and len(_shard_keys(out)) == 5
+
+
+def test_manifest_counts_a_done_marker_only_with_its_shard_intact(source, tmp_path):
+    out = tmp_path / "out"
+    make_shards(str(source), TEACHER, out=str(out), **job_args(rounds=1))  # 3 shards, markers in .done
+    (out / "manifest.json").unlink()
+    (out / "train-000000.tar").unlink()
+    data = bytearray((out / "train-000002.tar").read_bytes())
+    data[600] ^= 0xFF
+    (out / "train-000002.tar").write_bytes(bytes(data))
+    # As rank 0 under torchrun, waiting for other ranks: their stale markers must not count.
+    job = prepare_job(str(source), TEACHER, out=str(out), **job_args(rounds=1))
+    job.wait_timeout = 0.0
+    with pytest.raises(TimeoutError, match=r"expected every shard finished and matching its done marker, got 2 not .*\['train-000000.tar', 'train-000002.tar'\]"):
+        job._wait_all_done()
+    assert not (out / "manifest.json").exists()
+    # Once the shards are back (here: remade by a rerun), the same wait accepts them.
+    make_shards(str(source), TEACHER, out=str(out), **job_args(rounds=1))
+    job = prepare_job(str(source), TEACHER, out=str(out), **job_args(rounds=1))
+    job.wait_timeout = 0.0
+    assert [d["shard"]["name"] for d in job._wait_all_done()] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]

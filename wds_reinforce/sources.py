@@ -30,6 +30,7 @@ __all__ = [
     "SOURCES",
     "IMAGE_EXTS",
     "SourceSample",
+    "SourceSampleError",
     "Source",
     "ImageFolderSource",
     "WebDatasetSource",
@@ -53,6 +54,19 @@ class SourceSample:
     ext: str
 
 
+class SourceSampleError(ValueError):
+    """A listed sample whose image cannot be had (e.g. a webdataset sample with no image member).
+
+    Carries the sample's ``key`` and a ``reason`` so the producer can list it as skipped
+    rather than drop it silently or stop the run.
+    """
+
+    def __init__(self, key: str, reason: str, where: str = ""):
+        super().__init__(f"{reason} (sample {key!r}{f' in {where}' if where else ''})")
+        self.key = key
+        self.reason = reason
+
+
 class Source:
     """A deterministically ordered, random-access list of ``SourceSample``.
 
@@ -67,7 +81,12 @@ class Source:
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> SourceSample:
+        """Sample ``index``; raises ``SourceSampleError`` (or ``OSError``) for one whose image cannot be read."""
         raise NotImplementedError
+
+    def key(self, index: int) -> str:
+        """Sample ``index``'s key from the listing, without reading its image."""
+        return self._keys[index] if hasattr(self, "_keys") else self[index].key
 
     @property
     def num_classes(self) -> int:
@@ -182,7 +201,9 @@ class WebDatasetSource(Source):
     """Existing webdataset tar shards (a path, brace pattern or glob), read in order.
 
     The image is the sample's ``jpg``/``jpeg``/``png``/``webp`` member; the label its ``cls``
-    member, else ``json["label"]``. Keys are the shards' keys (sanitised, made unique). Class
+    member, else ``json["label"]``. A sample without an image member stays in the listing
+    (never silently dropped): reading it raises ``SourceSampleError`` and the producer lists it as
+    skipped. Keys are the shards' keys (sanitised, made unique). Class
     names come from ``_info.json`` / ``manifest.json`` (``class_names``) beside the first shard
     when present, else ``0 .. max label``. Only member offsets are kept in memory.
     """
@@ -196,14 +217,31 @@ class WebDatasetSource(Source):
         self._paths = paths
         entries: list[tuple[int, int, int, str, str]] = []  # (shard, offset, size, ext, raw key)
         labels: list[int] = []
+        self._no_image: dict[int, str] = {}  # index -> reason, for samples without an image member
         for si, path in enumerate(paths):
-            for raw_key, members in self._scan(path):
-                image = next(((ext, m) for ext in IMAGE_EXTS for m in [members.get(ext)] if m), None)
-                if image is None:
-                    continue
-                label = self._label(si, members)
-                entries.append((si, image[1][0], image[1][1], _ext_of(image[0]), raw_key))
-                labels.append(label)
+            try:
+                for raw_key, members in self._scan(path):
+                    image = next(((ext, m) for ext in IMAGE_EXTS for m in [members.get(ext)] if m), None)
+                    if image is None:
+                        self._no_image[len(entries)] = (
+                            f"no image member ({'/'.join(IMAGE_EXTS)}); members: {sorted(members)}"
+                        )
+                        try:
+                            label = self._label(si, members, raw_key)
+                        except ValueError:
+                            label = -1  # never written: the sample is skipped
+                        entries.append((si, -1, 0, "", raw_key))
+                    else:
+                        label = self._label(si, members, raw_key)
+                        entries.append((si, image[1][0], image[1][1], _ext_of(image[0]), raw_key))
+                    labels.append(label)
+            except (tarfile.TarError, OSError) as exc:
+                raise ValueError(f"expected webdataset .tar shards, got {path}: {type(exc).__name__}: {exc}") from None
+        if entries and len(self._no_image) == len(entries):
+            raise ValueError(
+                f"expected webdataset samples with an image member ({'/'.join(IMAGE_EXTS)}), got none in {pattern!r} "
+                f"({len(entries)} samples; first: {self._no_image[0]})"
+            )
         self._entries = entries
         self._labels = labels
         self._keys = _unique_keys([e[4] for e in entries])
@@ -236,16 +274,19 @@ class WebDatasetSource(Source):
             f.seek(offset)
             return f.read(size)
 
-    def _label(self, si: int, members: dict[str, tuple[int, int]]) -> int:
+    def _label(self, si: int, members: dict[str, tuple[int, int]], key: str = "") -> int:
         path = self._paths[si]
         if "cls" in members:
             text = self._read(si, *members["cls"]).decode("ascii", "replace").strip()
             try:
                 return int(text)
             except ValueError:
-                raise ValueError(f"expected an integer label in {path}, got cls {text!r}") from None
+                raise ValueError(f"expected an integer label in {path}, got cls {text!r} (sample {key!r})") from None
         if "json" in members:
-            meta = json.loads(self._read(si, *members["json"]))
+            try:
+                meta = json.loads(self._read(si, *members["json"]))
+            except ValueError as exc:
+                raise ValueError(f"expected a JSON member in {path}, got {exc} (sample {key!r})") from None
             if isinstance(meta, dict) and isinstance(meta.get("label"), int):
                 return meta["label"]
         raise ValueError(f"expected a 'cls' member or json 'label' for every sample in {path}")
@@ -270,6 +311,8 @@ class WebDatasetSource(Source):
 
     def __getitem__(self, index: int) -> SourceSample:
         shard, offset, size, ext, _ = self._entries[index]
+        if index in self._no_image:
+            raise SourceSampleError(self._keys[index], self._no_image[index], self._paths[shard])
         return SourceSample(self._keys[index], self._read(shard, offset, size), self._labels[index], ext)
 
 

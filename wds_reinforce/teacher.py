@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -69,10 +70,34 @@ def _classifier_out(state: dict[str, torch.Tensor], model: torch.nn.Module) -> i
     return None
 
 
+def _load_reason(exc: BaseException) -> str:
+    """The informative first line of a ``torch.load`` error (its weights-only preamble skipped)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else "unreadable"
+
+
 def _load_state(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ValueError(f"expected a teacher checkpoint file, got {path!r} (not found)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            # "Detected pickle protocol N": noise on stderr; a file it cannot read fails below.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        # Not a checkpoint (text, random bytes, a foreign zip, a truncated file) or one that
+        # needs pickle: a bad argument, said on one line, never a traceback. Broad on purpose:
+        # on arbitrary bytes torch.load's unpickler raises UnpicklingError, EOFError, KeyError,
+        # IndexError, UnicodeDecodeError, struct.error, AssertionError, RuntimeError... and the
+        # path is known to be a file, so what fails here is the file's content (or reading it).
+        raise ValueError(
+            f"expected a torch state_dict checkpoint at {path!r} (loaded with weights_only=True), "
+            f"got {type(exc).__name__}: {_load_reason(exc)}"
+        ) from None
     for wrapper in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

@@ -1,8 +1,8 @@
 """The producer: source + teacher + recipe -> reinforced webdataset shards and a manifest.
 
 Work is partitioned by output shard: shard j holds positions ``j * shard_size .. (j + 1) *
-shard_size - 1`` of the source order (minus undecodable ones, listed as skipped), so any process
-can make any shard and get the same bytes. The order is a permutation seeded by ``seed``
+shard_size - 1`` of the source order (minus inputs that cannot be read or decoded, listed as
+skipped), so any process can make any shard and get the same bytes. The order is a permutation seeded by ``seed``
 (``shuffle=True``, the default: an ImageFolder lists its samples class by class, and shards of
 one or two classes train badly through a shuffle buffer) or the source's own. DataLoader workers decode, sample every
 round's parameters and replay them (uint8); the main process runs the teacher in batches that
@@ -36,7 +36,7 @@ from PIL import Image
 
 from .augment import DecodeError, Recipe, SourceImage, replay
 from .format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, encode_sidecar
-from .sources import Source, SourceSample, WebDatasetSource, open_source
+from .sources import SourceSampleError, Source, SourceSample, WebDatasetSource, open_source
 from .teacher import Teacher, load_teacher, parse_teacher_spec, topk
 
 __all__ = [
@@ -276,6 +276,8 @@ class ReinforceJob:
     wait_timeout: float = 7 * 24 * 3600.0
     _digest: str = field(default="", init=False)
     _order: np.ndarray | None = field(default=None, init=False, repr=False)
+    # shard index -> sha256 of the shards this process wrote or verified during run()
+    _checked: dict[int, str] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def num_shards(self) -> int:
@@ -350,6 +352,7 @@ class ReinforceJob:
         for j in mine:
             done = self._read_done(j)
             if done is not None and self.output.verify(self.shard_name(j), done["shard"]):
+                self._checked[j] = done["shard"]["sha256"]
                 reused += 1
             else:
                 todo.append(j)
@@ -474,6 +477,7 @@ class ReinforceJob:
             "sidecar_bytes": sum(s["sidecar_bytes"] for s in samples),
         }
         self.output.write_text(self._done_name(j), json.dumps(done, sort_keys=True) + "\n")
+        self._checked[j] = sha
         return images
 
     def _output_probs(self, probs: torch.Tensor) -> torch.Tensor:
@@ -490,14 +494,30 @@ class ReinforceJob:
             for j in range(self.num_shards):
                 if j not in dones:
                     done = self._read_done(j)
-                    if done is not None:
+                    # A marker counts only with its shard in place and matching: a stale marker
+                    # (same job, shard since lost or rewritten) must not put a bad shard in the manifest.
+                    if done is not None and self._shard_ok(j, done):
                         dones[j] = done
             if len(dones) == self.num_shards:
                 return [dones[j] for j in range(self.num_shards)]
             if time.monotonic() > deadline:
                 missing = [self.shard_name(j) for j in range(self.num_shards) if j not in dones]
-                raise TimeoutError(f"shards not finished by other ranks: {missing[:5]}")
+                raise TimeoutError(
+                    f"expected every shard finished and matching its done marker, got {len(missing)} not "
+                    f"(after {self.wait_timeout:.0f} s): {missing[:5]}"
+                )
             time.sleep(1.0)
+
+    def _shard_ok(self, j: int, done: Mapping[str, Any]) -> bool:
+        info = done.get("shard")
+        if not isinstance(info, Mapping) or not isinstance(done.get("skipped"), list):
+            return False
+        if j in self._checked and self._checked[j] == info.get("sha256"):
+            return True  # this process wrote or verified it moments ago: no second hash
+        try:
+            return bool(self.output.verify(self.shard_name(j), info))
+        except (KeyError, OSError):  # a marker missing fields, or a shard vanishing mid-hash
+            return False
 
     def _write_manifest(self) -> tuple[Manifest, int]:
         dones = self._wait_all_done()
@@ -560,6 +580,12 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _reason(exc: BaseException) -> str:
+    """A skipped input's reason: the error's type and message, the same on every run."""
+    # Object addresses in messages would make the manifest differ between runs.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
+
+
 def _identity(item: Any) -> Any:
     return item
 
@@ -583,7 +609,14 @@ class _ReplayDataset(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        sample = self.source[self.indices[i]]
+        index = self.indices[i]
+        try:
+            sample = self.source[index]
+        except SourceSampleError as exc:  # listed, but no image to read (e.g. a wds sample without one)
+            return {"sample": SourceSample(exc.key, b"", -1, ""), "error": exc.reason}
+        except OSError as exc:  # listed, then unreadable or gone (deleted, permissions, I/O error)
+            key = self.source.key(index)
+            return {"sample": SourceSample(key, b"", -1, ""), "error": _reason(exc)}
         try:
             src = SourceImage(sample.data)
             params = self.recipe.sample_rounds(self.seed, sample.key, self.rounds, src.size)
@@ -591,9 +624,7 @@ class _ReplayDataset(torch.utils.data.Dataset):
                 [replay(src, {c: v[r] for c, v in params.items()}, self.recipe) for r in range(self.rounds)]
             )
         except (DecodeError, OSError, Image.DecompressionBombError) as exc:
-            # Object addresses in messages would make the manifest differ between runs.
-            reason = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
-            return {"sample": sample, "error": reason}
+            return {"sample": sample, "error": _reason(exc)}
         return {"sample": sample, "error": None, "params": params, "images": pixels}
 
 
