@@ -36,7 +36,8 @@ from torchvision import transforms as T  # noqa: E402
 from wds_reinforce.augment import Recipe, SourceImage  # noqa: E402
 from wds_reinforce.demo import photo_like  # noqa: E402
 from wds_reinforce.format import Manifest, ShardInfo, Sidecar, decode_sidecar, encode_sidecar  # noqa: E402
-from wds_reinforce.loader import ReinforcedDataset, _check_row, _dense_row, round_for  # noqa: E402
+from wds_reinforce.format import check_topk  # noqa: E402
+from wds_reinforce.loader import ReinforcedDataset, _dense_row, round_for  # noqa: E402
 
 NUM_CLASSES = 1000
 
@@ -132,7 +133,7 @@ def _sidecar_share(folder: str, rounds: int) -> dict:
     for key, raw in raws:
         sc = decode_sidecar(raw, key)
         r = round_for(0, key, 1, rounds)
-        _check_row(sc.idx[r], sc.prob[r], NUM_CLASSES)
+        check_topk(sc.idx[r], sc.prob[r], NUM_CLASSES)
         _dense_row(sc.idx[r], sc.prob[r], NUM_CLASSES, "smooth")
         sc.round_params(r)
     sidecar = (time.perf_counter() - start) / len(raws)

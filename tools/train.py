@@ -107,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from wds_reinforce.augment import Recipe, normalize
     from wds_reinforce.format import FormatError
-    from wds_reinforce.loader import ReinforcedDataset, read_manifest
+    from wds_reinforce.loader import ReinforcedDataset, manifest_url, read_manifest
     from wds_reinforce.targets import soft_cross_entropy
-    from wds_reinforce.verify import manifest_url
 
     parser_error = _check_args(args)
     if parser_error:

@@ -760,9 +760,16 @@ def replay(
 
 def normalize(img: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32 normalised; run it on the GPU where you can."""
-    m = torch.as_tensor(mean, dtype=torch.float32, device=img.device).view(-1, 1, 1) * 255.0
-    s = torch.as_tensor(std, dtype=torch.float32, device=img.device).view(-1, 1, 1) * 255.0
+    m, s = _scale_shift(tuple(mean), tuple(std), img.device)
     return (img.float() - m) / s
+
+
+@functools.lru_cache(maxsize=16)
+def _scale_shift(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per (mean, std, device): normalize runs per sample in loader workers.
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1) * 255.0
+    return m, s
 
 
 # ----------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ __all__ = [
     "FormatError",
     "VersionError",
     "Sidecar",
+    "check_topk",
     "encode_sidecar",
     "decode_sidecar",
     "ShardInfo",
@@ -131,23 +132,8 @@ class Sidecar:
         return {name: col[r] for name, col in self.ops.items()}
 
     def validate(self, num_classes: int | None = None, key: str | None = None) -> None:
-        """Deep checks that ``decode_sidecar`` leaves out of the hot path.
-
-        Raises:
-            FormatError: probabilities not finite, outside [0, 1] or not falling along a row;
-                a class id repeated within a row or not below ``num_classes``.
-        """
-        prob = self.prob.astype(np.float32)
-        if not np.all(np.isfinite(prob)) or prob.min(initial=0) < 0 or prob.max(initial=0) > 1:
-            raise FormatError("probabilities must be finite and within [0, 1]", key)
-        if np.any(np.diff(prob, axis=1) > 0):
-            raise FormatError("probabilities must fall along each row", key)
-        if self.topk > 1:
-            srt = np.sort(self.idx, axis=1)
-            if np.any(srt[:, 1:] == srt[:, :-1]):
-                raise FormatError("a class id repeats within a round", key)
-        if num_classes is not None and self.idx.size and int(self.idx.max()) >= num_classes:
-            raise FormatError(f"class id {int(self.idx.max())} is not below num_classes={num_classes}", key)
+        """Deep checks that ``decode_sidecar`` leaves out of the hot path (see ``check_topk``)."""
+        check_topk(self.idx, self.prob, num_classes, key)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sidecar):
@@ -159,6 +145,26 @@ class Sidecar:
             and self.ops.keys() == other.ops.keys()
             and all(np.array_equal(v, other.ops[k]) for k, v in self.ops.items())
         )
+
+
+def check_topk(idx: np.ndarray, prob: np.ndarray, num_classes: int | None = None, key: str | None = None) -> None:
+    """Check top-k rows, (k,) or (R, k): what a reader needs before trusting them as targets.
+
+    Raises:
+        FormatError: probabilities not finite, outside [0, 1] or not falling along a row;
+            a class id repeated within a row or not below ``num_classes``.
+    """
+    p = prob.astype(np.float32)
+    if not (np.isfinite(p).all() and p.min(initial=0) >= 0 and p.max(initial=0) <= 1):
+        raise FormatError("probabilities must be finite and within [0, 1]", key)
+    if np.any(np.diff(p, axis=-1) > 0):
+        raise FormatError("probabilities must fall along each row", key)
+    if idx.shape[-1] > 1:
+        srt = np.sort(idx, axis=-1)
+        if np.any(srt[..., 1:] == srt[..., :-1]):
+            raise FormatError("a class id repeats within a round", key)
+    if num_classes is not None and idx.size and int(idx.max()) >= num_classes:
+        raise FormatError(f"class id {int(idx.max())} is not below num_classes={num_classes}", key)
 
 
 def _uint_width(values: np.ndarray) -> int:

@@ -47,7 +47,7 @@ from .augment import (
     normalize,
     replay,
 )
-from .format import FORMAT_VERSION, SIDECAR_EXT, FormatError, Manifest, VersionError, decode_sidecar
+from .format import FORMAT_VERSION, SIDECAR_EXT, FormatError, Manifest, VersionError, check_topk, decode_sidecar
 from .targets import sparse_one_hot
 
 __all__ = [
@@ -59,6 +59,8 @@ __all__ = [
     "round_for",
     "read_url",
     "read_manifest",
+    "manifest_url",
+    "shard_urls",
     "gopen_s3",
     "register_s3_scheme",
     "check_counts",
@@ -374,26 +376,34 @@ def _dirname(url: str) -> str:
     return url.rsplit("/", 1)[0] if "/" in url else ""
 
 
+def manifest_url(location: str) -> str:
+    """``manifest.json`` of a shard directory or URL prefix, or ``location`` itself if it names a .json."""
+    return location if location.endswith(".json") else _join(location, "manifest.json")
+
+
+def shard_urls(manifest_location: str, manifest: Manifest) -> list[str]:
+    """The URLs of a manifest's shards, which lie beside it."""
+    return [_join(_dirname(manifest_location), s.name) for s in manifest.shards]
+
+
 def _resolve(source: str | Sequence[str], manifest: Manifest | str | None) -> tuple[list[str], Manifest]:
     """Shard URLs and the manifest from a manifest URL, a directory, a brace pattern or a list."""
-    if isinstance(source, str) and source.endswith(".json"):
-        manifest_url, urls = source, None
-    elif isinstance(source, str) and (source.endswith("/") or os.path.isdir(source)):
-        manifest_url, urls = _join(source, "manifest.json"), None
+    if isinstance(source, str) and (source.endswith((".json", "/")) or os.path.isdir(source)):
+        manifest_url_, urls = manifest_url(source), None
     else:
         urls = expand_urls(source) if isinstance(source, str) else [str(u) for u in source]
         if not urls:
             raise ValueError(f"expected shard URLs, got none from {source!r}")
-        manifest_url = _join(_dirname(urls[0]), "manifest.json")
+        manifest_url_ = _join(_dirname(urls[0]), "manifest.json")
     if isinstance(manifest, Manifest):
         found = manifest
     else:
-        manifest_url = manifest or manifest_url
-        found = read_manifest(manifest_url)
+        manifest_url_ = manifest or manifest_url_
+        found = read_manifest(manifest_url_)
     if urls is None:
-        urls = [_join(_dirname(manifest_url), s.name) for s in found.shards]
+        urls = shard_urls(manifest_url_, found)
         if not urls:
-            raise ValueError(f"manifest {manifest_url} lists no shards")
+            raise ValueError(f"manifest {manifest_url_} lists no shards")
     return urls, found
 
 
@@ -594,18 +604,6 @@ def _replay_images(
         yield sample
 
 
-def _check_row(idx: np.ndarray, prob: np.ndarray, num_classes: int) -> None:
-    p = prob.astype(np.float32)
-    if not (np.isfinite(p).all() and p.min() >= 0 and p.max() <= 1):
-        raise FormatError("teacher probabilities must be finite and within [0, 1]")
-    if p.size > 1 and np.any(p[1:] > p[:-1]):
-        raise FormatError("teacher probabilities must fall along the row")
-    if int(idx.max()) >= num_classes:
-        raise FormatError(f"class id {int(idx.max())} is not below num_classes={num_classes}")
-    if idx.size > 1 and len(set(idx.tolist())) != idx.size:
-        raise FormatError("a class id repeats within the round")
-
-
 def _dense_row(idx: np.ndarray, prob: np.ndarray, num_classes: int, method: str) -> torch.Tensor:
     """One row's dense target in numpy (cheaper per sample than torch); equals ``targets.densify``."""
     p = prob.astype(np.float32)
@@ -643,7 +641,7 @@ def _make_targets(
         try:
             if r >= 0:
                 idx, prob = sidecar.idx[r], sidecar.prob[r]
-                _check_row(idx, prob, num_classes)
+                check_topk(idx, prob, num_classes)
             else:
                 label = int(sample["cls"])
                 if not 0 <= label < num_classes:

@@ -21,9 +21,9 @@ from webdataset.gopen import gopen
 
 from .augment import DecodeError, Recipe, SourceImage, replay
 from .format import SIDECAR_EXT, Manifest, Sidecar, decode_sidecar
-from .loader import IMAGE_EXTS, read_manifest
+from .loader import IMAGE_EXTS, manifest_url, read_manifest, shard_urls
 
-__all__ = ["Problem", "VerifyReport", "manifest_url", "verify_shards", "draw_rounds"]
+__all__ = ["Problem", "VerifyReport", "verify_shards", "draw_rounds"]
 
 
 @dataclass
@@ -62,15 +62,6 @@ class VerifyReport:
             )
         lines.append("OK" if self.ok else f"{len(self.problems)} problem(s)")
         return "\n".join(lines)
-
-
-def manifest_url(location: str) -> str:
-    """``manifest.json`` of a shard directory or URL prefix (or the location itself if it names a .json)."""
-    return location if location.endswith(".json") else location.rstrip("/") + "/manifest.json"
-
-
-def _base(url: str) -> str:
-    return url.rsplit("/", 1)[0] if "/" in url else "."
 
 
 class _HashingReader(io.RawIOBase):
@@ -204,8 +195,7 @@ def verify_shards(
 
         bar = tqdm(total=total, unit="sample", desc="verify")
     index = 0
-    for shard in manifest.shards:
-        shard_url = _base(url) + "/" + shard.name
+    for shard, shard_url in zip(manifest.shards, shard_urls(url, manifest)):
         report.shards += 1
         keys: list[str] = []
         try:
@@ -295,8 +285,8 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
     manifest = read_manifest(url)
     recipe = Recipe.from_dict(manifest.recipe)
     found = None
-    for shard in manifest.shards:
-        with gopen(_base(url) + "/" + shard.name, "rb") as stream:
+    for shard_url in shard_urls(url, manifest):
+        with gopen(shard_url, "rb") as stream:
             for k, members in _samples(_HashingReader(stream)):
                 if key is None or k == key:
                     found = (k, members)
