@@ -19,18 +19,21 @@ from torchvision.transforms import v2
 
 from tests.conftest import encode, photo_like
 from wds_reinforce.augment import (
+    OPS,
     RANDAUGMENT_SPACE,
     RECIPES,
-    DecodeError,
+    HorizontalFlip,
     Recipe,
-    SourceImage,
-    _magnitude,
-    _reduced_scale,
     normalize,
+    register_op,
     replay,
     round_rng,
 )
-from wds_reinforce.format import Sidecar, decode_sidecar, encode_sidecar
+from wds_reinforce.decode import DecodeError, SourceImage
+from wds_reinforce.decode import reduced_scale as _reduced_scale
+from wds_reinforce.errors import FormatError
+from wds_reinforce.format import COLUMNS, Column, Sidecar, decode_sidecar, encode_sidecar
+from wds_reinforce.randaugment import magnitude_of
 
 ALL_RECIPES = ["rrc", "rrc+ra/re", "center"]
 
@@ -142,7 +145,7 @@ def test_randaugment_ops_equal_torchvision(image, op_id, signed_bin):
     space = tv._AUGMENTATION_SPACE[name]
     mags = space[0](31, height, width)
     magnitude = 0.0 if mags is None else float(mags[abs(signed_bin)])
-    assert magnitude == _magnitude(op_id, 31, abs(signed_bin), height, width)
+    assert magnitude == magnitude_of(op_id, 31, abs(signed_bin), height, width)
     magnitude = -magnitude if signed_bin < 0 else magnitude
     expected = tv._apply_image_or_video_transform(image, name, magnitude, tv.interpolation, tv._fill)
     got = ra.apply(image, np.array([op_id, signed_bin]))
@@ -213,13 +216,19 @@ def test_recipe_from_file(tmp_path, suffix):
 @pytest.mark.parametrize(
     "build, match",
     [
-        (lambda: Recipe.from_spec("rrc+mixup"), r"unknown recipe 'rrc\+mixup'; expected one of: center, rrc, rrc\+ra/re"),
+        (
+            lambda: Recipe.from_spec("rrc+mixup"),
+            r"unknown recipe 'rrc\+mixup'; expected one of: center, rrc, rrc\+ra/re",
+        ),
         (lambda: Recipe.from_spec("missing.yaml"), "recipe file 'missing.yaml' does not exist"),
         (lambda: Recipe([{"op": "warp"}]), "unknown op 'warp'; expected one of: center, flip, ra, re, rrc"),
         (lambda: Recipe([{"op": "flip"}]), r"expected the first op to be one of \['center', 'rrc'\]"),
         (lambda: Recipe([{"op": "rrc"}, {"op": "center"}]), "expected exactly one geometry op"),
         (lambda: Recipe([{"op": "rrc"}, {"op": "flip"}, {"op": "flip"}]), "expected each op at most once"),
-        (lambda: Recipe([{"op": "rrc", "scale": [0.5, 0.1]}]), r"expected scale with 1e-09 <= min <= max <= 1.0, got \[0.5, 0.1\]"),
+        (
+            lambda: Recipe([{"op": "rrc", "scale": [0.5, 0.1]}]),
+            r"expected scale with 1e-09 <= min <= max <= 1.0, got \[0.5, 0.1\]",
+        ),
         (lambda: Recipe([{"op": "rrc", "interpolation": "box"}]), "expected interpolation in"),
         (lambda: Recipe([{"op": "rrc"}, {"op": "flip", "p": 2}]), r"expected p to be a probability in \[0, 1\], got 2"),
         (lambda: Recipe([{"op": "rrc"}, {"op": "ra", "magnitude": 31}]), r"expected magnitude an integer in \[0, 31\)"),
@@ -247,9 +256,9 @@ def test_sidecar_columns_must_be_the_recipe_s():
     cols = recipe.sample_rounds(0, "k", 3, (100, 120))
     recipe.check_columns(cols)
     assert recipe.column_fields == {"rrc": 4, "flip": 1, "ra": 4, "re": 4}
-    with pytest.raises(ValueError, match="expected op columns"):
+    with pytest.raises(FormatError, match="expected op columns"):
         recipe.check_columns({k: v for k, v in cols.items() if k != "flip"})
-    with pytest.raises(ValueError, match="expected op columns"):
+    with pytest.raises(FormatError, match="expected op columns"):
         recipe.check_columns({**cols, "ra": cols["ra"][:, :2]})
 
 
@@ -292,3 +301,134 @@ def test_normalize():
     img = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     out = normalize(img, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert out.dtype == torch.float32 and torch.allclose(out, torch.ones_like(out))
+
+
+# Recipes whose ops cover each op's corners: tiny, thin and square sources, zero-size erase
+# boxes (scale down to 0), RandAugment with 0 to 3 ops and every magnitude.
+CHECK_RECIPES = [
+    Recipe.from_spec("rrc+ra/re"),
+    Recipe.from_spec("center"),
+    Recipe([{"op": "rrc", "scale": [0.001, 1.0], "ratio": [0.1, 10.0]}, {"op": "flip", "p": 0.9}], size=(8, 300)),
+    Recipe(
+        [
+            {"op": "rrc", "scale": [1.0, 1.0]},
+            {"op": "ra", "num_ops": 3, "magnitude": 30},
+            {"op": "re", "p": 1.0, "scale": [0.0, 0.01]},
+        ],
+        size=(5, 7),
+    ),
+    Recipe([{"op": "rrc"}, {"op": "ra", "num_ops": 0, "magnitude": 0, "num_magnitude_bins": 2}], size=1),
+]
+
+
+@pytest.mark.parametrize("recipe", CHECK_RECIPES, ids=lambda r: repr([op.name for op in r.ops]) + str(r.size))
+def test_each_op_check_accepts_what_it_samples(recipe):
+    for source in [(375, 500), (1, 1), (2, 300), (300, 2), (224, 224)]:
+        for seed in range(300):
+            params = recipe.sample(round_rng(seed, "k", 0), source)
+            size = source
+            for op in recipe.ops:
+                try:
+                    op.check(params.get(op.name), size)
+                except FormatError as exc:
+                    pytest.fail(f"seed {seed}, source {source}: {op.name} rejects its own sample: {exc}")
+                size = op.output_size(size)
+
+
+SRC, OUT = (375, 500), (224, 224)
+
+
+@pytest.mark.parametrize(
+    "op, row, size, match",
+    [
+        ("rrc", [0, 0, 0, 10], SRC, r"crop box \(0, 0, 0, 10\) does not fit the 375x500 image"),
+        ("rrc", [0, 0, 10, 0], SRC, "crop box"),
+        ("rrc", [300, 0, 76, 10], SRC, "crop box"),
+        ("rrc", [0, 491, 10, 10], SRC, "crop box"),
+        ("rrc", [-1, 0, 10, 10], SRC, "crop box"),
+        ("rrc", [0, 0, 10], SRC, r"expected 4 parameters for op 'rrc', got \[0, 0, 10\]"),
+        ("rrc", None, SRC, "no parameters for op 'rrc'"),
+        ("flip", [2], OUT, "flip bit 2 is not 0 or 1"),
+        ("flip", [-1], OUT, "flip bit -1 is not 0 or 1"),
+        ("flip", [0, 1], OUT, "expected 1 parameters for op 'flip'"),
+        ("ra", [14, 9, 0, 9], OUT, r"RandAugment op id 14 is not in \[0, 14\)"),
+        ("ra", [0, 9, -1, 9], OUT, r"RandAugment op id -1 is not in \[0, 14\)"),
+        ("ra", [1, 31, 0, 9], OUT, r"RandAugment magnitude bin 31 of op 1 is not in \(-31, 31\)"),
+        ("ra", [1, -31, 0, 9], OUT, "RandAugment magnitude bin -31 of op 1"),
+        ("ra", [10, -9, 0, 9], OUT, r"RandAugment magnitude bin -9 of op 10 is not in \[0, 31\)"),
+        ("ra", [1, 9], OUT, "expected 4 parameters for op 'ra'"),
+        ("re", [200, 0, 30, 30], OUT, r"erase box \[200, 0, 30, 30\] does not fit the output size \(224, 224\)"),
+        ("re", [0, 0, 1, 225], OUT, "erase box"),
+        ("re", [-1, 0, 1, 1], OUT, "erase box"),
+        ("re", [0, 0, -1, 0], OUT, "erase box"),
+    ],
+)
+def test_each_op_check_rejects_a_bad_row(op, row, size, match):
+    ops = {o.name: o for o in Recipe.from_spec("rrc+ra/re").ops}
+    with pytest.raises(FormatError, match=match):
+        ops[op].check(None if row is None else np.array(row), size)
+
+
+def test_checks_accept_the_edges():
+    rrc, flip, ra, re = Recipe.from_spec("rrc+ra/re").ops
+    rrc.check(np.array([0, 0, 375, 500]), SRC)
+    rrc.check(np.array([374, 499, 1, 1]), SRC)
+    flip.check(np.array([0], np.uint8), OUT)
+    ra.check(np.array([1, -30, 13, 30], np.int8), OUT)
+    re.check(np.zeros(4, np.uint16), OUT)  # not applied
+    re.check(np.array([224, 0, 0, 5]), OUT)  # zero height: erases nothing
+    re.check(np.array([0, 0, 224, 224]), OUT)
+    Recipe.from_spec("center").ops[0].check(None, SRC)
+
+
+def test_replay_of_a_corrupt_crop_box_raises_format_error(jpeg_bytes):
+    recipe = Recipe.from_spec("rrc+ra/re")
+    cols = recipe.sample_rounds(0, "k", 2, (375, 500))
+    cols["rrc"][1] = [100, 0, 300, 500]  # 100 + 300 > 375
+    sc = Sidecar(recipe.fingerprint, np.zeros((2, 1), np.int64), np.ones((2, 1), np.float16), cols)
+    stored = decode_sidecar(encode_sidecar(sc))
+    src = SourceImage(jpeg_bytes)
+    replay(src, stored.round_params(0), recipe)
+    src = SourceImage(jpeg_bytes)
+    with pytest.raises(FormatError, match=r"crop box \(100, 0, 300, 500\) does not fit the 375x500 image"):
+        replay(src, stored.round_params(1), recipe)
+    assert not src._decoded, "checked before decoding"
+
+
+def test_replay_checks_later_ops_against_the_output_size(jpeg_bytes):
+    recipe = Recipe.from_spec("rrc+ra/re", size=64)
+    params = recipe.sample(round_rng(0, "k", 0), (375, 500))
+    params["re"] = np.array([0, 0, 100, 100])  # fits the source, not the 64x64 output
+    with pytest.raises(FormatError, match=r"erase box \[0, 0, 100, 100\] does not fit the output size \(64, 64\)"):
+        replay(jpeg_bytes, params, recipe)
+    with pytest.raises(FormatError, match="no parameters for op 'flip'"):
+        replay(jpeg_bytes, {k: v for k, v in params.items() if k != "flip"}, recipe)
+
+
+def test_sidecar_columns_come_from_the_ops():
+    recipe = Recipe.from_spec("rrc+ra/re")
+    rrc, flip, ra, re = recipe.ops
+    assert recipe.columns == ["rrc", "flip", "ra", "re"]
+    assert (rrc.column, flip.column, re.column) == tuple(COLUMNS.get(n) for n in ("rrc", "flip", "re"))
+    assert rrc.column.fields == re.column.fields == ("top", "left", "height", "width")
+    assert flip.column.fields == ("flip",) and ra.column.fields == ("op", "bin")
+    assert re.column.codec == "sparse"  # may skip a round: all-zero row = not applied
+    assert COLUMNS.get("ra").width is None and ra.column.width == 4
+    assert Recipe([{"op": "rrc"}, {"op": "ra", "num_ops": 3}]).column_fields == {"rrc": 4, "ra": 6}
+    assert Recipe.from_spec("center").columns == []
+
+
+def test_register_op_refuses_a_taken_or_mismatched_name():
+    class Flip2(HorizontalFlip):
+        pass
+
+    with pytest.raises(ValueError, match="op 'flip' is already registered"):
+        register_op(Flip2)
+
+    class Odd(HorizontalFlip):
+        name = "odd"
+        column = Column("odd_col", "bits", ("x",))
+
+    with pytest.raises(ValueError, match="expected op 'odd' to declare a column named 'odd'"):
+        register_op(Odd)
+    assert "odd" not in OPS and "odd_col" not in COLUMNS

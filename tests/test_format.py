@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -9,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wds_reinforce.format import (
+    CODECS,
     COLUMNS,
     FORMAT_VERSION,
     MAX_SIDECAR_BYTES,
+    Column,
     FormatError,
     Manifest,
     ShardInfo,
@@ -22,26 +28,27 @@ from wds_reinforce.format import (
 )
 
 FP = bytes(range(8))
+FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
 
 
 def _column_values(draw, name: str, rounds: int) -> np.ndarray:
-    col = COLUMNS[name]
-    fields = col.fields or col.group * draw(st.integers(0, 4))
+    col = COLUMNS.get(name)
+    fields = col.width if col.width is not None else len(col.fields) * draw(st.integers(0, 4))
     shape = (rounds, fields)
-    if col.kind == "bits":
+    if col.codec == "bits":
         vals = draw(st.lists(st.integers(0, 1), min_size=rounds * fields, max_size=rounds * fields))
         return np.array(vals, np.int64).reshape(shape)
-    if col.kind in ("uint", "sparse"):
+    if col.codec in ("uint", "sparse"):
         top = draw(st.sampled_from([0xFF, 0xFFFF, 0xFFFFFFFF]))
         vals = draw(st.lists(st.integers(0, top), min_size=rounds * fields, max_size=rounds * fields))
         vals = np.array(vals, np.int64).reshape(shape)
-        if col.kind == "sparse":  # most rows absent (all zero)
+        if col.codec == "sparse":  # most rows absent (all zero)
             vals[np.array(draw(st.lists(st.booleans(), min_size=rounds, max_size=rounds)))] = 0
         return vals
-    if col.kind == "f16":
+    if col.codec == "f16":
         vals = draw(st.lists(st.floats(-1, 1, width=16), min_size=rounds * fields, max_size=rounds * fields))
         return np.array(vals, np.float16).reshape(shape)
-    lo, hi = (-128, 127) if col.kind == "i8" else (-32768, 32767)
+    lo, hi = (-128, 127) if col.codec == "i8" else (-32768, 32767)
     vals = draw(st.lists(st.integers(lo, hi), min_size=rounds * fields, max_size=rounds * fields))
     return np.array(vals, np.int64).reshape(shape)
 
@@ -72,6 +79,117 @@ def test_sidecar_round_trip(sc: Sidecar):
         assert np.array_equal(out.ops[name], values.astype(out.ops[name].dtype))
     # encoding is deterministic
     assert encode_sidecar(out) == data
+
+
+def _half(bits: int) -> float:
+    """The half float with these bits; 0 for NaN (any other half float round-trips)."""
+    value = float(np.uint16(bits).view(np.float16))
+    return 0.0 if value != value else value
+
+
+# Valid values of each codec: codec name -> strategy for one value (uint: of a random width).
+_CODEC_VALUES = {
+    "uint": st.sampled_from([0xFF, 0xFFFF, 2**32 - 1]).flatmap(lambda top: st.integers(0, top)),
+    "bits": st.integers(0, 1),
+    "sparse": st.integers(0, 2**32 - 1) | st.just(0),
+    "i8": st.integers(-128, 127),
+    "i16": st.integers(-32768, 32767),
+    "f16": st.integers(0, 0xFFFF).map(_half),  # every bit pattern: subnormals, infinities, -0
+}
+
+
+def test_every_codec_has_a_round_trip_test():
+    assert set(CODECS.names()) == set(_CODEC_VALUES)
+
+
+@pytest.mark.parametrize("name", sorted(_CODEC_VALUES))
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_each_codec_round_trips(name, data):
+    codec = CODECS.get(name)()
+    rounds, fields = data.draw(st.integers(1, 12)), data.draw(st.integers(0, 5))
+    dtype = np.float16 if name == "f16" else np.int64
+    n = rounds * fields
+    values = np.array(data.draw(st.lists(_CODEC_VALUES[name], min_size=n, max_size=n)), dtype).reshape(rounds, fields)
+    if name == "sparse":  # some rows absent (all zero)
+        values[np.array(data.draw(st.lists(st.booleans(), min_size=rounds, max_size=rounds)))] = 0
+    raw = codec.encode(values, rounds)
+    for width in [fields, None] if codec.variable else [fields]:
+        out = codec.decode(raw, rounds, width)
+        assert out.shape == (rounds, fields)
+        assert np.array_equal(out, values.astype(out.dtype)) and np.array_equal(out.astype(values.dtype), values)
+    assert codec.encode(out, rounds) == raw  # deterministic, and stable under re-encoding
+
+
+def test_registries_refuse_a_duplicate_name():
+    with pytest.raises(ValueError, match="column codec 'uint' is already registered"):
+        CODECS.register("uint", CODECS.get("bits"))
+    with pytest.raises(ValueError, match="op column 'mixp' is already registered"):
+        COLUMNS.register("mixp", Column("mixp", "i8", ("x",)))
+    assert COLUMNS.get("mixp").codec == "i16"
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: Column("x", "zip", ("a",)), "unknown column codec 'zip'; expected one of: bits, f16, i16, i8, sparse"),
+        (lambda: Column("x", "uint", ("a",), repeat=None), "expected a fixed repeat for column 'x': codec 'uint'"),
+        (lambda: Column("x", "i8", ()), "expected column fields to be a non-empty tuple of names"),
+        (lambda: Column("x", "i8", ("a",), repeat=-1), "expected repeat a non-negative integer or None"),
+    ],
+)
+def test_bad_columns_fail_early(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def _spec_table() -> dict[str, tuple[str, str]]:
+    """docs/FORMAT.md's op column table: name -> (codec, fields)."""
+    text = FORMAT_MD.read_text()
+    section = text[text.index("### Op columns") : text.index("### Limits")]
+    rows = re.findall(r"^\| `(\w+)` \| (\w+) \| ([^|]+?) \|", section, re.M)
+    return {name: (codec, fields) for name, codec, fields in rows}
+
+
+def test_columns_are_the_spec_s():
+    """Every column a reader knows has the codec and row width that docs/FORMAT.md gives it."""
+    spec = _spec_table()
+    assert sorted(spec) == COLUMNS.names() == ["flip", "mixb", "mixl", "mixp", "ra", "re", "rrc"]
+    for name, (codec, fields) in spec.items():
+        col = COLUMNS.get(name)
+        assert col.codec == codec, name
+        if fields.isdigit():
+            assert col.width == int(fields), name
+        else:  # "2·num_ops": a variable width, whole groups of 2
+            assert fields == "2·num_ops" and col.width is None and len(col.fields) == 2, name
+
+
+def test_a_fresh_reader_knows_every_column():
+    """format.COLUMNS is filled by the ops (augment.py): importing the format alone must bring them."""
+    code = "from wds_reinforce.format import COLUMNS; print(' '.join(COLUMNS.names()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["flip", "mixb", "mixl", "mixp", "ra", "re", "rrc"]
+
+
+def test_the_worked_example_of_the_spec():
+    """The bytes that docs/FORMAT.md shows are the bytes the writer makes, and they decode back."""
+    text = FORMAT_MD.read_text()
+    dump = text[text.index("encodes to these 138 bytes") :].split("```")[1]
+    expected = bytes.fromhex("".join(line[6:] for line in dump.strip().splitlines()))
+    assert len(expected) == 138
+    sc = Sidecar(
+        bytes.fromhex("551ddeee2dfb6629"),
+        np.array([[3, 1], [3, 1], [1, 3]]),
+        np.array([[0.75, 0.125], [0.5, 0.25], [0.5, 0.375]], np.float16),
+        {
+            "rrc": np.array([[10, 20, 300, 400], [0, 0, 375, 500], [5, 6, 100, 120]]),
+            "flip": np.array([[1], [0], [1]]),
+            "ra": np.array([[5, -9, 11, 9], [0, 9, 13, 9], [1, 9, 2, -9]]),
+            "re": np.array([[0, 0, 0, 0], [12, 30, 40, 50], [0, 0, 0, 0]]),
+        },
+    )
+    assert encode_sidecar(sc) == expected
+    assert decode_sidecar(expected) == sc
 
 
 def _sample(rounds=4, topk=3, ops=None) -> Sidecar:

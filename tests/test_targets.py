@@ -9,14 +9,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wds_reinforce.loader import _dense_row
 from wds_reinforce.targets import (
     DENSIFY,
+    dense_row,
     densify,
     kl_div_loss,
     one_hot,
     soft_cross_entropy,
     sparse_one_hot,
+    topk,
 )
 
 
@@ -52,7 +53,7 @@ def test_smooth_keeps_topk_and_spreads_the_rest(rows):
         if others.size:
             assert np.allclose(others, others[0]) and others[0] >= 0
         # the loader's per-sample numpy path agrees with the batched one
-        np.testing.assert_allclose(_dense_row(idx[b], prob[b], num_classes, "smooth").numpy(), row, atol=1e-7)
+        np.testing.assert_allclose(dense_row(idx[b], prob[b], num_classes, "smooth").numpy(), row, atol=1e-7)
 
 
 @settings(max_examples=60, deadline=None)
@@ -66,7 +67,9 @@ def test_zeros_renormalises_topk(rows):
         expect = np.zeros(num_classes, np.float32)
         expect[idx[b].astype(int)] = p[b] / p[b].sum()
         np.testing.assert_allclose(dense[b].numpy(), expect, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(_dense_row(idx[b], prob[b], num_classes, "zeros").numpy(), expect, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            dense_row(idx[b], prob[b], num_classes, "zeros").numpy(), expect, rtol=1e-6, atol=1e-7
+        )
 
 
 def test_densify_single_row_and_leftover_clamped():
@@ -125,3 +128,12 @@ def test_kl_is_ce_minus_entropy_and_zero_at_the_teacher():
         kl_div_loss(logits, target, reduction="avg")
     with pytest.raises(ValueError, match="expected logits and target of one shape"):
         soft_cross_entropy(logits, target[:, :3])
+
+
+def test_topk_sorted_fp16_and_ties_by_class_id():
+    probs = torch.tensor([[0.1, 0.4, 0.1, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    idx, prob = topk(probs, 3)
+    assert idx.tolist() == [[1, 3, 0], [0, 1, 2]]
+    assert prob.dtype == np.float16 and np.all(np.diff(prob.astype(np.float32), axis=1) <= 0)
+    with pytest.raises(ValueError, match="top-k"):
+        topk(probs, 5)

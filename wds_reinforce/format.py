@@ -4,23 +4,31 @@ This module is the only place that knows how bytes are laid out; docs/FORMAT.md 
 normative spec. It depends on the standard library, numpy and msgpack only.
 
 A sidecar (tar member ``{key}.dr.mp``) is one msgpack map, columnar across the R rounds
-stored for one sample, so decoding costs about the same for R=8 or R=400.
+stored for one sample, so decoding costs about the same for R=8 or R=400. Each op column is
+written by a codec (``CODECS``: uint, bits, sparse, i8, i16, f16) and laid out by a ``Column``
+(name, codec, named fields) that the op declares; ``COLUMNS`` holds every column a reader knows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import msgpack
 import numpy as np
+
+from .columns import CODECS, COLUMNS, UINT_DTYPES, Codec, Column, uint_width
+from .errors import FormatError, VersionError
 
 __all__ = [
     "FORMAT_VERSION",
     "SIDECAR_EXT",
     "MAX_SIDECAR_BYTES",
+    "CODECS",
+    "Codec",
     "COLUMNS",
     "Column",
     "FormatError",
@@ -41,65 +49,6 @@ MAX_SIDECAR_BYTES = 16 * 1024 * 1024
 FINGERPRINT_BYTES = 8
 _MAX_ROUNDS = 65535
 _MAX_TOPK = 65535
-
-
-class FormatError(ValueError):
-    """Bytes that are not a valid sidecar or manifest of a version this reader knows.
-
-    The message names the sample key (or file) when the caller passed one.
-    """
-
-    def __init__(self, message: str, key: str | None = None):
-        self.key = key
-        super().__init__(f"{key}: {message}" if key else message)
-
-
-class VersionError(FormatError):
-    """A sidecar or manifest of a format version this reader does not know (``.version``)."""
-
-    def __init__(self, message: str, key: str | None = None, version: Any = None):
-        self.version = version
-        super().__init__(message, key)
-
-
-@dataclass(frozen=True)
-class Column:
-    """The layout of one op's parameter column: ``rows`` x ``fields`` values of one kind.
-
-    kind ``uint``: little-endian unsigned integers whose width (1, 2 or 4 bytes) is the
-    smallest holding the column's largest value; a reader derives it from the byte length.
-    kind ``bits``: one bit per value, packed little-endian bit order (``np.packbits``).
-    kind ``sparse``: for ops that usually do nothing: a presence bitmap of R bits (packed as
-    ``bits``), then ``uint`` values (width derived as above) for the present rows only;
-    absent rows decode as zeros.
-    kind ``i8``, ``i16``, ``f16``: fixed-width little-endian signed int / IEEE half.
-    ``fields=0`` means a variable row width that is a multiple of ``group``, derived from the
-    byte length (RandAugment stores ``num_ops`` pairs).
-    """
-
-    name: str
-    kind: str
-    fields: int
-    group: int = 1
-    doc: str = ""
-
-
-COLUMNS: dict[str, Column] = {
-    c.name: c
-    for c in (
-        Column("rrc", "uint", 4, doc="random resized crop box (top, left, height, width) in source pixels"),
-        Column("flip", "bits", 1, doc="horizontal flip applied"),
-        Column("ra", "i8", 0, group=2, doc="RandAugment: num_ops pairs of (op id, signed magnitude bin)"),
-        Column("re", "sparse", 4, doc="random erasing box (top, left, height, width) in output pixels; absent = none"),
-        # Reserved for the mixing (+mix) recipes; the layout is fixed now so readers know them.
-        Column("mixp", "i16", 1, doc="mixing partner as an offset within the shard's pairing group; 0 = none"),
-        Column("mixl", "f16", 1, doc="mixing weight lambda of this sample"),
-        Column("mixb", "uint", 4, doc="CutMix box (top, left, height, width) in output pixels; height 0 and width 0 = MixUp"),
-    )
-}
-
-_FIXED_DTYPES = {"i8": np.dtype("<i1"), "i16": np.dtype("<i2"), "f16": np.dtype("<f2")}
-_UINT_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _ID_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
@@ -111,7 +60,7 @@ class Sidecar:
         fingerprint: the recipe fingerprint, 8 bytes (hex in the manifest).
         idx: (R, k) class ids, uint16 or uint32; row r holds round r's top-k, by falling probability.
         prob: (R, k) float16 probabilities matching ``idx``.
-        ops: column name -> (R, fields) array, one per recorded op (see ``COLUMNS``).
+        ops: column name -> (R, width) array, one per op that records parameters (see ``COLUMNS``).
     """
 
     fingerprint: bytes
@@ -167,80 +116,6 @@ def check_topk(idx: np.ndarray, prob: np.ndarray, num_classes: int | None = None
         raise FormatError(f"class id {int(idx.max())} is not below num_classes={num_classes}", key)
 
 
-def _uint_width(values: np.ndarray) -> int:
-    top = int(values.max()) if values.size else 0
-    return 1 if top <= 0xFF else 2 if top <= 0xFFFF else 4
-
-
-def _encode_column(col: Column, values: np.ndarray, rounds: int) -> bytes:
-    values = np.asarray(values)
-    if values.ndim == 1:
-        values = values[:, None]
-    if values.ndim != 2 or values.shape[0] != rounds:
-        raise ValueError(f"expected op column {col.name!r} with {rounds} rows, got shape {values.shape}")
-    width = values.shape[1]
-    if (col.fields and width != col.fields) or (not col.fields and width % col.group):
-        expected = col.fields or f"a multiple of {col.group}"
-        raise ValueError(f"expected op column {col.name!r} rows of {expected} values, got {width}")
-    if col.kind == "bits":
-        return np.packbits(values.astype(bool).ravel(), bitorder="little").tobytes()
-    if col.kind == "sparse":
-        present = values.any(axis=1)
-        bitmap = np.packbits(present, bitorder="little").tobytes()
-        return bitmap + _encode_column(dataclasses.replace(col, kind="uint"), values[present], int(present.sum()))
-    if col.kind == "uint":
-        if values.size and values.min() < 0:
-            raise ValueError(f"expected non-negative values in op column {col.name!r}")
-        return values.astype(_UINT_DTYPES[_uint_width(values)]).tobytes()
-    dtype = _FIXED_DTYPES[col.kind]
-    if dtype.kind == "i" and values.size:
-        info = np.iinfo(dtype)
-        if values.min() < info.min or values.max() > info.max:
-            raise ValueError(f"expected op column {col.name!r} values within {dtype}")
-    return values.astype(dtype).tobytes()
-
-
-def _decode_column(col: Column, raw: Any, rounds: int, key: str | None) -> np.ndarray:
-    if not isinstance(raw, bytes):
-        raise FormatError(f"op column {col.name!r} must be bytes, got {type(raw).__name__}", key)
-    n = len(raw)
-    if col.kind == "bits":
-        count = rounds * col.fields
-        if n != (count + 7) // 8:
-            raise FormatError(f"op column {col.name!r} has {n} bytes, expected {(count + 7) // 8}", key)
-        bits = np.unpackbits(np.frombuffer(raw, np.uint8), count=count, bitorder="little")
-        return bits.reshape(rounds, col.fields)
-    if col.kind == "sparse":
-        nmap = (rounds + 7) // 8
-        if n < nmap:
-            raise FormatError(f"op column {col.name!r} has {n} bytes, fewer than its {nmap}-byte bitmap", key)
-        present = np.unpackbits(np.frombuffer(raw, np.uint8, nmap), count=rounds, bitorder="little").astype(bool)
-        out = np.zeros((rounds, col.fields), np.uint16)
-        count = int(present.sum())
-        if count == 0:
-            if n != nmap:
-                raise FormatError(f"op column {col.name!r} has values but no row is present", key)
-            return out
-        values = _decode_column(dataclasses.replace(col, kind="uint"), raw[nmap:], count, key)
-        out = np.zeros((rounds, col.fields), values.dtype)
-        out[present] = values
-        return out
-    if col.kind == "uint":
-        width = n // (rounds * col.fields) if n % (rounds * col.fields) == 0 else 0
-        if width not in _UINT_DTYPES:
-            raise FormatError(
-                f"op column {col.name!r} has {n} bytes, expected {rounds}x{col.fields} values of 1, 2 or 4 bytes",
-                key,
-            )
-        return np.frombuffer(raw, _UINT_DTYPES[width]).reshape(rounds, col.fields)
-    dtype = _FIXED_DTYPES[col.kind]
-    per_row = n / (rounds * dtype.itemsize)
-    fields = col.fields or int(per_row)
-    if per_row != fields or fields % col.group:
-        raise FormatError(f"op column {col.name!r} has {n} bytes, which is not {rounds} whole rows", key)
-    return np.frombuffer(raw, dtype).reshape(rounds, fields)
-
-
 def encode_sidecar(sidecar: Sidecar) -> bytes:
     """Encode one sample's sidecar (see docs/FORMAT.md).
 
@@ -266,14 +141,14 @@ def encode_sidecar(sidecar: Sidecar) -> bytes:
         raise ValueError("expected class ids within [0, 2**32)")
     cls, codes = np.unique(idx, return_inverse=True)
     id_width = 2 if cls[-1] <= 0xFFFF else 4
-    code_width = _uint_width(np.asarray([cls.size - 1]))
+    code_width = uint_width(np.asarray([cls.size - 1]))
     if cls.size * id_width + idx.size * code_width >= idx.size * id_width:
         cls, codes, code_width = cls[:0], idx, id_width
     ops = {}
     for name, values in sidecar.ops.items():
         if name not in COLUMNS:
-            raise ValueError(f"unknown op column {name!r}; known: {sorted(COLUMNS)}")
-        ops[name] = _encode_column(COLUMNS[name], values, rounds)
+            raise ValueError(f"unknown op column {name!r}; known: {COLUMNS.names()}")
+        ops[name] = COLUMNS.get(name).encode(values, rounds)
     body = {
         "v": FORMAT_VERSION,
         "fp": bytes(sidecar.fingerprint),
@@ -281,7 +156,7 @@ def encode_sidecar(sidecar: Sidecar) -> bytes:
         "k": topk,
         "cw": id_width,
         "cls": cls.astype(_ID_DTYPES[id_width]).tobytes(),
-        "idx": codes.reshape(-1).astype(_UINT_DTYPES[code_width]).tobytes(),
+        "idx": codes.reshape(-1).astype(UINT_DTYPES[code_width]).tobytes(),
         "prob": prob.astype("<f2").tobytes(),
         "ops": ops,
     }
@@ -317,7 +192,8 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
         raise FormatError(f"sidecar must be a msgpack map, got {type(body).__name__}", key)
     version = body.get("v")
     if version != FORMAT_VERSION:
-        raise VersionError(f"unknown sidecar format version {version!r}; this reader knows {FORMAT_VERSION}", key, version)
+        message = f"unknown sidecar format version {version!r}; this reader knows {FORMAT_VERSION}"
+        raise VersionError(message, key, version)
     missing = [name for name in _REQUIRED if name not in body]
     if missing:
         raise FormatError(f"sidecar lacks field(s) {missing}", key)
@@ -340,9 +216,9 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
         raise FormatError(f"'cls' length {len(body['cls'])} is not a multiple of {id_width}", key)
     cls = np.frombuffer(body["cls"], _ID_DTYPES[id_width])
     code_width = len(body["idx"]) // count
-    if code_width not in _UINT_DTYPES or code_width * count != len(body["idx"]):
+    if code_width not in UINT_DTYPES or code_width * count != len(body["idx"]):
         raise FormatError(f"'idx' has {len(body['idx'])} bytes, expected {count} codes of 1, 2 or 4 bytes", key)
-    codes = np.frombuffer(body["idx"], _UINT_DTYPES[code_width])
+    codes = np.frombuffer(body["idx"], UINT_DTYPES[code_width])
     if cls.size == 0:  # ids stored directly
         if code_width != id_width:
             raise FormatError(f"'idx' holds ids directly but has {code_width}-byte values, not {id_width}", key)
@@ -356,9 +232,11 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
         raise FormatError(f"'ops' must be a map, got {type(ops_raw).__name__}", key)
     ops = {}
     for name, raw in ops_raw.items():
-        if name not in COLUMNS:
-            raise FormatError(f"unknown op column {name!r}; this reader knows {sorted(COLUMNS)}", key)
-        ops[name] = _decode_column(COLUMNS[name], raw, rounds, key)
+        try:
+            column = COLUMNS.get(name)
+        except ValueError:
+            raise FormatError(f"unknown op column {name!r}; this reader knows {COLUMNS.names()}", key) from None
+        ops[name] = column.decode(raw, rounds, key)
     return Sidecar(
         fingerprint=body["fp"],
         idx=idx,

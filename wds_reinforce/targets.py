@@ -15,16 +15,19 @@ methods count a repeated id once. Everything here is pure torch/numpy: no I/O.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._registry import Registry
+from .errors import UsageError
 
 __all__ = [
     "DENSIFY",
+    "topk",
+    "dense_row",
     "densify",
     "densify_smooth",
     "densify_zeros",
@@ -48,7 +51,9 @@ def _as_tensors(idx, prob) -> tuple[torch.Tensor, torch.Tensor]:
     prob = prob if isinstance(prob, torch.Tensor) else torch.from_numpy(np.array(prob, np.float32, ndmin=1))
     prob = prob.to(idx.device)
     if idx.shape != prob.shape or idx.ndim not in (1, 2):
-        raise ValueError(f"expected idx and prob of one shape (k,) or (B, k), got {tuple(idx.shape)} and {tuple(prob.shape)}")
+        raise ValueError(
+            f"expected idx and prob of one shape (k,) or (B, k), got {tuple(idx.shape)} and {tuple(prob.shape)}"
+        )
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise ValueError(f"expected integer class ids, got {idx.dtype}")
     return idx.long(), prob.float()
@@ -107,6 +112,40 @@ def densify(idx, prob, num_classes: int, method: str = "smooth") -> torch.Tensor
     return out[0] if single else out
 
 
+def dense_row(idx: np.ndarray, prob: np.ndarray, num_classes: int, method: str = "smooth") -> torch.Tensor:
+    """One sparse row (k,) -> dense float32 (C,), in numpy: ``densify`` for one row, cheaper per sample.
+
+    Equals ``densify(idx, prob, num_classes, method)`` for rows without repeated ids (the loader
+    checks rows with ``format.check_topk`` first); ids must lie in [0, C).
+    """
+    p = prob.astype(np.float32)
+    if method == "smooth" and idx.size < num_classes:
+        fill = max(0.0, 1.0 - float(p.sum())) / max(num_classes - idx.size, 1)
+        out = np.full(num_classes, fill, np.float32)
+        out[idx] = p
+    elif method in ("smooth", "zeros"):
+        out = np.zeros(num_classes, np.float32)
+        out[idx] = p / max(float(p.sum()), np.finfo(np.float32).tiny)
+    else:
+        DENSIFY.get(method)  # raises for an unknown name, listing the valid ones
+        raise UsageError(f"dense_row implements 'smooth' and 'zeros', got {method!r}: use densify()")
+    return torch.from_numpy(out)
+
+
+def topk(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(idx, prob) of the ``k`` most probable classes per row, falling; ids uint32, probs float16.
+
+    Ties are broken toward the smaller class id so the choice never depends on the kernel.
+    """
+    if not 1 <= k <= probs.shape[1]:
+        raise UsageError(f"expected top-k in [1, {probs.shape[1]}], got {k}")
+    p = probs.float().numpy()
+    # stable argsort on -p: equal probabilities keep ascending class id order.
+    idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    val = np.take_along_axis(p, idx, axis=1).astype(np.float16)
+    return idx.astype(np.uint32), val
+
+
 def one_hot(label, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """float32 one-hot targets of an int label or (B,) labels, with optional label smoothing.
 
@@ -138,19 +177,25 @@ def sparse_one_hot(label: int, num_classes: int, topk: int, smoothing: float = 0
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of ``logits`` (B, C) against soft targets (B, C): ``-sum(t * log_softmax(z))``."""
     if logits.shape != target.shape:
-        raise ValueError(f"expected logits and target of one shape, got {tuple(logits.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"expected logits and target of one shape, got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
     loss = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1)
     return _reduce(loss, reduction)
 
 
-def kl_div_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+def kl_div_loss(
+    logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0, reduction: str = "mean"
+) -> torch.Tensor:
     """KL(target || softmax(logits / T)) per sample, times T² (knowledge-distillation scaling).
 
     Equals ``soft_cross_entropy`` minus the target's entropy, so both have the same gradient
     at T = 1; the KL is zero when the student matches the teacher.
     """
     if logits.shape != target.shape:
-        raise ValueError(f"expected logits and target of one shape, got {tuple(logits.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"expected logits and target of one shape, got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"expected temperature > 0, got {temperature!r}")
     logq = F.log_softmax(logits.float() / temperature, dim=-1)

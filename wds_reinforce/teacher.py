@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 
 from ._registry import Registry
 from .augment import normalize
 
-__all__ = ["TEACHERS", "Teacher", "parse_teacher_spec", "load_teacher", "topk"]
+__all__ = ["TEACHERS", "Teacher", "parse_teacher_spec", "load_teacher"]
 
 # kind -> builder(name, num_classes | None, pretrained) -> torch.nn.Module
 TEACHERS: Registry[Callable[[str, int | None, bool], torch.nn.Module]] = Registry("teacher kind")
@@ -107,7 +107,7 @@ def _load_state(path: str) -> dict[str, torch.Tensor]:
     # Checkpoints saved from DDP or torch.compile wrap every name.
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -129,9 +129,9 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"expected --device auto, cpu, cuda or cuda:N, got {device!r}") from None
+        raise ValueError(f"expected device auto, cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"expected --device auto or cpu (CUDA is not available), got {device!r}")
+        raise ValueError(f"expected device auto or cpu (CUDA is not available), got {device!r}")
     return dev
 
 
@@ -190,7 +190,8 @@ class Teacher:
                 missing, unexpected = model.load_state_dict(state, strict=False)
                 if missing or unexpected:
                     raise ValueError(
-                        f"checkpoint {ckpt!r} does not fit timm:{name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                        f"checkpoint {ckpt!r} does not fit timm:{name}: "
+                        f"missing {missing[:3]}, unexpected {unexpected[:3]}"
                     )
             else:
                 # Random weights (tests, benchmarks) are seeded so that reruns give the same shards.
@@ -269,17 +270,3 @@ def load_teacher(
 ) -> Teacher:
     """Build a ``Teacher`` from a spec like ``"timm:resnet50,timm:convnext_tiny"``."""
     return Teacher(spec, checkpoints, num_classes=num_classes, pretrained=pretrained, device=device)
-
-
-def topk(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(idx, prob) of the ``k`` most probable classes per row, falling; ids uint32, probs float16.
-
-    Ties are broken toward the smaller class id so the choice never depends on the kernel.
-    """
-    if not 1 <= k <= probs.shape[1]:
-        raise ValueError(f"expected top-k in [1, {probs.shape[1]}], got {k}")
-    p = probs.float().numpy()
-    # stable argsort on -p: equal probabilities keep ascending class id order.
-    idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
-    val = np.take_along_axis(p, idx, axis=1).astype(np.float16)
-    return idx.astype(np.uint32), val
