@@ -16,25 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from tests.shardmaker import make_shards
 from wds_reinforce.augment import Recipe, normalize
+from wds_reinforce.dataset import ReinforcedDataset
+from wds_reinforce.errors import DataError, MismatchError, SampleError
 from wds_reinforce.format import FormatError, Manifest, Sidecar, decode_sidecar, encode_sidecar
 from wds_reinforce.loader import (
-    MismatchError,
-    ReinforcedDataset,
-    SampleError,
-    SharedEpoch,
     SkipCounter,
     check_counts,
     decode_sidecars,
-    read_manifest,
     reinforce_stages,
     replay_images,
-    round_for,
 )
+from wds_reinforce.schedule import round_for
+from wds_reinforce.storage import read_manifest
 from wds_reinforce.targets import densify, one_hot
 
 R = 3  # rounds in the test shards
@@ -63,28 +59,6 @@ def by_key(rows) -> dict[str, tuple]:
 
 
 # ----------------------------------------------------------------------------------------
-# Schedule
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.integers(1, 12), st.integers(0, 2**40), st.text(min_size=1, max_size=8), st.integers(0, 3))
-def test_round_for_uses_every_round_once_per_cycle(rounds, seed, key, cycle):
-    picked = [round_for(seed, key, cycle * rounds + e, rounds) for e in range(rounds)]
-    assert sorted(picked) == list(range(rounds))
-    assert picked == [round_for(seed, key, cycle * rounds + e, rounds) for e in range(rounds)]
-
-
-def test_round_for_varies_with_key_and_cycle():
-    orders = {tuple(round_for(0, f"k{i}", e, 8) for e in range(8)) for i in range(20)}
-    assert len(orders) > 10
-    assert [round_for(0, "k", e, 8) for e in range(8)] != [round_for(0, "k", e, 8) for e in range(8, 16)]
-    with pytest.raises(ValueError, match="expected epoch a non-negative int, got -1"):
-        round_for(0, "k", -1, 3)
-    with pytest.raises(ValueError, match="expected rounds a positive int, got 0"):
-        round_for(0, "k", 0, 0)
-
-
-# ----------------------------------------------------------------------------------------
 # Exact replay
 
 
@@ -108,7 +82,9 @@ def test_replay_equals_producer_pixels_for_every_round(tmp_path, decode):
 
 def test_float_output_is_normalised_uint8(made):
     a = collect(ReinforcedDataset(made.pattern, keys=("image", "__key__")))
-    b = collect(ReinforcedDataset(made.pattern, keys=("image", "__key__"), output="float", mean=(0.5,) * 3, std=(0.25,) * 3))
+    b = collect(
+        ReinforcedDataset(made.pattern, keys=("image", "__key__"), output="float", mean=(0.5,) * 3, std=(0.25,) * 3)
+    )
     for (u8, ka), (f, kb) in zip(a, b):
         assert ka == kb and f.dtype == torch.float32
         torch.testing.assert_close(f, normalize(u8, (0.5,) * 3, (0.25,) * 3))
@@ -116,20 +92,28 @@ def test_float_output_is_normalised_uint8(made):
 
 def test_sparse_targets_densify_on_the_batch_to_the_dense_ones(made):
     dense = collect(ReinforcedDataset(made.pattern, p=0.5, label_smoothing=0.1, keys=("target", "round")))
-    loader = torch.utils.data.DataLoader(ReinforcedDataset(made.pattern, p=0.5, label_smoothing=0.1, densify="sparse"), batch_size=5)
+    loader = torch.utils.data.DataLoader(
+        ReinforcedDataset(made.pattern, p=0.5, label_smoothing=0.1, densify="sparse"), batch_size=5
+    )
     batches = [densify(idx, prob, made.manifest.num_classes) for _, idx, prob in loader]
     torch.testing.assert_close(torch.cat(batches), torch.stack([t for t, _ in dense]))
     assert {r for _, r in dense} & {-1} and {r for _, r in dense} - {-1}, "p=0.5 should mix both kinds"
 
 
 def test_p_zero_gives_originals_with_one_hot_targets(made):
-    rows = collect(ReinforcedDataset(made.pattern, p=0.0, label_smoothing=0.1, keys=("image", "target", "__key__", "round")))
-    again = collect(ReinforcedDataset(made.pattern, p=0.0, label_smoothing=0.1, keys=("image", "target", "__key__", "round")))
+    rows = collect(
+        ReinforcedDataset(made.pattern, p=0.0, label_smoothing=0.1, keys=("image", "target", "__key__", "round"))
+    )
+    again = collect(
+        ReinforcedDataset(made.pattern, p=0.0, label_smoothing=0.1, keys=("image", "target", "__key__", "round"))
+    )
     for (img, target, key, rnd), (img2, *_rest) in zip(rows, again):
         assert rnd == -1 and img.shape == (3, 32, 32)
         assert torch.equal(img, img2), "the original-image augmentation is seeded, not random"
         torch.testing.assert_close(target, one_hot(made.labels[key], made.manifest.num_classes, 0.1))
-    zeros = collect(ReinforcedDataset(made.pattern, p=0.0, label_smoothing=0.1, densify="zeros", keys=("target", "__key__")))
+    zeros = collect(
+        ReinforcedDataset(made.pattern, p=0.0, label_smoothing=0.1, densify="zeros", keys=("target", "__key__"))
+    )
     for target, key in zeros:
         torch.testing.assert_close(target, one_hot(made.labels[key], made.manifest.num_classes, 0.1))
 
@@ -149,7 +133,9 @@ def _rounds_per_epoch(ds, loader, epochs) -> list[dict[str, int]]:
     return out
 
 
-@pytest.mark.parametrize("workers,persistent,context", [(0, False, None), (2, False, None), (2, True, None), (2, True, "spawn")])
+@pytest.mark.parametrize(
+    "workers,persistent,context", [(0, False, None), (2, False, None), (2, True, None), (2, True, "spawn")]
+)
 def test_schedule_covers_all_rounds_with_workers(made, workers, persistent, context):
     ds = ReinforcedDataset(made.pattern, keys=META, shardshuffle=True, shuffle=4)
     loader = torch.utils.data.DataLoader(
@@ -200,21 +186,17 @@ def _first_error(loader) -> BaseException | None:
     return None
 
 
-def test_shared_epoch_reaches_workers():
-    epoch = SharedEpoch(3)
-    epoch.set(5)
-    assert epoch.get() == 5
-    with pytest.raises(ValueError, match="expected epoch a non-negative int"):
-        epoch.set(-2)
-
-
 # ----------------------------------------------------------------------------------------
 # Plain webdataset and timm
 
 
 def test_stages_compose_into_a_plain_webdataset(made):
     stages = reinforce_stages(made.manifest, epoch=1)
-    ds = wds.WebDataset(made.pattern, shardshuffle=False).compose(*stages).to_tuple("image", "target", "__key__", "round")
+    ds = (
+        wds.WebDataset(made.pattern, shardshuffle=False)
+        .compose(*stages)
+        .to_tuple("image", "target", "__key__", "round")
+    )
     ours = ReinforcedDataset(made.pattern, epoch=1, keys=META)
     for (a, ta, ka, ra), (b, tb, kb, rb) in zip(collect(ds), collect(ours), strict=True):
         assert ka == kb and ra == rb and torch.equal(a, b) and torch.equal(ta, tb)
@@ -287,6 +269,54 @@ def test_http_streaming_equals_local(made, http_root):
         read_manifest(f"{http_root}/nope/manifest.json")
 
 
+class _DyingHandler(_QuietHandler):
+    """Serves the manifest and the first shard, cuts the second mid-body, then answers nothing."""
+
+    def do_GET(self):
+        state = self.server.state
+        if self.path.endswith(".tar"):
+            state["tars"] += 1
+            if state["tars"] == 2 or state["dead"]:
+                state["dead"] = True
+                if state["tars"] == 2:
+                    data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                self.close_connection = True
+                return
+        super().do_GET()
+
+
+def test_server_dying_mid_epoch_counts_exactly_the_lost_samples(made, monkeypatch):
+    for name, value in {
+        "NO_PROXY": "127.0.0.1",
+        "no_proxy": "127.0.0.1",
+        "WDS_REINFORCE_RETRIES": "1",
+        "WDS_REINFORCE_BACKOFF": "0.01",
+        "WDS_REINFORCE_BACKOFF_MAX": "0.01",
+    }.items():
+        monkeypatch.setenv(name, value)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_DyingHandler, directory=str(made.root))
+    )
+    server.state = {"tars": 0, "dead": False}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        counter = SkipCounter()
+        url = f"http://127.0.0.1:{server.server_address[1]}/manifest.json"
+        rows = [k for (k,) in ReinforcedDataset(url, keys=("__key__",), handler=counter)]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert rows[:3] == made.keys[:3] and rows == made.keys[: len(rows)]  # shard 0 whole, then what shard 1 had
+    assert len(rows) < 6
+    assert counter.count == 3, counter.last  # shard 1's tail, shards 2 and 3: one error each
+    assert counter.samples == len(made.keys) - len(rows)  # exactly what the epoch did not yield
+    assert "shard-000003.tar" in counter.last and "0x" not in counter.last
+
+
 def test_s3_streaming_equals_local(made, s3_env):
     import boto3
 
@@ -345,7 +375,7 @@ def corrupt(request, tmp_path):
 
 def test_corrupt_sample_raises_with_key_and_url(corrupt):
     ds = ReinforcedDataset(corrupt.pattern, keys=("__key__",))
-    with pytest.raises(SampleError, match=f"shard-000001.tar: sample '{BAD_KEY}': "):
+    with pytest.raises(DataError, match=f"shard-000001.tar: sample .{BAD_KEY}.: "):
         collect(ds)
 
 
@@ -360,7 +390,9 @@ def test_skips_are_counted_across_workers(tmp_path):
     mutate = lambda k, ext, d: b"not an image" if ext == "jpg" and k.endswith("_0001") else d  # noqa: E731
     made = make_shards(tmp_path, rounds=R, mutate=mutate, record_pixels=False)
     counter = SkipCounter()
-    loader = torch.utils.data.DataLoader(ReinforcedDataset(made.pattern, keys=("__key__",), handler=counter), batch_size=None, num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        ReinforcedDataset(made.pattern, keys=("__key__",), handler=counter), batch_size=None, num_workers=2
+    )
     keys = sorted(k for (k,) in loader)
     assert keys == sorted(k for k in made.keys if not k.endswith("_0001"))
     assert counter.count == counter.samples == 4
@@ -382,7 +414,28 @@ def test_truncated_shard_is_detected(made, tmp_path, cut):
     rows = [k for (k,) in ReinforcedDataset(str(tmp_path), keys=("__key__",), handler=counter)]
     lost = {"s01_0001", "s01_0002"} if cut == "mid_member" else {"s01_0002"}
     assert rows == [k for k in made.keys if k not in lost]
-    assert counter.count >= 1
+    assert counter.count == 1 and counter.samples == len(lost), counter.last  # one error, exactly what was lost
+    assert "0x" not in counter.last
+
+
+@pytest.mark.parametrize("damage", ["empty_tar_1024", "empty_tar_10240", "zero_bytes", "deleted", "garbage"])
+def test_a_lost_shard_is_an_error_counting_exactly_its_samples(made, tmp_path, damage):
+    for url in made.urls:
+        (tmp_path / Path(url).name).write_bytes(Path(url).read_bytes())
+    (tmp_path / "manifest.json").write_text(made.manifest.to_json())
+    victim = tmp_path / Path(made.urls[2]).name
+    if damage == "deleted":
+        victim.unlink()
+    else:
+        size = {"empty_tar_1024": 1024, "empty_tar_10240": 10240, "zero_bytes": 0}.get(damage)
+        victim.write_bytes(bytes(size) if size is not None else b"not a tar archive at all" * 50)
+    with pytest.raises(DataError, match=r"shard-000002.tar: expected 3 samples \(per the manifest\), got 0") as info:
+        collect(ReinforcedDataset(str(tmp_path), keys=("__key__",)))
+    assert info.value.samples == 3 and "0x" not in str(info.value)
+    counter = SkipCounter()
+    rows = [k for (k,) in ReinforcedDataset(str(tmp_path), keys=("__key__",), handler=counter)]
+    assert rows == [k for k in made.keys if not k.startswith("s02_")]
+    assert (counter.count, counter.samples) == (1, 3), counter.last
 
 
 def test_check_counts_stage_on_in_memory_samples():

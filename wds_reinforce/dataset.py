@@ -1,0 +1,308 @@
+"""``ReinforcedDataset``: reinforced shards from a manifest, as a webdataset pipeline of tuples.
+
+It resolves the shard URLs and manifest (``storage``), lists the shards (shuffled per epoch the
+same way on every rank), splits them by node and worker, reads each shard's samples (counting
+every lost sample against the manifest), optionally shuffles samples, and runs the loader's
+``reinforce`` stage (see ``loader``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tarfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from webdataset import filters as wds_filters
+from webdataset.compat import FluidInterface
+from webdataset.gopen import gopen
+from webdataset.handlers import reraise_exception
+from webdataset.pipeline import DataPipeline
+from webdataset.shardlists import ResampledShards, expand_urls, split_by_node, split_by_worker
+from webdataset.tariterators import base_plus_ext
+from webdataset.utils import pytorch_worker_info
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD, Recipe
+from .errors import DataError, FormatError, SampleError, UsageError
+from .format import Manifest
+from .loader import LoaderOptions, ReplayPlan, reinforce
+from .schedule import SharedEpoch
+from .storage import dirname_url, join_url, manifest_url, read_manifest, shard_urls
+
+__all__ = ["ReinforcedDataset"]
+
+
+def _resolve(source: str | Sequence[str], manifest: Manifest | str | None) -> tuple[list[str], Manifest]:
+    """Shard URLs and the manifest from a manifest URL, a directory, a brace pattern or a list."""
+    if isinstance(source, str) and (source.endswith((".json", "/")) or os.path.isdir(source)):
+        manifest_url_, urls = manifest_url(source), None
+    else:
+        urls = expand_urls(source) if isinstance(source, str) else [str(u) for u in source]
+        if not urls:
+            raise UsageError(f"expected shard URLs, got none from {source!r}")
+        manifest_url_ = join_url(dirname_url(urls[0]), "manifest.json")
+    if isinstance(manifest, Manifest):
+        found = manifest
+    else:
+        manifest_url_ = manifest or manifest_url_
+        found = read_manifest(manifest_url_)
+    if urls is None:
+        urls = shard_urls(manifest_url_, found)
+        if not urls:
+            raise FormatError(f"manifest {manifest_url_} lists no shards")
+    return urls, found
+
+
+def _expected_counts(urls: Sequence[str], manifest: Manifest) -> dict[str, int]:
+    """url -> samples, for the URLs the manifest lists (matched by trailing path)."""
+    by_name = {s.name: s for s in manifest.shards}
+    out = {}
+    for url in urls:
+        parts = url.split("/")
+        for i in range(len(parts)):
+            shard = by_name.get("/".join(parts[i:]))
+            if shard is not None:
+                out[url] = shard.samples
+                break
+    return out
+
+
+# What reading a missing, cut or damaged shard raises (tarfile, the URL openers, webdataset's
+# key grouping); anything else is a bug and propagates.
+_SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
+
+
+def _shard_samples(stream: Any, url: str) -> Iterator[dict]:
+    """The complete samples of one tar stream: consecutive members sharing a key (webdataset's rule).
+
+    A sample is yielded only once the next key (or the end of the archive) shows it complete,
+    so a shard cut inside a sample never yields the part before the cut.
+    """
+    sample: dict | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, ext = base_plus_ext(info.name)
+            if key is None or _META.match(info.name):
+                continue
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample  # complete: a member of the next sample has begun
+                sample = {"__key__": key, "__url__": url}
+            data = tar.extractfile(info).read()
+            tar.members = []  # stream mode keeps every header otherwise
+            ext = ext.lower()
+            if ext in sample:
+                raise FormatError(f"member {info.name!r} repeats extension {ext!r} of sample {key!r}")
+            sample[ext] = data
+    if sample is not None:
+        yield sample
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as webdataset does
+
+
+def _read_shards(
+    src: Iterable[dict], expected: Mapping[str, int], handler: Callable[[BaseException], bool]
+) -> Iterator[dict]:
+    """Shard URLs -> their samples; a shard that cannot be read whole is one ``DataError``.
+
+    The error counts exactly the samples the shard lost against the manifest (a missing, empty
+    or cut shard; a read that failed after the network layer's retries), so ``SkipCounter.samples``
+    is the number of samples the epoch did not yield. Shards the manifest does not list are not
+    counted (``samples=1`` for a failure there).
+    """
+    for item in src:
+        url = item["url"]
+        want, count, cause = expected.get(url), 0, None
+        try:
+            with gopen(url, "rb") as stream:
+                for sample in _shard_samples(stream, url):
+                    count += 1
+                    yield sample
+        except DataError as exc:
+            cause = exc.message
+        except _SHARD_ERRORS as exc:
+            cause = f"{type(exc).__name__}: {_first_line(exc)}"
+        if cause is None and (want is None or count == want):
+            continue
+        if want is None:
+            err = SampleError(f"cannot read the shard: {cause}", url=url)
+        else:
+            what = cause or ("an empty shard" if count == 0 else "the shard is truncated or damaged")
+            err = SampleError(
+                f"expected {want} samples (per the manifest), got {count}: {what}",
+                url=url,
+                samples=max(want - count, 0),
+            )
+        if not handler(err):
+            return
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc.args[0]) if exc.args else str(exc)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text.splitlines()[0] if text else type(exc).__name__)
+
+
+class _ShardList(torch.utils.data.IterableDataset):
+    """The shard URLs, shuffled identically on every rank per (seed, epoch), checked for splitting."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        shuffle: bool,
+        seed: int,
+        epoch: SharedEpoch,
+        splits_nodes: bool,
+        splits_workers: bool,
+    ):
+        super().__init__()
+        self.urls, self.shuffle, self.seed, self.epoch = list(urls), shuffle, seed, epoch
+        self.splits_nodes, self.splits_workers = splits_nodes, splits_workers
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, workers = pytorch_worker_info()
+        parts = (world if self.splits_nodes else 1) * (workers if self.splits_workers else 1)
+        if len(self.urls) < parts:
+            raise UsageError(
+                f"expected at least {parts} shards for {world} rank(s) x {workers} worker(s), got {len(self.urls)}: "
+                "use fewer workers, more shards, or resampled=True with with_epoch(n)"
+            )
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch.get()}:shards").shuffle(urls)
+        for url in urls:
+            yield {"url": url}
+
+
+def _shuffle_samples(src: Iterable[dict], bufsize: int, seed: int, epoch: SharedEpoch) -> Iterator[dict]:
+    rank, _, worker, _ = pytorch_worker_info()
+    rng = random.Random(f"{seed}:{epoch.get()}:{rank}:{worker}:samples")
+    yield from wds_filters._shuffle(iter(src), bufsize, min(bufsize, 100), rng=rng)
+
+
+class ReinforcedDataset(DataPipeline, FluidInterface):
+    """A webdataset pipeline over reinforced shards that yields ``(image, target)`` tuples.
+
+    Args:
+        source: the manifest (``.../manifest.json``), the shards' directory (a path or a URL
+            ending in ``/``), a brace pattern (``.../shard-{000000..000099}.tar``) or a list of
+            shard URLs; local paths, ``file:``, ``http(s)://`` and ``s3://`` all work.
+        manifest: a ``Manifest`` or its URL, when it is not ``manifest.json`` beside the shards.
+        seed: seeds the round schedule, the original-image coin and augmentation, and shuffling.
+        epoch: the starting epoch; change it with ``set_epoch`` before each epoch.
+        p: probability of a reinforced round; otherwise the original image with RRC + flip and a
+            one-hot target (the paper uses 0.99 for some recipes; default 1.0).
+        densify: ``smooth`` (paper), ``zeros``, or ``sparse`` (yield ``(image, idx, prob)`` and
+            densify on the GPU with ``targets.densify``).
+        label_smoothing: smoothing of the one-hot targets of original-image epochs.
+        output: ``uint8`` (3, H, W) images (normalise on the GPU) or ``float`` (normalised here).
+        mean, std: for ``output="float"``.
+        shardshuffle: shuffle the shard order per epoch (the same order on every rank).
+        shuffle: size of a sample shuffle buffer before decoding (0: none).
+        resampled: draw shards with replacement forever (combine with ``with_epoch(n)``).
+        nodesplitter, workersplitter: webdataset splitters (None to disable).
+        handler: webdataset error policy for bad data; default raises with the key and URL;
+            ``SkipCounter()`` skips bad samples and counts them.
+        keys: sample fields of the output tuple; default ``("image", "target")``, or
+            ``("image", "idx", "prob")`` for ``densify="sparse"``. Also available: ``__key__``,
+            ``__url__``, ``cls``, ``round`` (-1 = original image), ``epoch``.
+        fallback_recipe: the augmentation of original-image epochs.
+        check_counts: compare each shard's sample count with the manifest, so that a missing, empty or
+            cut shard is an error (through ``handler``) counting exactly the samples lost.
+
+    Raises:
+        UsageError: bad arguments. FormatError: an unreadable manifest, or a recipe this
+            library version would replay differently. FileNotFoundError: no manifest.
+    """
+
+    def __init__(
+        self,
+        source: str | Sequence[str],
+        *,
+        manifest: Manifest | str | None = None,
+        seed: int = 0,
+        epoch: int = 0,
+        p: float = 1.0,
+        densify: str = "smooth",
+        label_smoothing: float = 0.0,
+        output: str = "uint8",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        shardshuffle: bool = False,
+        shuffle: int = 0,
+        resampled: bool = False,
+        nodesplitter: Callable | None = split_by_node,
+        workersplitter: Callable | None = split_by_worker,
+        handler: Callable[[BaseException], bool] = reraise_exception,
+        keys: Sequence[str] | None = None,
+        fallback_recipe: Recipe | None = None,
+        check_counts: bool = True,
+    ):
+        super().__init__()
+        if isinstance(shuffle, bool) or not isinstance(shuffle, int) or shuffle < 0:
+            raise UsageError(f"expected shuffle a buffer size >= 0, got {shuffle!r}")
+        self.options = LoaderOptions(
+            seed=seed,
+            p=p,
+            densify=densify,
+            label_smoothing=label_smoothing,
+            output=output,
+            mean=mean,
+            std=std,
+            fallback_recipe=fallback_recipe,
+        )
+        self.urls, self.manifest = _resolve(source, manifest)
+        self.epoch = SharedEpoch(epoch)
+        self.seed = seed
+        plan = ReplayPlan.build(self.manifest, self.options)
+        self.recipe = plan.recipe
+        if resampled:
+            # deterministic: draws seeded by (seed, worker), not by pid and time
+            self.append(ResampledShards(self.urls, seed=seed, deterministic=True))
+        else:
+            self.append(
+                _ShardList(
+                    self.urls, shardshuffle, seed, self.epoch, nodesplitter is not None, workersplitter is not None
+                )
+            )
+            if nodesplitter is not None:
+                self.append(nodesplitter)
+            if workersplitter is not None:
+                self.append(workersplitter)
+            self._warn_uneven(nodesplitter)
+        expected = _expected_counts(self.urls, self.manifest) if check_counts else {}
+        self.append(wds_filters.pipelinefilter(_read_shards)(expected=expected, handler=handler))
+        if shuffle:
+            self.append(wds_filters.pipelinefilter(_shuffle_samples)(bufsize=shuffle, seed=seed, epoch=self.epoch))
+        self.append(reinforce(plan=plan, epoch=self.epoch, handler=handler))
+        if keys is None:
+            keys = ("image", "idx", "prob") if densify == "sparse" else ("image", "target")
+        self.append(wds_filters.to_tuple(*keys))
+
+    def _warn_uneven(self, nodesplitter: Callable | None) -> None:
+        rank, world, _, _ = pytorch_worker_info()
+        if nodesplitter is None or world <= 1:
+            return
+        counts = _expected_counts(self.urls, self.manifest)
+        per_rank = [sum(counts.get(u, 0) for u in self.urls[r::world]) for r in range(world)]
+        if len(set(per_rank)) > 1:
+            warnings.warn(
+                f"ranks get unequal sample counts {per_rank}; DDP may hang at the end of an epoch: "
+                "use a shard count divisible by the world size, or resampled=True with with_epoch(n)",
+                stacklevel=3,
+            )
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the data set, per the manifest."""
+        return self.manifest.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch for the round schedule and shuffling; visible to all DataLoader workers."""
+        self.epoch.set(epoch)

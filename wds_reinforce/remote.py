@@ -1,0 +1,486 @@
+"""Remote reads that survive transient faults: the S3 client, HTTP and S3 streams, retries.
+
+``ResumableReader`` is a stream over an ``http(s)://`` or ``s3://`` object that survives
+connection resets, 5xx, S3 throttling and a body shorter than its Content-Length by retrying
+with exponential backoff and resuming with a ranged request where it stopped, so a fault never
+changes the bytes read. ``s3_client`` is the one place that builds an S3 client: boto3's
+standard credential chain and region, with the endpoint from ``AWS_ENDPOINT_URL_S3`` or
+``AWS_ENDPOINT_URL`` when set (MinIO, Ceph, moto, ...). ``storage`` is the public door to these.
+
+Retry policy (read from the environment each time a stream is opened):
+
+- ``WDS_REINFORCE_RETRIES`` (default 5): retries allowed in a row without getting a byte further;
+  any progress starts the count again, so a long shard survives any number of spaced-out faults.
+- ``WDS_REINFORCE_BACKOFF`` (0.5 s): the first wait, doubled at each retry in a row ...
+- ``WDS_REINFORCE_BACKOFF_MAX`` (8 s): ... up to this (each wait is jittered to 50-100 %).
+- ``WDS_REINFORCE_TIMEOUT`` (60 s): HTTP socket timeout (connect and each read); a stall is a fault.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import logging
+import os
+import random
+import re
+import ssl
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from .errors import UsageError
+
+__all__ = [
+    "RETRIES",
+    "BACKOFF",
+    "BACKOFF_MAX",
+    "TIMEOUT",
+    "RetryPolicy",
+    "NetworkReadError",
+    "ObjectChangedError",
+    "ResumableReader",
+    "s3_client",
+    "s3_location",
+    "open_http",
+    "open_s3",
+]
+
+_log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------
+# S3 client
+
+
+_S3_CLIENTS: dict[tuple[int, str | None], Any] = {}
+
+
+def s3_client() -> Any:
+    """The process's boto3 S3 client (one per process and endpoint: clients are not fork-safe)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    slot = (os.getpid(), endpoint)
+    client = _S3_CLIENTS.get(slot)
+    if client is None:
+        import boto3
+
+        client = boto3.session.Session().client("s3", endpoint_url=endpoint)
+        _S3_CLIENTS.clear()
+        _S3_CLIENTS[slot] = client
+    return client
+
+
+def s3_location(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    if parsed.scheme != "s3" or not bucket or not key:
+        raise UsageError(f"expected an s3://bucket/key URL, got {url!r}")
+    return bucket, key
+
+
+# ----------------------------------------------------------------------------------------
+# Resumable reading: retry policy, errors, the reader and its two sources (HTTP, S3)
+
+RETRIES = 5
+BACKOFF = 0.5
+BACKOFF_MAX = 8.0
+TIMEOUT = 60.0
+
+_CHUNK = 1 << 20
+_JITTER = random.Random()  # private: backoff jitter must not touch (or depend on) the global RNG
+
+
+def _env_number(name: str, default: float, kind: type, minimum: float) -> Any:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not value >= minimum:  # (NaN too)
+        word = "an integer" if kind is int else "a number"
+        raise UsageError(f"expected {name} to be {word} >= {minimum}, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a ``ResumableReader`` retries: ``retries`` in a row without progress, then it gives up.
+
+    Attributes:
+        retries: retries allowed in a row without a byte of progress (0: fail at the first fault).
+        backoff: seconds before the first retry, doubled for each further retry in a row.
+        backoff_max: cap on one wait, in seconds.
+        timeout: HTTP socket timeout in seconds (connect, and each read).
+    """
+
+    retries: int = RETRIES
+    backoff: float = BACKOFF
+    backoff_max: float = BACKOFF_MAX
+    timeout: float = TIMEOUT
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """The module defaults, overridden by ``WDS_REINFORCE_{RETRIES,BACKOFF,BACKOFF_MAX,TIMEOUT}``."""
+        return cls(
+            retries=_env_number("WDS_REINFORCE_RETRIES", RETRIES, int, 0),
+            backoff=_env_number("WDS_REINFORCE_BACKOFF", BACKOFF, float, 0.0),
+            backoff_max=_env_number("WDS_REINFORCE_BACKOFF_MAX", BACKOFF_MAX, float, 0.0),
+            timeout=_env_number("WDS_REINFORCE_TIMEOUT", TIMEOUT, float, 0.001),
+        )
+
+    def delay(self, failure: int) -> float:
+        """Seconds to wait before retry number ``failure`` (1-based) of a streak: jittered to 50-100 %."""
+        base = min(self.backoff * 2.0 ** min(failure - 1, 62), self.backoff_max)
+        return base * (0.5 + 0.5 * _JITTER.random())
+
+
+class NetworkReadError(OSError):
+    """A network read that still failed after the allowed retries.
+
+    Attributes:
+        url: the URL; offset: the byte it stopped at; attempts: requests tried in the last streak;
+        cause: the last fault, as text (the exception itself is ``__cause__``).
+    """
+
+    def __init__(self, message: str, url: str = "", offset: int = 0, attempts: int = 0, cause: str = ""):
+        super().__init__(message)  # one argument: picklable, and what DataLoader's re-raise passes
+        self.url, self.offset, self.attempts, self.cause = url, offset, attempts, cause
+
+
+class ObjectChangedError(OSError):
+    """The object behind a URL changed (ETag, Last-Modified or size) between two requests of one read."""
+
+
+class _Transient(Exception):
+    """A fault worth retrying, raised by a source's ``open``; ``str()`` is the cause to report."""
+
+
+@dataclass
+class _Opened:
+    body: Any  # has read(n) -> bytes, close()
+    start: int  # the object offset of the body's first byte (0 when the server ignored Range)
+    total: int | None  # the object's size, when the response says
+    version: str | None  # ETag or Last-Modified, to notice an object replaced mid-read
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, _Transient) else f"{type(exc).__name__}: {exc}"
+
+
+class ResumableReader(io.RawIOBase):
+    """A read-only stream over one URL that retries transient faults and resumes where it stopped.
+
+    The first request is made here, so a missing object raises ``FileNotFoundError`` at open.
+    A fault (an error while opening or reading, or a body that ends before the size the server
+    announced) closes the response, waits (``RetryPolicy.delay``) and re-requests the rest with a
+    ranged request from the current offset; a server that answers a ranged request with the
+    whole object has the already-read prefix skipped. The bytes returned are always exactly the
+    object's. ``read(n)`` hands the response's own ``read(n)`` result straight through.
+
+    Raises (from ``read``):
+        NetworkReadError: ``policy.retries`` retries in a row made no progress.
+        ObjectChangedError: the object changed between two requests.
+    """
+
+    def __init__(self, source: Any, policy: RetryPolicy | None = None):
+        super().__init__()
+        self.url: str = source.url
+        self.faults = 0  # transient faults recovered from (or not) so far
+        self._source = source
+        self._errors: tuple[type[BaseException], ...] = tuple(source.read_errors)  # of a body's read()
+        self._policy = policy if policy is not None else RetryPolicy.from_env()
+        self._pos = 0
+        self._end: int | None = None
+        self._version: str | None = None
+        self._body: Any = None
+        self._fill(0)  # opens, with retries
+
+    @property
+    def offset(self) -> int:
+        """Bytes returned so far."""
+        return self._pos
+
+    @property
+    def size(self) -> int | None:
+        """The object's size, when the server said."""
+        return self._end
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        body = self._body
+        if body is not None:
+            try:
+                data = body.read(size)
+            except self._errors as exc:
+                return self._fill(size, exc)
+            if data or not size:
+                self._pos += len(data)
+                return data
+            if self._end is None or self._pos >= self._end:
+                return b""
+            return self._fill(size, self._short())
+        if self.closed:
+            raise ValueError(f"read of closed stream {self.url}")
+        return self._fill(size)
+
+    def readall(self) -> bytes:
+        chunks = []
+        while True:
+            data = self.read(_CHUNK)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        n = len(data)
+        memoryview(buffer).cast("B")[:n] = data
+        return n
+
+    def close(self) -> None:
+        self._drop_body()
+        super().close()
+
+    def __str__(self) -> str:  # webdataset puts this in its error messages
+        return f"<{self.url} at byte {self._pos}>"
+
+    def _short(self) -> _Transient:
+        return _Transient(f"the response ended at byte {self._pos} of {self._end} (announced size) without an error")
+
+    def _drop_body(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            try:
+                body.close()
+            except Exception:  # closing a broken connection may raise; it is being dropped anyway
+                pass
+
+    def _fill(self, size: int, fault: BaseException | None = None) -> bytes:
+        """Read up to ``size`` bytes through a fresh request (at the first call, or after ``fault``)."""
+        failures = 0
+        while True:
+            if fault is not None:
+                failures += 1
+                self.faults += 1
+                self._drop_body()
+                cause = _describe(fault)
+                if failures > self._policy.retries:
+                    real = fault.__cause__ if isinstance(fault, _Transient) and fault.__cause__ else fault
+                    of = f" of {self._end}" if self._end is not None else ""
+                    raise NetworkReadError(
+                        f"cannot read {self.url} at byte {self._pos}{of} after {failures} attempts: {cause}",
+                        self.url,
+                        self._pos,
+                        failures,
+                        cause,
+                    ) from real
+                wait = self._policy.delay(failures)
+                _log.warning(
+                    "%s: %s at byte %d; retry %d of %d in %.2f s",
+                    self.url,
+                    cause,
+                    self._pos,
+                    failures,
+                    self._policy.retries,
+                    wait,
+                )
+                time.sleep(wait)
+            if self._body is None:
+                try:
+                    self._body = self._open()
+                except _Transient as exc:
+                    fault = exc
+                    continue
+            try:
+                data = self._body.read(size) if size else b""
+            except self._errors as exc:
+                fault = exc
+                continue
+            if data or not size:
+                self._pos += len(data)
+                return data
+            if self._end is None or self._pos >= self._end:
+                return b""
+            fault = self._short()
+
+    def _open(self) -> Any:
+        """A response body positioned at ``self._pos``: raises ``_Transient`` for faults worth retrying."""
+        if self._end is not None and self._pos >= self._end:
+            return io.BytesIO()  # nothing left to ask for
+        opened = self._source.open(self._pos, self._version)
+        try:
+            self._check(opened)
+            skip = self._pos - opened.start  # a server that ignores Range resends what we already have
+            while skip:
+                try:
+                    data = opened.body.read(min(skip, _CHUNK))
+                except self._errors as exc:
+                    raise _Transient(_describe(exc)) from exc
+                if not data:
+                    raise _Transient(
+                        f"the response ended at byte {self._pos - skip} while skipping to byte {self._pos}"
+                        " (the server ignored Range)"
+                    )
+                skip -= len(data)
+        except BaseException:
+            opened.body.close()
+            raise
+        return opened.body
+
+    def _check(self, opened: _Opened) -> None:
+        if self._pos == 0 and self._version is None:
+            self._version = opened.version
+        elif opened.version is not None and self._version is not None and opened.version != self._version:
+            raise ObjectChangedError(
+                f"{self.url} changed while being read (was {self._version}, now {opened.version} at byte {self._pos})"
+            )
+        if opened.total is not None:
+            if self._end is not None and opened.total != self._end:
+                raise ObjectChangedError(
+                    f"{self.url} changed while being read (size was {self._end}, now {opened.total})"
+                )
+            self._end = opened.total
+        if opened.start > self._pos:
+            raise ObjectChangedError(
+                f"{self.url}: asked for bytes from {self._pos}, the server sent bytes from {opened.start}"
+            )
+
+
+# HTTP statuses worth retrying: request timeout, too early, too many requests, and any 5xx
+_HTTP_TRANSIENT = frozenset({408, 425, 429})
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+
+
+class _HTTPSource:
+    """GET through urllib (redirects and ``http(s)_proxy``/``no_proxy`` as urllib does them)."""
+
+    read_errors = (OSError, http.client.HTTPException)
+
+    def __init__(self, url: str, timeout: float):
+        self.url, self.timeout = url, timeout
+
+    def open(self, offset: int, version: str | None) -> _Opened:
+        headers = {"User-Agent": "wds_reinforce", "Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            status, reason = exc.code, exc.reason
+            if status in (404, 410):
+                raise FileNotFoundError(f"{self.url}: HTTP {status} {reason}") from None
+            if status == 416 and offset:  # asked from the very end of an object of unknown size: nothing left
+                found = _UNSATISFIED_RANGE.fullmatch((exc.headers.get("Content-Range") or "").strip())
+                if found and int(found.group(1)) == offset:
+                    return _Opened(io.BytesIO(), offset, offset, version)
+            if status >= 500 or status in _HTTP_TRANSIENT:
+                raise _Transient(f"HTTP {status} {reason}") from None
+            raise OSError(f"{self.url}: HTTP {status} {reason}") from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLCertVerificationError):
+                raise OSError(f"{self.url}: {exc.reason}") from None
+            reason = exc.reason
+            raise _Transient(_describe(reason) if isinstance(reason, BaseException) else str(reason)) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Transient(_describe(exc)) from exc
+        length = response.headers.get("Content-Length")
+        length = int(length) if length and length.strip().isdigit() else None
+        version = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        if response.status == 206:
+            found = _CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
+            if not found:
+                response.close()
+                raise OSError(f"{self.url}: a 206 response without a usable Content-Range")
+            start, total = int(found.group(1)), found.group(3)
+            return _Opened(response, start, int(total) if total != "*" else None, version)
+        return _Opened(response, 0, length, version)  # 200: the whole object, whatever we asked
+
+
+# S3 error codes worth retrying (besides any 5xx): throttling and timeouts
+_S3_TRANSIENT = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "TooManyRequestsException",
+    }
+)
+_S3_MISSING = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
+
+
+class _S3Source:
+    """GET (ranged from the current offset, ``IfMatch`` the first ETag) through ``s3_client()``."""
+
+    def __init__(self, url: str):
+        import botocore.exceptions as be
+        import urllib3.exceptions
+
+        self.url = url
+        self.bucket, self.key = s3_location(url)
+        self.read_errors = (
+            OSError,
+            http.client.HTTPException,
+            be.HTTPClientError,
+            be.ConnectionError,
+            be.IncompleteReadError,
+            urllib3.exceptions.HTTPError,
+        )
+        self._client_error = be.ClientError
+
+    def open(self, offset: int, version: str | None) -> _Opened:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
+        if offset:
+            args["Range"] = f"bytes={offset}-"
+        if version:
+            args["IfMatch"] = version
+        try:
+            response = s3_client().get_object(**args)
+        except self._client_error as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            message = error.get("Message") or ""
+            cause = f"{code} (HTTP {status})" + (f": {message}" if message else "")
+            if code in _S3_MISSING or status == 404:
+                raise FileNotFoundError(f"{self.url}: {code}") from None
+            if code == "PreconditionFailed" or status == 412:
+                raise ObjectChangedError(
+                    f"{self.url} changed while being read (no longer ETag {version} at byte {offset})"
+                ) from None
+            if status >= 500 or status == 429 or code in _S3_TRANSIENT:
+                raise _Transient(cause) from exc
+            raise OSError(f"{self.url}: {cause}") from None
+        except self.read_errors as exc:
+            raise _Transient(_describe(exc)) from exc
+        start, total = 0, response.get("ContentLength")
+        found = _CONTENT_RANGE.fullmatch(str(response.get("ContentRange") or "").strip())
+        if found:
+            start, total = int(found.group(1)), found.group(3)
+            total = int(total) if total != "*" else None
+        return _Opened(response["Body"], start, total, response.get("ETag"))
+
+
+def open_http(url: str) -> ResumableReader:
+    """A resumable stream over an ``http(s)://`` URL (the first request is made here)."""
+    policy = RetryPolicy.from_env()
+    return ResumableReader(_HTTPSource(url, policy.timeout), policy)
+
+
+def open_s3(url: str) -> ResumableReader:
+    """A resumable stream over an ``s3://bucket/key`` object (the first request is made here)."""
+    return ResumableReader(_S3Source(url))
