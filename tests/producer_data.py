@@ -37,7 +37,10 @@ def make_wds_shard(path: Path, per_class: int = 2, no_image: tuple[str, ...] = (
     for ci in range(len(CLASSES)):
         for i in range(per_class):
             key = f"s{ci}_{i}"
-            members += [(f"{key}.jpg", encode(photo_like(40, 44, seed=seed + 10 * ci + i), quality=85)), (f"{key}.cls", b"%d" % ci)]
+            members += [
+                (f"{key}.jpg", encode(photo_like(40, 44, seed=seed + 10 * ci + i), quality=85)),
+                (f"{key}.cls", b"%d" % ci),
+            ]
         if ci == 0:
             for key in no_image:
                 members += [(f"{key}.cls", b"1"), (f"{key}.txt", b"a caption, but no picture")]

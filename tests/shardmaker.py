@@ -10,15 +10,16 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from tests.conftest import encode, photo_like
-from wds_reinforce.augment import Recipe, SourceImage, replay
+from wds_reinforce.augment import Recipe, replay
+from wds_reinforce.decode import SourceImage
 from wds_reinforce.format import Manifest, ShardInfo, Sidecar, encode_sidecar
 
 Mutate = Callable[[str, str, bytes], "bytes | None"]  # (key, ext, data) -> data, or None to drop it

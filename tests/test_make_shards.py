@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tests.producer_data import TEACHER, cli_args, job_args, make_image_folder, tree_digest
-from wds_reinforce.writer import UsageError, make_shards, prepare_job
+from wds_reinforce.errors import UsageError
+from wds_reinforce.producer import make_shards, prepare_job
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import make_shards as cli  # noqa: E402
@@ -33,7 +34,9 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) before {what}: {proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(
+                f"process exited ({proc.returncode}) before {what}: {proc.stderr.read() if proc.stderr else ''}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.005)
@@ -68,15 +71,28 @@ def reference(source, tmp_path_factory):
         ({"--recipe": "{tmp}/missing.yaml"}, None, "does not exist"),
         ({"--topk": "4"}, None, "expected topk <= the 3 classes, got 4"),
         ({"--teacher-num-classes": "10"}, None, "expected a teacher with the source's 3 classes, got 10"),
-        ({"--out": "{tmp}/afile/out"}, None, "expected a writable --out"),
+        ({"--out": "{tmp}/afile/out"}, None, "expected a writable output folder"),
         ({"--rounds": "0"}, None, "expected rounds an integer >= 1, got 0"),
         ({"--teacher-checkpoint": "{tmp}/missing.pt"}, None, "expected a teacher checkpoint file"),
-        ({"--class-map": "{tmp}/missing.json"}, None, "expected --class-map to be a JSON file"),
-        ({"--teacher-checkpoint": "{tmp}/text.pt"}, None, "expected a torch state_dict checkpoint at '{tmp}/text.pt' (loaded with weights_only=True), got "),
-        ({"--teacher-checkpoint": "{tmp}/bytes.pt"}, None, "expected a torch state_dict checkpoint at '{tmp}/bytes.pt' (loaded with weights_only=True), got UnpicklingError: Unsupported operand"),
+        ({"--class-map": "{tmp}/missing.json"}, None, "expected class_map to be a JSON file"),
+        (
+            {"--teacher-checkpoint": "{tmp}/text.pt"},
+            None,
+            "expected a torch state_dict checkpoint at '{tmp}/text.pt' (loaded with weights_only=True), got ",
+        ),
+        (
+            {"--teacher-checkpoint": "{tmp}/bytes.pt"},
+            None,
+            "expected a torch state_dict checkpoint at '{tmp}/bytes.pt' (loaded with weights_only=True), "
+            "got UnpicklingError: Unsupported operand",
+        ),
         ({"--teacher-checkpoint": "{tmp}/zero.pt"}, None, "(loaded with weights_only=True), got EOFError: unreadable"),
         ({"--teacher-checkpoint": "{tmp}/other.zip"}, None, "(loaded with weights_only=True), got RuntimeError: "),
-        ({"--teacher-checkpoint": "{tmp}/cut.pt"}, None, "(loaded with weights_only=True), got RuntimeError: PytorchStreamReader failed"),
+        (
+            {"--teacher-checkpoint": "{tmp}/cut.pt"},
+            None,
+            "(loaded with weights_only=True), got RuntimeError: PytorchStreamReader failed",
+        ),
         ({"--teacher-checkpoint": "{tmp}/pickled.pt"}, None, "(loaded with weights_only=True), got UnpicklingError: "),
         ({"--source": "{tmp}/text.tar"}, None, "expected webdataset .tar shards, got {tmp}/text.tar: ReadError"),
     ],
@@ -96,7 +112,7 @@ def test_bad_arguments_fail_early(source, tmp_path, capsys, over, drop, match):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("device, match", [("cuda", "CUDA is not available"), ("gpu7", "expected --device auto, cpu")])
+@pytest.mark.parametrize("device, match", [("cuda", "CUDA is not available"), ("gpu7", "expected device auto, cpu")])
 def test_bad_device_fails_early(source, tmp_path, capsys, device, match):
     assert cli.main(cli_args(source, str(tmp_path / "out"), **{"--device": device})) == 2
     assert match in capsys.readouterr().err
@@ -145,7 +161,10 @@ def test_bad_argument_in_a_subprocess_has_no_traceback(source, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, TOOL, *cli_args(source, str(out), **{"--topk": "9"})],
-        capture_output=True, text=True, env=_env(), timeout=120,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -160,7 +179,12 @@ def test_config_yaml_gives_the_same_shards(source, reference, tmp_path):
     # Options from the file, except --out given on the command line (which wins).
     pairs = dict(zip(argv[0:-1:2], argv[1:-1:2]))
     pairs.pop("--out")
-    cfg.write_text("".join(f"{k[2:]}: {v!r}\n" if k in ("--source", "--teacher", "--device") else f"{k[2:]}: {v}\n" for k, v in pairs.items()))
+    cfg.write_text(
+        "".join(
+            f"{k[2:]}: {v!r}\n" if k in ("--source", "--teacher", "--device") else f"{k[2:]}: {v}\n"
+            for k, v in pairs.items()
+        )
+    )
     assert cli.main(["--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
     assert tree_digest(out) == tree_digest(reference)
 
@@ -197,7 +221,15 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
 
 def test_torchrun_two_ranks_match_one_process(source, reference, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TOOL, *cli_args(source, str(out))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        TOOL,
+        *cli_args(source, str(out)),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree_digest(out) == tree_digest(reference)
@@ -221,7 +253,11 @@ def test_s3_out_matches_local_and_resumes(source, reference, s3):
     assert summary.made == 3
     listed = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="reinforced", Prefix="run1/")["Contents"])
     assert [k for k in listed if not k.startswith("run1/.done/")] == [
-        "run1/_info.json", "run1/manifest.json", "run1/train-000000.tar", "run1/train-000001.tar", "run1/train-000002.tar",
+        "run1/_info.json",
+        "run1/manifest.json",
+        "run1/train-000000.tar",
+        "run1/train-000001.tar",
+        "run1/train-000002.tar",
     ]
     for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar", "manifest.json", "_info.json"):
         body = s3.get_object(Bucket="reinforced", Key=f"run1/{name}")["Body"].read()
@@ -232,5 +268,5 @@ def test_s3_out_matches_local_and_resumes(source, reference, s3):
 
 
 def test_s3_missing_bucket_is_a_usage_error(source, s3):
-    with pytest.raises(UsageError, match="expected a writable --out"):
+    with pytest.raises(UsageError, match="expected a writable output"):
         prepare_job(str(source), TEACHER, out="s3://no-such-bucket/x", **job_args())

@@ -76,11 +76,20 @@ def test_webdataset_sample_without_image_is_listed_not_dropped(tmp_path):
     src = open_source(str(make_wds_shard(tmp_path / "s.tar", per_class=1, no_image=("nopic",))))
     assert [src.key(i) for i in range(len(src))] == ["s0_0", "nopic", "s1_0", "s2_0"]
     assert [src[i].label for i in (0, 2, 3)] == [0, 1, 2]
-    with pytest.raises(SourceSampleError, match=r"no image member \(jpg/jpeg/png/webp\); members: \['cls', 'txt'\] \(sample 'nopic' in .*s\.tar\)") as info:
+    with pytest.raises(
+        SourceSampleError,
+        match=r"no image member \(jpg/jpeg/png/webp\); members: \['cls', 'txt'\] \(sample 'nopic' in .*s\.tar\)",
+    ) as info:
         src[1]
-    assert info.value.key == "nopic" and info.value.reason == "no image member (jpg/jpeg/png/webp); members: ['cls', 'txt']"
+    assert (
+        info.value.key == "nopic"
+        and info.value.reason == "no image member (jpg/jpeg/png/webp); members: ['cls', 'txt']"
+    )
     # The listing (and so the job's identity) includes it.
-    assert src.index_digest() != open_source(str(make_wds_shard(tmp_path / "t.tar", per_class=1, no_image=()))).index_digest()
+    assert (
+        src.index_digest()
+        != open_source(str(make_wds_shard(tmp_path / "t.tar", per_class=1, no_image=()))).index_digest()
+    )
 
 
 def test_webdataset_source_class_names_from_manifest(tmp_path):

@@ -28,10 +28,30 @@ def data(tmp_path):
 @pytest.mark.parametrize("targets", ["reinforced", "labels"])
 def test_train_runs_and_reports(data, targets):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "train.py"), "--data", str(data / "ds"), "--val", str(data / "val"),
-         "--epochs", "2", "--batch-size", "4", "--workers", "0", "--targets", targets, "--json",
-         "--save", str(data / "model.pt")],
-        capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            str(ROOT / "tools" / "train.py"),
+            "--data",
+            str(data / "ds"),
+            "--val",
+            str(data / "val"),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--targets",
+            targets,
+            "--json",
+            "--save",
+            str(data / "model.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["targets"] == targets and result["steps"] == 2 * (16 // 4)
@@ -45,7 +65,9 @@ def test_train_runs_and_reports(data, targets):
 def test_train_missing_data_is_a_one_line_error(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "train.py"), "--data", str(tmp_path / "none"), "--val", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 2
     assert out.stderr.startswith("train.py: error: cannot read") and "Traceback" not in out.stderr
@@ -53,9 +75,19 @@ def test_train_missing_data_is_a_one_line_error(tmp_path):
 
 def test_train_bad_recipe_is_a_one_line_error(data):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "train.py"), "--data", str(data / "ds"), "--val", str(data / "val"),
-         "--recipe", "rrc+mixup"],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "train.py"),
+            "--data",
+            str(data / "ds"),
+            "--val",
+            str(data / "val"),
+            "--recipe",
+            "rrc+mixup",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 2
     assert out.stderr.startswith("train.py: error: unknown recipe 'rrc+mixup'") and "Traceback" not in out.stderr
@@ -65,10 +97,30 @@ def test_train_under_torchrun_with_two_cpu_ranks(data):
     """DDP on gloo: both ranks step together and rank 0 reports."""
     make_shards(data / "ds4", num_shards=4, per_shard=8, rounds=3, num_classes=3, size=32, record_pixels=False)
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "tools" / "train.py"), "--data", str(data / "ds4"), "--val", str(data / "val"),
-         "--epochs", "1", "--batch-size", "4", "--workers", "1", "--json"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "tools" / "train.py"),
+            "--data",
+            str(data / "ds4"),
+            "--val",
+            str(data / "val"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--workers",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
@@ -85,6 +137,8 @@ def test_train_under_torchrun_with_two_cpu_ranks(data):
 )
 def test_train_bad_arguments_are_one_line_errors(data, extra, message):
     args = ["--data", str(data / "ds"), "--val", str(data / "val"), *extra]
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), *args], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith("train.py: error: ") and message in out.stderr

@@ -33,7 +33,11 @@ def test_tampered_shard_fails_with_shard_name(made):
 
 def test_removed_sample_fails(tmp_path):
     made = make_shards(
-        tmp_path / "ds", num_shards=2, per_shard=3, record_pixels=False, mutate=lambda key, ext, data: None if key == "s01_0002" else data
+        tmp_path / "ds",
+        num_shards=2,
+        per_shard=3,
+        record_pixels=False,
+        mutate=lambda key, ext, data: None if key == "s01_0002" else data,
     )
     report = verify_shards(str(made.root))
     messages = [str(p) for p in report.problems]
@@ -79,8 +83,8 @@ def test_grid_shows_every_round(made, tmp_path):
 
 def test_producer_shards_pass_the_teacher_check(tmp_path):
     from tests.producer_data import TEACHER, job_args, make_image_folder
+    from wds_reinforce.producer import make_shards as produce
     from wds_reinforce.teacher import load_teacher
-    from wds_reinforce.writer import make_shards as produce
 
     source = make_image_folder(tmp_path / "src", per_class=3, corrupt=False)
     produce(str(source), TEACHER, out=str(tmp_path / "out"), **job_args())
@@ -95,7 +99,8 @@ def _inspect(*args):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, str(root / "tools" / "inspect_shards.py"), *args], capture_output=True, text=True, cwd=root)
+    tool = str(root / "tools" / "inspect_shards.py")
+    return subprocess.run([sys.executable, tool, *args], capture_output=True, text=True, cwd=root)
 
 
 def test_inspect_cli_exit_status(made, tmp_path):
@@ -123,3 +128,120 @@ def test_sidecar_without_a_recipe_column_fails(tmp_path):
     report = verify_shards(str(made.root))
     assert [(p.key, p.message.split(":")[0]) for p in report.problems] == [("s00_0002", "bad sidecar")]
     assert "expected op columns" in report.problems[0].message
+
+
+# ----------------------------------------------------------------------------------------
+# Shards cut mid-member, and keys split as webdataset splits them
+
+
+def _member_spans(path: Path) -> dict[str, tuple[int, int, int]]:
+    """member name -> (header offset, data offset, data size)."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return {m.name: (m.offset, m.offset_data, m.size) for m in tar.getmembers()}
+
+
+@pytest.fixture
+def nine(tmp_path):
+    return make_shards(tmp_path / "ds", num_shards=1, per_shard=9, record_pixels=False)
+
+
+@pytest.mark.parametrize("ext", ["jpg", "cls", "dr.mp"])
+def test_cut_inside_a_member_names_the_cut_sample(nine, ext):
+    # The old reader named the last sample it had finished (the 6th, or the 5th for a cut in the
+    # 7th's first member) and counted only what it had yielded.
+    seventh = nine.keys[6]
+    path = Path(nine.urls[0])
+    _, start, size = _member_spans(path)[f"{seventh}.{ext}"]
+    path.write_bytes(path.read_bytes()[: start + size // 2])
+    report = verify_shards(str(nine.root))
+    cut = [p for p in report.problems if "cut" in p.message]
+    assert [p.key for p in cut] == [seventh], [str(p) for p in report.problems]
+    assert f"'{seventh}.{ext}'" in cut[0].message and "after 6 complete samples" in cut[0].message
+    assert report.samples == 6
+    messages = [str(p) for p in report.problems]
+    assert "shard-000000.tar: 6 samples, the manifest says 9" in messages
+    assert not any(p.key in nine.keys[:6] for p in report.problems), messages
+
+
+def test_cut_inside_the_first_member_of_the_next_sample_counts_the_one_before(nine):
+    path = Path(nine.urls[0])
+    _, start, size = _member_spans(path)[f"{nine.keys[7]}.jpg"]
+    path.write_bytes(path.read_bytes()[: start + size // 2])
+    report = verify_shards(str(nine.root))
+    assert [p.key for p in report.problems if p.key] == [nine.keys[7]]
+    assert "after 7 complete samples" in report.problems[0].message and report.samples == 7
+
+
+def test_cut_between_members_is_reported_on_the_cut_sample(nine):
+    # tarfile ends quietly at a missing header: without the end-of-archive marker, the last
+    # sample may lack members, and the verifier says so on that sample.
+    seventh = nine.keys[6]
+    path = Path(nine.urls[0])
+    header, _, _ = _member_spans(path)[f"{seventh}.dr.mp"]
+    path.write_bytes(path.read_bytes()[:header])
+    report = verify_shards(str(nine.root))
+    by_key = [(p.key, p.message) for p in report.problems if p.key]
+    assert [k for k, _ in by_key] == [seventh, seventh]
+    assert by_key[0][1] == "no dr.mp member"
+    assert "without the end-of-archive marker" in by_key[1][1] and "6 complete samples" in by_key[1][1]
+
+
+def test_whole_samples_without_the_end_marker_are_reported(nine):
+    path = Path(nine.urls[0])
+    _, start, size = _member_spans(path)[f"{nine.keys[-1]}.dr.mp"]
+    path.write_bytes(path.read_bytes()[: -(-(start + size) // 512) * 512])  # the members, no end blocks
+    report = verify_shards(str(nine.root))
+    assert report.samples == 9
+    assert [p.key for p in report.problems if p.key] == [nine.keys[-1]]
+    assert "without the end-of-archive marker" in report.problems[0].message
+
+
+def test_inspect_cli_names_the_cut_sample(nine, capsys):
+    from wds_reinforce.cli.inspect_shards import main  # what tools/inspect_shards.py runs, in-process
+
+    seventh = nine.keys[6]
+    path = Path(nine.urls[0])
+    _, start, size = _member_spans(path)[f"{seventh}.dr.mp"]
+    path.write_bytes(path.read_bytes()[: start + size // 2])
+    assert main([str(nine.root), "--no-progress", "--no-decode"]) == 1
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if " key " in line]
+    assert len(lines) == 1 and lines[0].startswith(f"FAIL shard-000000.tar key {seventh}: shard cut inside member")
+    assert "after 6 complete samples" in lines[0]
+    assert "FAIL shard-000000.tar: 6 samples, the manifest says 9" in out.out
+
+
+def test_keys_are_split_as_webdataset_splits_them(tmp_path):
+    """A dot in a directory name stays in the key; the key ends at the basename's first dot."""
+    import dataclasses
+    import hashlib
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    made = make_shards(tmp_path / "ds", num_shards=1, per_shard=3, record_pixels=False)
+    path = Path(made.urls[0])
+    buf = io.BytesIO()
+    with tarfile.open(path) as src, tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+        for info in src.getmembers():
+            data = src.extractfile(info).read()
+            info.name = f"a.b/{info.name}"
+            dst.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+    wds_keys = [s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)]
+    assert wds_keys == [f"a.b/{k}" for k in made.keys]
+    shard = dataclasses.replace(
+        made.manifest.shards[0],
+        bytes=len(buf.getvalue()),
+        sha256=hashlib.sha256(buf.getvalue()).hexdigest(),
+        first_key=wds_keys[0],
+        last_key=wds_keys[-1],
+    )
+    (made.root / "manifest.json").write_text(dataclasses.replace(made.manifest, shards=[shard]).to_json())
+    report = verify_shards(str(made.root))
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.samples == 3
+    assert draw_rounds(str(made.root), str(tmp_path / "g.png"), key=wds_keys[1]) == wds_keys[1]

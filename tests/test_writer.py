@@ -9,10 +9,13 @@ import torch
 import webdataset as wds
 
 from tests.producer_data import CLASSES, TEACHER, job_args, make_image_folder, make_wds_shard, tree_digest
-from wds_reinforce.augment import Recipe, SourceImage, replay
+from wds_reinforce.augment import Recipe, replay
+from wds_reinforce.decode import SourceImage
+from wds_reinforce.errors import UsageError
 from wds_reinforce.format import Manifest, decode_sidecar
-from wds_reinforce.teacher import load_teacher, topk
-from wds_reinforce.writer import UsageError, make_shards, prepare_job
+from wds_reinforce.producer import make_shards, prepare_job
+from wds_reinforce.targets import topk
+from wds_reinforce.teacher import load_teacher
 
 torch.set_num_threads(1)
 
@@ -146,7 +149,13 @@ def test_class_map_restricts_a_larger_teacher(source, tmp_path):
     cmap = tmp_path / "map.json"
     cmap.write_text(json.dumps({"cat": 7, "dog": 2, "eel": 9}))
     out = tmp_path / "out"
-    make_shards(str(source), TEACHER, out=str(out), class_map=str(cmap), **job_args(teacher_num_classes=10, rounds=1, shard_size=20))
+    make_shards(
+        str(source),
+        TEACHER,
+        out=str(out),
+        class_map=str(cmap),
+        **job_args(teacher_num_classes=10, rounds=1, shard_size=20),
+    )
     manifest = Manifest.from_json((out / "manifest.json").read_text())
     assert manifest.num_classes == 3 and manifest.teacher["class_map"] == [7, 2, 9]
     with tarfile.open(out / "train-000000.tar") as tar:
@@ -155,36 +164,19 @@ def test_class_map_restricts_a_larger_teacher(source, tmp_path):
     assert 2 / 3 - 1e-2 <= float(sc.prob[0].astype(np.float32).sum()) <= 1 + 1e-2  # top-2 of 3 renormalised classes
     with pytest.raises(UsageError, match="cover every source class"):
         cmap.write_text(json.dumps({"cat": 7}))
-        prepare_job(str(source), TEACHER, out=str(tmp_path / "o2"), class_map=str(cmap), **job_args(teacher_num_classes=10))
-
-
-def test_checkpoint_sets_classes_and_ensemble_averages(tmp_path):
-    import timm
-
-    model = timm.create_model("test_resnet", num_classes=5)
-    ckpt = tmp_path / "t.pt"
-    torch.save(model.state_dict(), ckpt)
-    one = load_teacher(TEACHER, str(ckpt), device="cpu")
-    assert one.num_classes == 5
-    two = load_teacher([TEACHER, TEACHER], [str(ckpt), None], num_classes=5, device="cpu")
-    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    rnd = load_teacher(TEACHER, num_classes=5, device="cpu")
-    torch.testing.assert_close(two.predict(x), (one.predict(x) + rnd.predict(x)) / 2)
-    assert len(two.describe()["members"]) == 2
-
-
-def test_topk_sorted_fp16_and_ties_by_class_id():
-    probs = torch.tensor([[0.1, 0.4, 0.1, 0.4], [0.7, 0.1, 0.1, 0.1]])
-    idx, prob = topk(probs, 3)
-    assert idx.tolist() == [[1, 3, 0], [0, 1, 2]]
-    assert prob.dtype == np.float16 and np.all(np.diff(prob.astype(np.float32), axis=1) <= 0)
-    with pytest.raises(ValueError, match="top-k"):
-        topk(probs, 5)
+        prepare_job(
+            str(source), TEACHER, out=str(tmp_path / "o2"), class_map=str(cmap), **job_args(teacher_num_classes=10)
+        )
 
 
 def test_exact_replay_with_randaugment_erasing_and_reduced_decode(source, tmp_path):
     out = tmp_path / "out"
-    make_shards(str(source), TEACHER, out=str(out), **job_args(recipe="rrc+ra/re", decode="reduced", image_size=16, rounds=6, shard_size=20))
+    make_shards(
+        str(source),
+        TEACHER,
+        out=str(out),
+        **job_args(recipe="rrc+ra/re", decode="reduced", image_size=16, rounds=6, shard_size=20),
+    )
     manifest = Manifest.from_json((out / "manifest.json").read_text())
     recipe = Recipe.from_dict(manifest.recipe)
     assert recipe.decode == "reduced" and manifest.num_samples == 12
@@ -250,11 +242,19 @@ def test_manifest_counts_a_done_marker_only_with_its_shard_intact(source, tmp_pa
     # As rank 0 under torchrun, waiting for other ranks: their stale markers must not count.
     job = prepare_job(str(source), TEACHER, out=str(out), **job_args(rounds=1))
     job.wait_timeout = 0.0
-    with pytest.raises(TimeoutError, match=r"expected every shard finished and matching its done marker, got 2 not .*\['train-000000.tar', 'train-000002.tar'\]"):
+    with pytest.raises(
+        TimeoutError,
+        match=r"expected every shard finished and matching its done marker, got 2 not "
+        r".*\['train-000000.tar', 'train-000002.tar'\]",
+    ):
         job._wait_all_done()
     assert not (out / "manifest.json").exists()
     # Once the shards are back (here: remade by a rerun), the same wait accepts them.
     make_shards(str(source), TEACHER, out=str(out), **job_args(rounds=1))
     job = prepare_job(str(source), TEACHER, out=str(out), **job_args(rounds=1))
     job.wait_timeout = 0.0
-    assert [d["shard"]["name"] for d in job._wait_all_done()] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [d["shard"]["name"] for d in job._wait_all_done()] == [
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+    ]

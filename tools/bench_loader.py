@@ -33,11 +33,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import webdataset as wds  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-from wds_reinforce.augment import Recipe, SourceImage  # noqa: E402
+from wds_reinforce.augment import Recipe  # noqa: E402
+from wds_reinforce.dataset import ReinforcedDataset  # noqa: E402
+from wds_reinforce.decode import SourceImage  # noqa: E402
 from wds_reinforce.demo import photo_like  # noqa: E402
-from wds_reinforce.format import Manifest, ShardInfo, Sidecar, decode_sidecar, encode_sidecar  # noqa: E402
-from wds_reinforce.format import check_topk  # noqa: E402
-from wds_reinforce.loader import ReinforcedDataset, _dense_row, round_for  # noqa: E402
+from wds_reinforce.format import (  # noqa: E402
+    Manifest,
+    ShardInfo,
+    Sidecar,
+    check_topk,  # noqa: E402
+    decode_sidecar,
+    encode_sidecar,
+)
+from wds_reinforce.schedule import round_for  # noqa: E402
+from wds_reinforce.targets import dense_row  # noqa: E402
+from wds_reinforce.writer import write_tar  # noqa: E402
 
 NUM_CLASSES = 1000
 
@@ -48,15 +58,14 @@ def _jpeg(arr: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def make_bench_shards(root: Path, images: int, shards: int, rounds: int, topk: int, quality: int, size: int = 224) -> dict:
+def make_bench_shards(
+    root: Path, images: int, shards: int, rounds: int, topk: int, quality: int, size: int = 224
+) -> dict:
     """Plain shards (jpg, cls) and reinforced shards for the full and reduced rrc recipes."""
-    recipes = {"full": Recipe.from_spec("rrc", size=size), "reduced": Recipe.from_spec("rrc", size=size, decode="reduced")}
+    recipes = {
+        "full": Recipe.from_spec("rrc", size=size),
+        "reduced": Recipe.from_spec("rrc", size=size, decode="reduced"),
+    }
     rng = np.random.default_rng(0)
     jpegs = []
     for i in range(images):
@@ -71,21 +80,21 @@ def make_bench_shards(root: Path, images: int, shards: int, rounds: int, topk: i
         infos = []
         for s in range(shards):
             keys = [f"img{i:06d}" for i in range(s * per, min(images, (s + 1) * per))]
+            members = []
+            for key in keys:
+                i = int(key[3:])
+                members += [(f"{key}.jpg", jpegs[i]), (f"{key}.cls", str(i % NUM_CLASSES).encode())]
+                if kind != "plain":
+                    recipe = recipes[kind]
+                    cols = recipe.sample_rounds(0, key, rounds, SourceImage(jpegs[i]).size)
+                    idx = np.stack([rng.choice(NUM_CLASSES, topk, replace=False) for _ in range(rounds)])
+                    prob = rng.dirichlet(np.ones(topk) * 0.3, size=rounds) * 0.9
+                    prob = -np.sort(-prob.astype(np.float16), axis=1)
+                    data = encode_sidecar(Sidecar(recipe.fingerprint, idx, prob, cols))
+                    sidecar_bytes.append(len(data))
+                    members.append((f"{key}.dr.mp", data))
             buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key in keys:
-                    i = int(key[3:])
-                    _add(tar, f"{key}.jpg", jpegs[i])
-                    _add(tar, f"{key}.cls", str(i % NUM_CLASSES).encode())
-                    if kind != "plain":
-                        recipe = recipes[kind]
-                        cols = recipe.sample_rounds(0, key, rounds, SourceImage(jpegs[i]).size)
-                        idx = np.stack([rng.choice(NUM_CLASSES, topk, replace=False) for _ in range(rounds)])
-                        prob = rng.dirichlet(np.ones(topk) * 0.3, size=rounds) * 0.9
-                        prob = -np.sort(-prob.astype(np.float16), axis=1)
-                        data = encode_sidecar(Sidecar(recipe.fingerprint, idx, prob, cols))
-                        sidecar_bytes.append(len(data))
-                        _add(tar, f"{key}.dr.mp", data)
+            write_tar(buf, iter(members))
             data = buf.getvalue()
             name = f"shard-{s:06d}.tar"
             (folder / name).write_bytes(data)
@@ -94,7 +103,9 @@ def make_bench_shards(root: Path, images: int, shards: int, rounds: int, topk: i
             out["plain"] = [str(folder / i.name) for i in infos]
             continue
         recipe = recipes[kind]
-        manifest = Manifest(recipe.to_dict(), recipe.fingerprint.hex(), {"name": "fake"}, NUM_CLASSES, rounds, topk, 0, shards=infos)
+        manifest = Manifest(
+            recipe.to_dict(), recipe.fingerprint.hex(), {"name": "fake"}, NUM_CLASSES, rounds, topk, 0, shards=infos
+        )
         (folder / "manifest.json").write_text(manifest.to_json())
         out[kind] = str(folder)
     out["sidecar_kb"] = float(np.mean(sidecar_bytes) / 1024)
@@ -103,13 +114,25 @@ def make_bench_shards(root: Path, images: int, shards: int, rounds: int, topk: i
 
 def _v1_pipeline(urls: list[str], size: int) -> wds.WebDataset:
     transform = T.Compose(
-        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+        [
+            T.RandomResizedCrop(size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
     )
-    return wds.WebDataset(urls, shardshuffle=False, nodesplitter=None).decode("pil").to_tuple("jpg", "cls").map_tuple(transform, lambda c: c)
+    return (
+        wds.WebDataset(urls, shardshuffle=False, nodesplitter=None)
+        .decode("pil")
+        .to_tuple("jpg", "cls")
+        .map_tuple(transform, lambda c: c)
+    )
 
 
 def _throughput(dataset, workers: int, batch_size: int, passes: int) -> float:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0
+    )
     best = 0.0
     for _ in range(passes):
         count, start = 0, time.perf_counter()
@@ -128,13 +151,15 @@ def _sidecar_share(folder: str, rounds: int) -> dict:
     raws = []
     for url in ds.urls:
         with tarfile.open(url) as tar:
-            raws += [(m.name.split(".")[0], tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".dr.mp")]
+            raws += [
+                (m.name.split(".")[0], tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".dr.mp")
+            ]
     start = time.perf_counter()
     for key, raw in raws:
         sc = decode_sidecar(raw, key)
         r = round_for(0, key, 1, rounds)
         check_topk(sc.idx[r], sc.prob[r], NUM_CLASSES)
-        _dense_row(sc.idx[r], sc.prob[r], NUM_CLASSES, "smooth")
+        dense_row(sc.idx[r], sc.prob[r], NUM_CLASSES, "smooth")
         sc.round_params(r)
     sidecar = (time.perf_counter() - start) / len(raws)
     return {"per_sample_ms": per_sample * 1e3, "sidecar_ms": sidecar * 1e3, "sidecar_share": sidecar / per_sample}
@@ -179,7 +204,10 @@ def run(
         result["ratio_full"] = round(rates["reinforced_full"] / rates["plain_v1"], 3)
         result["ratio_reduced"] = round(rates["reinforced_reduced"] / rates["plain_v1"], 3)
         result["ratio_full_float"] = round(rates["reinforced_full_float"] / rates["plain_v1"], 3)
-        result["targets"] = {"ratio_full>=1.0": result["ratio_full"] >= 1.0, "ratio_reduced>=1.5": result["ratio_reduced"] >= 1.5}
+        result["targets"] = {
+            "ratio_full>=1.0": result["ratio_full"] >= 1.0,
+            "ratio_reduced>=1.5": result["ratio_reduced"] >= 1.5,
+        }
         result["single_process_full"] = {k: round(v, 4) for k, v in _sidecar_share(made["full"], rounds).items()}
     return result
 
@@ -200,7 +228,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.shards < max(args.workers, 1):
         parser.error(f"expected --shards >= --workers, got {args.shards} < {args.workers}")
-    result = run(args.images, args.shards, args.workers, args.batch_size, args.rounds, args.topk, args.passes, args.quality, args.size, args.repeats)
+    result = run(
+        args.images,
+        args.shards,
+        args.workers,
+        args.batch_size,
+        args.rounds,
+        args.topk,
+        args.passes,
+        args.quality,
+        args.size,
+        args.repeats,
+    )
     if args.json:
         print(json.dumps(result, indent=1))
     else:

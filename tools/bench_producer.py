@@ -31,7 +31,13 @@ def _photo(height: int, width: int, seed: int) -> bytes:
     """A smooth, textured photo-like JPEG (gradients, blobs, noise) of ~quality 90."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.stack([120 + 80 * np.sin(x / rng.uniform(20, 80) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(20, 80)) for _ in range(3)], -1)
+    img = np.stack(
+        [
+            120 + 80 * np.sin(x / rng.uniform(20, 80) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(20, 80))
+            for _ in range(3)
+        ],
+        -1,
+    )
     for _ in range(6):
         cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(10, max(height, width) / 3)
         mask = (y - cy) ** 2 + (x - cx) ** 2 < r * r
@@ -67,8 +73,9 @@ def bench(
     repeat: int = 2,
 ) -> dict:
     """Time the teacher alone, then the whole producer, on the same images, rounds and batches."""
+    from wds_reinforce.producer import prepare_job
     from wds_reinforce.teacher import load_teacher
-    from wds_reinforce.writer import _ReplayDataset, prepare_job
+    from wds_reinforce.writer import ReplayDataset
 
     tmp = tempfile.mkdtemp(prefix="bench_producer_")
     src = _write_source(tmp, images, *source_size)
@@ -76,13 +83,22 @@ def bench(
 
     def job(i: int):
         return prepare_job(
-            src, model, out=os.path.join(tmp, f"out{i}"), recipe=recipe, image_size=image_size, rounds=rounds,
-            topk=10, shard_size=images, batch_size=batch_size, workers=workers, progress=False,
+            src,
+            model,
+            out=os.path.join(tmp, f"out{i}"),
+            recipe=recipe,
+            image_size=image_size,
+            rounds=rounds,
+            topk=10,
+            shard_size=images,
+            batch_size=batch_size,
+            workers=workers,
+            progress=False,
         )
 
     first = job(0)
     # The exact batches the producer will feed the teacher, replayed up front (not timed).
-    ds = _ReplayDataset(first.source, range(len(first.source)), first.recipe, first.seed, rounds)
+    ds = ReplayDataset(first.source, range(len(first.source)), first.recipe, first.seed, rounds)
     pixels = torch.cat([ds[i]["images"] for i in range(len(ds))])
     batches = [b.clone() for b in torch.split(pixels, batch_size)]  # own memory, as the producer's stacked batches
     for b in batches:
@@ -132,7 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="alternating timed runs of each; the best counts")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    result = bench(args.teacher, args.images, args.rounds, args.image_size, args.batch_size, args.workers, args.device, args.recipe, repeat=args.repeat)
+    result = bench(
+        args.teacher,
+        args.images,
+        args.rounds,
+        args.image_size,
+        args.batch_size,
+        args.workers,
+        args.device,
+        args.recipe,
+        repeat=args.repeat,
+    )
     if args.json:
         print(json.dumps(result))
     else:

@@ -44,7 +44,9 @@ def _run(cmd: list[str], log: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="experiment.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="experiment.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--root", default="shards/experiment", help="work folder (default shards/experiment)")
     p.add_argument("--demo", default="shards/demo", help="the demo folder whose images are used (default shards/demo)")
     p.add_argument("--teacher-model", default="resnet18")
@@ -68,15 +70,49 @@ def main(argv: list[str] | None = None) -> int:
     train_dir = make_demo_images(demo / "source" / "train", 400, seed=0)
     # A held-out split larger than the demo's, so that a point of top-1 is above the noise.
     val_dir = make_demo_images(root / "val", 200, seed=2)
-    common = ["--val", str(val_dir), "--eval-crop-pct", "1.0", "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--json"]
+    common = [
+        "--val",
+        str(val_dir),
+        "--eval-crop-pct",
+        "1.0",
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--json",
+    ]
     started = time.perf_counter()
 
     # Plain shards of the source (a random-init teacher, top-1): the teacher trains from them on labels.
     plain = root / "plain"
     if not (plain / "manifest.json").is_file():
-        subprocess.run([py, "tools/make_shards.py", "--source", str(train_dir), "--teacher", "timm:resnet10t",
-                        "--teacher-num-classes", str(len(DEMO_CLASSES)), "--image-size", "64", "--rounds", "1", "--topk", "1",
-                        "--shard-size", "600", "--workers", "1", "--out", str(plain), "--no-progress"], cwd=ROOT, check=True)
+        subprocess.run(
+            [
+                py,
+                "tools/make_shards.py",
+                "--source",
+                str(train_dir),
+                "--teacher",
+                "timm:resnet10t",
+                "--teacher-num-classes",
+                str(len(DEMO_CLASSES)),
+                "--image-size",
+                "64",
+                "--rounds",
+                "1",
+                "--topk",
+                "1",
+                "--shard-size",
+                "600",
+                "--workers",
+                "1",
+                "--out",
+                str(plain),
+                "--no-progress",
+            ],
+            cwd=ROOT,
+            check=True,
+        )
     teacher_ckpt = root / f"teacher_{args.teacher_model}_{args.teacher_epochs}ep.pt"
     teacher_log = root / "teacher.json"
     if not teacher_ckpt.is_file() or not teacher_log.is_file():
@@ -84,10 +120,28 @@ def main(argv: list[str] | None = None) -> int:
         # carry a wrong one-hot label, which a teacher should not learn from.
         teacher_recipe = root / "teacher_recipe.json"
         teacher_recipe.write_text(json.dumps({"ops": [{"op": "rrc", "scale": [0.35, 1.0]}, {"op": "flip", "p": 0.5}]}))
-        result = _run([py, "tools/train.py", "--data", str(plain), "--targets", "labels", "--model", args.teacher_model,
-                       "--recipe", str(teacher_recipe), "--epochs", str(args.teacher_epochs), "--seed", "0",
-                       "--save", str(teacher_ckpt), *common],
-                      root / "teacher.log")
+        result = _run(
+            [
+                py,
+                "tools/train.py",
+                "--data",
+                str(plain),
+                "--targets",
+                "labels",
+                "--model",
+                args.teacher_model,
+                "--recipe",
+                str(teacher_recipe),
+                "--epochs",
+                str(args.teacher_epochs),
+                "--seed",
+                "0",
+                "--save",
+                str(teacher_ckpt),
+                *common,
+            ],
+            root / "teacher.log",
+        )
         teacher_log.write_text(json.dumps(result))
     teacher = json.loads(teacher_log.read_text())
     print(f"teacher timm:{args.teacher_model}: val top-1 {teacher['top1']:.2f} % ({teacher['train_seconds']:.0f} s)")
@@ -95,19 +149,58 @@ def main(argv: list[str] | None = None) -> int:
     shards = root / f"reinforced_r{args.rounds}_k{args.topk}"
     t0 = time.perf_counter()
     subprocess.run(
-        [py, "tools/make_shards.py", "--source", str(train_dir), "--teacher", f"timm:{args.teacher_model}",
-         "--teacher-checkpoint", str(teacher_ckpt), "--image-size", "64", "--rounds", str(args.rounds),
-         "--topk", str(args.topk), "--shard-size", "600", "--workers", "1", "--out", str(shards), "--no-progress"],
-        cwd=ROOT, check=True)
+        [
+            py,
+            "tools/make_shards.py",
+            "--source",
+            str(train_dir),
+            "--teacher",
+            f"timm:{args.teacher_model}",
+            "--teacher-checkpoint",
+            str(teacher_ckpt),
+            "--image-size",
+            "64",
+            "--rounds",
+            str(args.rounds),
+            "--topk",
+            str(args.topk),
+            "--shard-size",
+            "600",
+            "--workers",
+            "1",
+            "--out",
+            str(shards),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     reinforce_seconds = time.perf_counter() - t0
 
     runs = []
     for seed in args.seeds:
         for targets in ("labels", "reinforced"):
             # Both arms read the same shards; the labels arm ignores the sidecars (p=0, fresh augmentations).
-            result = _run([py, "tools/train.py", "--data", str(shards), "--targets", targets, "--model", args.student_model,
-                           "--epochs", str(args.student_epochs), "--seed", str(seed), "--p", str(args.p), *common],
-                          root / f"student_{targets}_{seed}.log")
+            result = _run(
+                [
+                    py,
+                    "tools/train.py",
+                    "--data",
+                    str(shards),
+                    "--targets",
+                    targets,
+                    "--model",
+                    args.student_model,
+                    "--epochs",
+                    str(args.student_epochs),
+                    "--seed",
+                    str(seed),
+                    "--p",
+                    str(args.p),
+                    *common,
+                ],
+                root / f"student_{targets}_{seed}.log",
+            )
             runs.append(result)
             if args.json:
                 print(json.dumps(result))
@@ -117,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         return sum(vals) / len(vals)
 
     print()
-    print(f"| student timm:{args.student_model}, {args.student_epochs} epochs | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | time / run |")
+    print(
+        f"| student timm:{args.student_model}, {args.student_epochs} epochs | "
+        + " | ".join(f"seed {s}" for s in args.seeds)
+        + " | mean | time / run |"
+    )
     print("|---|" + "---|" * (len(args.seeds) + 2))
     for targets in ("labels", "reinforced"):
         rows = [r for r in runs if r["targets"] == targets]
@@ -126,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         name = "plain labels" if targets == "labels" else f"reinforced ({args.rounds} rounds, top-{args.topk})"
         print(f"| {name} | {cells} | {mean(targets):.2f} | {secs:.0f} s |")
     print()
-    print(f"gain: {mean('reinforced') - mean('labels'):+.2f} points top-1 (mean over seeds {args.seeds}); "
-          f"teacher timm:{args.teacher_model} {teacher['top1']:.2f} %; reinforcing took {reinforce_seconds:.0f} s; "
-          f"total {time.perf_counter() - started:.0f} s")
+    print(
+        f"gain: {mean('reinforced') - mean('labels'):+.2f} points top-1 (mean over seeds {args.seeds}); "
+        f"teacher timm:{args.teacher_model} {teacher['top1']:.2f} %; reinforcing took {reinforce_seconds:.0f} s; "
+        f"total {time.perf_counter() - started:.0f} s"
+    )
     return 0
 
 

@@ -1,79 +1,18 @@
 #!/usr/bin/env python
 """Verify reinforced shards against their manifest (and the teacher), or draw one sample's rounds.
 
-Checks every shard's byte count and sha256, sample counts and first/last keys, that keys are
-unique, that every sidecar decodes with all its rounds and top-k entries, and that every image
-decodes. With --teacher it replays random (sample, round) pairs, reruns the teacher and reports
-the largest probability difference and the top-1 agreement with the stored outputs. Exit status
-0 when all is well, 1 with a line per problem (shard and key), 2 for bad arguments.
-
-    python tools/inspect_shards.py shards/demo
-    python tools/inspect_shards.py shards/demo --teacher timm:resnet18 \\
-        --teacher-checkpoint shards/demo/teacher.pth --checks 64
-    python tools/inspect_shards.py shards/demo --grid rounds.png
+Also installed as ``wdsr-inspect``.
+The command lives in ``wds_reinforce.cli.inspect_shards``; see ``--help``.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from wds_reinforce.cli.inspect_shards import build_parser, main  # noqa: E402
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="inspect_shards.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("location", help="shard folder, http(s):// or s3:// prefix holding manifest.json, or the manifest's URL")
-    p.add_argument("--teacher", action="append", help="timm:NAME (repeat or comma-separate for an ensemble) to recheck outputs")
-    p.add_argument("--teacher-checkpoint", action="append", help="state_dict per teacher member (weights_only=True)")
-    p.add_argument("--checks", type=int, default=32, help="(sample, round) pairs to replay through the teacher (default 32)")
-    p.add_argument("--tolerance", type=float, default=0.02, help="largest allowed probability difference (default 0.02)")
-    p.add_argument("--device", default="auto", help="teacher device: auto (default), cpu, cuda")
-    p.add_argument("--seed", type=int, default=0, help="picks the pairs to check (default 0)")
-    p.add_argument("--no-decode", action="store_true", help="skip decoding every image (faster)")
-    p.add_argument("--grid", metavar="PNG", help="draw one sample's rounds with the stored top-3 into PNG, then stop")
-    p.add_argument("--key", help="with --grid: the sample to draw (default: the first)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from wds_reinforce.format import FormatError
-    from wds_reinforce.verify import draw_rounds, verify_shards
-
-    try:
-        if args.grid:
-            key = draw_rounds(args.location, args.grid, key=args.key)
-            print(f"wrote {args.grid}: the rounds of sample {key}")
-            return 0
-        teacher = None
-        if args.teacher:
-            from wds_reinforce.teacher import Teacher
-
-            if args.checks < 1:
-                raise ValueError(f"expected --checks >= 1, got {args.checks}")
-            teacher = Teacher(args.teacher, args.teacher_checkpoint, device=args.device)
-        report = verify_shards(
-            args.location,
-            teacher=teacher,
-            checks=args.checks,
-            tolerance=args.tolerance,
-            seed=args.seed,
-            decode_images=not args.no_decode,
-            progress=not args.no_progress,
-        )
-    except (FileNotFoundError, FormatError, ValueError) as exc:
-        print(f"inspect_shards.py: error: {exc}", file=sys.stderr)
-        return 2
-    for problem in report.problems:
-        print(f"FAIL {problem}")
-    print(report.summary())
-    return 0 if report.ok else 1
-
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@ Reinforced shards keep the original image bytes and add, per sample, a msgpack s
 every round's augmentation parameters and the teacher's sparse (top-k) outputs.
 
 ``import wds_reinforce`` loads the format, augmentations, targets and the streaming loader
-(which registers an ``s3://`` scheme in webdataset). The producer's names (``make_shards``,
+(``storage`` registers an ``s3://`` scheme in webdataset). The producer's names (``make_shards``,
 ``load_teacher``, ...) load on first use, so a training job never imports teacher code.
 """
 
@@ -13,44 +13,32 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .augment import OPS, RECIPES, DecodeError, Recipe, SourceImage, normalize, replay, round_rng
-from .format import (
-    FORMAT_VERSION,
-    FormatError,
-    Manifest,
-    ShardInfo,
-    Sidecar,
-    SkippedInput,
-    decode_sidecar,
-    encode_sidecar,
-)
+from .augment import OPS, RECIPES, Recipe, normalize, replay, round_rng
+from .dataset import ReinforcedDataset
+from .decode import SourceImage
+from .errors import DataError, DecodeError, FormatError, MismatchError, SampleError, UsageError, VersionError
+from .format import FORMAT_VERSION, Manifest, ShardInfo, Sidecar, SkippedInput, decode_sidecar, encode_sidecar
 from .loader import (
-    MismatchError,
-    ReinforcedDataset,
-    SampleError,
-    SharedEpoch,
+    LoaderOptions,
     SkipCounter,
     check_counts,
     decode_sidecars,
     make_targets,
     pick_rounds,
-    read_manifest,
-    read_url,
-    register_s3_scheme,
     reinforce_stages,
     replay_images,
-    round_for,
 )
-from .targets import DENSIFY, densify, kl_div_loss, one_hot, soft_cross_entropy, sparse_one_hot
+from .schedule import SharedEpoch, round_for
+from .storage import manifest_url, read_manifest, read_url, register_s3_scheme, shard_urls
+from .targets import DENSIFY, dense_row, densify, kl_div_loss, one_hot, soft_cross_entropy, sparse_one_hot, topk
 
 __version__ = "0.1.0"
 
 # Producer API, imported lazily (see the module docstring): name -> submodule.
 _LAZY = {
-    "make_shards": "writer",
-    "prepare_job": "writer",
+    "make_shards": "producer",
+    "prepare_job": "producer",
     "ProducerSummary": "writer",
-    "UsageError": "writer",
     "open_source": "sources",
     "Source": "sources",
     "SourceSample": "sources",
@@ -63,47 +51,57 @@ _LAZY = {
 
 __all__ = [
     "__version__",
+    # errors
+    "DataError",
+    "DecodeError",
+    "FormatError",
+    "MismatchError",
+    "SampleError",
+    "UsageError",
+    "VersionError",
     # format
     "FORMAT_VERSION",
-    "FormatError",
     "Manifest",
     "ShardInfo",
     "Sidecar",
     "SkippedInput",
     "decode_sidecar",
     "encode_sidecar",
-    # augment
+    # decode and augment
+    "SourceImage",
     "OPS",
     "RECIPES",
-    "DecodeError",
     "Recipe",
-    "SourceImage",
     "normalize",
     "replay",
     "round_rng",
     # targets
     "DENSIFY",
+    "dense_row",
     "densify",
     "kl_div_loss",
     "one_hot",
     "soft_cross_entropy",
     "sparse_one_hot",
-    # loader
-    "MismatchError",
-    "ReinforcedDataset",
-    "SampleError",
+    "topk",
+    # schedule and storage
     "SharedEpoch",
+    "round_for",
+    "manifest_url",
+    "read_manifest",
+    "read_url",
+    "register_s3_scheme",
+    "shard_urls",
+    # loader
+    "LoaderOptions",
+    "ReinforcedDataset",
     "SkipCounter",
     "check_counts",
     "decode_sidecars",
     "make_targets",
     "pick_rounds",
-    "read_manifest",
-    "read_url",
-    "register_s3_scheme",
     "reinforce_stages",
     "replay_images",
-    "round_for",
     # producer and tools (lazy)
     *_LAZY,
 ]

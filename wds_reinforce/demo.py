@@ -68,7 +68,10 @@ def _draw(cls: str, rng: np.random.Generator, size: int) -> Image.Image:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(r / 3)))
     elif cls in ("square", "triangle"):
         n = 4 if cls == "square" else 3
-        pts = [(cx + r * math.cos(rot + 2 * math.pi * i / n), cy + r * math.sin(rot + 2 * math.pi * i / n)) for i in range(n)]
+        pts = [
+            (cx + r * math.cos(rot + 2 * math.pi * i / n), cy + r * math.sin(rot + 2 * math.pi * i / n))
+            for i in range(n)
+        ]
         draw.polygon(pts, fill=colour)
     elif cls == "cross":
         w = max(2, int(r / 2.5))
@@ -103,8 +106,8 @@ def make_demo_images(root: str | os.PathLike, per_class: int, seed: int = 0, siz
 
 
 def _load_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from .sources import ImageFolderSource
     from .augment import SourceImage
+    from .sources import ImageFolderSource
 
     src = ImageFolderSource(root)
     images = torch.stack([SourceImage(src[i].data).decode() for i in range(len(src))])
@@ -113,7 +116,13 @@ def _load_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_demo_teacher(
-    train_root: Path, val_root: Path, path: Path, epochs: int = 12, batch_size: int = 64, seed: int = 0, log: Any = print
+    train_root: Path,
+    val_root: Path,
+    path: Path,
+    epochs: int = 12,
+    batch_size: int = 64,
+    seed: int = 0,
+    log: Any = print,
 ) -> float:
     """Train a random-init timm resnet10t on the demo images; save its state_dict; return val accuracy."""
     import timm
@@ -138,7 +147,9 @@ def train_demo_teacher(
         order = rng.permutation(len(images))
         for b in range(per_epoch):
             idx = order[b * batch_size : (b + 1) * batch_size]
-            batch = torch.stack([replay(images[i], train_recipe.sample(rng, tuple(images[i].shape[1:])), train_recipe) for i in idx])
+            batch = torch.stack(
+                [replay(images[i], train_recipe.sample(rng, tuple(images[i].shape[1:])), train_recipe) for i in idx]
+            )
             loss = torch.nn.functional.cross_entropy(
                 model(normalize(batch, cfg["mean"], cfg["std"])), labels[idx], label_smoothing=0.1
             )
@@ -147,7 +158,10 @@ def train_demo_teacher(
             opt.step()
             sched.step()
         acc = _accuracy(model, val_images, val_labels, val_recipe, cfg)
-        log(f"  teacher epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, val acc {acc:.1%} ({time.perf_counter() - start:.0f} s)")
+        log(
+            f"  teacher epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, val acc {acc:.1%} "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(model.state_dict(), tmp)
@@ -174,14 +188,20 @@ def _clear_shards(root: Path) -> None:
     shutil.rmtree(root / ".done", ignore_errors=True)
 
 
-def run_demo(root: str | os.PathLike = "shards/demo", per_class: int = 400, rounds: int = 8, epochs: int = 12, log: Any = print) -> Any:
+def run_demo(
+    root: str | os.PathLike = "shards/demo", per_class: int = 400, rounds: int = 8, epochs: int = 12, log: Any = print
+) -> Any:
     """Generate, train (cached) and reinforce the demo set; print what was written and what to run next."""
-    from .writer import UsageError, make_shards
+    from .producer import make_shards
+    from .writer import OtherJobError
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     root = Path(root)
     t0 = time.perf_counter()
-    log(f"[1/3] demo images: {per_class} x {len(DEMO_CLASSES)} classes ({', '.join(DEMO_CLASSES)}), {_SOURCE_SIZE} px JPEG")
+    log(
+        f"[1/3] demo images: {per_class} x {len(DEMO_CLASSES)} classes ({', '.join(DEMO_CLASSES)}), "
+        f"{_SOURCE_SIZE} px JPEG"
+    )
     marker = root / "source" / "train" / ".complete.json"
     before = marker.read_text() if marker.is_file() else None
     train_root = make_demo_images(root / "source" / "train", per_class, seed=0)
@@ -211,9 +231,7 @@ def run_demo(root: str | os.PathLike = "shards/demo", per_class: int = 400, roun
     )
     try:
         summary = make_shards(str(train_root), f"timm:{_MODEL}", out=str(root), **job)
-    except UsageError as exc:
-        if "another job" not in str(exc):
-            raise
+    except OtherJobError:
         # Shards of an older demo (another version or setting): the demo folder is ours to redo.
         log("  the demo shards are from another job: remaking them")
         _clear_shards(root)
@@ -226,7 +244,8 @@ def run_demo(root: str | os.PathLike = "shards/demo", per_class: int = 400, roun
     log(f"  python tools/train.py --data {root} --val {val} --targets labels")
     log("or read the shards like any webdataset:")
     log(
-        f"  python -c \"import webdataset as wds; s = next(iter(wds.WebDataset('{root}/train-000000.tar', shardshuffle=False)"
+        f'  python -c "import webdataset as wds; '
+        f"s = next(iter(wds.WebDataset('{root}/train-000000.tar', shardshuffle=False)"
         ".decode())); print(s['__key__'], s['cls'], sorted(s['dr.mp']))\""
     )
     return summary

@@ -18,13 +18,14 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from ._registry import Registry
+from .errors import DataError
 
 __all__ = [
     "SOURCES",
@@ -54,7 +55,7 @@ class SourceSample:
     ext: str
 
 
-class SourceSampleError(ValueError):
+class SourceSampleError(DataError):
     """A listed sample whose image cannot be had (e.g. a webdataset sample with no image member).
 
     Carries the sample's ``key`` and a ``reason`` so the producer can list it as skipped
@@ -63,7 +64,7 @@ class SourceSampleError(ValueError):
 
     def __init__(self, key: str, reason: str, where: str = ""):
         super().__init__(f"{reason} (sample {key!r}{f' in {where}' if where else ''})")
-        self.key = key
+        self.key, self.url = key, where or None
         self.reason = reason
 
 
@@ -213,7 +214,9 @@ class WebDatasetSource(Source):
         paths = _expand_shards(pattern)
         missing = [p for p in paths if not os.path.isfile(p)]
         if not paths or missing:
-            raise ValueError(f"expected existing webdataset shard(s), got {pattern!r} (missing: {missing[:3] or [pattern]})")
+            raise ValueError(
+                f"expected existing webdataset shard(s), got {pattern!r} (missing: {missing[:3] or [pattern]})"
+            )
         self._paths = paths
         entries: list[tuple[int, int, int, str, str]] = []  # (shard, offset, size, ext, raw key)
         labels: list[int] = []

@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
 
-from .augment import DecodeError, Recipe, SourceImage, replay
+from .augment import Recipe, replay
+from .decode import SourceImage
+from .errors import DataError, DecodeError
 from .format import SIDECAR_EXT, Manifest, Sidecar, decode_sidecar
-from .loader import IMAGE_EXTS, manifest_url, read_manifest, shard_urls
+from .loader import IMAGE_EXTS
+from .storage import manifest_url, read_manifest, shard_urls
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "draw_rounds"]
 
@@ -65,12 +71,15 @@ class VerifyReport:
 
 
 class _HashingReader(io.RawIOBase):
-    """A read-only stream that hashes and counts what passes through it."""
+    """A read-only stream that hashes and counts what passes through it, keeping its last bytes."""
+
+    _TAIL = 64 << 10  # more than tarfile reads ahead of the block it parses (one 10 KiB record)
 
     def __init__(self, stream: Any):
         self.stream = stream
         self.sha256 = hashlib.sha256()
         self.count = 0
+        self._tail = bytearray()
 
     def readable(self) -> bool:
         return True
@@ -79,36 +88,98 @@ class _HashingReader(io.RawIOBase):
         data = self.stream.read(len(buffer))
         n = len(data)
         buffer[:n] = data
-        self.sha256.update(data)
-        self.count += n
+        self._seen(data)
         return n
+
+    def _seen(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.count += len(data)
+        self._tail += data
+        if len(self._tail) > 2 * self._TAIL:
+            del self._tail[: len(self._tail) - self._TAIL]
+
+    def recent(self, offset: int, size: int) -> bytes:
+        """Bytes ``offset .. offset + size`` of the stream if still held (fewer past its end)."""
+        start = self.count - len(self._tail)
+        if offset < start:
+            raise ValueError(f"expected an offset >= {start}, got {offset}")  # a caller's bug
+        return bytes(self._tail[offset - start : offset - start + size])
 
     def finish(self) -> None:
         while True:
             data = self.stream.read(1 << 20)
             if not data:
                 return
-            self.sha256.update(data)
-            self.count += len(data)
+            self._seen(data)
+
+
+class _ShardCut(DataError):
+    """A tar stream that breaks inside a sample, or ends without its end-of-archive marker.
+
+    ``key`` is the sample cut (or last, for a missing marker); ``complete`` counts the whole
+    samples before it.
+    """
+
+    def __init__(self, message: str, key: str, complete: int):
+        self.complete = complete
+        super().__init__(message, key)
+
+
+# webdataset's metadata members (``__key__`` style names), which it skips
+_META = re.compile(r"__[^/]*__($|/)")
 
 
 def _samples(reader: _HashingReader) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for consecutive tar members sharing a key."""
-    key, members = None, {}
-    with tarfile.open(fileobj=reader, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, _, ext = info.name.partition(".")
-            f = tar.extractfile(info)
-            data = f.read() if f is not None else b""
-            if k != key and key is not None:
-                yield key, members
-                members = {}
-            key = k
-            members[ext] = data
-    if key is not None:
-        yield key, members
+    """(key, {ext: bytes}) for consecutive tar members sharing a key, keyed as webdataset keys them.
+
+    A member ``dir.v2/abc.def.jpg`` has key ``dir.v2/abc`` and extension ``def.jpg``
+    (``webdataset.tariterators.base_plus_ext``; extensions lower-cased). A sample is yielded once
+    the next member's header shows it complete. A stream that breaks inside a member raises
+    ``_ShardCut`` naming the sample that member belongs to (never yielded); one that ends without
+    the end-of-archive marker yields its last sample and then raises ``_ShardCut`` naming it.
+    """
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    complete, name = 0, ""
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = base_plus_ext(info.name)
+                if k is None or _META.match(info.name):
+                    continue
+                if k != key:
+                    if key is not None:
+                        yield key, members
+                        complete += 1
+                    key, members = k, {}
+                name = info.name
+                f = tar.extractfile(info)
+                members[ext.lower()] = f.read() if f is not None else b""
+                tar.members = []  # stream mode keeps every header otherwise
+            end = tar.offset  # where tarfile stopped: the end-of-archive marker, if the shard is whole
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        if key is None:
+            raise
+        raise _ShardCut(
+            f"shard cut inside member {name!r} of this sample, after {complete} complete samples "
+            f"({type(exc).__name__}: {exc})",
+            key,
+            complete,
+        ) from exc
+    if key is None:
+        return
+    yield key, members
+    marker = reader.recent(end, tarfile.BLOCKSIZE)
+    if len(marker) < tarfile.BLOCKSIZE or any(marker):
+        # tarfile ends quietly at a cut header or a garbage block: the last sample may lack members
+        raise _ShardCut(
+            f"shard ends after member {name!r} without the end-of-archive marker (cut?): this sample "
+            f"may be incomplete; {complete} complete samples before it",
+            key,
+            complete,
+        )
 
 
 def _check_sample(
@@ -142,7 +213,9 @@ def _check_sample(
             sidecar = decode_sidecar(raw)
             sidecar.validate(manifest.num_classes)
             if sidecar.fingerprint != fingerprint:
-                errors.append(f"recipe fingerprint {sidecar.fingerprint.hex()} differs from the manifest's {fingerprint.hex()}")
+                errors.append(
+                    f"recipe fingerprint {sidecar.fingerprint.hex()} differs from the manifest's {fingerprint.hex()}"
+                )
             if (sidecar.rounds, sidecar.topk) != (manifest.rounds, manifest.topk):
                 errors.append(
                     f"sidecar has {sidecar.rounds} rounds of top-{sidecar.topk}, "
@@ -182,11 +255,19 @@ def verify_shards(
     fingerprint = bytes.fromhex(manifest.fingerprint)
     report = VerifyReport()
     if recipe.fingerprint != fingerprint:
-        report.problems.append(Problem(url, None, f"the manifest's recipe has fingerprint {recipe.fingerprint.hex()}, "
-                                                  f"not the {manifest.fingerprint} it states"))
+        report.problems.append(
+            Problem(
+                url,
+                None,
+                f"the manifest's recipe has fingerprint {recipe.fingerprint.hex()}, "
+                f"not the {manifest.fingerprint} it states",
+            )
+        )
     rng = np.random.default_rng(seed)
     total = manifest.num_samples
-    picked = set(rng.choice(total, min(checks, total), replace=False).tolist()) if teacher is not None and total else set()
+    picked: set[int] = set()
+    if teacher is not None and total:
+        picked = set(rng.choice(total, min(checks, total), replace=False).tolist())
     chosen: list[tuple[str, str, bytes, Sidecar]] = []
     seen: dict[str, str] = {}
     bar = None
@@ -218,9 +299,14 @@ def verify_shards(
                 index += 1
                 if bar is not None:
                     bar.update(1)
-            reader.finish()
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            report.problems.append(Problem(shard.name, keys[-1] if keys else None, f"unreadable tar: {exc}"))
+        except _ShardCut as exc:
+            report.problems.append(Problem(shard.name, exc.key, exc.message))
+        except (tarfile.TarError, OSError, EOFError) as exc:  # before the first member
+            report.problems.append(Problem(shard.name, None, f"unreadable tar: {exc}"))
+        try:
+            reader.finish()  # hash the rest, cut or not, so the byte count says how much there is
+        except OSError as exc:
+            report.problems.append(Problem(shard.name, None, f"read failed: {exc}"))
         finally:
             stream.close()
         report.samples += len(keys)
@@ -233,8 +319,11 @@ def verify_shards(
             report.problems.append(Problem(shard.name, None, f"{len(keys)} samples, the manifest says {shard.samples}"))
         elif keys and (keys[0], keys[-1]) != (shard.first_key, shard.last_key):
             report.problems.append(
-                Problem(shard.name, None, f"first/last key {keys[0]}/{keys[-1]}, the manifest says "
-                                          f"{shard.first_key}/{shard.last_key}")
+                Problem(
+                    shard.name,
+                    None,
+                    f"first/last key {keys[0]}/{keys[-1]}, the manifest says {shard.first_key}/{shard.last_key}",
+                )
             )
     if bar is not None:
         bar.close()
@@ -262,7 +351,9 @@ def _check_teacher(
         agree += int(int(np.argmax(p)) == int(stored_idx[0]))
         if diff > tolerance:
             report.problems.append(
-                Problem(shard, key, f"round {r}: stored outputs differ from the teacher's by {diff:.4f} (> {tolerance})")
+                Problem(
+                    shard, key, f"round {r}: stored outputs differ from the teacher's by {diff:.4f} (> {tolerance})"
+                )
             )
     report.teacher_checks = len(chosen)
     report.max_prob_diff = worst

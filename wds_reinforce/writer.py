@@ -14,37 +14,43 @@ rest; the manifest is written last, by rank 0, once every shard is done.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import re
-import shutil
+import signal
+import sys
 import tarfile
-import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .augment import DecodeError, Recipe, SourceImage, replay
+from .augment import Recipe, replay
+from .decode import SourceImage
+from .errors import DataError, UsageError
 from .format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, encode_sidecar
-from .sources import SourceSampleError, Source, SourceSample, WebDatasetSource, open_source
-from .teacher import Teacher, load_teacher, parse_teacher_spec, topk
+from .sources import Source, SourceSample, SourceSampleError
+from .storage import sha256_file
+from .targets import topk
+from .teacher import Teacher
 
 __all__ = [
-    "UsageError",
+    "OtherJobError",
     "ProducerSummary",
+    "ReplayDataset",
     "ReinforceJob",
-    "prepare_job",
-    "make_shards",
     "write_tar",
     "TAR_MTIME",
 ]
@@ -55,10 +61,6 @@ _TAR_MODE = 0o444
 _DONE_DIR = ".done"
 _MANIFEST = "manifest.json"
 _INFO = "_info.json"
-
-
-class UsageError(ValueError):
-    """A bad argument, found before any work starts (the CLI prints it on one line, exit 2)."""
 
 
 @dataclass
@@ -90,140 +92,8 @@ class ProducerSummary:
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------
-# Output locations: a local folder or s3://bucket/prefix
-
-
-class _LocalOutput:
-    def __init__(self, root: str):
-        self.root = Path(root)
-        self.url = str(root)
-
-    def check_writable(self) -> None:
-        p = self.root.absolute()
-        if p.exists():
-            if not p.is_dir():
-                raise UsageError(f"expected --out to be a directory, got {self.url!r} (a file)")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise UsageError(f"expected a writable --out, got {self.url!r} (permission denied)")
-            return
-        parent = p.parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f"expected a writable --out, got {self.url!r} ({parent} is not writable)")
-
-    def staging(self) -> Path:
-        (self.root / _DONE_DIR).mkdir(parents=True, exist_ok=True)
-        return self.root
-
-    def finish_file(self, local: Path, name: str, sha256: str) -> None:
-        _fsync_rename(local, self.root / name)
-
-    def verify(self, name: str, info: Mapping[str, Any]) -> bool:
-        path = self.root / name
-        if not path.is_file() or path.stat().st_size != info["bytes"]:
-            return False
-        return _sha256_file(path) == info["sha256"]
-
-    def read_text(self, name: str) -> str | None:
-        path = self.root / name
-        return path.read_text() if path.is_file() else None
-
-    def write_text(self, name: str, text: str) -> None:
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        _fsync_rename(tmp, path)
-
-    def close(self) -> None:
-        pass
-
-
-class _S3Output:
-    """``s3://bucket/prefix`` via boto3 (which honours AWS_ENDPOINT_URL); shards are staged locally."""
-
-    def __init__(self, url: str):
-        import boto3
-
-        rest = url[len("s3://"):]
-        self.bucket, _, prefix = rest.partition("/")
-        if not self.bucket:
-            raise UsageError(f"expected --out like s3://bucket/prefix, got {url!r}")
-        self.prefix = prefix.strip("/")
-        self.url = url
-        self.client = boto3.client("s3")
-        self._tmp: str | None = None
-
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-    def check_writable(self) -> None:
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:  # botocore raises ClientError, EndpointConnectionError, NoCredentialsError...
-            raise UsageError(f"expected a writable --out, got {self.url!r} ({type(exc).__name__}: {exc})") from None
-
-    def staging(self) -> Path:
-        if self._tmp is None:
-            self._tmp = tempfile.mkdtemp(prefix="wds_reinforce_")
-        return Path(self._tmp)
-
-    def finish_file(self, local: Path, name: str, sha256: str) -> None:
-        self.client.upload_file(str(local), self.bucket, self._key(name), ExtraArgs={"Metadata": {"sha256": sha256}})
-        local.unlink()
-
-    def verify(self, name: str, info: Mapping[str, Any]) -> bool:
-        # Downloading every shard to hash it would double the traffic; the uploaded object's
-        # size and the sha256 recorded in its metadata at upload time stand in for it.
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(name))
-        except Exception:
-            return False
-        return head.get("ContentLength") == info["bytes"] and head.get("Metadata", {}).get("sha256") == info["sha256"]
-
-    def read_text(self, name: str) -> str | None:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read().decode()
-        except self.client.exceptions.NoSuchKey:
-            return None
-
-    def write_text(self, name: str, text: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=text.encode())
-
-    def close(self) -> None:
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-
-
-def _open_output(out: str) -> _LocalOutput | _S3Output:
-    if not isinstance(out, (str, os.PathLike)) or not str(out):
-        raise UsageError(f"expected --out a folder or s3://bucket/prefix, got {out!r}")
-    out = str(out)
-    return _S3Output(out) if out.startswith("s3://") else _LocalOutput(out)
-
-
-def _fsync_rename(src: Path, dst: Path) -> None:
-    with open(src, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(src, dst)
-    try:
-        fd = os.open(dst.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)  # the rename itself must survive a crash
-    finally:
-        os.close(fd)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+class OtherJobError(UsageError):
+    """The output already holds shards of another job (another source, teacher, recipe or setting)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -337,9 +207,9 @@ class ReinforceJob:
             except (ValueError, AttributeError):
                 continue
             if other != self.digest:
-                raise UsageError(
-                    f"expected --out {self.output.url!r} to be empty or hold this job's shards, "
-                    f"got shards of another job (source, teacher, recipe or settings differ); use a new --out"
+                raise OtherJobError(
+                    f"expected the output {self.output.url!r} to be empty or hold this job's shards, "
+                    f"got shards of another job (source, teacher, recipe or settings differ); use a new output folder"
                 )
             return
 
@@ -377,14 +247,14 @@ class ReinforceJob:
         if not todo:
             return 0
         indices = [i for j in todo for i in self._indices(j)]
-        dataset = _ReplayDataset(self.source, indices, self.recipe, self.seed, self.rounds)
+        dataset = ReplayDataset(self.source, indices, self.recipe, self.seed, self.rounds)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
             shuffle=False,
             num_workers=self.workers,
             collate_fn=_identity,
-            worker_init_fn=_worker_init if self.workers else None,
+            worker_init_fn=_worker_init_fn() if self.workers else None,
             prefetch_factor=max(2, -(-self.batch_size // max(self.rounds, 1)) // max(self.workers, 1) + 1)
             if self.workers
             else None,
@@ -459,7 +329,7 @@ class ReinforceJob:
 
         with open(tmp, "wb") as f:
             write_tar(f, members())
-        sha = _sha256_file(tmp)
+        sha = sha256_file(tmp)
         size = tmp.stat().st_size
         info = ShardInfo(
             name=name,
@@ -590,12 +460,54 @@ def _identity(item: Any) -> Any:
     return item
 
 
-def _worker_init(_: int) -> None:
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_log = logging.getLogger(__name__)
+
+
+def _worker_init_fn() -> functools.partial[None]:
+    """The DataLoader's ``worker_init_fn``: picklable (for spawn), carrying the parent's pid."""
+    if not sys.platform.startswith("linux"):
+        _note_no_death_signal()
+    # A worker's parent is this process under fork and spawn. Under forkserver it is the server,
+    # which exits when this process dies and so passes the signal on: no pid to compare (0).
+    parent = 0 if torch.multiprocessing.get_start_method() == "forkserver" else os.getpid()
+    return functools.partial(_worker_init, parent)
+
+
+@functools.cache
+def _note_no_death_signal() -> None:
+    _log.debug(
+        "no parent-death signal on %s: DataLoader workers of a killed producer exit at their next "
+        "queue poll instead of at once",
+        sys.platform,
+    )
+
+
+def _worker_init(parent: int, _: int) -> None:
+    _die_with_parent(parent)
     # Workers replay on the CPU next to the teacher: one thread each avoids oversubscription.
     torch.set_num_threads(1)
 
 
-class _ReplayDataset(torch.utils.data.Dataset):
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this worker when the producer dies (Linux; a no-op elsewhere).
+
+    Without it a worker of a SIGKILLed producer lives on until its next queue poll, or hangs on a
+    queue nobody reads, holding its memory and, under torchrun, the launcher's stdout. The kernel
+    sends it when the thread that started the worker ends; the producer starts and drains its
+    DataLoader in one thread, which outlives the workers unless it is killed.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        _log.debug("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+        return
+    if parent and os.getppid() != parent:  # the parent died before prctl: no one will signal us
+        os._exit(1)
+
+
+class ReplayDataset(torch.utils.data.Dataset):
     """Sample i: read source input, sample R rounds of params, replay them all (uint8)."""
 
     def __init__(self, source: Source, indices: Sequence[int], recipe: Recipe, seed: int, rounds: int):
@@ -623,182 +535,6 @@ class _ReplayDataset(torch.utils.data.Dataset):
             pixels = torch.stack(
                 [replay(src, {c: v[r] for c, v in params.items()}, self.recipe) for r in range(self.rounds)]
             )
-        except (DecodeError, OSError, Image.DecompressionBombError) as exc:
+        except (DataError, OSError) as exc:
             return {"sample": sample, "error": _reason(exc)}
         return {"sample": sample, "error": None, "params": params, "images": pixels}
-
-
-# ----------------------------------------------------------------------------------------
-# Entry points
-
-
-def _dist_env() -> tuple[int, int]:
-    try:
-        rank = int(os.environ.get("RANK", 0))
-        world = int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise UsageError(
-            f"expected integer RANK and WORLD_SIZE, got {os.environ.get('RANK')!r}, {os.environ.get('WORLD_SIZE')!r}"
-        ) from None
-    if not (world >= 1 and 0 <= rank < world):
-        raise UsageError(f"expected 0 <= RANK < WORLD_SIZE, got RANK={rank}, WORLD_SIZE={world}")
-    return rank, world
-
-
-def _positive(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"expected {name} an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _load_class_map(class_map: str | Mapping[str, int], source: Source, teacher_classes: int) -> list[int]:
-    if isinstance(class_map, (str, os.PathLike)):
-        path = Path(class_map)
-        if not path.is_file():
-            raise UsageError(f"expected --class-map to be a JSON file, got {str(class_map)!r} (not found)")
-        try:
-            class_map = json.loads(path.read_text())
-        except ValueError as exc:
-            raise UsageError(f"expected --class-map to be valid JSON, got {exc}") from None
-    if not isinstance(class_map, Mapping):
-        raise UsageError(f"expected --class-map to map source class names to teacher class ids, got {type(class_map).__name__}")
-    missing = [c for c in source.class_names if c not in class_map]
-    if missing:
-        raise UsageError(f"expected --class-map to cover every source class, got none for {missing[:5]}")
-    ids = [class_map[c] for c in source.class_names]
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < teacher_classes]
-    if bad:
-        raise UsageError(f"expected --class-map teacher ids in [0, {teacher_classes}), got {bad[:5]}")
-    if len(set(ids)) != len(ids):
-        raise UsageError("expected --class-map to map source classes to distinct teacher ids")
-    return ids
-
-
-def prepare_job(
-    source: str | Source,
-    teacher: str | Sequence[str] | Teacher,
-    out: str = "shards/out",
-    recipe: str | Mapping[str, Any] | Recipe = "rrc",
-    image_size: int | Sequence[int] | None = None,
-    decode: str | None = None,
-    rounds: int = 8,
-    topk: int = 10,
-    shard_size: int = 1000,
-    batch_size: int = 256,
-    workers: int = 4,
-    seed: int = 0,
-    device: str = "auto",
-    teacher_checkpoint: str | Sequence[str | None] | None = None,
-    teacher_num_classes: int | None = None,
-    pretrained: bool = False,
-    class_map: str | Mapping[str, int] | None = None,
-    progress: bool = True,
-    name: str = "reinforced",
-    split: str = "train",
-    shuffle: bool = True,
-) -> ReinforceJob:
-    """Check every argument and build the job; nothing is written.
-
-    Raises:
-        UsageError: a missing or empty source, an unknown recipe or teacher, a bad number,
-            top-k above the class count, teacher classes that differ from the source's (without
-            ``class_map``), an unwritable or foreign ``out``.
-    """
-    rounds = _positive("rounds", rounds)
-    k = _positive("topk", topk)
-    shard_size = _positive("shard_size", shard_size)
-    batch_size = _positive("batch_size", batch_size)
-    workers = _positive("workers", workers, 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"expected seed a non-negative integer, got {seed!r}")
-    if not isinstance(split, str) or not split or "." in split or "/" in split:
-        raise UsageError(f"expected split a name without dots or slashes, got {split!r}")
-    rank, world = _dist_env()
-    try:
-        src = open_source(source)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        rcp = Recipe.from_spec(recipe, size=image_size, decode=decode)
-    except ValueError as exc:
-        raise UsageError(f"bad recipe: {exc}") from None
-    output = _open_output(out)
-    if isinstance(teacher, Teacher):
-        tch = teacher
-    else:
-        try:
-            import timm
-
-            members = parse_teacher_spec(teacher)
-            for kind, model in members:
-                if kind == "timm" and not timm.is_model(model):
-                    raise ValueError(f"unknown teacher 'timm:{model}'; expected a timm model name (see timm.list_models())")
-            tch = load_teacher(teacher, teacher_checkpoint, num_classes=teacher_num_classes, pretrained=pretrained, device=device)
-        except (ValueError, RuntimeError) as exc:  # RuntimeError: a checkpoint torch cannot read
-            raise UsageError(str(exc).splitlines()[0]) from None
-    cmap = None
-    if class_map is not None:
-        cmap = _load_class_map(class_map, src, tch.num_classes)
-        class_names = list(src.class_names)
-    elif isinstance(src, WebDatasetSource) and src.class_names == [str(i) for i in range(len(src.class_names))]:
-        # Class names inferred from labels only: the teacher must cover every label seen.
-        if tch.num_classes < len(src.class_names):
-            raise UsageError(
-                f"expected a teacher with at least {len(src.class_names)} classes for the source's labels, "
-                f"got {tch.num_classes} (pass --class-map to map them)"
-            )
-        class_names = [str(i) for i in range(tch.num_classes)]
-    else:
-        if tch.num_classes != src.num_classes:
-            raise UsageError(
-                f"expected a teacher with the source's {src.num_classes} classes, got {tch.num_classes} "
-                f"(pass --class-map to map source classes to teacher classes)"
-            )
-        class_names = list(src.class_names)
-    if k > len(class_names):
-        raise UsageError(f"expected topk <= the {len(class_names)} classes, got {k}")
-    output.check_writable()
-    job = ReinforceJob(
-        source=src,
-        teacher=tch,
-        recipe=rcp,
-        output=output,
-        rounds=rounds,
-        topk=k,
-        seed=seed,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        workers=workers,
-        class_names=class_names,
-        class_map=cmap,
-        rank=rank,
-        world_size=world,
-        progress=progress,
-        name=name,
-        split=split,
-        shuffle=bool(shuffle),
-    )
-    job.check_existing()
-    return job
-
-
-def make_shards(source: str | Source, teacher: str | Sequence[str] | Teacher, out: str = "shards/out", **kwargs: Any) -> ProducerSummary:
-    """Reinforce ``source`` with ``teacher`` into webdataset shards under ``out``.
-
-    Args:
-        source: a source spec (see ``wds_reinforce.sources.open_source``) or a ``Source``.
-        teacher: ``"timm:NAME"``, comma-separated or a list for an ensemble, or a ``Teacher``.
-        out: a folder or ``s3://bucket/prefix``.
-        **kwargs: the other arguments of ``prepare_job`` (recipe, image_size, decode, rounds,
-            topk, shard_size, batch_size (images, i.e. samples x rounds, per teacher call),
-            workers, seed, device, teacher_checkpoint, teacher_num_classes, pretrained,
-            class_map, progress, name, split, shuffle).
-
-    Returns:
-        A ``ProducerSummary``. Under torchrun (RANK / WORLD_SIZE set) each rank makes shards
-        ``j % WORLD_SIZE == RANK``; rank 0 waits for all and writes the manifest.
-
-    Raises:
-        UsageError: bad arguments, before any work starts.
-    """
-    return prepare_job(source, teacher, out, **kwargs).run()
