@@ -20,7 +20,7 @@ import torch
 from tests.conftest import encode, photo_like
 from wds_reinforce.augment import Recipe, replay
 from wds_reinforce.decode import SourceImage
-from wds_reinforce.format import Manifest, ShardInfo, Sidecar, encode_sidecar
+from wds_reinforce.format import Manifest, ShardInfo, Sidecar, crc32c, encode_sidecar
 
 Mutate = Callable[[str, str, bytes], "bytes | None"]  # (key, ext, data) -> data, or None to drop it
 
@@ -90,7 +90,7 @@ def make_shards(
                 label = int(rng.integers(num_classes))
                 cols = recipe.sample_rounds(seed, key, rounds, SourceImage(jpg).size)
                 idx, prob = fake_topk(rng, rounds, topk, num_classes)
-                sidecar = Sidecar(recipe.fingerprint, idx, prob, cols)
+                sidecar = Sidecar(recipe.fingerprint, idx, prob, cols, crc32c(jpg))
                 if record_pixels:
                     src = SourceImage(jpg)
                     for r in range(rounds):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -23,6 +24,7 @@ from wds_reinforce.format import (
     ShardInfo,
     Sidecar,
     SkippedInput,
+    crc32c,
     decode_sidecar,
     encode_sidecar,
 )
@@ -174,9 +176,9 @@ def test_a_fresh_reader_knows_every_column():
 def test_the_worked_example_of_the_spec():
     """The bytes that docs/FORMAT.md shows are the bytes the writer makes, and they decode back."""
     text = FORMAT_MD.read_text()
-    dump = text[text.index("encodes to these 138 bytes") :].split("```")[1]
+    dump = text[text.index("encodes to these 156 bytes") :].split("```")[1]
     expected = bytes.fromhex("".join(line[6:] for line in dump.strip().splitlines()))
-    assert len(expected) == 138
+    assert len(expected) == 156
     sc = Sidecar(
         bytes.fromhex("551ddeee2dfb6629"),
         np.array([[3, 1], [3, 1], [1, 3]]),
@@ -187,7 +189,10 @@ def test_the_worked_example_of_the_spec():
             "ra": np.array([[5, -9, 11, 9], [0, 9, 13, 9], [1, 9, 2, -9]]),
             "re": np.array([[0, 0, 0, 0], [12, 30, 40, 50], [0, 0, 0, 0]]),
         },
+        image_crc=crc32c(b"123456789"),
     )
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value the spec quotes
+    assert crc32c(expected[:-9]) == int.from_bytes(expected[-4:], "little")
     assert encode_sidecar(sc) == expected
     assert decode_sidecar(expected) == sc
 
@@ -234,13 +239,19 @@ def test_ids_are_stored_directly_when_a_dictionary_does_not_pay():
 
 
 def _mutate(sc: Sidecar, **changes) -> bytes:
+    """``sc`` with fields changed or removed, re-sealed with a valid checksum (so that the
+    structural check under test is what refuses it, as a writer's bug would be refused)."""
     body = msgpack.unpackb(encode_sidecar(sc))
+    del body["ck"]
     for k, v in changes.items():
         if v is None:
             del body[k]
         else:
             body[k] = v
-    return msgpack.packb(body, use_bin_type=True)
+    body["ck"] = b"\0\0\0\0"
+    data = bytearray(msgpack.packb(body, use_bin_type=True))
+    data[-4:] = crc32c(bytes(data[:-9])).to_bytes(4, "little")
+    return bytes(data)
 
 
 @pytest.mark.parametrize(
@@ -407,3 +418,51 @@ def test_bad_manifests_are_rejected(edit, match):
 def test_manifest_not_json():
     with pytest.raises(FormatError, match="^m.json: not valid JSON"):
         Manifest.from_json("{", source="m.json")
+
+
+def _v1_sidecar_without_integrity(sc: Sidecar) -> bytes:
+    """A sidecar as writers before the integrity fields wrote it: the nine v1 keys only."""
+    body = msgpack.unpackb(encode_sidecar(sc))
+    return msgpack.packb({k: v for k, v in body.items() if k not in ("ic", "ck")}, use_bin_type=True)
+
+
+def test_every_single_byte_change_is_refused():
+    sc = dataclasses.replace(_sample(rounds=6, topk=4), image_crc=0x12345678)
+    data = encode_sidecar(sc)
+    assert decode_sidecar(data) == sc
+    for i in range(len(data)):
+        for flip in (0x01, 0x80, 0xFF):
+            bad = bytearray(data)
+            bad[i] ^= flip
+            with pytest.raises(FormatError):
+                decode_sidecar(bytes(bad), "k")
+
+
+def test_multi_byte_damage_is_refused():
+    rng = np.random.default_rng(7)
+    data = encode_sidecar(_sample(rounds=16, topk=5))
+    for _ in range(200):
+        bad = bytearray(data)
+        for i in rng.choice(len(data), size=int(rng.integers(2, 6)), replace=False):
+            bad[i] ^= int(rng.integers(1, 256))
+        with pytest.raises(FormatError):
+            decode_sidecar(bytes(bad), "k")
+
+
+def test_checksum_errors_name_the_key_and_say_what_is_damaged():
+    data = bytearray(encode_sidecar(_sample()))
+    data[30] ^= 0x04
+    with pytest.raises(FormatError, match=r"^k7: sidecar checksum mismatch: the sidecar bytes are damaged"):
+        decode_sidecar(bytes(data), "k7")
+    body = msgpack.unpackb(encode_sidecar(_sample()))
+    body["zz"] = b"a later field"  # a field beyond v1 but no valid checksum last
+    with pytest.raises(FormatError, match="checksum 'ck' is missing or not last"):
+        decode_sidecar(msgpack.packb(body, use_bin_type=True), "k7")
+
+
+def test_sidecars_without_integrity_fields_still_read():
+    sc = _sample()
+    old = _v1_sidecar_without_integrity(dataclasses.replace(sc, image_crc=99))
+    assert decode_sidecar(old) == sc  # unchecked, image_crc None
+    assert decode_sidecar(old).image_crc is None
+    assert len(encode_sidecar(sc)) == len(old) + 9  # the checksum costs 9 bytes per sample

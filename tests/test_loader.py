@@ -13,6 +13,7 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -384,6 +385,36 @@ def test_corrupt_sample_is_skipped_and_counted(corrupt):
     rows = collect(ReinforcedDataset(corrupt.pattern, keys=("__key__",), handler=counter))
     assert [k for (k,) in rows] == [k for k in corrupt.keys if k != BAD_KEY]
     assert counter.count == 1 and counter.samples == 1 and BAD_KEY in counter.last
+
+
+@pytest.mark.parametrize("kind", ["single_byte", "multi_byte", "image_byte"])
+def test_every_flipped_byte_is_caught_with_key_and_url(tmp_path, kind):
+    """Each sample gets its own damage (a different position, a different flip); none may pass."""
+    rng = np.random.default_rng({"single_byte": 1, "multi_byte": 2, "image_byte": 3}[kind])
+    ext = "jpg" if kind == "image_byte" else "dr.mp"
+
+    def damage(key, member_ext, data):
+        if member_ext != ext:
+            return data
+        bad = bytearray(data)
+        count = 1 if kind != "multi_byte" else int(rng.integers(2, 9))
+        for i in rng.choice(len(data), size=count, replace=False):
+            bad[i] ^= int(rng.integers(1, 256))
+        return bytes(bad)
+
+    tried = caught = 0
+    for trial in range(4):
+        made = make_shards(tmp_path / str(trial), rounds=R, mutate=damage, record_pixels=False, seed=trial)
+        counter = SkipCounter()
+        rows = collect(ReinforcedDataset(made.pattern, keys=("__key__",), handler=counter))
+        tried += len(made.keys)
+        caught += counter.samples
+        assert rows == [], f"damaged samples passed: {rows}"
+        assert counter.count == len(made.keys)
+    assert caught == tried == 48
+    made = make_shards(tmp_path / "one", rounds=R, mutate=damage, record_pixels=False)
+    with pytest.raises(DataError, match=r"shard-000000.tar: sample 's00_0000': .*(checksum|msgpack|bytes)"):
+        collect(ReinforcedDataset(made.pattern, keys=("__key__",)))
 
 
 def test_skips_are_counted_across_workers(tmp_path):

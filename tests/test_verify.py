@@ -50,13 +50,18 @@ def test_corrupt_sidecar_and_image_are_named(tmp_path):
             return data[:-3]
         if key == "s01_0000" and ext == "jpg":
             return data[: len(data) // 3]
+        if key == "s01_0001" and ext == "jpg":  # one flipped bit: the image checksum tells
+            return data[:200] + bytes([data[200] ^ 0x10]) + data[201:]
         return data
 
     made = make_shards(tmp_path / "ds", num_shards=2, per_shard=3, record_pixels=False, mutate=mutate)
     report = verify_shards(str(made.root))
-    by_key = {p.key: p.message for p in report.problems if p.key}
-    assert by_key["s00_0001"].startswith("bad sidecar")
-    assert "cannot decode image" in by_key["s01_0000"]
+    by_key = {}
+    for p in report.problems:
+        by_key.setdefault(p.key, []).append(p.message)
+    assert by_key["s00_0001"][0].startswith("bad sidecar")
+    assert any("cannot decode image" in m for m in by_key["s01_0000"])
+    assert "image bytes do not match the sidecar's checksum: the image member is damaged" in by_key["s01_0001"]
 
 
 def test_outputs_that_do_not_match_the_teacher_fail(made):

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+from crc32c import crc32c as _crc32c
 
 from .columns import CODECS, COLUMNS, UINT_DTYPES, Codec, Column, uint_width
 from .errors import FormatError, VersionError
@@ -35,6 +36,7 @@ __all__ = [
     "VersionError",
     "Sidecar",
     "check_topk",
+    "crc32c",
     "encode_sidecar",
     "decode_sidecar",
     "ShardInfo",
@@ -61,12 +63,15 @@ class Sidecar:
         idx: (R, k) class ids, uint16 or uint32; row r holds round r's top-k, by falling probability.
         prob: (R, k) float16 probabilities matching ``idx``.
         ops: column name -> (R, width) array, one per op that records parameters (see ``COLUMNS``).
+        image_crc: CRC-32C of the sample's image member, which the loader checks before decoding;
+            None in sidecars written before integrity checks (they still read).
     """
 
     fingerprint: bytes
     idx: np.ndarray
     prob: np.ndarray
     ops: Mapping[str, np.ndarray] = field(default_factory=dict)
+    image_crc: int | None = None
 
     @property
     def rounds(self) -> int:
@@ -93,7 +98,13 @@ class Sidecar:
             and np.array_equal(self.prob.view(np.uint16), other.prob.view(np.uint16))
             and self.ops.keys() == other.ops.keys()
             and all(np.array_equal(v, other.ops[k]) for k, v in self.ops.items())
+            and self.image_crc == other.image_crc
         )
+
+
+def crc32c(data: bytes | bytearray | memoryview) -> int:
+    """CRC-32C (Castagnoli) of ``data``, as an unsigned 32-bit int (hardware-accelerated where available)."""
+    return _crc32c(data)
 
 
 def check_topk(idx: np.ndarray, prob: np.ndarray, num_classes: int | None = None, key: str | None = None) -> None:
@@ -160,10 +171,30 @@ def encode_sidecar(sidecar: Sidecar) -> bytes:
         "prob": prob.astype("<f2").tobytes(),
         "ops": ops,
     }
-    return msgpack.packb(body, use_bin_type=True)
+    if sidecar.image_crc is not None:
+        if not 0 <= sidecar.image_crc <= 0xFFFFFFFF:
+            raise ValueError(f"expected image_crc an unsigned 32-bit int, got {sidecar.image_crc!r}")
+        body["ic"] = int(sidecar.image_crc).to_bytes(4, "little")
+    body["ck"] = b"\0\0\0\0"  # the last entry: a fixed 9-byte tail whose value covers all bytes before it
+    data = bytearray(msgpack.packb(body, use_bin_type=True))
+    data[-4:] = _crc32c(memoryview(data)[:-_CK_TAIL]).to_bytes(4, "little")
+    return bytes(data)
 
 
+# The fields of every v1 sidecar; a sidecar with any other field is one written with the
+# integrity checksum, which must then end it (see docs/FORMAT.md, "Integrity").
 _REQUIRED = ("v", "fp", "n", "k", "cw", "cls", "idx", "prob", "ops")
+_CK_TAG = b"\xa2ck\xc4\x04"  # msgpack: the str "ck", then a bin of 4 bytes
+_CK_TAIL = len(_CK_TAG) + 4
+
+
+def _check_integrity(data: bytes, body: Mapping[str, Any], key: str | None) -> None:
+    if len(body) == len(_REQUIRED) and "ck" not in body:
+        return  # a sidecar from before integrity checks: nothing to verify
+    if "ck" not in body or data[-_CK_TAIL:-4] != _CK_TAG:
+        raise FormatError("sidecar checksum 'ck' is missing or not last: the sidecar bytes are damaged", key)
+    if _crc32c(memoryview(data)[:-_CK_TAIL]) != int.from_bytes(data[-4:], "little"):
+        raise FormatError("sidecar checksum mismatch: the sidecar bytes are damaged", key)
 
 
 def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
@@ -194,9 +225,13 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
     if version != FORMAT_VERSION:
         message = f"unknown sidecar format version {version!r}; this reader knows {FORMAT_VERSION}"
         raise VersionError(message, key, version)
+    _check_integrity(data, body, key)
     missing = [name for name in _REQUIRED if name not in body]
     if missing:
         raise FormatError(f"sidecar lacks field(s) {missing}", key)
+    image_crc = body.get("ic")
+    if image_crc is not None and not (isinstance(image_crc, bytes) and len(image_crc) == 4):
+        raise FormatError("image checksum 'ic' must be 4 bytes", key)
     rounds, topk, id_width = body["n"], body["k"], body["cw"]
     if not (isinstance(rounds, int) and 1 <= rounds <= _MAX_ROUNDS):
         raise FormatError(f"rounds 'n' must be an integer in [1, {_MAX_ROUNDS}], got {rounds!r}", key)
@@ -242,6 +277,7 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
         idx=idx,
         prob=np.frombuffer(body["prob"], "<f2").reshape(rounds, topk),
         ops=ops,
+        image_crc=None if image_crc is None else int.from_bytes(image_crc, "little"),
     )
 
 

@@ -28,7 +28,7 @@ from webdataset.handlers import reraise_exception
 from .augment import IMAGENET_MEAN, IMAGENET_STD, Recipe, normalize, replay
 from .decode import SourceImage
 from .errors import DataError, FormatError, MismatchError, SampleError, UsageError, VersionError
-from .format import FORMAT_VERSION, SIDECAR_EXT, Manifest, Sidecar, check_topk, decode_sidecar
+from .format import FORMAT_VERSION, SIDECAR_EXT, Manifest, Sidecar, check_topk, crc32c, decode_sidecar
 from .schedule import SharedEpoch, epoch_value, original_rng, round_for
 from .targets import dense_row, sparse_one_hot
 
@@ -271,7 +271,10 @@ def _image_bytes(sample: Mapping[str, Any]) -> bytes:
 
 def _image(sample: dict, plan: ReplayPlan, r: int, sidecar: Sidecar, epoch: int) -> torch.Tensor:
     """Round ``r``'s pixels, or for r = -1 the original image under the fallback recipe."""
-    image = SourceImage(_image_bytes(sample))
+    data = _image_bytes(sample)
+    if sidecar.image_crc is not None and crc32c(data) != sidecar.image_crc:
+        raise FormatError("image bytes do not match the sidecar's checksum: the image member is damaged")
+    image = SourceImage(data)
     if r >= 0:
         img = replay(image, sidecar.round_params(r), plan.recipe)
     else:

@@ -25,7 +25,7 @@ from webdataset.tariterators import base_plus_ext
 from .augment import Recipe, replay
 from .decode import SourceImage
 from .errors import DataError, DecodeError
-from .format import SIDECAR_EXT, Manifest, Sidecar, decode_sidecar
+from .format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
 from .loader import IMAGE_EXTS
 from .storage import manifest_url, read_manifest, shard_urls
 
@@ -222,6 +222,8 @@ def _check_sample(
                     f"the manifest says {manifest.rounds} of top-{manifest.topk}"
                 )
             recipe.check_columns(sidecar.ops)
+            if image is not None and sidecar.image_crc is not None and crc32c(image) != sidecar.image_crc:
+                errors.append("image bytes do not match the sidecar's checksum: the image member is damaged")
         except ValueError as exc:  # FormatError, or columns that do not fit the recipe
             errors.append(f"bad sidecar: {exc}")
             sidecar = None

@@ -40,7 +40,7 @@ from PIL import Image
 from .augment import Recipe, replay
 from .decode import SourceImage
 from .errors import DataError, UsageError
-from .format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, encode_sidecar
+from .format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, encode_sidecar
 from .sources import Source, SourceSample, SourceSampleError
 from .storage import sha256_file
 from .targets import topk
@@ -298,7 +298,7 @@ class ReinforceJob:
             while pending and pending[0]["left"] == 0:
                 s = pending.popleft()
                 sample: SourceSample = s["sample"]
-                sidecar = Sidecar(self.recipe.fingerprint, s["idx"], s["prob"], s["params"])
+                sidecar = Sidecar(self.recipe.fingerprint, s["idx"], s["prob"], s["params"], crc32c(sample.data))
                 data = encode_sidecar(sidecar)
                 samples.append({"key": sample.key, "sidecar_bytes": len(data)})
                 yield f"{sample.key}.{sample.ext}", sample.data
