@@ -8,6 +8,8 @@ every lost sample against the manifest), optionally shuffles samples, and runs t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import random
 import re
@@ -19,7 +21,6 @@ from typing import Any
 import torch
 from webdataset import filters as wds_filters
 from webdataset.compat import FluidInterface
-from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 from webdataset.pipeline import DataPipeline
 from webdataset.shardlists import ResampledShards, expand_urls, split_by_node, split_by_worker
@@ -28,16 +29,43 @@ from webdataset.utils import pytorch_worker_info
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, Recipe
 from .errors import DataError, FormatError, SampleError, UsageError
-from .format import Manifest
+from .format import SIDECAR_EXT, Manifest
 from .loader import LoaderOptions, ReplayPlan, reinforce
-from .schedule import SharedEpoch
-from .storage import dirname_url, join_url, manifest_url, read_manifest, shard_urls
+from .remote import RetryPolicy
+from .schedule import SharedEpoch, group_for
+from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
 
 __all__ = ["ReinforcedDataset"]
 
 
-def _resolve(source: str | Sequence[str], manifest: Manifest | str | None) -> tuple[list[str], Manifest]:
-    """Shard URLs and the manifest from a manifest URL, a directory, a brace pattern or a list."""
+def _resolve(
+    source: str | Sequence[str], manifest: Manifest | str | None
+) -> tuple[list[str], Manifest, dict[str, list[str]]]:
+    """Shard URLs, the manifest and (sidecar sets) each image shard's group sidecar shard URLs.
+
+    ``source`` is a manifest URL, a directory, a brace pattern or a list of shard URLs (for
+    sidecar sets: image shard URLs as the manifest lists them, or a subset).
+    """
+    urls, found, base = _resolve_manifest(source, manifest)
+    if not found.sidecar_sets:
+        return urls, found, {}
+    listed = [s.name for s in found.image_shards]
+    groups = {name: [join_url(base, g.shards[i].name) for g in found.round_groups] for i, name in enumerate(listed)}
+    chosen = listed if urls is None else [_match(u, listed) for u in urls]
+    return chosen, found, {u: groups[u] for u in chosen}
+
+
+def _match(url: str, names: Sequence[str]) -> str:
+    for name in names:
+        if url == name or url.endswith("/" + name.lstrip("/")) or name.endswith("/" + url.lstrip("/")):
+            return name
+    raise UsageError(f"expected image shards the manifest lists, got {url!r}")
+
+
+def _resolve_manifest(
+    source: str | Sequence[str], manifest: Manifest | str | None
+) -> tuple[list[str] | None, Manifest, str]:
+    """(shard URLs, or None when only a manifest was named; the manifest; the manifest's folder URL)."""
     if isinstance(source, str) and (source.endswith((".json", "/")) or os.path.isdir(source)):
         manifest_url_, urls = manifest_url(source), None
     else:
@@ -50,16 +78,16 @@ def _resolve(source: str | Sequence[str], manifest: Manifest | str | None) -> tu
     else:
         manifest_url_ = manifest or manifest_url_
         found = read_manifest(manifest_url_)
-    if urls is None:
+    if urls is None and not found.sidecar_sets:
         urls = shard_urls(manifest_url_, found)
         if not urls:
             raise FormatError(f"manifest {manifest_url_} lists no shards")
-    return urls, found
+    return urls, found, dirname_url(manifest_url_)
 
 
 def _expected_counts(urls: Sequence[str], manifest: Manifest) -> dict[str, int]:
     """url -> samples, for the URLs the manifest lists (matched by trailing path)."""
-    by_name = {s.name: s for s in manifest.shards}
+    by_name = {s.name: s for s in (manifest.image_shards if manifest.sidecar_sets else manifest.shards)}
     out = {}
     for url in urls:
         parts = url.split("/")
@@ -76,14 +104,39 @@ def _expected_counts(urls: Sequence[str], manifest: Manifest) -> dict[str, int]:
 _SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
 
 
+class _Tail:
+    """A read-through stream that remembers how much it passed and its last bytes."""
+
+    KEEP = 64 * 1024  # more than tarfile's stream buffer (20 blocks) plus a block
+
+    def __init__(self, stream: Any):
+        self.stream, self.count, self.tail = stream, 0, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.count += len(data)
+        self.tail = (self.tail + data)[-self.KEEP :]
+        return data
+
+    def ends_with_marker(self, offset: int) -> bool:
+        """True if a zero block (the end-of-archive marker) was read at byte ``offset``."""
+        start = offset - (self.count - len(self.tail))
+        block = self.tail[start : start + tarfile.BLOCKSIZE] if start >= 0 else b""
+        return len(block) == tarfile.BLOCKSIZE and not any(block)
+
+
 def _shard_samples(stream: Any, url: str) -> Iterator[dict]:
     """The complete samples of one tar stream: consecutive members sharing a key (webdataset's rule).
 
-    A sample is yielded only once the next key (or the end of the archive) shows it complete,
-    so a shard cut inside a sample never yields the part before the cut.
+    A sample is yielded only once the next key (or the end-of-archive marker) shows it complete,
+    so a shard cut inside a sample, or between members, never yields the part before the cut.
+
+    Raises:
+        tarfile.ReadError: the stream ends inside a member, or without the end-of-archive marker.
     """
     sample: dict | None = None
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+    reader = _Tail(stream)
+    with tarfile.open(fileobj=reader, mode="r|*") as tar:
         for info in tar:
             if not info.isreg():
                 continue
@@ -100,6 +153,10 @@ def _shard_samples(stream: Any, url: str) -> Iterator[dict]:
             if ext in sample:
                 raise FormatError(f"member {info.name!r} repeats extension {ext!r} of sample {key!r}")
             sample[ext] = data
+        end = tar.offset
+    # tarfile stops quietly at a missing or cut header: only the marker shows the archive whole
+    if not reader.ends_with_marker(end):
+        raise tarfile.ReadError("the shard ends without the end-of-archive marker: it is cut")
     if sample is not None:
         yield sample
 
@@ -107,28 +164,66 @@ def _shard_samples(stream: Any, url: str) -> Iterator[dict]:
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as webdataset does
 
 
+def _plain(url: str) -> Iterator[dict]:
+    with open_url(url) as stream:
+        yield from _shard_samples(stream, url)
+
+
+def _lockstep(url: str, sidecar_url: str) -> Iterator[dict]:
+    """The samples of image shard ``url``, each with its ``dr.mp`` from the aligned sidecar shard.
+
+    Raises:
+        FormatError: a key that differs between the two, or one shard longer than the other
+            (naming both URLs).
+    """
+    with open_url(url) as images, open_url(sidecar_url) as sidecars:
+        side = _shard_samples(sidecars, sidecar_url)
+        for sample in _shard_samples(images, url):
+            other = next(side, None)
+            if other is None or other["__key__"] != sample["__key__"]:
+                got = "its end" if other is None else f"key {other['__key__']!r}"
+                raise FormatError(
+                    f"image shard has key {sample['__key__']!r} where sidecar shard {sidecar_url} has {got}: "
+                    "the shards are not aligned"
+                )
+            sample[SIDECAR_EXT] = other.get(SIDECAR_EXT)
+            yield sample
+        extra = next(side, None)
+        if extra is not None:
+            raise FormatError(f"sidecar shard {sidecar_url} has key {extra['__key__']!r} after the image shard ends")
+
+
 def _read_shards(
-    src: Iterable[dict], expected: Mapping[str, int], handler: Callable[[BaseException], bool]
+    src: Iterable[dict],
+    expected: Mapping[str, int],
+    handler: Callable[[BaseException], bool],
+    sidecars: Mapping[str, Sequence[str]] | None = None,
+    group: Callable[[], int] | None = None,
 ) -> Iterator[dict]:
     """Shard URLs -> their samples; a shard that cannot be read whole is one ``DataError``.
 
     The error counts exactly the samples the shard lost against the manifest (a missing, empty
     or cut shard; a read that failed after the network layer's retries), so ``SkipCounter.samples``
     is the number of samples the epoch did not yield. Shards the manifest does not list are not
-    counted (``samples=1`` for a failure there).
+    counted (``samples=1`` for a failure there). With sidecar sets, image shard i is read in
+    lockstep with shard i of this epoch's round group (``group()``, read once per iteration).
     """
+    g = group() if group is not None else 0
     for item in src:
         url = item["url"]
-        want, count, cause = expected.get(url), 0, None
+        want, count, cause, error = expected.get(url), 0, None, None
         try:
-            with gopen(url, "rb") as stream:
-                for sample in _shard_samples(stream, url):
+            reader = _lockstep(url, sidecars[url][g]) if sidecars else _plain(url)
+            with contextlib.closing(reader):
+                for sample in reader:
                     count += 1
                     yield sample
+        except UsageError:
+            raise  # a malformed URL or setting: never skipped as bad data
         except DataError as exc:
-            cause = exc.message
+            cause, error = exc.message, exc
         except _SHARD_ERRORS as exc:
-            cause = f"{type(exc).__name__}: {_first_line(exc)}"
+            cause, error = f"{type(exc).__name__}: {_first_line(exc)}", exc
         if cause is None and (want is None or count == want):
             continue
         if want is None:
@@ -140,12 +235,13 @@ def _read_shards(
                 url=url,
                 samples=max(want - count, 0),
             )
+        err.__cause__ = error
         if not handler(err):
             return
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc.args[0]) if exc.args else str(exc)
+    text = str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
     return re.sub(r" at 0x[0-9a-fA-F]+", "", text.splitlines()[0] if text else type(exc).__name__)
 
 
@@ -178,6 +274,10 @@ class _ShardList(torch.utils.data.IterableDataset):
             random.Random(f"{self.seed}:{self.epoch.get()}:shards").shuffle(urls)
         for url in urls:
             yield {"url": url}
+
+
+def _epoch_group(seed: int, epoch: SharedEpoch, rounds: int, group_rounds: int) -> int:
+    return group_for(seed, epoch.get(), rounds, group_rounds)
 
 
 def _shuffle_samples(src: Iterable[dict], bufsize: int, seed: int, epoch: SharedEpoch) -> Iterator[dict]:
@@ -257,7 +357,8 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
             std=std,
             fallback_recipe=fallback_recipe,
         )
-        self.urls, self.manifest = _resolve(source, manifest)
+        RetryPolicy.from_env()  # a bad WDS_REINFORCE_* setting fails here, not later in a worker
+        self.urls, self.manifest, sidecars = _resolve(source, manifest)
         self.epoch = SharedEpoch(epoch)
         self.seed = seed
         plan = ReplayPlan.build(self.manifest, self.options)
@@ -277,7 +378,12 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
                 self.append(workersplitter)
             self._warn_uneven(nodesplitter)
         expected = _expected_counts(self.urls, self.manifest) if check_counts else {}
-        self.append(wds_filters.pipelinefilter(_read_shards)(expected=expected, handler=handler))
+        group = None
+        if sidecars:
+            group = functools.partial(_epoch_group, seed, self.epoch, self.manifest.rounds, self.manifest.group_rounds)
+        self.append(
+            wds_filters.pipelinefilter(_read_shards)(expected=expected, handler=handler, sidecars=sidecars, group=group)
+        )
         if shuffle:
             self.append(wds_filters.pipelinefilter(_shuffle_samples)(bufsize=shuffle, seed=seed, epoch=self.epoch))
         self.append(reinforce(plan=plan, epoch=self.epoch, handler=handler))

@@ -49,7 +49,11 @@ class DataError(ValueError):
         err = type(self).__new__(type(self))
         err.__dict__.update(self.__dict__)
         DataError.__init__(err, self.message, self.key if self.key is not None else key, self.url or url, self.samples)
-        err.__cause__ = self.__cause__
+        # The same story as the original: where it was raised, and what it was raised from.
+        err.__traceback__ = self.__traceback__
+        err.__context__ = self.__context__
+        if self.__cause__ is not None or self.__suppress_context__:
+            err.__cause__ = self.__cause__
         return err
 
 

@@ -41,11 +41,17 @@ __all__ = [
     "decode_sidecar",
     "ShardInfo",
     "SkippedInput",
+    "RoundGroup",
     "Manifest",
+    "LAYOUTS",
+    "SELF_CONTAINED",
+    "SIDECAR_SETS",
 ]
 
 FORMAT_VERSION = 1
 SIDECAR_EXT = "dr.mp"
+SELF_CONTAINED, SIDECAR_SETS = "self-contained", "sidecar-sets"
+LAYOUTS = (SELF_CONTAINED, SIDECAR_SETS)
 # A sidecar of 4096 rounds at top-100 with every op is ~1.7 MB; anything far larger is not ours.
 MAX_SIDECAR_BYTES = 16 * 1024 * 1024
 FINGERPRINT_BYTES = 8
@@ -298,6 +304,20 @@ class ShardInfo:
 
 
 @dataclass
+class RoundGroup:
+    """One round group of a sidecar set: rounds ``[first_round, first_round + rounds)``.
+
+    ``shards`` are its sidecar shards, one per image shard in the manifest's ``image_shards``
+    order, holding ``{key}.dr.mp`` members with only these rounds (a sidecar's round r is round
+    ``first_round + r`` of the data set).
+    """
+
+    first_round: int
+    rounds: int
+    shards: list[ShardInfo] = field(default_factory=list)
+
+
+@dataclass
 class SkippedInput:
     """A source input that was not written, and why."""
 
@@ -327,10 +347,24 @@ class Manifest:
     split: str = "train"
     name: str = "reinforced"
     format_version: int = FORMAT_VERSION
+    # Sidecar sets (docs/FORMAT.md): the images stay in plain shards elsewhere.
+    layout: str = "self-contained"
+    image_shards: list[ShardInfo] = field(default_factory=list)
+    round_groups: list[RoundGroup] = field(default_factory=list)
+
+    @property
+    def sidecar_sets(self) -> bool:
+        """True for the sidecar-set layout (images in ``image_shards``, rounds in ``round_groups``)."""
+        return self.layout == SIDECAR_SETS
 
     @property
     def num_samples(self) -> int:
-        return sum(s.samples for s in self.shards)
+        return sum(s.samples for s in (self.image_shards if self.sidecar_sets else self.shards))
+
+    @property
+    def group_rounds(self) -> int:
+        """Rounds per sidecar: all of them (self-contained), or one group's."""
+        return self.round_groups[0].rounds if self.sidecar_sets and self.round_groups else self.rounds
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
@@ -365,10 +399,38 @@ class Manifest:
         try:
             fields["shards"] = [ShardInfo(**s) for s in fields.get("shards", [])]
             fields["skipped"] = [SkippedInput(**s) for s in fields.get("skipped", [])]
+            fields["image_shards"] = [ShardInfo(**s) for s in fields.get("image_shards", [])]
+            fields["round_groups"] = [
+                RoundGroup(g["first_round"], g["rounds"], [ShardInfo(**s) for s in g.get("shards", [])])
+                for g in fields.get("round_groups", [])
+            ]
             manifest = cls(**fields)
-        except TypeError as exc:
+        except (TypeError, KeyError) as exc:
             raise FormatError(f"manifest fields do not match the schema ({exc})", source) from None
+        if manifest.layout not in LAYOUTS:
+            raise FormatError(f"unknown layout {manifest.layout!r}; this reader knows {list(LAYOUTS)}", source)
+        if manifest.sidecar_sets:
+            _check_groups(manifest, source)
         for name, typ in (("num_classes", int), ("rounds", int), ("topk", int), ("seed", int)):
             if not isinstance(getattr(manifest, name), typ):
                 raise FormatError(f"{name} must be an integer, got {getattr(manifest, name)!r}", source)
         return manifest
+
+
+def _check_groups(manifest: Manifest, source: str) -> None:
+    """Round groups must tile rounds 0..R-1 in order, all of one size, one shard per image shard."""
+    groups, first = manifest.round_groups, 0
+    if not groups or not manifest.image_shards:
+        raise FormatError("a sidecar-set manifest must list image_shards and round_groups", source)
+    for g in groups:
+        if g.first_round != first or g.rounds != groups[0].rounds or g.rounds < 1:
+            raise FormatError(f"round groups must tile the rounds in equal steps, got one at {g.first_round}", source)
+        if len(g.shards) != len(manifest.image_shards):
+            raise FormatError(
+                f"round group {g.first_round} lists {len(g.shards)} shards "
+                f"for {len(manifest.image_shards)} image shards",
+                source,
+            )
+        first += g.rounds
+    if first != manifest.rounds:
+        raise FormatError(f"round groups hold {first} rounds, the manifest says {manifest.rounds}", source)

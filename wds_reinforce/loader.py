@@ -7,7 +7,9 @@ errors (``errors.DataError``, located with the sample key and shard URL); usage 
 propagate. The steps are also available as separate stages for custom pipelines (each curried
 with ``webdataset.filters.pipelinefilter``, so ``stage(**options)`` takes the sample iterator):
 
-``check_counts`` -> ``decode_sidecars`` -> ``pick_rounds`` -> ``replay_images`` -> ``make_targets``
+``decode_sidecars`` -> ``pick_rounds`` -> ``replay_images`` -> ``make_targets``
+
+(per-shard sample counts are checked where shards are read: ``dataset``)
 
 ``dataset.ReinforcedDataset`` wires them to a shard list read from the manifest. This module
 never imports the teacher, and never writes.
@@ -27,16 +29,15 @@ from webdataset.handlers import reraise_exception
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, Recipe, normalize, replay
 from .decode import SourceImage
-from .errors import DataError, FormatError, MismatchError, SampleError, UsageError, VersionError
+from .errors import DataError, FormatError, MismatchError, UsageError, VersionError
 from .format import FORMAT_VERSION, SIDECAR_EXT, Manifest, Sidecar, check_topk, crc32c, decode_sidecar
-from .schedule import SharedEpoch, epoch_value, original_rng, round_for
+from .schedule import SharedEpoch, epoch_value, group_for, original_rng, round_for, round_in_group
 from .targets import dense_row, sparse_one_hot
 
 __all__ = [
     "IMAGE_EXTS",
     "LoaderOptions",
     "SkipCounter",
-    "check_counts",
     "decode_sidecars",
     "pick_rounds",
     "replay_images",
@@ -152,6 +153,16 @@ class LoaderOptions:
             raise UsageError(f"expected label_smoothing in [0, 1), got {self.label_smoothing!r}")
         if self.output not in OUTPUT_MODES:
             raise UsageError(f"expected output in {list(OUTPUT_MODES)}, got {self.output!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            try:
+                ok = len(value) == 3 and all(np.isfinite(float(v)) for v in value)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok or (name == "std" and min(float(v) for v in value) <= 0):
+                raise UsageError(
+                    f"expected {name} three finite numbers{' > 0' if name == 'std' else ''}, got {value!r}"
+                )
         if self.fallback_recipe is not None and not isinstance(self.fallback_recipe, Recipe):
             raise UsageError(f"expected fallback_recipe a Recipe, got {type(self.fallback_recipe).__name__}")
         object.__setattr__(self, "p", float(self.p))
@@ -171,21 +182,26 @@ class ReplayPlan:
     recipe: Recipe | None = None
     fallback: Recipe | None = None
     fingerprint: bytes | None = None
-    rounds: int | None = None
+    rounds: int | None = None  # rounds per sidecar (a round group's, for sidecar sets)
     topk: int | None = None
     num_classes: int | None = None
+    total_rounds: int | None = None  # rounds of the data set (more than ``rounds`` for sidecar sets)
 
     @classmethod
     def build(cls, manifest: Manifest, options: LoaderOptions) -> ReplayPlan:
         recipe, fingerprint = _manifest_recipe(manifest)
+        fallback = options.fallback_recipe
+        if fallback is not None and fallback.size != recipe.size:
+            raise UsageError(f"expected a fallback recipe of the shards' size {recipe.size}, got {fallback.size}")
         return cls(
             options=options,
             recipe=recipe,
             fallback=_fallback(options, recipe),
             fingerprint=fingerprint,
-            rounds=manifest.rounds,
+            rounds=manifest.group_rounds,
             topk=manifest.topk,
             num_classes=manifest.num_classes,
+            total_rounds=manifest.rounds,
         )
 
 
@@ -253,12 +269,21 @@ def _sidecar(sample: dict, plan: ReplayPlan, first: bool) -> Sidecar:
     return sidecar
 
 
-def _choose_round(plan: ReplayPlan, key: str, epoch: int, rounds: int) -> int:
-    """This epoch's round of a sample, or -1 for the original image (a coin of probability 1 - p)."""
+def _choose_round(plan: ReplayPlan, key: str, epoch: int, rounds: int) -> tuple[int, int]:
+    """(row in the sidecar, round of the data set) this epoch, or (-1, -1) for the original image.
+
+    The coin has probability 1 - p. With sidecar sets the sidecar holds this epoch's round
+    group (``schedule.group_for``) and the row is the sample's round within it.
+    """
     opts = plan.options
     if opts.p < 1.0 and original_rng(opts.seed, key, epoch).random() >= opts.p:
-        return -1
-    return round_for(opts.seed, key, epoch, rounds)
+        return -1, -1
+    total = plan.total_rounds or rounds
+    if total == rounds:
+        r = round_for(opts.seed, key, epoch, rounds)
+        return r, r
+    r = round_in_group(opts.seed, key, epoch, total, rounds)
+    return r, group_for(opts.seed, epoch, total, rounds) * rounds + r
 
 
 def _image_bytes(sample: Mapping[str, Any]) -> bytes:
@@ -269,8 +294,9 @@ def _image_bytes(sample: Mapping[str, Any]) -> bytes:
     raise FormatError(f"no image member ({'/'.join(IMAGE_EXTS)}); members: {_members(sample)}")
 
 
-def _image(sample: dict, plan: ReplayPlan, r: int, sidecar: Sidecar, epoch: int) -> torch.Tensor:
-    """Round ``r``'s pixels, or for r = -1 the original image under the fallback recipe."""
+def _image(sample: dict, plan: ReplayPlan, r: int, sidecar: Sidecar, epoch: int, seed: int) -> torch.Tensor:
+    """Round ``r``'s pixels, or for r = -1 the original image under the fallback recipe
+    (its parameters drawn after the coin of ``original_rng(seed, key, epoch)``)."""
     data = _image_bytes(sample)
     if sidecar.image_crc is not None and crc32c(data) != sidecar.image_crc:
         raise FormatError("image bytes do not match the sidecar's checksum: the image member is damaged")
@@ -278,7 +304,7 @@ def _image(sample: dict, plan: ReplayPlan, r: int, sidecar: Sidecar, epoch: int)
     if r >= 0:
         img = replay(image, sidecar.round_params(r), plan.recipe)
     else:
-        rng = original_rng(plan.options.seed, sample["__key__"], epoch)
+        rng = original_rng(seed, sample["__key__"], epoch)
         rng.random()  # the coin, drawn by _choose_round: the parameters follow it in the stream
         img = replay(image, plan.fallback.sample(rng, image.size), plan.fallback)
     opts = plan.options
@@ -320,9 +346,9 @@ def _target(sample: dict, plan: ReplayPlan, r: int, sidecar: Sidecar) -> None:
 def reinforce_sample(sample: dict, plan: ReplayPlan, epoch: int, first: bool = False) -> dict:
     """All steps for one sample: sidecar, round, image, target (see the module docstring)."""
     sidecar = _sidecar(sample, plan, first)
-    r = _choose_round(plan, sample["__key__"], epoch, sidecar.rounds)
-    sample["sidecar"], sample["round"], sample["epoch"] = sidecar, r, epoch
-    sample["image"] = _image(sample, plan, r, sidecar, epoch)
+    r, sample["round"] = _choose_round(plan, sample["__key__"], epoch, sidecar.rounds)
+    sample["sidecar"], sample["epoch"] = sidecar, epoch
+    sample["image"] = _image(sample, plan, r, sidecar, epoch, plan.options.seed)
     _target(sample, plan, r, sidecar)
     return sample
 
@@ -369,12 +395,16 @@ def _decode_sidecars(
 
 
 def _pick_rounds(src: Iterable[dict], seed: int = 0, epoch: Any = 0, p: float = 1.0) -> Iterator[dict]:
-    """Set ``sample["round"]`` to this epoch's round (``round_for``), or -1 for the original image."""
+    """Set ``sample["round"]`` to this epoch's round (``round_for``), or -1 for the original image.
+
+    ``sample["epoch"]`` and ``sample["__seed__"]`` go along for ``replay_images``, which draws an
+    original image's augmentation from the same seeded stream as the coin.
+    """
     plan = ReplayPlan(LoaderOptions(seed=seed, p=p))
     e = epoch_value(epoch)
     for sample in src:
-        sample["epoch"] = e
-        sample["round"] = _choose_round(plan, sample["__key__"], e, sample["sidecar"].rounds)
+        sample["epoch"], sample["__seed__"] = e, seed
+        sample["round"] = _choose_round(plan, sample["__key__"], e, sample["sidecar"].rounds)[0]
         yield sample
 
 
@@ -385,16 +415,15 @@ def _replay_images(
     output: str = "uint8",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    seed: int = 0,
     handler: Callable = reraise_exception,
 ) -> Iterator[dict]:
     """Replay ``sample["round"]`` into ``sample["image"]`` (round -1: ``fallback``, default RRC + flip)."""
-    options = LoaderOptions(seed=seed, output=output, mean=mean, std=std, fallback_recipe=fallback)
+    options = LoaderOptions(output=output, mean=mean, std=std, fallback_recipe=fallback)
     plan = ReplayPlan(options, recipe, _fallback(options, recipe))
 
     def step(sample: dict) -> dict:
         r, sidecar = sample["round"], sample["sidecar"]  # set by earlier stages: missing = a bug, not data
-        sample["image"] = _image(sample, plan, r, sidecar, sample["epoch"])
+        sample["image"] = _image(sample, plan, r, sidecar, sample["epoch"], sample["__seed__"])
         return sample
 
     yield from _map(src, step, handler)
@@ -418,41 +447,6 @@ def _make_targets(
     yield from _map(src, step, handler)
 
 
-def _check_counts(
-    src: Iterable[dict], expected: Mapping[str, tuple[int, str]], handler: Callable = reraise_exception
-) -> Iterator[dict]:
-    """Compare each run of samples from one shard with the manifest's count (truncation check).
-
-    A run starts when ``__url__`` changes or the shard's first key comes round again (a
-    resampled shard drawn twice in a row). Shards the manifest does not list are not checked.
-    """
-    url, count = None, 0
-
-    def short() -> SampleError | None:
-        want = expected.get(url)
-        if want is None or count == want[0]:
-            return None
-        return SampleError(
-            f"expected {want[0]} samples (per the manifest), got {count}: the shard is truncated or damaged",
-            url=url,
-            samples=abs(want[0] - count),
-        )
-
-    for sample in src:
-        u = sample.get("__url__")
-        if u != url or (count and u in expected and sample.get("__key__") == expected[u][1]):
-            err = short()
-            if err is not None and not handler(err):
-                return
-            url, count = u, 0
-        count += 1
-        yield sample
-    err = short()
-    if err is not None:
-        handler(err)
-
-
-check_counts = wds_filters.pipelinefilter(_check_counts)
 decode_sidecars = wds_filters.pipelinefilter(_decode_sidecars)
 pick_rounds = wds_filters.pipelinefilter(_pick_rounds)
 replay_images = wds_filters.pipelinefilter(_replay_images)

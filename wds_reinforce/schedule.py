@@ -24,11 +24,21 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["SharedEpoch", "key_word", "round_for", "epoch_value", "original_rng", "check_epoch"]
+__all__ = [
+    "SharedEpoch",
+    "key_word",
+    "round_for",
+    "group_for",
+    "round_in_group",
+    "epoch_value",
+    "original_rng",
+    "check_epoch",
+]
 
 _U64 = 0xFFFFFFFFFFFFFFFF
 _SCHEDULE_TAG = 0x5343484544  # "SCHED": keeps the schedule's stream apart from round_rng's
 _ORIGINAL_TAG = 0x4F524947  # "ORIG": the coin and parameters of a non-reinforced epoch
+_GROUP_TAG = 0x47524F5550  # "GROUP": the order round groups are visited in
 
 
 def key_word(key: str) -> int:
@@ -61,11 +71,46 @@ def round_for(seed: int, key: str, epoch: int, rounds: int) -> int:
     cycle, pos = divmod(check_epoch(epoch), rounds)
     if rounds == 1:
         return 0
-    h = _mix64((seed & _U64) ^ _mix64(key_word(key) ^ _mix64(cycle ^ _SCHEDULE_TAG)))
-    units = _units(rounds)
-    a = units[(h >> 32) % len(units)]
-    b = (h & 0xFFFFFFFF) % rounds
-    return (a * pos + b) % rounds
+    return _affine(_mix64((seed & _U64) ^ _mix64(key_word(key) ^ _mix64(cycle ^ _SCHEDULE_TAG))), pos, rounds)
+
+
+def _affine(h: int, pos: int, n: int) -> int:
+    """Position ``pos`` of the permutation of ``range(n)`` that the 64-bit hash ``h`` picks."""
+    if n == 1:
+        return 0
+    units = _units(n)
+    return (units[(h >> 32) % len(units)] * pos + (h & 0xFFFFFFFF) % n) % n
+
+
+def _check_groups(rounds: int, group_rounds: int) -> int:
+    if isinstance(group_rounds, bool) or not isinstance(group_rounds, int) or group_rounds < 1:
+        raise UsageError(f"expected group_rounds a positive int, got {group_rounds!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1 or rounds % group_rounds:
+        raise UsageError(f"expected rounds a positive multiple of group_rounds={group_rounds}, got {rounds!r}")
+    return rounds // group_rounds
+
+
+def group_for(seed: int, epoch: int, rounds: int, group_rounds: int) -> int:
+    """The round group every sample reads in an epoch (sidecar sets: one group per epoch).
+
+    Over each cycle of R epochs each of the R/G groups is visited G times, interleaved in a
+    per-(seed, cycle) order; the same group for every sample, so an epoch reads one group's
+    shards. With one group it is always 0.
+    """
+    groups = _check_groups(rounds, group_rounds)
+    cycle, pos = divmod(check_epoch(epoch), rounds)
+    return _affine(_mix64((seed & _U64) ^ _mix64(cycle ^ _GROUP_TAG)), pos % groups, groups)
+
+
+def round_in_group(seed: int, key: str, epoch: int, rounds: int, group_rounds: int) -> int:
+    """The round, within this epoch's group (``group_for``), that a sample uses.
+
+    Together with ``group_for``: every one of the R rounds once per cycle of R epochs, per sample.
+    With one group (``group_rounds == rounds``) it equals ``round_for(seed, key, epoch, rounds)``.
+    """
+    groups = _check_groups(rounds, group_rounds)
+    cycle, pos = divmod(check_epoch(epoch), rounds)
+    return round_for(seed, key, cycle * group_rounds + pos // groups, group_rounds)
 
 
 def original_rng(seed: int, key: str, epoch: int) -> np.random.Generator:

@@ -37,6 +37,7 @@ __all__ = [
     "gopen_s3",
     "register_url_schemes",
     "register_s3_scheme",
+    "open_url",
     "read_url",
     "read_manifest",
     "join_url",
@@ -155,6 +156,21 @@ register_url_schemes()
 # Reading small files; URL arithmetic
 
 
+def open_url(url: str) -> Any:
+    """A readable stream over any supported URL (webdataset's gopen table; see the module docstring).
+
+    Raises:
+        UsageError: a URL scheme no handler knows, or a malformed URL.
+        OSError: the URL cannot be opened (FileNotFoundError for a missing one).
+    """
+    try:
+        return _gopen(url, "rb")
+    except ValueError as exc:
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"cannot open {url!r}: {exc}") from None
+
+
 def read_url(url: str) -> bytes:
     """All bytes of a local path, ``file:``, ``http(s)://`` or ``s3://`` URL (via webdataset's gopen).
 
@@ -166,9 +182,9 @@ def read_url(url: str) -> bytes:
         ObjectChangedError: the object changed while being read (an ``OSError``).
     """
     try:
-        with _gopen(url, "rb") as stream:
+        with open_url(url) as stream:
             data = stream.read()
-    except (NetworkReadError, ObjectChangedError):
+    except (NetworkReadError, ObjectChangedError, UsageError):
         raise
     except Exception as exc:  # gopen backends raise OSError, ValueError or pipe errors
         raise FileNotFoundError(f"cannot read {url}: {type(exc).__name__}: {exc}") from None
@@ -242,12 +258,24 @@ class LocalOutput:
                 raise UsageError(f"expected the output {self.url!r} to be a directory, got a file")
             if not os.access(p, os.W_OK | os.X_OK):
                 raise UsageError(f"expected a writable output folder, got {self.url!r} (permission denied)")
+            self._probe(p, f"{p} is not writable")
             return
         parent = p.parent
         while not parent.exists():
             parent = parent.parent
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             raise UsageError(f"expected a writable output folder, got {self.url!r} ({parent} is not writable)")
+        self._probe(parent, f"cannot create folders in {parent}")
+
+    def _probe(self, folder: Path, why: str) -> None:
+        # access() says yes to root everywhere, and to anyone on /proc or a read-only mount:
+        # only making (and removing) an empty folder tells.
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".wdsr-probe-", dir=folder))
+        except OSError as exc:
+            raise UsageError(
+                f"expected a writable output folder, got {self.url!r} ({why}: {exc.strerror or exc})"
+            ) from None
 
     def staging(self) -> Path:
         """A local folder to write files in before ``finish_file`` puts them in place."""
