@@ -5,12 +5,15 @@ here). The RNG is always passed in, seeded from (seed, key, round) by ``round_rn
 here reads global RNG state.
 
 A ``Recipe`` is an ordered list of ops (a geometry op first: ``rrc`` or ``center``), an output
-size and a decode mode. ``replay(image, params, recipe)`` is the one function that turns an
-encoded or decoded image plus one round's parameters into pixels; the producer and the loader
-both call it, which is what makes replay exact. It checks every row before it decodes.
+size, a decode mode and a kernel set. ``replay(image, params, recipe)`` is the one function that
+turns an encoded or decoded image plus one round's parameters into pixels; the producer and the
+loader both call it, which is what makes replay exact. It checks every row before it decodes.
 
-Kernels are torchvision's ``transforms.v2.functional`` on uint8 tensors, so each op equals
-torchvision's kernel bit for bit given the same parameters (see tests/test_augment.py).
+The kernel set (``kernels``) is part of the recipe's identity, because it decides the pixels:
+set 1 is torchvision's ``transforms.v2.functional`` on uint8 tensors (each op equals torchvision's
+transform bit for bit), set 2 OpenCV and numpy, several times faster. A recorded recipe without
+a ``kernels`` field (every manifest written before kernel sets existed) is set 1, with the same
+fingerprint as before; new recipes use set 2.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from ._registry import Registry
 from .decode import DECODE_MODES, DecodeError, SourceImage, reduced_scale
 from .errors import FormatError
+from .kernels import CURRENT_KERNELS, KERNELS, LEGACY_KERNELS, Kernels, kernel_set
 from .ops import (
     OPS,
     CenterCrop,
@@ -47,6 +51,10 @@ __all__ = [
     "OPS",
     "RECIPES",
     "RANDAUGMENT_SPACE",
+    "KERNELS",
+    "CURRENT_KERNELS",
+    "LEGACY_KERNELS",
+    "Kernels",
     "Op",
     "GeometryOp",
     "register_op",
@@ -83,7 +91,7 @@ def round_rng(seed: int, key: str, round_index: int) -> np.random.Generator:
 
 
 class Recipe:
-    """An ordered list of ops, an output size and a decode mode; its fingerprint goes into every sidecar.
+    """An ordered list of ops, an output size, a decode mode and a kernel set; its fingerprint goes into every sidecar.
 
     Args:
         ops: op descriptions ``{"op": name, **arguments}`` or ``Op`` objects; the first must be a
@@ -93,16 +101,28 @@ class Recipe:
             the largest of 1/8, 1/4, 1/2 that keeps the crop at least at the output size; chosen
             from the stored crop box, so producer and loader make the same choice).
         name: a label; not part of the fingerprint.
+        kernels: the kernel set (see ``kernels``): 1, torchvision's tensor kernels; 2 (default),
+            OpenCV and numpy. Part of the fingerprint unless it is 1.
+
+    Raises:
+        ValueError: bad arguments, or a kernel set this version does not know.
     """
 
     def __init__(
-        self, ops: Sequence[Mapping[str, Any] | Op], size: Size | int = 224, decode: str = "full", name: str = "custom"
+        self,
+        ops: Sequence[Mapping[str, Any] | Op],
+        size: Size | int = 224,
+        decode: str = "full",
+        name: str = "custom",
+        kernels: int = CURRENT_KERNELS,
     ):
         self.size = check_size(size)
         if decode not in DECODE_MODES:
             raise ValueError(f"expected decode in {list(DECODE_MODES)}, got {decode!r}")
         self.decode = decode
         self.name = name
+        self.kernel_set: Kernels = kernel_set(kernels)
+        self.kernels: int = kernels
         built: list[Op] = []
         for i, spec in enumerate(ops):
             if isinstance(spec, Op):
@@ -130,12 +150,15 @@ class Recipe:
     # -- description and identity
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        desc = {
             "name": self.name,
             "size": list(self.size),
             "decode": self.decode,
             "ops": [op.to_dict() for op in self.ops],
         }
+        if self.kernels != LEGACY_KERNELS:  # absent = 1: recipes recorded before kernel sets keep their fingerprint
+            desc["kernels"] = self.kernels
+        return desc
 
     @functools.cached_property
     def fingerprint(self) -> bytes:
@@ -161,24 +184,43 @@ class Recipe:
             raise FormatError(f"expected op columns {self.column_fields} (name: values per round), got {got}")
 
     @classmethod
-    def from_dict(cls, desc: Mapping[str, Any]) -> Recipe:
+    def from_dict(cls, desc: Mapping[str, Any], kernels: int = LEGACY_KERNELS) -> Recipe:
+        """The recipe a description records (``to_dict``; a manifest's ``recipe``).
+
+        Args:
+            desc: the description.
+            kernels: the kernel set when ``desc`` names none: 1, as for every recipe recorded
+                before kernel sets existed.
+        """
         if not isinstance(desc, Mapping) or "ops" not in desc:
             raise ValueError(f"expected a recipe mapping with 'ops', got {desc!r}")
-        unknown = set(desc) - {"name", "size", "decode", "ops"}
+        unknown = set(desc) - {"name", "size", "decode", "ops", "kernels"}
         if unknown:
-            raise ValueError(f"unknown recipe field(s) {sorted(unknown)}; expected name, size, decode, ops")
-        return cls(desc["ops"], desc.get("size", 224), desc.get("decode", "full"), desc.get("name", "custom"))
+            raise ValueError(f"unknown recipe field(s) {sorted(unknown)}; expected name, size, decode, ops, kernels")
+        return cls(
+            desc["ops"],
+            desc.get("size", 224),
+            desc.get("decode", "full"),
+            desc.get("name", "custom"),
+            desc.get("kernels", kernels),
+        )
 
     @classmethod
     def from_spec(
-        cls, spec: str | Mapping[str, Any] | Recipe, size: Size | int | None = None, decode: str | None = None
+        cls,
+        spec: str | Mapping[str, Any] | Recipe,
+        size: Size | int | None = None,
+        decode: str | None = None,
+        kernels: int | None = None,
     ) -> Recipe:
-        """A recipe from a preset name (see ``RECIPES``), a YAML/JSON file path or a mapping.
+        """A recipe to make shards with: a preset name (see ``RECIPES``), a YAML/JSON file path or a mapping.
 
-        ``size`` and ``decode``, when given, override the spec's.
+        ``size``, ``decode`` and ``kernels``, when given, override the spec's. A file or mapping
+        without ``kernels`` gets the current set (2); read a recorded recipe (a manifest's) with
+        ``from_dict``, where a missing ``kernels`` means 1.
         """
         if isinstance(spec, Recipe):
-            desc = spec.to_dict()
+            desc = dict(spec.to_dict(), kernels=spec.kernels)
         elif isinstance(spec, Mapping):
             desc = dict(spec)
         elif isinstance(spec, str) and spec.endswith((".yaml", ".yml", ".json")):
@@ -201,7 +243,9 @@ class Recipe:
             desc["size"] = list(check_size(size))
         if decode is not None:
             desc["decode"] = decode
-        return cls.from_dict(desc)
+        if kernels is not None:
+            desc["kernels"] = kernels
+        return cls.from_dict(desc, kernels=CURRENT_KERNELS)
 
     # -- sampling and replay
 
@@ -226,7 +270,10 @@ class Recipe:
         )
 
     def __repr__(self) -> str:
-        return f"Recipe({self.name!r}, size={self.size}, decode={self.decode!r}, ops={list(self.ops)})"
+        return (
+            f"Recipe({self.name!r}, size={self.size}, decode={self.decode!r}, kernels={self.kernels}, "
+            f"ops={list(self.ops)})"
+        )
 
 
 def _geometry_names() -> list[str]:
@@ -260,10 +307,10 @@ def replay(image: bytes | torch.Tensor | SourceImage, params: Mapping[str, np.nd
     scale = 1
     if recipe.decode == "reduced":
         scale = reduced_scale(*geometry.region(row, src.size))
-    img = src.decode(scale)
-    img = geometry.apply_geometry(img, row, src.size)
+    kernels = recipe.kernel_set
+    img = geometry.apply_geometry(src.decode(scale), row, src.size, kernels)
     for op in rest:
-        img = op.apply(img, params.get(op.name))
+        img = op.apply(img, params.get(op.name), kernels)
     return img
 
 
@@ -289,12 +336,15 @@ def _scale_shift(
 # Presets: the paper's ImageNet+ variants (the +mix ones come with the pairing stage).
 
 _RRC = {"op": "rrc", "scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "interpolation": "bilinear", "antialias": True}
-RECIPES.register("rrc", {"size": [224, 224], "decode": "full", "ops": [_RRC, {"op": "flip", "p": 0.5}]})
+RECIPES.register(
+    "rrc", {"size": [224, 224], "decode": "full", "kernels": CURRENT_KERNELS, "ops": [_RRC, {"op": "flip", "p": 0.5}]}
+)
 RECIPES.register(
     "rrc+ra/re",
     {
         "size": [224, 224],
         "decode": "full",
+        "kernels": CURRENT_KERNELS,
         "ops": [
             _RRC,
             {"op": "flip", "p": 0.5},
@@ -303,4 +353,7 @@ RECIPES.register(
         ],
     },
 )
-RECIPES.register("center", {"size": [224, 224], "decode": "full", "ops": [{"op": "center", "crop_pct": 0.875}]})
+RECIPES.register(
+    "center",
+    {"size": [224, 224], "decode": "full", "kernels": CURRENT_KERNELS, "ops": [{"op": "center", "crop_pct": 0.875}]},
+)

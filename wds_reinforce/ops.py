@@ -2,14 +2,15 @@
 
 Every op has ``sample(rng, size) -> row`` (a small numpy array, the op's row in its sidecar
 column), ``check(row, size)`` (cheap range checks that raise ``FormatError``) and a pure
-``apply(image, row)`` over uint8 CHW tensors. An op that records parameters declares its
-sidecar layout as ``column``, a ``format.Column`` of named fields and a codec; ``register_op``
-files the op in ``OPS`` and its column in ``format.COLUMNS``. An all-zero row means "not
+``apply(image, row, kernels)`` over uint8 (3, H, W) tensors. An op that records parameters
+declares its sidecar layout as ``column``, a ``format.Column`` of named fields and a codec;
+``register_op`` files the op in ``OPS`` and its column in ``format.COLUMNS``. An all-zero row means "not
 applied" for ops that may skip (stored with the sparse codec). The RNG is always passed in;
 nothing here reads global RNG state.
 
-Kernels are torchvision's ``transforms.v2.functional`` on uint8 tensors, so each op equals
-torchvision's kernel bit for bit given the same parameters (see tests/test_augment.py).
+Ops own the semantics (parameters, their distribution, checks); the pixel code is a kernel set
+(``kernels``) that the recipe names: set 1 is torchvision's ``transforms.v2.functional`` (each op
+equals torchvision's transform bit for bit given the same parameters), set 2 OpenCV and numpy.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from ._registry import Registry
 from .errors import FormatError
 from .format import COLUMNS, Column
-from .randaugment import RANDAUGMENT_SPACE, SIGNED, magnitude_of, randaugment_op
+from .kernels import CURRENT_KERNELS, KERNELS, Kernels
+from .randaugment import RANDAUGMENT_SPACE, SIGNED, magnitude_of
 
 __all__ = [
     "OPS",
@@ -41,11 +41,8 @@ __all__ = [
     "check_size",
 ]
 
-_INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
+_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+_CURRENT = KERNELS.get(CURRENT_KERNELS)
 
 OPS: Registry[type[Op]] = Registry("op")
 
@@ -74,7 +71,7 @@ def _prob(name: str, value: Any) -> float:
 
 def _interpolation(value: Any) -> str:
     if value not in _INTERPOLATIONS:
-        raise ValueError(f"expected interpolation in {sorted(_INTERPOLATIONS)}, got {value!r}")
+        raise ValueError(f"expected interpolation in {list(_INTERPOLATIONS)}, got {value!r}")
     return value
 
 
@@ -123,7 +120,8 @@ class Op:
         if self.column is not None:
             _ints(row, self)
 
-    def apply(self, img: torch.Tensor, row: np.ndarray | None) -> torch.Tensor:
+    def apply(self, img: torch.Tensor, row: np.ndarray | None, kernels: Kernels = _CURRENT) -> torch.Tensor:
+        """Apply parameters ``row`` to a uint8 (3, H, W) image with ``kernels`` (the recipe's kernel set)."""
         raise NotImplementedError
 
     def output_size(self, size: Size) -> Size:
@@ -182,12 +180,14 @@ class GeometryOp(Op):
         """(source region size, size it is resized to): what a reduced decode must keep."""
         raise NotImplementedError
 
-    def apply_geometry(self, img: torch.Tensor, row: np.ndarray | None, src: Size) -> torch.Tensor:
+    def apply_geometry(
+        self, img: torch.Tensor, row: np.ndarray | None, src: Size, kernels: Kernels = _CURRENT
+    ) -> torch.Tensor:
         """Apply to ``img``, a decode of a ``src``-sized image that may be reduced in scale."""
         raise NotImplementedError
 
-    def apply(self, img: torch.Tensor, row: np.ndarray | None) -> torch.Tensor:
-        return self.apply_geometry(img, row, tuple(img.shape[-2:]))
+    def apply(self, img: torch.Tensor, row: np.ndarray | None, kernels: Kernels = _CURRENT) -> torch.Tensor:
+        return self.apply_geometry(img, row, tuple(img.shape[-2:]), kernels)
 
 
 def _scaled_box(box: Sequence[int], img: Size, src: Size) -> tuple[int, int, int, int]:
@@ -204,7 +204,7 @@ def _scaled_box(box: Sequence[int], img: Size, src: Size) -> tuple[int, int, int
 
 @register_op
 class RandomResizedCrop(GeometryOp):
-    """torchvision's RandomResizedCrop: same parameter distribution, same kernel (crop, then resize)."""
+    """torchvision's RandomResizedCrop: same parameter distribution; crop, then resize."""
 
     name = "rrc"
     column = Column("rrc", "uint", ("top", "left", "height", "width"), doc="crop box in source pixels")
@@ -262,11 +262,11 @@ class RandomResizedCrop(GeometryOp):
     def region(self, row: np.ndarray | None, src: Size) -> tuple[Size, Size]:
         return (int(row[2]), int(row[3])), self.size
 
-    def apply_geometry(self, img: torch.Tensor, row: np.ndarray | None, src: Size) -> torch.Tensor:
-        top, left, h, w = _scaled_box(row, tuple(img.shape[-2:]), src)
-        return TF.resized_crop(
-            img, top, left, h, w, list(self.size), _INTERPOLATIONS[self.interpolation], antialias=self.antialias
-        )
+    def apply_geometry(
+        self, img: torch.Tensor, row: np.ndarray | None, src: Size, kernels: Kernels = _CURRENT
+    ) -> torch.Tensor:
+        box = _scaled_box(row, tuple(img.shape[-2:]), src)
+        return kernels.resized_crop(img, box, self.size, self.interpolation, self.antialias)
 
 
 @register_op
@@ -299,9 +299,11 @@ class CenterCrop(GeometryOp):
             target = [round(src[0] * target[0] / short), round(src[1] * target[0] / short)]
         return src, (target[0], target[1])
 
-    def apply_geometry(self, img: torch.Tensor, row: np.ndarray | None, src: Size) -> torch.Tensor:
-        img = TF.resize(img, self._resize_to(), _INTERPOLATIONS[self.interpolation], antialias=self.antialias)
-        return TF.center_crop(img, list(self.size))
+    def apply_geometry(
+        self, img: torch.Tensor, row: np.ndarray | None, src: Size, kernels: Kernels = _CURRENT
+    ) -> torch.Tensor:
+        img = kernels.resize_short(img, self._resize_to(), self.interpolation, self.antialias)
+        return kernels.center_crop(img, self.size)
 
 
 @register_op
@@ -325,8 +327,8 @@ class HorizontalFlip(Op):
         if bit != 0 and bit != 1:
             raise FormatError(f"flip bit {bit} is not 0 or 1")
 
-    def apply(self, img: torch.Tensor, row: np.ndarray | None) -> torch.Tensor:
-        return TF.horizontal_flip(img) if row[0] else img
+    def apply(self, img: torch.Tensor, row: np.ndarray | None, kernels: Kernels = _CURRENT) -> torch.Tensor:
+        return kernels.hflip(img) if row[0] else img
 
 
 @register_op
@@ -385,13 +387,12 @@ class RandAugment(Op):
                 sign = f"(-{bins}, {bins})" if SIGNED[op_id] else f"[0, {bins})"
                 raise FormatError(f"RandAugment magnitude bin {signed_bin} of op {op_id} is not in {sign} in {values}")
 
-    def apply(self, img: torch.Tensor, row: np.ndarray | None) -> torch.Tensor:
+    def apply(self, img: torch.Tensor, row: np.ndarray | None, kernels: Kernels = _CURRENT) -> torch.Tensor:
         height, width = img.shape[-2:]
-        mode = _INTERPOLATIONS[self.interpolation]
         for op_id, signed_bin in zip(row[0::2].tolist(), row[1::2].tolist()):
             magnitude = magnitude_of(op_id, self.num_magnitude_bins, abs(signed_bin), height, width)
             magnitude = -magnitude if signed_bin < 0 else magnitude
-            img = randaugment_op(img, op_id, magnitude, mode, self.fill)
+            img = kernels.randaugment(img, op_id, magnitude, self.interpolation, self.fill)
         return img
 
 
@@ -449,9 +450,8 @@ class RandomErasing(Op):
         if top < 0 or left < 0 or h < 0 or w < 0 or top + h > size[0] or left + w > size[1]:
             raise FormatError(f"erase box {[top, left, h, w]} does not fit the output size {size}")
 
-    def apply(self, img: torch.Tensor, row: np.ndarray | None) -> torch.Tensor:
+    def apply(self, img: torch.Tensor, row: np.ndarray | None, kernels: Kernels = _CURRENT) -> torch.Tensor:
         top, left, h, w = (int(v) for v in row)
         if h == 0 or w == 0:
             return img
-        fill = torch.tensor(self.value, dtype=img.dtype).view(-1, 1, 1)
-        return TF.erase(img, top, left, h, w, fill)
+        return kernels.erase(img, (top, left, h, w), self.value)

@@ -1,0 +1,268 @@
+"""A lean tar reader: the regular members of a tar stream, in one forward pass.
+
+``tarfile`` costs ~0.1 ms per three-member sample in stream mode (header objects, its own
+buffering, a seek check per member); this reads each 512-byte header, with the padding of the
+member before it, into one reused buffer and parses only what a reader of webdataset shards
+needs: the name (ustar prefix, GNU long names, pax ``path``), the size (octal, base-256, pax
+``size``) and the type. Names come out as ``tarfile`` gives them, so webdataset's
+``base_plus_ext`` makes the same keys. gzip, bzip2 and xz streams are decompressed on the way,
+as ``tarfile``'s ``r|*`` does, and read to their end so that their checksum is checked.
+
+Unlike ``tarfile``, which stops quietly at a missing or damaged header, a stream that does not
+end with the end-of-archive marker (a zero block) raises: a cut shard is never mistaken for a
+short one.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import tarfile
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["iter_members", "TarMember", "BLOCK"]
+
+BLOCK = 512
+_ZERO = bytes(BLOCK)
+_REGULAR = (b"0", b"\0", b"7")  # regular, old regular, contiguous (tarfile's REGULAR_TYPES less sparse)
+_GNU = (b"L", b"K", b"S")  # GNU long name, long link, sparse: their headers have no ustar prefix
+_META = (b"L", b"K", b"x", b"g")  # headers about the next member (or all of them: g)
+_CHKSUM_SPACES = 8 * 0x20  # the checksum field counts as eight spaces
+
+
+def _opener(head: bytes) -> Any:
+    """The decompressor of a stream starting with ``head``, sniffed as tarfile's ``r|*`` does; None: plain."""
+    if head.startswith(b"\x1f\x8b\x08"):
+        return lambda f: gzip.GzipFile(fileobj=f, mode="rb")
+    if head[0:3] == b"BZh" and head[4:10] == b"1AY&SY":
+        return lambda f: bz2.BZ2File(f, mode="rb")
+    if head.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
+        return lambda f: lzma.LZMAFile(f, mode="rb")
+    return None
+
+
+def _cut(what: str) -> tarfile.ReadError:
+    return tarfile.ReadError(f"the shard ends {what}: it is cut")
+
+
+class _Stream:
+    """Exact reads from a file object whose ``read`` may return less than asked (a raw stream)."""
+
+    __slots__ = ("read_", "readinto_")
+
+    def __init__(self, fileobj: Any):
+        self.read_ = fileobj.read
+        self.readinto_ = getattr(fileobj, "readinto", None)
+
+    def read(self, size: int) -> bytes:
+        """``size`` bytes, fewer only at the end of the stream."""
+        data = self.read_(size)
+        if len(data) == size or not data:
+            return data
+        parts, got = [data], len(data)
+        while got < size:
+            more = self.read_(size - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def fill(self, view: memoryview) -> int:
+        """Fill ``view``; the bytes read, fewer only at the end of the stream."""
+        size, got = len(view), 0
+        if self.readinto_ is None:
+            data = self.read(size)
+            view[: len(data)] = data
+            return len(data)
+        while got < size:
+            n = self.readinto_(view[got:])
+            if not n:
+                break
+            got += n
+        return got
+
+
+class _Prefixed:
+    """``head`` followed by the rest of ``fileobj``: what a decompressor reads after the sniffed bytes."""
+
+    def __init__(self, head: bytes, fileobj: Any):
+        self.head, self.fileobj = head, fileobj
+
+    def read(self, size: int = -1) -> bytes:
+        if self.head:
+            if size is None or size < 0:
+                data, self.head = self.head + self.fileobj.read(), b""
+                return data
+            data, self.head = self.head[:size], self.head[size:]
+            return data
+        return self.fileobj.read(size)
+
+
+class _Decompressed:
+    """A decompressing file object whose damage and cuts raise ``tarfile.ReadError``, as tarfile's do."""
+
+    def __init__(self, fileobj: Any):
+        self.fileobj = fileobj
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.fileobj.read(size)
+        except EOFError:
+            raise _cut("inside its compressed data") from None
+        except (zlib.error, lzma.LZMAError, OSError) as exc:
+            raise tarfile.ReadError(f"damaged compressed data: {exc}") from None
+
+
+def _number(field: bytes) -> int:
+    """tarfile's ``nti``: a NUL- or space-terminated octal number, or GNU base-256."""
+    if field[0] in (0o200, 0o377):
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * (len(field) - 1))) if field[0] == 0o377 else value
+    end = field.find(b"\0")
+    digits = (field if end < 0 else field[:end]).strip()
+    try:
+        return int(digits or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError("invalid header: a number field is not octal") from None
+
+
+def _text(field: bytes) -> str:
+    end = field.find(b"\0")
+    return (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """The records ``"%d %s=%s\\n"`` of a pax header."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise tarfile.ReadError("invalid pax header") from None
+        if space < 0 or length <= 0 or pos + length > len(data):
+            raise tarfile.ReadError("invalid pax header")
+        key, sep, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if not sep:
+            raise tarfile.ReadError("invalid pax header")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+class TarMember:
+    """A regular member: its ``name`` and ``size`` are known; ``read()`` its data before the next member."""
+
+    __slots__ = ("name", "size", "_stream", "_data")
+
+    def __init__(self, name: str, size: int, stream: _Stream):
+        self.name, self.size, self._stream, self._data = name, size, stream, None
+
+    def read(self) -> bytes:
+        """The member's data (read once, then kept).
+
+        Raises:
+            tarfile.ReadError: the stream ends inside it, or the iterator has moved past it.
+        """
+        if self._data is None:
+            if self._stream is None:
+                raise tarfile.ReadError(f"member {self.name!r} was passed over: read it before the next one")
+            data = self._stream.read(self.size)
+            if len(data) < self.size:
+                raise _cut("inside a member")
+            self._data = data
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"TarMember({self.name!r}, size={self.size})"
+
+
+def iter_members(fileobj: Any) -> Iterator[TarMember]:
+    """The regular members of a tar stream, in order.
+
+    A member is yielded once its header is read, before its data (``TarMember.read``), so a
+    caller sees where the previous member ended even if this one is cut. Data a caller does not
+    read is skipped. Directories, links, devices and the like are passed over, and so are GNU
+    sparse files. The stream is read forward only and never closed.
+
+    Raises:
+        tarfile.ReadError: an empty stream, a header with a bad checksum, or a stream that ends
+            inside a header or member, or without the end-of-archive marker.
+    """
+    stream = _Stream(fileobj)
+    buf = bytearray(2 * BLOCK)  # the padding of the member before (< one block) and a header
+    view = memoryview(buf)
+    got = stream.fill(view[:BLOCK])
+    if got == 0:
+        raise tarfile.ReadError("empty file")
+    opener = _opener(bytes(view[:got]))
+    if opener is not None:
+        stream = _Stream(_Decompressed(opener(_Prefixed(bytes(view[:got]), fileobj))))
+        got = stream.fill(view[:BLOCK])
+    header = view[:got]
+    long_name: str | None = None
+    local: dict[str, str] = {}
+    glob: dict[str, str] = {}
+    while True:
+        if len(header) < BLOCK:
+            raise _cut("without the end-of-archive marker" if not len(header) else "inside a header")
+        if header == _ZERO:  # the end-of-archive marker
+            if opener is not None:  # read the compressed stream to its end: its checksum is there
+                while stream.read(1 << 16):
+                    pass
+            return
+        block = bytes(header)
+        stored = _number(block[148:156])
+        total = sum(block) - sum(block[148:156]) + _CHKSUM_SPACES
+        if stored != total and stored != total - 256 * sum(b >= 128 for b in block):  # tarfile accepts signed sums
+            raise tarfile.ReadError("invalid header: bad checksum")
+        kind = block[156:157]
+        size = _number(block[124:136])
+        pax = {**glob, **local} if glob or local else None
+        if pax and "size" in pax and kind not in _META:
+            try:
+                size = int(pax["size"])
+            except ValueError:
+                raise tarfile.ReadError(f"invalid pax size {pax['size']!r}") from None
+        skip = size + (-size) % BLOCK  # bytes before the next header
+        if kind in _META:
+            data = stream.read(skip)
+            if len(data) < skip:
+                raise _cut("inside a member")
+            skip = 0
+            if kind == b"L":
+                long_name = _text(data[:size])
+            elif kind == b"x":
+                local = _pax(data[:size])
+            elif kind == b"g":
+                glob.update(_pax(data[:size]))  # (K, a long link target, names no regular file)
+        else:
+            if long_name is not None:
+                name = long_name
+            elif pax and "path" in pax:
+                name = pax["path"]
+            else:
+                name = _text(block[0:100])
+                prefix = _text(block[345:500])
+                if prefix and kind not in _GNU:
+                    name = prefix + "/" + name
+            long_name, local = None, {}
+            if kind in _REGULAR and not (kind == b"\0" and name.endswith("/")):
+                member = TarMember(name, size, stream)
+                yield member
+                member._stream = None  # no reads past this point
+                if member._data is not None:
+                    skip -= size  # the padding is left
+            if skip > BLOCK:  # data passed over
+                if len(stream.read(skip)) < skip:
+                    raise _cut("inside a member")
+                skip = 0
+        # the padding (if any) and the next header, in one read
+        got = stream.fill(view[: skip + BLOCK])
+        if got < skip:
+            raise _cut("inside a member")
+        header = view[skip:got]
