@@ -1,14 +1,33 @@
-"""Loader throughput: plain webdataset + torchvision v1 vs the reinforced loader, same workers, same run.
+"""Loader throughput: every preset recipe against plain webdataset + torchvision on the same JPEGs.
 
-Makes ImageNet-like shards (photo-like ~500x375 JPEGs at quality 90, fake top-k teacher outputs
-over 1000 classes, params from the real recipe sampling) in a temporary folder, then measures
-images/s through a DataLoader:
+Makes ImageNet-like shards in a temporary folder: photo-like ~500x375 JPEGs (quality 90, ~96 kB),
+once as plain shards (jpg, cls) and once per recipe as reinforced shards (fake top-k teacher
+outputs over 1000 classes, parameters from the recipe's own sampling). The plain pipelines
+read the plain shards, the reinforced loader its own; the JPEG bytes are the same.
 
-  (a) ``wds.WebDataset(plain shards).decode("pil")`` + RandomResizedCrop(224) + flip + ToTensor + Normalize
-  (b) ``ReinforcedDataset`` (round schedule, sidecar decode, replay, dense target) for the
-      ``rrc`` recipe with full and with reduced (DCT-scaled) JPEG decoding.
+Per core (one process, one thread for torch and OpenCV, process CPU time per image, the arms
+interleaved, the median of --repeats passes over all images):
 
-Usage: python tools/bench_loader.py --json [--images 320 --workers 2 --rounds 400 --topk 10]
+  decode_{simplejpeg,pil,torchvision}  decoding the in-memory JPEGs; the fastest is "decode"
+  plain_v1         webdataset .decode("pil") + RandomResizedCrop(224) + flip + ToTensor + Normalize
+  plain_v1_rare    plain_v1 + RandAugment(2, 9) before ToTensor + RandomErasing(0.25) after Normalize
+  plain_v1_center  webdataset .decode("pil") + Resize(256) + CenterCrop(224) + ToTensor + Normalize
+  plain_v2         webdataset + torchvision.io.decode_jpeg + v2 RandomResizedCrop(224, antialias) + flip, uint8
+  plain_v2_rare    plain_v2 + v2 RandAugment(2, 9) + RandomErasing(0.25), uint8
+  <recipe>         ReinforcedDataset over that preset's shards, uint8 (kernel set 2)
+  <recipe>@k1      the same recipe with kernel set 1 (torchvision's tensor kernels; shards made before sets)
+  rrc_no_antialias the rrc preset with antialias: false (OpenCV's bilinear resize throughout)
+
+DataLoader (--workers workers, batch --batch-size, wall clock, median of --dl-repeats measurements
+of at least 256 images each, after a warm-up pass): plain_v1, plain_v1_rare, plain_v2, rrc, rrc+ra/re.
+
+"ratios" names each comparison: rrc_vs_decode (the fastest decoder), rrc_vs_decode_pil, rrc_vs_v1,
+rrc_vs_v2, rarerc_vs_v1_rare, rarerc_vs_v2_rare, center_vs_v1_center, and dl_* for the DataLoader
+figures; "targets" says which of the issue's targets a run meets. "ops_ms" is the cost of each op
+on a 224x224 uint8 image with kernel set 1, kernel set 2 and Pillow (Pillow's without the
+array <-> Image conversion a tensor pipeline adds, ~0.05 ms).
+
+Usage: python tools/bench_loader.py --json [--quick] [--images 256 --rounds 16 --workers 2]
 """
 
 from __future__ import annotations
@@ -18,38 +37,38 @@ import hashlib
 import io
 import json
 import os
+import statistics
 import sys
-import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import cv2
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torchvision  # noqa: E402
 import webdataset as wds  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
 
-from wds_reinforce.augment import Recipe  # noqa: E402
+from wds_reinforce.augment import RECIPES, Recipe  # noqa: E402
 from wds_reinforce.dataset import ReinforcedDataset  # noqa: E402
 from wds_reinforce.decode import SourceImage  # noqa: E402
 from wds_reinforce.demo import photo_like  # noqa: E402
-from wds_reinforce.format import (  # noqa: E402
-    Manifest,
-    ShardInfo,
-    Sidecar,
-    check_topk,  # noqa: E402
-    decode_sidecar,
-    encode_sidecar,
-)
-from wds_reinforce.schedule import round_for  # noqa: E402
-from wds_reinforce.targets import dense_row  # noqa: E402
+from wds_reinforce.format import Manifest, RoundGroup, ShardInfo, Sidecar, crc32c, encode_sidecar  # noqa: E402
+from wds_reinforce.kernels import KERNELS  # noqa: E402
+from wds_reinforce.randaugment import RANDAUGMENT_SPACE, magnitude_of  # noqa: E402
+from wds_reinforce.storage import count_reads  # noqa: E402
 from wds_reinforce.writer import write_tar  # noqa: E402
 
 NUM_CLASSES = 1000
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _jpeg(arr: np.ndarray, quality: int) -> bytes:
@@ -59,23 +78,19 @@ def _jpeg(arr: np.ndarray, quality: int) -> bytes:
 
 
 def make_bench_shards(
-    root: Path, images: int, shards: int, rounds: int, topk: int, quality: int, size: int = 224
+    root: Path, images: int, shards: int, rounds: int, topk: int, quality: int, recipes: dict[str, Recipe]
 ) -> dict:
-    """Plain shards (jpg, cls) and reinforced shards for the full and reduced rrc recipes."""
-    recipes = {
-        "full": Recipe.from_spec("rrc", size=size),
-        "reduced": Recipe.from_spec("rrc", size=size, decode="reduced"),
-    }
+    """Plain shards (jpg, cls) and, per recipe, reinforced shards with a manifest; returns their places."""
     rng = np.random.default_rng(0)
     jpegs = []
     for i in range(images):
         h, w = (375, 500) if i % 3 else (500, 375)
         jpegs.append(_jpeg(photo_like(h, w, seed=i, noise=20.0), quality))
     per = -(-images // shards)
-    out = {"plain": [], "full": None, "reduced": None, "jpeg_kb": float(np.mean([len(j) for j in jpegs]) / 1024)}
+    out: dict = {"jpegs": jpegs, "jpeg_kb": float(np.mean([len(j) for j in jpegs]) / 1024), "reinforced": {}}
     sidecar_bytes = []
-    for kind in ("plain", "full", "reduced"):
-        folder = root / kind
+    for kind in ["plain", *recipes]:
+        folder = root / kind.replace("/", "_").replace("+", "_").replace("@", "_")
         folder.mkdir(parents=True)
         infos = []
         for s in range(shards):
@@ -90,7 +105,7 @@ def make_bench_shards(
                     idx = np.stack([rng.choice(NUM_CLASSES, topk, replace=False) for _ in range(rounds)])
                     prob = rng.dirichlet(np.ones(topk) * 0.3, size=rounds) * 0.9
                     prob = -np.sort(-prob.astype(np.float16), axis=1)
-                    data = encode_sidecar(Sidecar(recipe.fingerprint, idx, prob, cols))
+                    data = encode_sidecar(Sidecar(recipe.fingerprint, idx, prob, cols, crc32c(jpegs[i])))
                     sidecar_bytes.append(len(data))
                     members.append((f"{key}.dr.mp", data))
             buf = io.BytesIO()
@@ -107,62 +122,185 @@ def make_bench_shards(
             recipe.to_dict(), recipe.fingerprint.hex(), {"name": "fake"}, NUM_CLASSES, rounds, topk, 0, shards=infos
         )
         (folder / "manifest.json").write_text(manifest.to_json())
-        out[kind] = str(folder)
-    out["sidecar_kb"] = float(np.mean(sidecar_bytes) / 1024)
+        out["reinforced"][kind] = str(folder)
+    out["sidecar_kb"] = float(np.mean(sidecar_bytes) / 1024) if sidecar_bytes else 0.0
     return out
 
 
-def _v1_pipeline(urls: list[str], size: int) -> wds.WebDataset:
-    transform = T.Compose(
-        [
-            T.RandomResizedCrop(size),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        ]
-    )
-    return (
-        wds.WebDataset(urls, shardshuffle=False, nodesplitter=None)
-        .decode("pil")
-        .to_tuple("jpg", "cls")
-        .map_tuple(transform, lambda c: c)
-    )
+# ----------------------------------------------------------------------------------------
+# The plain pipelines: what a user without reinforced shards runs on the same JPEGs
 
 
-def _throughput(dataset, workers: int, batch_size: int, passes: int) -> float:
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0
-    )
-    best = 0.0
-    for _ in range(passes):
-        count, start = 0, time.perf_counter()
-        for batch in loader:
-            count += len(batch[0])
-        best = max(best, count / (time.perf_counter() - start))
-    return best
+def _plain(urls: list[str]) -> wds.WebDataset:
+    return wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker)
 
 
-def _sidecar_share(folder: str, rounds: int) -> dict:
-    """Per-sample cost of the sidecar work (decode, schedule, row check, densify) vs the whole sample, one process."""
-    ds = ReinforcedDataset(folder)
-    start = time.perf_counter()
-    n = sum(1 for _ in ds)
-    per_sample = (time.perf_counter() - start) / n
-    raws = []
-    for url in ds.urls:
-        with tarfile.open(url) as tar:
-            raws += [
-                (m.name.split(".")[0], tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".dr.mp")
-            ]
-    start = time.perf_counter()
-    for key, raw in raws:
-        sc = decode_sidecar(raw, key)
-        r = round_for(0, key, 1, rounds)
-        check_topk(sc.idx[r], sc.prob[r], NUM_CLASSES)
-        dense_row(sc.idx[r], sc.prob[r], NUM_CLASSES, "smooth")
-        sc.round_params(r)
-    sidecar = (time.perf_counter() - start) / len(raws)
-    return {"per_sample_ms": per_sample * 1e3, "sidecar_ms": sidecar * 1e3, "sidecar_share": sidecar / per_sample}
+def plain_v1(urls: list[str], size: int, rare: bool = False) -> wds.WebDataset:
+    ops: list = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+    if rare:
+        ops.append(T.RandAugment(2, 9))
+    ops += [T.ToTensor(), T.Normalize(MEAN, STD)]
+    if rare:
+        ops.append(T.RandomErasing(0.25))
+    return _plain(urls).decode("pil").to_tuple("jpg", "cls").map_tuple(T.Compose(ops), int)
+
+
+def plain_v1_center(urls: list[str], size: int) -> wds.WebDataset:
+    transform = T.Compose([T.Resize(int(size / 0.875)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return _plain(urls).decode("pil").to_tuple("jpg", "cls").map_tuple(transform, int)
+
+
+def _decode_jpeg(data: bytes) -> torch.Tensor:
+    return torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+def plain_v2(urls: list[str], size: int, rare: bool = False) -> wds.WebDataset:
+    ops: list = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    if rare:
+        ops += [v2.RandAugment(2, 9), v2.RandomErasing(0.25)]
+    return _plain(urls).to_tuple("jpg", "cls").map_tuple(_decode_jpeg, int).map_tuple(v2.Compose(ops), lambda c: c)
+
+
+# ----------------------------------------------------------------------------------------
+# Measurement
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def _cpu_ms(run: Callable[[], int]) -> float:
+    """Process CPU time per image of one pass (ms)."""
+    start = time.process_time()
+    n = run()
+    return (time.process_time() - start) / max(n, 1) * 1e3
+
+
+def _count(make: Callable[[], Iterable]) -> Callable[[], int]:
+    return lambda: sum(1 for _ in make())
+
+
+def _decoders(jpegs: list[bytes]) -> dict[str, Callable[[], int]]:
+    def simple() -> int:
+        for j in jpegs:
+            simplejpeg.decode_jpeg(j, "RGB", fastdct=False, fastupsample=False)
+        return len(jpegs)
+
+    def pil() -> int:
+        for j in jpegs:
+            np.asarray(Image.open(io.BytesIO(j)).convert("RGB"))
+        return len(jpegs)
+
+    def tv() -> int:
+        for j in jpegs:
+            _decode_jpeg(j)
+        return len(jpegs)
+
+    return {"decode_simplejpeg": simple, "decode_pil": pil, "decode_torchvision": tv}
+
+
+def _per_core(arms: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
+    """img/s per core of each arm: the median over ``repeats`` interleaved passes (plus one warm-up)."""
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for r in range(repeats + 1):
+        for name, run in arms.items():
+            ms = _cpu_ms(run)
+            if r:
+                times[name].append(ms)
+    return {name: 1e3 / statistics.median(v) for name, v in times.items()}
+
+
+def _dataloaders(
+    arms: dict[str, Callable[[], Iterable]], workers: int, batch: int, repeats: int, epochs: int = 1
+) -> dict[str, float]:
+    """img/s through a DataLoader (wall clock): the median over ``repeats`` measurements of ``epochs``
+    passes each, after a warm-up, interleaved."""
+    loaders = {
+        name: torch.utils.data.DataLoader(make(), batch_size=batch, num_workers=workers, persistent_workers=workers > 0)
+        for name, make in arms.items()
+    }
+    rates: dict[str, list[float]] = {name: [] for name in arms}
+    for r in range(repeats + 1):
+        for name, loader in loaders.items():
+            start, count = time.perf_counter(), 0
+            for _ in range(epochs):
+                for batch_ in loader:
+                    count += len(batch_[0])
+            if r:
+                rates[name].append(count / (time.perf_counter() - start))
+    del loaders
+    return {name: statistics.median(v) for name, v in rates.items()}
+
+
+def op_costs(repeats: int = 5, n: int = 200) -> dict[str, dict[str, float]]:
+    """ms per op on a 224x224 uint8 image: kernel set 1 (torchvision tensors), set 2, and Pillow."""
+    from PIL import ImageEnhance, ImageOps
+
+    arr = photo_like(224, 224, seed=1, noise=20.0)
+    chw = torch.from_numpy(arr).permute(2, 0, 1)
+    tensor = chw.contiguous()
+    pil = Image.fromarray(arr)
+    k1, k2 = KERNELS.get(1), KERNELS.get(2)
+    big = photo_like(375, 500, seed=2, noise=20.0)
+    big_t = torch.from_numpy(big).permute(2, 0, 1)
+    big_pil = Image.fromarray(big)
+    box = (40, 60, 280, 300)  # a typical RandomResizedCrop box: a 1.3x downscale
+    pil_ops = {
+        "ShearX": lambda: pil.transform((224, 224), Image.AFFINE, (1, 0.27, 0, 0, 1, 0), Image.NEAREST),
+        "TranslateX": lambda: pil.transform((224, 224), Image.AFFINE, (1, 0, -30, 0, 1, 0), Image.NEAREST),
+        "Rotate": lambda: pil.rotate(20.0, Image.NEAREST),
+        "Brightness": lambda: ImageEnhance.Brightness(pil).enhance(1.3),
+        "Color": lambda: ImageEnhance.Color(pil).enhance(1.3),
+        "Contrast": lambda: ImageEnhance.Contrast(pil).enhance(1.3),
+        "Sharpness": lambda: ImageEnhance.Sharpness(pil).enhance(1.3),
+        "Posterize": lambda: ImageOps.posterize(pil, 5),
+        "Solarize": lambda: ImageOps.solarize(pil, 180),
+        "AutoContrast": lambda: ImageOps.autocontrast(pil),
+        "Equalize": lambda: ImageOps.equalize(pil),
+    }
+
+    def timed(fn: Callable[[], object]) -> float:
+        fn()
+        runs = []
+        for _ in range(repeats):
+            start = time.process_time()
+            for _ in range(n):
+                fn()
+            runs.append((time.process_time() - start) / n * 1e3)
+        return round(statistics.median(runs), 4)
+
+    out: dict[str, dict[str, float]] = {}
+    for op_id, (name, _, _) in enumerate(RANDAUGMENT_SPACE):
+        if name == "Identity" or name.endswith("Y"):
+            continue
+        m = magnitude_of(op_id, 31, 9, 224, 224)
+        out[name] = {
+            "kernels1": timed(lambda op_id=op_id, m=m: k1.randaugment(tensor, op_id, m, "nearest", None)),
+            "kernels2": timed(lambda op_id=op_id, m=m: k2.randaugment(chw, op_id, m, "nearest", None)),
+            "pillow": timed(pil_ops[name]),
+        }
+    out["flip"] = {
+        "kernels1": timed(lambda: k1.hflip(tensor)),
+        "kernels2": timed(lambda: k2.hflip(chw)),
+        "pillow": timed(lambda: pil.transpose(Image.FLIP_LEFT_RIGHT)),
+    }
+    out["erase"] = {
+        "kernels1": timed(lambda: k1.erase(tensor, (20, 30, 100, 60), (124, 116, 104))),
+        "kernels2": timed(lambda: k2.erase(chw, (20, 30, 100, 60), (124, 116, 104))),
+    }
+    top, left, h, w = box
+    out["rrc_resize_aa"] = {
+        "kernels1": timed(lambda: k1.resized_crop(big_t, box, (224, 224), "bilinear", True)),
+        "kernels2": timed(lambda: k2.resized_crop(big_t, box, (224, 224), "bilinear", True)),
+        "pillow": timed(lambda: big_pil.resize((224, 224), Image.BILINEAR, box=(left, top, left + w, top + h))),
+        "opencv_area": timed(lambda: cv2.resize(big[top : top + h, left : left + w], (224, 224), interpolation=3)),
+    }
+    out["rrc_resize_no_aa"] = {
+        "kernels1": timed(lambda: k1.resized_crop(big_t, box, (224, 224), "bilinear", False)),
+        "kernels2": timed(lambda: k2.resized_crop(big_t, box, (224, 224), "bilinear", False)),
+    }
+    return out
 
 
 def run(
@@ -172,60 +310,220 @@ def run(
     batch_size: int,
     rounds: int,
     topk: int,
-    passes: int,
     quality: int,
+    repeats: int,
+    dl_repeats: int,
     size: int = 224,
-    repeats: int = 3,
+    legacy: bool = True,
+    ops: bool = True,
 ) -> dict:
-    torch.set_num_threads(1)  # the DataLoader gives each worker one thread; keep the main process alike
+    _one_thread()
+    presets = RECIPES.names()  # center, rrc, rrc+ra/re
+    recipes = {name: Recipe.from_spec(name, size=size) for name in presets}
+    if legacy:
+        recipes.update({f"{name}@k1": Recipe.from_spec(name, size=size, kernels=1) for name in presets})
+        no_aa = Recipe.from_spec("rrc", size=size).to_dict()
+        no_aa["ops"][0]["antialias"] = False
+        recipes["rrc_no_antialias"] = Recipe.from_spec(no_aa)
     with tempfile.TemporaryDirectory() as tmp:
-        made = make_bench_shards(Path(tmp), images, shards, rounds, topk, quality, size)
-        result = {
+        made = make_bench_shards(Path(tmp), images, shards, rounds, topk, quality, recipes)
+        plain = made["plain"]
+        result: dict = {
             "images": images,
             "size": size,
-            "workers": workers,
-            "batch_size": batch_size,
             "rounds": rounds,
             "topk": topk,
             "jpeg_kb": round(made["jpeg_kb"], 1),
-            "sidecar_kb": round(made["sidecar_kb"], 1),
+            "sidecar_kb": round(made["sidecar_kb"], 2),
+            "workers": workers,
+            "batch_size": batch_size,
             "cpu_count": os.cpu_count(),
+            "repeats": repeats,
         }
-        rates = {}
-        for _ in range(repeats):  # interleave so load from other processes hits all alike; keep the best of each
-            for name, make in (
-                ("plain_v1", lambda: _v1_pipeline(made["plain"], size)),
-                ("reinforced_full", lambda: ReinforcedDataset(made["full"])),
-                ("reinforced_reduced", lambda: ReinforcedDataset(made["reduced"])),
-                ("reinforced_full_float", lambda: ReinforcedDataset(made["full"], output="float")),
-            ):
-                rates[name] = max(rates.get(name, 0.0), _throughput(make(), workers, batch_size, passes))
-        result["images_per_s"] = {k: round(v, 1) for k, v in rates.items()}
-        result["ratio_full"] = round(rates["reinforced_full"] / rates["plain_v1"], 3)
-        result["ratio_reduced"] = round(rates["reinforced_reduced"] / rates["plain_v1"], 3)
-        result["ratio_full_float"] = round(rates["reinforced_full_float"] / rates["plain_v1"], 3)
-        result["targets"] = {
-            "ratio_full>=1.0": result["ratio_full"] >= 1.0,
-            "ratio_reduced>=1.5": result["ratio_reduced"] >= 1.5,
+        arms = dict(_decoders(made["jpegs"]))
+        arms.update(
+            {
+                "plain_v1": _count(lambda: plain_v1(plain, size)),
+                "plain_v1_rare": _count(lambda: plain_v1(plain, size, rare=True)),
+                "plain_v1_center": _count(lambda: plain_v1_center(plain, size)),
+                "plain_v2": _count(lambda: plain_v2(plain, size)),
+                "plain_v2_rare": _count(lambda: plain_v2(plain, size, rare=True)),
+            }
+        )
+        for name, folder in made["reinforced"].items():
+            arms[name] = _count(lambda folder=folder: ReinforcedDataset(folder))
+        per_core = _per_core(arms, repeats)
+        decode = max(per_core[k] for k in per_core if k.startswith("decode_"))
+        per_core["decode"] = decode
+        result["per_core_img_s"] = {k: round(v, 1) for k, v in per_core.items()}
+
+        dl_arms = {
+            "plain_v1": lambda: plain_v1(plain, size),
+            "plain_v1_rare": lambda: plain_v1(plain, size, rare=True),
+            "plain_v2": lambda: plain_v2(plain, size),
+            "rrc": lambda: ReinforcedDataset(made["reinforced"]["rrc"]),
+            "rrc+ra/re": lambda: ReinforcedDataset(made["reinforced"]["rrc+ra/re"]),
         }
-        result["single_process_full"] = {k: round(v, 4) for k, v in _sidecar_share(made["full"], rounds).items()}
+        dl = _dataloaders(dl_arms, workers, batch_size, dl_repeats, epochs=-(-256 // images))  # >= 256 images
+        result["dataloader_img_s"] = {k: round(v, 1) for k, v in dl.items()}
+
+    pc = per_core
+    ratios = {
+        "rrc_vs_decode": pc["rrc"] / decode,
+        "rrc_vs_decode_pil": pc["rrc"] / pc["decode_pil"],
+        "rrc_vs_v1": pc["rrc"] / pc["plain_v1"],
+        "rrc_vs_v2": pc["rrc"] / pc["plain_v2"],
+        "rarerc_vs_v1_rare": pc["rrc+ra/re"] / pc["plain_v1_rare"],
+        "rarerc_vs_v2_rare": pc["rrc+ra/re"] / pc["plain_v2_rare"],
+        "center_vs_v1_center": pc["center"] / pc["plain_v1_center"],
+        "dl_rrc_vs_v1": dl["rrc"] / dl["plain_v1"],
+        "dl_rrc_vs_v2": dl["rrc"] / dl["plain_v2"],
+        "dl_rarerc_vs_v1_rare": dl["rrc+ra/re"] / dl["plain_v1_rare"],
+    }
+    if legacy:
+        ratios.update(
+            {
+                "rrc_k1_vs_v1": pc["rrc@k1"] / pc["plain_v1"],
+                "rarerc_k1_vs_v1_rare": pc["rrc+ra/re@k1"] / pc["plain_v1_rare"],
+                "rrc_vs_rrc_k1": pc["rrc"] / pc["rrc@k1"],
+                "rrc_no_antialias_vs_decode": pc["rrc_no_antialias"] / decode,
+                "rarerc_vs_rarerc_k1": pc["rrc+ra/re"] / pc["rrc+ra/re@k1"],
+            }
+        )
+    result["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
+    result["targets"] = {
+        "rarerc_vs_v1_rare>=1.5": ratios["rarerc_vs_v1_rare"] >= 1.5,
+        "rrc_vs_decode>=0.8": ratios["rrc_vs_decode"] >= 0.8,
+        "rrc_vs_v2>=1.1": ratios["rrc_vs_v2"] >= 1.1,
+        "dl_rrc_vs_v1>=1.8": ratios["dl_rrc_vs_v1"] >= 1.8,
+    }
+    if ops:
+        result["ops_ms"] = op_costs(repeats=3 if repeats < 5 else 5)
     return result
+
+
+def _info(name, data, keys):
+    return ShardInfo(name, len(keys), len(data), hashlib.sha256(data).hexdigest(), keys[0], keys[-1])
+
+
+def bytes_per_epoch(root, images=64, shards=2, rounds=400, topk=10, group=10, classes=1000):
+    """Bytes read in one epoch / bytes of the image shards, for a self-contained set ("whole") and a
+    sidecar set of the same data ("sets": round groups of ``group``), counted as read (storage.count_reads);
+    also the integrity checks' share of the loader's per-sample CPU time."""
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    recipe = Recipe.from_spec("rrc+ra/re")
+    per = images // shards
+    jpgs = {}
+    for i in range(images):
+        buf = io.BytesIO()
+        Image.fromarray(photo_like(375, 500, seed=i, noise=20.0)).save(buf, "JPEG", quality=90)
+        jpgs[f"img{i:06d}"] = buf.getvalue()
+    side = {}
+    for key, jpg in jpgs.items():
+        cols = recipe.sample_rounds(0, key, rounds, SourceImage(jpg).size)
+        idx = np.stack([rng.choice(classes, topk, replace=False) for _ in range(rounds)])
+        prob = -np.sort(-(rng.dirichlet(np.ones(topk) * 0.3, size=rounds) * 0.9).astype(np.float16), axis=1)
+        side[key] = (cols, idx, prob, crc32c(jpg))
+
+    def sc(key, lo, hi):
+        cols, idx, prob, crc = side[key]
+        return encode_sidecar(
+            Sidecar(recipe.fingerprint, idx[lo:hi], prob[lo:hi], {c: v[lo:hi] for c, v in cols.items()}, crc)
+        )
+
+    for d in ("plain", "whole", "sets"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    keys_of = [list(jpgs)[s * per : (s + 1) * per] for s in range(shards)]
+    plain, whole, groups = [], [], [[] for _ in range(rounds // group)]
+    for s, keys in enumerate(keys_of):
+        for kind in ("plain", "whole"):
+            buf = io.BytesIO()
+            members = [
+                m
+                for k in keys
+                for m in [(f"{k}.jpg", jpgs[k]), (f"{k}.cls", b"1")]
+                + ([(f"{k}.dr.mp", sc(k, 0, rounds))] if kind == "whole" else [])
+            ]
+            write_tar(buf, iter(members))
+            data = buf.getvalue()
+            (root / kind / f"s-{s:06d}.tar").write_bytes(data)
+            (plain if kind == "plain" else whole).append(
+                _info(str(root / kind / f"s-{s:06d}.tar") if kind == "plain" else f"s-{s:06d}.tar", data, keys)
+            )
+        for g in range(rounds // group):
+            buf = io.BytesIO()
+            write_tar(buf, iter([(f"{k}.dr.mp", sc(k, g * group, (g + 1) * group)) for k in keys]))
+            data = buf.getvalue()
+            name = f"rounds-{g * group:05d}-{(g + 1) * group - 1:05d}/train-{s:06d}.tar"
+            (root / "sets" / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / "sets" / name).write_bytes(data)
+            groups[g].append(_info(name, data, keys))
+    base = dict(
+        recipe=recipe.to_dict(),
+        fingerprint=recipe.fingerprint.hex(),
+        teacher={},
+        num_classes=classes,
+        rounds=rounds,
+        topk=topk,
+        seed=0,
+    )
+    (root / "whole" / "manifest.json").write_text(Manifest(**base, shards=whole).to_json())
+    (root / "sets" / "manifest.json").write_text(
+        Manifest(
+            **base,
+            layout="sidecar-sets",
+            image_shards=plain,
+            round_groups=[RoundGroup(g * group, group, groups[g]) for g in range(rounds // group)],
+        ).to_json()
+    )
+    image_bytes = sum(s.bytes for s in plain)
+    out = {"images": images, "rounds": rounds, "topk": topk, "round_group": group, "image_shard_bytes": image_bytes}
+    for kind in ("whole", "sets"):
+        ds = ReinforcedDataset(str(root / kind), keys=("__key__",))
+        with count_reads() as c:
+            n = sum(1 for _ in ds)
+        assert n == images
+        out[f"{kind}_bytes_per_epoch"] = c.bytes
+        out[f"{kind}_ratio"] = round(c.bytes / image_bytes, 4)
+    per_sample = _cpu_ms(_count(lambda: ReinforcedDataset(str(root / "whole"), keys=("__key__",))))
+    sidecars = {k: sc(k, 0, rounds) for k in jpgs}
+    crc_ms = _cpu_ms(lambda: sum(1 for k in jpgs if crc32c(jpgs[k]) | crc32c(sidecars[k]) >= 0))
+    out["integrity_us_per_sample"] = round(crc_ms * 1e3, 2)
+    out["integrity_share_of_sample"] = round(crc_ms / per_sample, 4)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--topk", type=int, default=10)
-    parser.add_argument("--passes", type=int, default=2, help="passes per measurement (the best counts)")
     parser.add_argument("--quality", type=int, default=90)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of all pipelines (the best counts)")
-    parser.add_argument("--size", type=int, default=224, help="output size of the crop (both pipelines)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved per-core passes (the median counts)")
+    parser.add_argument("--dl-repeats", type=int, default=3, help="interleaved DataLoader passes (the median counts)")
+    parser.add_argument("--size", type=int, default=224, help="output size of the crop (all pipelines)")
+    parser.add_argument("--no-legacy", action="store_true", help="skip the kernel set 1 and antialias=false rows")
+    parser.add_argument("--no-ops", action="store_true", help="skip the per-op table")
+    parser.add_argument("--quick", action="store_true", help="64 images, 3 repeats, no legacy rows: under 2 minutes")
+    parser.add_argument(
+        "--bytes",
+        action="store_true",
+        help="only the layout measurement: bytes read per epoch / image shard bytes, self-contained vs sidecar "
+        "sets (64 images, 400 rounds of top-10, rrc+ra/re, round groups of 10), and the integrity checks' cost",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.bytes:
+        _one_thread()
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(bytes_per_epoch(tmp)))
+        return
+    if args.quick:
+        args.images, args.repeats, args.dl_repeats, args.no_legacy = min(args.images, 64), 3, 2, True
     if args.shards < max(args.workers, 1):
         parser.error(f"expected --shards >= --workers, got {args.shards} < {args.workers}")
     result = run(
@@ -235,10 +533,12 @@ def main(argv: list[str] | None = None) -> None:
         args.batch_size,
         args.rounds,
         args.topk,
-        args.passes,
         args.quality,
-        args.size,
         args.repeats,
+        args.dl_repeats,
+        args.size,
+        legacy=not args.no_legacy,
+        ops=not args.no_ops,
     )
     if args.json:
         print(json.dumps(result, indent=1))

@@ -34,25 +34,55 @@ from .loader import LoaderOptions, ReplayPlan, reinforce
 from .remote import RetryPolicy
 from .schedule import SharedEpoch, group_for
 from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
+from .tario import iter_members
 
-__all__ = ["ReinforcedDataset"]
+__all__ = ["ReinforcedDataset", "aligned_samples", "shard_samples"]
 
 
 def _resolve(
-    source: str | Sequence[str], manifest: Manifest | str | None
-) -> tuple[list[str], Manifest, dict[str, list[str]]]:
-    """Shard URLs, the manifest and (sidecar sets) each image shard's group sidecar shard URLs.
+    source: str | Sequence[str], manifest: Manifest | str | None, teacher: int | str = 0
+) -> tuple[list[str], Manifest, dict[str, list[list[str]]]]:
+    """Shard URLs, the manifest and (sidecar sets) each image shard's sidecar shard URLs per round
+    group: the params set's, then the targets shards of the teacher sets ``teacher`` asks for.
 
     ``source`` is a manifest URL, a directory, a brace pattern or a list of shard URLs (for
     sidecar sets: image shard URLs as the manifest lists them, or a subset).
     """
     urls, found, base = _resolve_manifest(source, manifest)
     if not found.sidecar_sets:
+        if teacher != 0:
+            raise UsageError(f"expected teacher=0 for a self-contained data set (one teacher), got {teacher!r}")
         return urls, found, {}
+    sets = _teacher_sets(found, teacher)
     listed = [s.name for s in found.image_shards]
-    groups = {name: [join_url(base, g.shards[i].name) for g in found.round_groups] for i, name in enumerate(listed)}
+    groups = {
+        name: [
+            [join_url(base, g.shards[i].name)] + [join_url(base, t.groups[n][i].name) for t in sets]
+            for n, g in enumerate(found.round_groups)
+        ]
+        for i, name in enumerate(listed)
+    }
     chosen = listed if urls is None else [_match(u, listed) for u in urls]
     return chosen, found, {u: groups[u] for u in chosen}
+
+
+def _teacher_sets(manifest: Manifest, teacher: int | str) -> list[Any]:
+    """The extra teacher sets to read besides the params set (the manifest's teacher, set 0)."""
+    if teacher == "mean":
+        sets = manifest.teacher_sets
+    elif teacher == 0:
+        return []
+    elif isinstance(teacher, int) and 1 <= teacher <= len(manifest.teacher_sets):
+        sets = [manifest.teacher_sets[teacher - 1]]
+    else:
+        names = ["0 (the manifest's teacher)"] + [f"{n + 1} ({t.name})" for n, t in enumerate(manifest.teacher_sets)]
+        raise UsageError(f"expected teacher 'mean' or one of {', '.join(names)}, got {teacher!r}")
+    short = [t.name for t in sets if len(t.groups) < len(manifest.round_groups)]
+    if short:
+        raise UsageError(
+            f"teacher set(s) {short} cover fewer round groups than the data set: add them for the new rounds"
+        )
+    return sets
 
 
 def _match(url: str, names: Sequence[str]) -> str:
@@ -86,8 +116,14 @@ def _resolve_manifest(
 
 
 def _expected_counts(urls: Sequence[str], manifest: Manifest) -> dict[str, int]:
-    """url -> samples, for the URLs the manifest lists (matched by trailing path)."""
-    by_name = {s.name: s for s in (manifest.image_shards if manifest.sidecar_sets else manifest.shards)}
+    """url -> samples, for the URLs the manifest lists (matched by trailing path).
+
+    For sidecar sets: the samples of the image shard that have sidecars (its skipped ones have none).
+    """
+    if manifest.sidecar_sets:
+        by_name = {im.name: side for im, side in zip(manifest.image_shards, manifest.round_groups[0].shards)}
+    else:
+        by_name = {s.name: s for s in manifest.shards}
     out = {}
     for url in urls:
         parts = url.split("/")
@@ -104,61 +140,31 @@ def _expected_counts(urls: Sequence[str], manifest: Manifest) -> dict[str, int]:
 _SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
 
 
-class _Tail:
-    """A read-through stream that remembers how much it passed and its last bytes."""
-
-    KEEP = 64 * 1024  # more than tarfile's stream buffer (20 blocks) plus a block
-
-    def __init__(self, stream: Any):
-        self.stream, self.count, self.tail = stream, 0, b""
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.count += len(data)
-        self.tail = (self.tail + data)[-self.KEEP :]
-        return data
-
-    def ends_with_marker(self, offset: int) -> bool:
-        """True if a zero block (the end-of-archive marker) was read at byte ``offset``."""
-        start = offset - (self.count - len(self.tail))
-        block = self.tail[start : start + tarfile.BLOCKSIZE] if start >= 0 else b""
-        return len(block) == tarfile.BLOCKSIZE and not any(block)
-
-
 def _shard_samples(stream: Any, url: str) -> Iterator[dict]:
     """The complete samples of one tar stream: consecutive members sharing a key (webdataset's rule).
 
     A sample is yielded only once the next key (or the end-of-archive marker) shows it complete,
     so a shard cut inside a sample, or between members, never yields the part before the cut.
+    Members are read by ``tario.iter_members`` (a lean tar reader, ~3x faster than tarfile).
 
     Raises:
         tarfile.ReadError: the stream ends inside a member, or without the end-of-archive marker.
     """
     sample: dict | None = None
-    reader = _Tail(stream)
-    with tarfile.open(fileobj=reader, mode="r|*") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            key, ext = base_plus_ext(info.name)
-            if key is None or _META.match(info.name):
-                continue
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample  # complete: a member of the next sample has begun
-                sample = {"__key__": key, "__url__": url}
-            data = tar.extractfile(info).read()
-            tar.members = []  # stream mode keeps every header otherwise
-            ext = ext.lower()
-            if ext in sample:
-                raise FormatError(f"member {info.name!r} repeats extension {ext!r} of sample {key!r}")
-            sample[ext] = data
-        end = tar.offset
-    # tarfile stops quietly at a missing or cut header: only the marker shows the archive whole
-    if not reader.ends_with_marker(end):
-        raise tarfile.ReadError("the shard ends without the end-of-archive marker: it is cut")
+    for member in iter_members(stream):
+        key, ext = base_plus_ext(member.name)
+        if key is None or _META.match(member.name):
+            continue
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample  # complete: a member of the next sample has begun
+            sample = {"__key__": key, "__url__": url}
+        ext = ext.lower()
+        if ext in sample:
+            raise FormatError(f"member {member.name!r} repeats extension {ext!r} of sample {key!r}")
+        sample[ext] = member.read()
     if sample is not None:
-        yield sample
+        yield sample  # iter_members ended at the end-of-archive marker: the shard is whole
 
 
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as webdataset does
@@ -169,28 +175,36 @@ def _plain(url: str) -> Iterator[dict]:
         yield from _shard_samples(stream, url)
 
 
-def _lockstep(url: str, sidecar_url: str) -> Iterator[dict]:
-    """The samples of image shard ``url``, each with its ``dr.mp`` from the aligned sidecar shard.
+def _lockstep(url: str, sidecar_urls: Sequence[str], skipped: frozenset[str] = frozenset()) -> Iterator[dict]:
+    """The samples of image shard ``url``, each with its ``dr.mp`` from the aligned sidecar shard
+    ``sidecar_urls[0]`` (and ``dr.mp.1``, ... from the targets shards of other teacher sets after it).
+
+    Samples the producer skipped (listed in the manifest, no sidecar) are passed over.
 
     Raises:
-        FormatError: a key that differs between the two, or one shard longer than the other
-            (naming both URLs).
+        FormatError: a key that differs between the image shard and a sidecar shard, or a sidecar
+            shard longer than its image shard (naming both URLs).
     """
-    with open_url(url) as images, open_url(sidecar_url) as sidecars:
-        side = _shard_samples(sidecars, sidecar_url)
+    with contextlib.ExitStack() as stack:
+        images = stack.enter_context(open_url(url))
+        sides = [_shard_samples(stack.enter_context(open_url(u)), u) for u in sidecar_urls]
         for sample in _shard_samples(images, url):
-            other = next(side, None)
-            if other is None or other["__key__"] != sample["__key__"]:
-                got = "its end" if other is None else f"key {other['__key__']!r}"
-                raise FormatError(
-                    f"image shard has key {sample['__key__']!r} where sidecar shard {sidecar_url} has {got}: "
-                    "the shards are not aligned"
-                )
-            sample[SIDECAR_EXT] = other.get(SIDECAR_EXT)
+            if sample["__key__"] in skipped:
+                continue
+            for n, (side, side_url) in enumerate(zip(sides, sidecar_urls)):
+                other = next(side, None)
+                if other is None or other["__key__"] != sample["__key__"]:
+                    got = "its end" if other is None else f"key {other['__key__']!r}"
+                    raise FormatError(
+                        f"image shard has key {sample['__key__']!r} where sidecar shard {side_url} has {got}: "
+                        "the shards are not aligned"
+                    )
+                sample[SIDECAR_EXT if n == 0 else f"{SIDECAR_EXT}.{n}"] = other.get(SIDECAR_EXT)
             yield sample
-        extra = next(side, None)
-        if extra is not None:
-            raise FormatError(f"sidecar shard {sidecar_url} has key {extra['__key__']!r} after the image shard ends")
+        for side, side_url in zip(sides, sidecar_urls):
+            extra = next(side, None)
+            if extra is not None:
+                raise FormatError(f"sidecar shard {side_url} has key {extra['__key__']!r} after the image shard ends")
 
 
 def _read_shards(
@@ -199,6 +213,7 @@ def _read_shards(
     handler: Callable[[BaseException], bool],
     sidecars: Mapping[str, Sequence[str]] | None = None,
     group: Callable[[], int] | None = None,
+    skipped: frozenset[str] = frozenset(),
 ) -> Iterator[dict]:
     """Shard URLs -> their samples; a shard that cannot be read whole is one ``DataError``.
 
@@ -213,7 +228,7 @@ def _read_shards(
         url = item["url"]
         want, count, cause, error = expected.get(url), 0, None, None
         try:
-            reader = _lockstep(url, sidecars[url][g]) if sidecars else _plain(url)
+            reader = _lockstep(url, sidecars[url][g], skipped) if sidecars else _plain(url)
             with contextlib.closing(reader):
                 for sample in reader:
                     count += 1
@@ -313,6 +328,9 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
             ``("image", "idx", "prob")`` for ``densify="sparse"``. Also available: ``__key__``,
             ``__url__``, ``cls``, ``round`` (-1 = original image), ``epoch``.
         fallback_recipe: the augmentation of original-image epochs.
+        teacher: sidecar sets with more teachers (``Manifest.teacher_sets``): whose targets to
+            use: 0 (the manifest's own teacher, default), k for teacher set k, or ``"mean"`` for
+            the mean of all of them (see ``targets.mean_topk``).
         check_counts: compare each shard's sample count with the manifest, so that a missing, empty or
             cut shard is an error (through ``handler``) counting exactly the samples lost.
 
@@ -343,6 +361,7 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
         keys: Sequence[str] | None = None,
         fallback_recipe: Recipe | None = None,
         check_counts: bool = True,
+        teacher: int | str = 0,
     ):
         super().__init__()
         if isinstance(shuffle, bool) or not isinstance(shuffle, int) or shuffle < 0:
@@ -356,9 +375,10 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
             mean=mean,
             std=std,
             fallback_recipe=fallback_recipe,
+            teacher=teacher,
         )
         RetryPolicy.from_env()  # a bad WDS_REINFORCE_* setting fails here, not later in a worker
-        self.urls, self.manifest, sidecars = _resolve(source, manifest)
+        self.urls, self.manifest, sidecars = _resolve(source, manifest, teacher)
         self.epoch = SharedEpoch(epoch)
         self.seed = seed
         plan = ReplayPlan.build(self.manifest, self.options)
@@ -382,7 +402,13 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
         if sidecars:
             group = functools.partial(_epoch_group, seed, self.epoch, self.manifest.rounds, self.manifest.group_rounds)
         self.append(
-            wds_filters.pipelinefilter(_read_shards)(expected=expected, handler=handler, sidecars=sidecars, group=group)
+            wds_filters.pipelinefilter(_read_shards)(
+                expected=expected,
+                handler=handler,
+                sidecars=sidecars,
+                group=group,
+                skipped=frozenset(s.key for s in self.manifest.skipped) if sidecars else frozenset(),
+            )
         )
         if shuffle:
             self.append(wds_filters.pipelinefilter(_shuffle_samples)(bufsize=shuffle, seed=seed, epoch=self.epoch))
@@ -412,3 +438,13 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch for the round schedule and shuffling; visible to all DataLoader workers."""
         self.epoch.set(epoch)
+
+
+def shard_samples(stream: Any, url: str) -> Iterator[dict]:
+    """The complete samples of one tar stream, as the loader reads them (see ``_shard_samples``)."""
+    return _shard_samples(stream, url)
+
+
+def aligned_samples(url: str, sidecar_urls: Sequence[str], skipped: frozenset[str] = frozenset()) -> Iterator[dict]:
+    """Image shard ``url``'s samples with the sidecars of the aligned shards (see ``_lockstep``)."""
+    return _lockstep(url, sidecar_urls, skipped)

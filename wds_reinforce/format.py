@@ -42,6 +42,7 @@ __all__ = [
     "ShardInfo",
     "SkippedInput",
     "RoundGroup",
+    "TeacherSet",
     "Manifest",
     "LAYOUTS",
     "SELF_CONTAINED",
@@ -318,6 +319,19 @@ class RoundGroup:
 
 
 @dataclass
+class TeacherSet:
+    """Another teacher's targets for a sidecar set's stored rounds (the parameters are not repeated).
+
+    ``groups[g][i]`` is the targets shard of round group g and image shard i: ``{key}.dr.mp``
+    sidecars with the group's rounds of top-k and no op columns (``ops`` is empty).
+    """
+
+    name: str
+    teacher: dict[str, Any]
+    groups: list[list[ShardInfo]] = field(default_factory=list)
+
+
+@dataclass
 class SkippedInput:
     """A source input that was not written, and why."""
 
@@ -351,6 +365,7 @@ class Manifest:
     layout: str = "self-contained"
     image_shards: list[ShardInfo] = field(default_factory=list)
     round_groups: list[RoundGroup] = field(default_factory=list)
+    teacher_sets: list[TeacherSet] = field(default_factory=list)
 
     @property
     def sidecar_sets(self) -> bool:
@@ -404,6 +419,10 @@ class Manifest:
                 RoundGroup(g["first_round"], g["rounds"], [ShardInfo(**s) for s in g.get("shards", [])])
                 for g in fields.get("round_groups", [])
             ]
+            fields["teacher_sets"] = [
+                TeacherSet(t["name"], t["teacher"], [[ShardInfo(**s) for s in group] for group in t.get("groups", [])])
+                for t in fields.get("teacher_sets", [])
+            ]
             manifest = cls(**fields)
         except (TypeError, KeyError) as exc:
             raise FormatError(f"manifest fields do not match the schema ({exc})", source) from None
@@ -434,3 +453,6 @@ def _check_groups(manifest: Manifest, source: str) -> None:
         first += g.rounds
     if first != manifest.rounds:
         raise FormatError(f"round groups hold {first} rounds, the manifest says {manifest.rounds}", source)
+    for t in manifest.teacher_sets:
+        if len(t.groups) > len(groups) or any(len(shards) != len(manifest.image_shards) for shards in t.groups):
+            raise FormatError(f"teacher set {t.name!r} does not match the round groups and image shards", source)

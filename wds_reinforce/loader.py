@@ -17,6 +17,7 @@ never imports the teacher, and never writes.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from .decode import SourceImage
 from .errors import DataError, FormatError, MismatchError, UsageError, VersionError
 from .format import FORMAT_VERSION, SIDECAR_EXT, Manifest, Sidecar, check_topk, crc32c, decode_sidecar
 from .schedule import SharedEpoch, epoch_value, group_for, original_rng, round_for, round_in_group
-from .targets import dense_row, sparse_one_hot
+from .targets import dense_row, mean_topk, sparse_one_hot
 
 __all__ = [
     "IMAGE_EXTS",
@@ -131,6 +132,8 @@ class LoaderOptions:
         label_smoothing: smoothing of the one-hot targets of original-image epochs.
         output: ``uint8`` (3, H, W) images or ``float`` (normalised with ``mean``/``std``).
         fallback_recipe: the augmentation of original-image epochs.
+        teacher: whose targets, for sidecar sets with more teachers: 0 (the manifest's), k (its
+            teacher set k) or ``"mean"`` (all of them, ``targets.mean_topk``; not with ``sparse``).
     """
 
     seed: int = 0
@@ -141,6 +144,7 @@ class LoaderOptions:
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
     fallback_recipe: Recipe | None = None
+    teacher: int | str = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -163,6 +167,9 @@ class LoaderOptions:
                 raise UsageError(
                     f"expected {name} three finite numbers{' > 0' if name == 'std' else ''}, got {value!r}"
                 )
+        mean_ok = self.teacher == "mean" and self.densify != "sparse"
+        if not mean_ok and (isinstance(self.teacher, bool) or not isinstance(self.teacher, int) or self.teacher < 0):
+            raise UsageError(f"expected teacher an index >= 0 or 'mean' (with dense targets), got {self.teacher!r}")
         if self.fallback_recipe is not None and not isinstance(self.fallback_recipe, Recipe):
             raise UsageError(f"expected fallback_recipe a Recipe, got {type(self.fallback_recipe).__name__}")
         object.__setattr__(self, "p", float(self.p))
@@ -266,6 +273,20 @@ def _sidecar(sample: dict, plan: ReplayPlan, first: bool) -> Sidecar:
         raise FormatError(f"sidecar has top-{sidecar.topk}, the manifest says top-{plan.topk}")
     if plan.recipe is not None:
         plan.recipe.check_columns(sidecar.ops)
+    extras = []
+    for n in itertools.count(1):
+        raw = sample.get(f"{SIDECAR_EXT}.{n}")
+        if raw is None:
+            break
+        other = decode_sidecar(raw)
+        if (other.fingerprint, other.rounds, other.topk) != (
+            sidecar.fingerprint,
+            sidecar.rounds,
+            sidecar.topk,
+        ) or other.ops:
+            raise FormatError(f"teacher set {n}'s sidecar does not hold targets for this sample's stored rounds")
+        extras.append(other)
+    sample["teacher_sidecars"] = extras
     return sidecar
 
 
@@ -320,8 +341,13 @@ def _target(sample: dict, plan: ReplayPlan, r: int, sidecar: Sidecar) -> None:
     """
     opts, num_classes = plan.options, plan.num_classes
     if r >= 0:
-        idx, prob = sidecar.idx[r], sidecar.prob[r]
-        check_topk(idx, prob, num_classes)
+        extras = sample.get("teacher_sidecars") or []
+        sets = [sidecar, *extras] if opts.teacher == "mean" else extras[:1] or [sidecar]
+        for sc in sets:
+            check_topk(sc.idx[r], sc.prob[r], num_classes)
+        idx, prob = (
+            mean_topk([(sc.idx[r], sc.prob[r]) for sc in sets]) if len(sets) > 1 else (sets[0].idx[r], sets[0].prob[r])
+        )
     else:
         try:
             label = int(sample["cls"])

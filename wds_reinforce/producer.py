@@ -19,12 +19,13 @@ from .errors import UsageError
 from .sources import Source, WebDatasetSource, open_source
 from .storage import open_output
 from .teacher import Teacher, load_teacher, parse_teacher_spec
+from .threads import default_workers
 from .writer import ProducerSummary, ReinforceJob
 
-__all__ = ["prepare_job", "make_shards"]
+__all__ = ["checked_teacher", "dist_env", "prepare_job", "make_shards"]
 
 
-def _dist_env() -> tuple[int, int]:
+def dist_env() -> tuple[int, int]:
     try:
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -68,6 +69,27 @@ def _load_class_map(class_map: str | Mapping[str, int], source: Source, teacher_
     return ids
 
 
+def checked_teacher(
+    teacher: str | Sequence[str] | Teacher,
+    checkpoint: str | Sequence[str | None] | None = None,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    device: str = "auto",
+) -> Teacher:
+    """The teacher of a spec (or a ``Teacher`` as it is), any problem a one-line ``UsageError``."""
+    if isinstance(teacher, Teacher):
+        return teacher
+    try:
+        import timm
+
+        for kind, model in parse_teacher_spec(teacher):
+            if kind == "timm" and not timm.is_model(model):
+                raise ValueError(f"unknown teacher 'timm:{model}'; expected a timm model name (see timm.list_models())")
+        return load_teacher(teacher, checkpoint, num_classes=num_classes, pretrained=pretrained, device=device)
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: a checkpoint torch cannot read
+        raise UsageError(str(exc).splitlines()[0]) from None
+
+
 def prepare_job(
     source: str | Source,
     teacher: str | Sequence[str] | Teacher,
@@ -76,10 +98,10 @@ def prepare_job(
     image_size: int | Sequence[int] | None = None,
     decode: str | None = None,
     rounds: int = 8,
-    topk: int = 10,
+    topk: int | None = None,
     shard_size: int = 1000,
     batch_size: int = 256,
-    workers: int = 4,
+    workers: int | None = None,
     seed: int = 0,
     device: str = "auto",
     teacher_checkpoint: str | Sequence[str | None] | None = None,
@@ -99,15 +121,15 @@ def prepare_job(
             ``class_map``), an unwritable or foreign ``out``.
     """
     rounds = _positive("rounds", rounds)
-    k = _positive("topk", topk)
+    k = None if topk is None else _positive("topk", topk)  # None: up to 10, at most the classes
     shard_size = _positive("shard_size", shard_size)
     batch_size = _positive("batch_size", batch_size)
-    workers = _positive("workers", workers, 0)
+    workers = default_workers() if workers is None else _positive("workers", workers, 0)  # None: half the cores
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UsageError(f"expected seed a non-negative integer, got {seed!r}")
     if not isinstance(split, str) or not split or "." in split or "/" in split:
         raise UsageError(f"expected split a name without dots or slashes, got {split!r}")
-    rank, world = _dist_env()
+    rank, world = dist_env()
     try:
         src = open_source(source)
     except ValueError as exc:
@@ -117,23 +139,7 @@ def prepare_job(
     except ValueError as exc:
         raise UsageError(f"bad recipe: {exc}") from None
     output = open_output(out)
-    if isinstance(teacher, Teacher):
-        tch = teacher
-    else:
-        try:
-            import timm
-
-            members = parse_teacher_spec(teacher)
-            for kind, model in members:
-                if kind == "timm" and not timm.is_model(model):
-                    raise ValueError(
-                        f"unknown teacher 'timm:{model}'; expected a timm model name (see timm.list_models())"
-                    )
-            tch = load_teacher(
-                teacher, teacher_checkpoint, num_classes=teacher_num_classes, pretrained=pretrained, device=device
-            )
-        except (ValueError, RuntimeError) as exc:  # RuntimeError: a checkpoint torch cannot read
-            raise UsageError(str(exc).splitlines()[0]) from None
+    tch = checked_teacher(teacher, teacher_checkpoint, teacher_num_classes, pretrained, device)
     cmap = None
     if class_map is not None:
         cmap = _load_class_map(class_map, src, tch.num_classes)
@@ -153,6 +159,8 @@ def prepare_job(
                 f"(pass a class_map from source classes to teacher classes)"
             )
         class_names = list(src.class_names)
+    if k is None:
+        k = min(10, len(class_names))
     if k > len(class_names):
         raise UsageError(f"expected topk <= the {len(class_names)} classes, got {k}")
     output.check_writable()
@@ -201,4 +209,11 @@ def make_shards(
     Raises:
         UsageError: bad arguments, before any work starts.
     """
+    if kwargs.pop("sidecars_only", False):
+        from .sidecars import prepare_sidecar_job
+
+        return prepare_sidecar_job(source, teacher, out, **kwargs).run()
+    if kwargs.get("round_group") is not None:
+        raise UsageError("expected round_group only with sidecars_only=True")
+    kwargs.pop("round_group", None)
     return prepare_job(source, teacher, out, **kwargs).run()

@@ -11,12 +11,13 @@ S3 traffic uses the one client of ``remote.s3_client``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ __all__ = [
     "register_url_schemes",
     "register_s3_scheme",
     "open_url",
+    "count_reads",
+    "ReadCount",
     "read_url",
     "read_manifest",
     "join_url",
@@ -164,11 +167,56 @@ def open_url(url: str) -> Any:
         OSError: the URL cannot be opened (FileNotFoundError for a missing one).
     """
     try:
-        return _gopen(url, "rb")
+        stream = _gopen(url, "rb")
     except ValueError as exc:
         if isinstance(exc, UsageError):
             raise
         raise UsageError(f"cannot open {url!r}: {exc}") from None
+    return _Counted(stream, _COUNTERS[-1]) if _COUNTERS else stream
+
+
+class ReadCount:
+    """Bytes read through ``open_url`` while a ``count_reads()`` block is open (this process only)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.opened: list[str] = []
+
+
+_COUNTERS: list[ReadCount] = []
+
+
+@contextlib.contextmanager
+def count_reads() -> Iterator[ReadCount]:
+    """Count the bytes this process reads through ``open_url`` (shards, sidecars) in the block.
+
+    For measurements (e.g. bytes read per epoch); DataLoader workers count in their own process.
+    """
+    counter = ReadCount()
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
+
+
+class _Counted:
+    def __init__(self, stream: Any, counter: ReadCount):
+        self.stream, self.counter = stream, counter
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.counter.bytes += len(data)
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __enter__(self) -> _Counted:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def read_url(url: str) -> bytes:
@@ -283,6 +331,7 @@ class LocalOutput:
         return self.root
 
     def finish_file(self, local: Path, name: str, sha256: str) -> None:
+        (self.root / name).parent.mkdir(parents=True, exist_ok=True)
         fsync_rename(local, self.root / name)
 
     def verify(self, name: str, info: Mapping[str, Any]) -> bool:

@@ -15,7 +15,7 @@ methods count a repeated id once. Everything here is pure torch/numpy: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ __all__ = [
     "DENSIFY",
     "topk",
     "dense_row",
+    "mean_topk",
     "densify",
     "densify_smooth",
     "densify_zeros",
@@ -110,6 +111,24 @@ def densify(idx, prob, num_classes: int, method: str = "smooth") -> torch.Tensor
         raise ValueError(f"expected class ids in [0, {num_classes}), got {int(idx.min())}..{int(idx.max())}")
     out = fn(idx, prob, num_classes)
     return out[0] if single else out
+
+
+def mean_topk(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of several teachers' sparse top-k rows of one round: (ids, probabilities), falling.
+
+    Each id of the union gets the sum of the probabilities the teachers stored for it divided by
+    the number of teachers, a teacher that did not keep the id counting 0. This is the mean of
+    the teachers' softmax outputs (the paper's ensemble) wherever every teacher kept the id, and
+    at most (T-1)/T of the smallest kept probability too low where some did not; densifying with
+    ``smooth`` then spreads the mass no teacher kept evenly over the other classes.
+    """
+    ids = np.concatenate([np.asarray(i, np.int64) for i, _ in rows])
+    probs = np.concatenate([np.asarray(p, np.float32) for _, p in rows]) / len(rows)
+    union, inverse = np.unique(ids, return_inverse=True)
+    total = np.zeros(union.size, np.float32)
+    np.add.at(total, inverse, probs)
+    order = np.argsort(-total, kind="stable")
+    return union[order], total[order]
 
 
 def dense_row(idx: np.ndarray, prob: np.ndarray, num_classes: int, method: str = "smooth") -> torch.Tensor:

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ._registry import Registry
-from .augment import normalize
+from .augment import Recipe, normalize
+from .checkpoint import CHECKPOINT_FORMAT
 
 __all__ = ["TEACHERS", "Teacher", "parse_teacher_spec", "load_teacher"]
 
@@ -80,7 +81,8 @@ def _load_reason(exc: BaseException) -> str:
     return lines[0] if lines else "unreadable"
 
 
-def _load_state(path: str) -> dict[str, torch.Tensor]:
+def _load_state(path: str, member: str | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict in ``path``; ``member`` (``kind:name``) must match the model a checkpoint names."""
     if not os.path.isfile(path):
         raise ValueError(f"expected a teacher checkpoint file, got {path!r} (not found)")
     try:
@@ -98,6 +100,9 @@ def _load_state(path: str) -> dict[str, torch.Tensor]:
             f"expected a torch state_dict checkpoint at {path!r} (loaded with weights_only=True), "
             f"got {type(exc).__name__}: {_load_reason(exc)}"
         ) from None
+    arch = state.get("arch") if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT else None
+    if member is not None and isinstance(arch, str) and arch != member:
+        raise ValueError(f"expected a checkpoint of {member}, got one of {arch} in {path!r} (saved by train.py)")
     for wrapper in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -183,7 +188,7 @@ class Teacher:
         for (kind, name), ckpt in zip(pairs, checkpoints):
             builder = TEACHERS.get(kind)
             if ckpt:
-                state = _load_state(ckpt)
+                state = _load_state(ckpt, f"{kind}:{name}")
                 probe = builder(name, num_classes, False)
                 n = _classifier_out(state, probe) or num_classes
                 model = probe if n is None or n == probe.num_classes else builder(name, n, False)
@@ -209,13 +214,24 @@ class Teacher:
             raise ValueError(f"expected ensemble members with one class count, got {sorted(counts)}")
         self.num_classes = counts.pop()
 
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """(height, width) of the first member's pretrained config."""
-        return tuple(self.configs[0]["input_size"][1:])  # type: ignore[return-value]
+    def describe(self, recipe: Recipe | None = None) -> dict[str, Any]:
+        """The teacher description stored in the manifest.
 
-    def describe(self) -> dict[str, Any]:
-        """The teacher description stored in the manifest."""
+        Args:
+            recipe: the recipe whose replayed pixels the teacher is run on. Its output size, crop
+                and interpolation are what the teacher saw, and are recorded as the members'
+                input; timm's pretrained config (e.g. 176 px, crop 0.875, bicubic) is not, since
+                the teacher never sees that view here. Without a recipe, no input is recorded.
+                The normalisation (mean, std) is the members' own, as used.
+        """
+        seen: dict[str, Any] = {}
+        if recipe is not None:
+            geometry = recipe.ops[0].to_dict()
+            seen = {
+                "input_size": [3, *recipe.size],
+                "crop": {"op": recipe.ops[0].name, **{k: v for k, v in geometry.items() if k != "interpolation"}},
+                "interpolation": geometry.get("interpolation"),
+            }
         return {
             "members": [
                 {
@@ -224,11 +240,9 @@ class Teacher:
                     "checkpoint": os.path.basename(ckpt) if ckpt else None,
                     "weights_sha256": digest,
                     "pretrained": bool(ckpt is None and self.pretrained),
-                    "input_size": list(cfg["input_size"]),
+                    **seen,
                     "mean": list(cfg["mean"]),
                     "std": list(cfg["std"]),
-                    "interpolation": cfg["interpolation"],
-                    "crop_pct": cfg.get("crop_pct"),
                 }
                 for (kind, name), ckpt, cfg, digest in zip(self.members, self.checkpoints, self.configs, self.weights)
             ],

@@ -27,7 +27,7 @@ from .decode import SourceImage
 from .errors import DataError, DecodeError
 from .format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
 from .loader import IMAGE_EXTS
-from .storage import manifest_url, read_manifest, shard_urls
+from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "draw_rounds"]
 
@@ -182,10 +182,7 @@ def _samples(reader: _HashingReader) -> Iterator[tuple[str, dict[str, bytes]]]:
         )
 
 
-def _check_sample(
-    key: str, members: dict[str, bytes], manifest: Manifest, recipe: Recipe, decode_images: bool
-) -> tuple[Sidecar | None, bytes | None, list[str]]:
-    fingerprint = bytes.fromhex(manifest.fingerprint)
+def _check_image(key: str, members: dict[str, bytes], decode_images: bool) -> tuple[bytes | None, list[str]]:
     errors = []
     image = next((members[e] for e in IMAGE_EXTS if e in members), None)
     if image is None:
@@ -195,6 +192,41 @@ def _check_sample(
             SourceImage(image).decode(1)
         except DecodeError as exc:
             errors.append(str(exc))
+    return image, errors
+
+
+def _check_sidecar(
+    raw: bytes | None, manifest: Manifest, recipe: Recipe, rounds: int, image_crc: int | None
+) -> tuple[Sidecar | None, list[str]]:
+    """Decode and check one sidecar of ``rounds`` rounds; ``image_crc`` is its image's CRC-32C if known."""
+    if raw is None:
+        return None, [f"no {SIDECAR_EXT} member"]
+    fingerprint = bytes.fromhex(manifest.fingerprint)
+    errors = []
+    try:
+        sidecar = decode_sidecar(raw)
+        sidecar.validate(manifest.num_classes)
+        if sidecar.fingerprint != fingerprint:
+            errors.append(
+                f"recipe fingerprint {sidecar.fingerprint.hex()} differs from the manifest's {fingerprint.hex()}"
+            )
+        if (sidecar.rounds, sidecar.topk) != (rounds, manifest.topk):
+            errors.append(
+                f"sidecar has {sidecar.rounds} rounds of top-{sidecar.topk}, "
+                f"the manifest says {rounds} of top-{manifest.topk}"
+            )
+        recipe.check_columns(sidecar.ops)
+        if image_crc is not None and sidecar.image_crc is not None and image_crc != sidecar.image_crc:
+            errors.append("image bytes do not match the sidecar's checksum: the image member is damaged")
+    except ValueError as exc:  # FormatError, or columns that do not fit the recipe
+        return None, [f"bad sidecar: {exc}"]
+    return sidecar, errors
+
+
+def _check_sample(
+    key: str, members: dict[str, bytes], manifest: Manifest, recipe: Recipe, decode_images: bool
+) -> tuple[Sidecar | None, bytes | None, list[str]]:
+    image, errors = _check_image(key, members, decode_images)
     label = members.get("cls")
     try:
         value = int(label.decode()) if label is not None else None
@@ -204,30 +236,50 @@ def _check_sample(
             errors.append(f"label {value} is not in [0, {manifest.num_classes})")
     except (UnicodeDecodeError, ValueError):
         errors.append(f"label {label[:20]!r} is not an integer")
-    sidecar = None
-    raw = members.get(SIDECAR_EXT)
-    if raw is None:
-        errors.append(f"no {SIDECAR_EXT} member")
-    else:
-        try:
-            sidecar = decode_sidecar(raw)
-            sidecar.validate(manifest.num_classes)
-            if sidecar.fingerprint != fingerprint:
-                errors.append(
-                    f"recipe fingerprint {sidecar.fingerprint.hex()} differs from the manifest's {fingerprint.hex()}"
-                )
-            if (sidecar.rounds, sidecar.topk) != (manifest.rounds, manifest.topk):
-                errors.append(
-                    f"sidecar has {sidecar.rounds} rounds of top-{sidecar.topk}, "
-                    f"the manifest says {manifest.rounds} of top-{manifest.topk}"
-                )
-            recipe.check_columns(sidecar.ops)
-            if image is not None and sidecar.image_crc is not None and crc32c(image) != sidecar.image_crc:
-                errors.append("image bytes do not match the sidecar's checksum: the image member is damaged")
-        except ValueError as exc:  # FormatError, or columns that do not fit the recipe
-            errors.append(f"bad sidecar: {exc}")
-            sidecar = None
-    return sidecar, image, errors
+    crc = crc32c(image) if image is not None else None
+    sidecar, side_errors = _check_sidecar(members.get(SIDECAR_EXT), manifest, recipe, manifest.rounds, crc)
+    return sidecar, image, errors + side_errors
+
+
+def _read_shard(report: VerifyReport, name: str, url: str, info: Any, on_sample: Any) -> list[str]:
+    """Stream one shard: ``on_sample(key, members)`` per sample; check its bytes, sha256, count and
+    first/last keys against ``info`` (a ``ShardInfo``); return its keys."""
+    report.shards += 1
+    keys: list[str] = []
+    try:
+        stream = open_url(url)
+    except Exception as exc:  # gopen raises several kinds for a missing file or URL
+        report.problems.append(Problem(name, None, f"cannot open: {exc}"))
+        return keys
+    reader = _HashingReader(stream)
+    try:
+        for key, members in _samples(reader):
+            keys.append(key)
+            on_sample(key, members)
+    except _ShardCut as exc:
+        report.problems.append(Problem(name, exc.key, exc.message))
+    except (tarfile.TarError, OSError, EOFError) as exc:  # before the first member
+        report.problems.append(Problem(name, None, f"unreadable tar: {exc}"))
+    try:
+        reader.finish()  # hash the rest, cut or not, so the byte count says how much there is
+    except OSError as exc:
+        report.problems.append(Problem(name, None, f"read failed: {exc}"))
+    finally:
+        stream.close()
+    report.bytes += reader.count
+    if reader.count != info.bytes:
+        report.problems.append(Problem(name, None, f"{reader.count} bytes, the manifest says {info.bytes}"))
+    elif reader.sha256.hexdigest() != info.sha256:
+        report.problems.append(Problem(name, None, "sha256 differs from the manifest's"))
+    if len(keys) != info.samples:
+        report.problems.append(Problem(name, None, f"{len(keys)} samples, the manifest says {info.samples}"))
+    elif keys and (keys[0], keys[-1]) != (info.first_key, info.last_key):
+        report.problems.append(
+            Problem(
+                name, None, f"first/last key {keys[0]}/{keys[-1]}, the manifest says {info.first_key}/{info.last_key}"
+            )
+        )
+    return keys
 
 
 def verify_shards(
@@ -271,62 +323,35 @@ def verify_shards(
     if teacher is not None and total:
         picked = set(rng.choice(total, min(checks, total), replace=False).tolist())
     chosen: list[tuple[str, str, bytes, Sidecar]] = []
-    seen: dict[str, str] = {}
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="sample", desc="verify")
     index = 0
-    for shard, shard_url in zip(manifest.shards, shard_urls(url, manifest)):
-        report.shards += 1
-        keys: list[str] = []
-        try:
-            stream = gopen(shard_url, "rb")
-        except Exception as exc:  # gopen raises several kinds for a missing file or URL
-            report.problems.append(Problem(shard.name, None, f"cannot open: {exc}"))
-            index += shard.samples
-            continue
-        reader = _HashingReader(stream)
-        try:
-            for key, members in _samples(reader):
-                keys.append(key)
-                if key in seen:
-                    report.problems.append(Problem(shard.name, key, f"key repeats (first in {seen[key]})"))
-                seen.setdefault(key, shard.name)
-                sidecar, image, errors = _check_sample(key, members, manifest, recipe, decode_images)
-                report.problems.extend(Problem(shard.name, key, e) for e in errors)
-                if index in picked and sidecar is not None and image is not None and not errors:
-                    chosen.append((shard.name, key, image, sidecar))
-                index += 1
-                if bar is not None:
-                    bar.update(1)
-        except _ShardCut as exc:
-            report.problems.append(Problem(shard.name, exc.key, exc.message))
-        except (tarfile.TarError, OSError, EOFError) as exc:  # before the first member
-            report.problems.append(Problem(shard.name, None, f"unreadable tar: {exc}"))
-        try:
-            reader.finish()  # hash the rest, cut or not, so the byte count says how much there is
-        except OSError as exc:
-            report.problems.append(Problem(shard.name, None, f"read failed: {exc}"))
-        finally:
-            stream.close()
-        report.samples += len(keys)
-        report.bytes += reader.count
-        if reader.count != shard.bytes:
-            report.problems.append(Problem(shard.name, None, f"{reader.count} bytes, the manifest says {shard.bytes}"))
-        elif reader.sha256.hexdigest() != shard.sha256:
-            report.problems.append(Problem(shard.name, None, "sha256 differs from the manifest's"))
-        if len(keys) != shard.samples:
-            report.problems.append(Problem(shard.name, None, f"{len(keys)} samples, the manifest says {shard.samples}"))
-        elif keys and (keys[0], keys[-1]) != (shard.first_key, shard.last_key):
-            report.problems.append(
-                Problem(
-                    shard.name,
-                    None,
-                    f"first/last key {keys[0]}/{keys[-1]}, the manifest says {shard.first_key}/{shard.last_key}",
-                )
-            )
+    seen: dict[str, str] = {}
+
+    def sample_of(shard_name: str) -> Any:
+        def check(key: str, members: dict[str, bytes]) -> None:
+            nonlocal index
+            if key in seen:
+                report.problems.append(Problem(shard_name, key, f"key repeats (first in {seen[key]})"))
+            seen.setdefault(key, shard_name)
+            sidecar, image, errors = _check_sample(key, members, manifest, recipe, decode_images)
+            report.problems.extend(Problem(shard_name, key, e) for e in errors)
+            if index in picked and sidecar is not None and image is not None and not errors:
+                chosen.append((shard_name, key, image, sidecar))
+            index += 1
+            if bar is not None:
+                bar.update(1)
+
+        return check
+
+    if manifest.sidecar_sets:
+        _verify_sidecar_sets(report, url, manifest, recipe, picked, chosen, decode_images, bar, rng)
+    else:
+        for shard, shard_url in zip(manifest.shards, shard_urls(url, manifest)):
+            report.samples += len(_read_shard(report, shard.name, shard_url, shard, sample_of(shard.name)))
     if bar is not None:
         bar.close()
     if teacher is not None and chosen:
@@ -365,6 +390,9 @@ def _check_teacher(
 def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int = 16, columns: int = 4) -> str:
     """Draw one sample's replayed rounds with the stored top-3 under each; return the key drawn.
 
+    The title gives the sample's true label and the recipe's name (a recipe file's name); tiles
+    smaller than 128 px are enlarged (nearest neighbour, so the pixels stay the teacher's).
+
     Args:
         location: shard directory / URL prefix, or the manifest's URL.
         out: the PNG to write.
@@ -394,16 +422,30 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
     src = SourceImage(image)
     names = manifest.class_names
     n = min(sidecar.rounds, max_rounds)
-    h, w = recipe.size
+    # Small tiles (CIFAR's 32 px) are unreadable as they are: enlarge them, nearest, to ~128 px.
+    zoom = max(1, -(-128 // max(recipe.size)))
+    h, w = recipe.size[0] * zoom, recipe.size[1] * zoom
     tile_w, text_h = max(w, 150), 3 * 14 + 18
     rows = -(-n // columns)
-    canvas = Image.new("RGB", (columns * tile_w, 20 + rows * (h + text_h)), "white")
+    canvas = Image.new("RGB", (columns * tile_w, 34 + rows * (h + text_h)), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), f"{key}: {n} of {sidecar.rounds} rounds, recipe {manifest.recipe.get('name', '')}", fill="black")
+    try:
+        true = int(members.get("cls", b"").decode().strip())
+        label = f"label {names[true] if 0 <= true < len(names) else true}"
+    except ValueError:
+        label = "no label"
+    # A recipe file is named by its file when made by make_shards.py; otherwise "custom": list its ops.
+    name = manifest.recipe.get("name") or "custom"
+    if name == "custom":
+        name = "custom " + " + ".join(str(op.get("op")) for op in manifest.recipe.get("ops", []))
+    size = "x".join(str(v) for v in recipe.size)
+    draw.text((4, 4), f"{key}: {label}; {n} of {sidecar.rounds} rounds, teacher's top-3 under each", fill="black")
+    draw.text((4, 18), f"recipe {name} at {size} px" + (f", shown x{zoom}" if zoom > 1 else ""), fill="black")
     for r in range(n):
         pixels = replay(src, sidecar.round_params(r), recipe).permute(1, 2, 0).contiguous().numpy()
-        x, y = (r % columns) * tile_w, 20 + (r // columns) * (h + text_h)
-        canvas.paste(Image.fromarray(pixels), (x, y))
+        x, y = (r % columns) * tile_w, 34 + (r // columns) * (h + text_h)
+        tile = Image.fromarray(pixels)
+        canvas.paste(tile.resize((w, h), Image.NEAREST) if zoom > 1 else tile, (x, y))
         draw.text((x + 2, y + h + 2), f"round {r}", fill="gray")
         for i in range(min(3, sidecar.topk)):
             c = int(sidecar.idx[r, i])
@@ -411,3 +453,73 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
             draw.text((x + 2, y + h + 16 + 14 * i), f"{label[:18]} {float(sidecar.prob[r, i]):.2f}", fill="black")
     canvas.save(out)
     return key
+
+
+def _verify_sidecar_sets(
+    report: VerifyReport,
+    url: str,
+    manifest: Manifest,
+    recipe: Recipe,
+    picked: set[int],
+    chosen: list[tuple[str, str, bytes, Sidecar]],
+    decode_images: bool,
+    bar: Any,
+    rng: np.random.Generator,
+) -> None:
+    """Image shards (unchanged since the sidecars were made: sha256), then each round group's
+    sidecar shards: aligned with their image shard (same keys, same order, but the skipped),
+    decodable, of the group's rounds, and matching their image's CRC-32C."""
+    skipped = {s.key for s in manifest.skipped}
+    base = dirname_url(url)
+    counter = {"index": 0}
+
+    def shard(i: int, image_info: Any) -> None:
+        crcs: dict[str, int] = {}
+        kept: dict[str, bytes] = {}
+
+        def on_image(key: str, members: dict[str, bytes]) -> None:
+            image, errors = _check_image(key, members, decode_images)
+            if key in skipped:
+                errors = []  # listed by the producer: no sidecar expected
+            report.problems.extend(Problem(image_info.name, key, e) for e in errors)
+            if image is not None:
+                crcs[key] = crc32c(image)
+                if counter["index"] in picked and not errors:
+                    kept[key] = image
+            counter["index"] += 1
+            if bar is not None:
+                bar.update(1)
+
+        keys = _read_shard(report, image_info.name, image_info.name, image_info, on_image)
+        report.samples += len(keys)
+        expected = [k for k in keys if k not in skipped]
+        teacher_group = {key: int(rng.integers(len(manifest.round_groups))) for key in kept}
+        for g, group in enumerate(manifest.round_groups):
+            info = group.shards[i]
+
+            def on_sidecar(
+                key: str, members: dict[str, bytes], group: Any = group, g: int = g, name: str = info.name
+            ) -> None:
+                sidecar, errors = _check_sidecar(
+                    members.get(SIDECAR_EXT), manifest, recipe, group.rounds, crcs.get(key)
+                )
+                report.problems.extend(Problem(name, key, e) for e in errors)
+                if sidecar is not None and not errors and key in kept and teacher_group[key] == g:
+                    chosen.append((name, key, kept[key], sidecar))
+
+            side_keys = _read_shard(report, info.name, join_url(base, info.name), info, on_sidecar)
+            if side_keys != expected:
+                where = next(
+                    (n for n, (a, b) in enumerate(zip(side_keys, expected)) if a != b),
+                    min(len(side_keys), len(expected)),
+                )
+                report.problems.append(
+                    Problem(
+                        info.name,
+                        None,
+                        f"not aligned with image shard {image_info.name}: keys differ from position {where}",
+                    )
+                )
+
+    for i, image_info in enumerate(manifest.image_shards):
+        shard(i, image_info)

@@ -41,6 +41,7 @@ from .augment import Recipe, replay
 from .decode import SourceImage
 from .errors import DataError, UsageError
 from .format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, encode_sidecar
+from .progress import ShardProgress
 from .sources import Source, SourceSample, SourceSampleError
 from .storage import sha256_file
 from .targets import topk
@@ -48,6 +49,9 @@ from .teacher import Teacher
 
 __all__ = [
     "OtherJobError",
+    "error_reason",
+    "library_versions",
+    "describe_differences",
     "ProducerSummary",
     "ReplayDataset",
     "ReinforceJob",
@@ -61,6 +65,7 @@ _TAR_MODE = 0o444
 _DONE_DIR = ".done"
 _MANIFEST = "manifest.json"
 _INFO = "_info.json"
+_JOB_FILE = f"{_DONE_DIR}/job.identity"  # the job's identity (JSON); not a marker
 
 
 @dataclass
@@ -157,29 +162,32 @@ class ReinforceJob:
         return f"{self.split}-{j:06d}.tar"
 
     def describe_teacher(self) -> dict[str, Any]:
-        desc = self.teacher.describe()
+        desc = self.teacher.describe(self.recipe)  # the view the teacher saw, not timm's config
         if self.class_map is not None:
             desc["class_map"] = list(self.class_map)
         return desc
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that decides the shards' bytes (``digest`` hashes it; the output keeps a copy)."""
+        return {
+            "samples": len(self.source),
+            "source_index": self.source.index_digest(),
+            "class_names": self.class_names,
+            "recipe": self.recipe.to_dict(),
+            "teacher": self.describe_teacher(),
+            "rounds": self.rounds,
+            "topk": self.topk,
+            "seed": self.seed,
+            "shard_size": self.shard_size,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+        }
 
     @property
     def digest(self) -> str:
         """Identity of everything that decides the shards' bytes; done markers carry it."""
         if not self._digest:
-            ident = {
-                "samples": len(self.source),
-                "source_index": self.source.index_digest(),
-                "class_names": self.class_names,
-                "recipe": self.recipe.to_dict(),
-                "teacher": self.describe_teacher(),
-                "rounds": self.rounds,
-                "topk": self.topk,
-                "seed": self.seed,
-                "shard_size": self.shard_size,
-                "batch_size": self.batch_size,
-                "shuffle": self.shuffle,
-            }
-            canon = json.dumps(ident, sort_keys=True, separators=(",", ":"))
+            canon = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
             self._digest = hashlib.sha256(canon.encode()).hexdigest()[:16]
         return self._digest
 
@@ -209,14 +217,34 @@ class ReinforceJob:
             if other != self.digest:
                 raise OtherJobError(
                     f"expected the output {self.output.url!r} to be empty or hold this job's shards, "
-                    f"got shards of another job (source, teacher, recipe or settings differ); use a new output folder"
+                    f"got shards of another job ({self._what_differs(other)}); use a new output folder, "
+                    f"or the settings it was made with to resume it"
                 )
             return
+
+    def _what_differs(self, other: str) -> str:
+        """The settings in which the output's job differs from this one, from its stored identity."""
+        text = self.output.read_text(_JOB_FILE)
+        try:
+            stored = json.loads(text) if text is not None else None
+        except ValueError:
+            stored = None
+        canon = json.dumps(stored, sort_keys=True, separators=(",", ":"))
+        if not isinstance(stored, dict) or hashlib.sha256(canon.encode()).hexdigest()[:16] != other:
+            return "source, teacher, recipe or settings differ"
+        return describe_differences(stored, self.identity())
+
+    def finished_shards(self) -> int:
+        """Shards of this job finished in the output (a marker of this job; not re-hashed)."""
+        return sum(self._read_done(j) is not None for j in range(self.num_shards))
 
     def run(self) -> ProducerSummary:
         """Make this rank's unfinished shards; rank 0 then waits for all and writes the manifest."""
         start = time.perf_counter()
         self.output.staging()
+        if self.rank == 0:  # one writer: ranks share the temporary name
+            # The identity beside the markers, so that a refused other job can be told what differs.
+            self.output.write_text(_JOB_FILE, json.dumps(self.identity(), sort_keys=True) + "\n")
         mine = [j for j in range(self.num_shards) if j % self.world_size == self.rank]
         todo, reused = [], 0
         for j in mine:
@@ -262,15 +290,18 @@ class ReinforceJob:
         )
         bar = None
         if self.progress and self.rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(indices), unit="img", desc="reinforce", dynamic_ncols=True)
+            # A bar on a terminal; in a log file, one line per finished shard (count, rate, ETA).
+            bar = ShardProgress(len(indices), len(todo), desc="reinforce")
         items = iter(loader)
         images = 0
-        for j in todo:
-            images += self._make_shard(j, items, bar)
-        if bar is not None:
-            bar.close()
+        try:
+            for j in todo:
+                images += self._make_shard(j, items, bar)
+                if bar is not None:
+                    bar.shard_done(self.shard_name(j))
+        finally:  # Ctrl-C included: end the bar's line before the caller says what was kept
+            if bar is not None:
+                bar.close()
         return images
 
     def _make_shard(self, j: int, items: Iterator[dict[str, Any]], bar: Any) -> int:
@@ -402,7 +433,7 @@ class ReinforceJob:
             class_names=list(self.class_names),
             shards=[ShardInfo(**d["shard"]) for d in dones],
             skipped=[SkippedInput(**s) for d in dones for s in d["skipped"]],
-            versions=_versions(),
+            versions=library_versions(),
             split=self.split,
             name=self.name,
         )
@@ -431,7 +462,44 @@ class ReinforceJob:
         )
 
 
-def _versions() -> dict[str, str]:
+_SETTING_NAMES = {
+    "samples": "source sample count",
+    "source_index": "source listing (files or labels)",
+    "class_names": "class names",
+}
+
+
+def describe_differences(stored: Mapping[str, Any], current: Mapping[str, Any], limit: int = 4) -> str:
+    """``"rounds 8 (the output has 16), recipe.size [64, 64] (the output has [32, 32])"``: what differs."""
+    found: list[str] = []
+
+    def walk(path: str, a: Any, b: Any) -> None:
+        if a == b or len(found) >= 64:
+            return
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(f"{path}.{k}" if path else str(k), a.get(k), b.get(k))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and len(a) <= 16:
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(f"{path}[{i}]", x, y)
+        else:
+            name = _SETTING_NAMES.get(path, path)
+            if path in _SETTING_NAMES and path != "samples":
+                found.append(name)
+            else:
+                here, there = json.dumps(b), json.dumps(a)
+                if len(here) + len(there) > 80:
+                    found.append(name)
+                else:
+                    found.append(f"{name} {here} (the output has {there})")
+
+    walk("", stored, current)
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return ", ".join(found[:limit]) + more if found else "the stored identity is the same"
+
+
+def library_versions() -> dict[str, str]:
+    import cv2
     import simplejpeg
     import timm
     import torchvision
@@ -447,10 +515,11 @@ def _versions() -> dict[str, str]:
         "numpy": np.__version__,
         "pillow": Image.__version__,
         "simplejpeg": simplejpeg.__version__,
+        "opencv": cv2.__version__,
     }
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
     """A skipped input's reason: the error's type and message, the same on every run."""
     # Object addresses in messages would make the manifest differ between runs.
     return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
@@ -470,7 +539,9 @@ def _worker_init_fn() -> functools.partial[None]:
         _note_no_death_signal()
     # A worker's parent is this process under fork and spawn. Under forkserver it is the server,
     # which exits when this process dies and so passes the signal on: no pid to compare (0).
-    parent = 0 if torch.multiprocessing.get_start_method() == "forkserver" else os.getpid()
+    method = torch.multiprocessing.get_start_method(allow_none=True)  # never fix the global method here
+    method = method or torch.multiprocessing.get_all_start_methods()[0]
+    parent = 0 if method == "forkserver" else os.getpid()
     return functools.partial(_worker_init, parent)
 
 
@@ -528,7 +599,7 @@ class ReplayDataset(torch.utils.data.Dataset):
             return {"sample": SourceSample(exc.key, b"", -1, ""), "error": exc.reason}
         except OSError as exc:  # listed, then unreadable or gone (deleted, permissions, I/O error)
             key = self.source.key(index)
-            return {"sample": SourceSample(key, b"", -1, ""), "error": _reason(exc)}
+            return {"sample": SourceSample(key, b"", -1, ""), "error": error_reason(exc)}
         try:
             src = SourceImage(sample.data)
             params = self.recipe.sample_rounds(self.seed, sample.key, self.rounds, src.size)
@@ -536,5 +607,5 @@ class ReplayDataset(torch.utils.data.Dataset):
                 [replay(src, {c: v[r] for c, v in params.items()}, self.recipe) for r in range(self.rounds)]
             )
         except (DataError, OSError) as exc:
-            return {"sample": sample, "error": _reason(exc)}
+            return {"sample": sample, "error": error_reason(exc)}
         return {"sample": sample, "error": None, "params": params, "images": pixels}
