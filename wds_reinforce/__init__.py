@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 # Producer API, imported lazily (see the module docstring): name -> submodule.
 _LAZY = {
     "make_shards": "producer",
+    "import_mldr": "mldr_import",
     "prepare_job": "producer",
     "ProducerSummary": "writer",
     "open_source": "sources",

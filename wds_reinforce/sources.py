@@ -32,6 +32,7 @@ __all__ = [
     "IMAGE_EXTS",
     "SourceSample",
     "SourceSampleError",
+    "unique_keys",
     "Source",
     "ImageFolderSource",
     "WebDatasetSource",
@@ -125,7 +126,7 @@ def sanitize_key(text: str) -> str:
     return key
 
 
-def _unique_keys(raw: Sequence[str]) -> list[str]:
+def unique_keys(raw: Sequence[str]) -> list[str]:
     """Sanitised keys, made unique deterministically (in order) with a numeric suffix."""
     seen: set[str] = set()
     out = []
@@ -172,7 +173,7 @@ class ImageFolderSource(Source):
             files.extend((rel, label) for rel in sorted(found))
         self._files = [f for f, _ in files]
         self._labels = [lab for _, lab in files]
-        self._keys = _unique_keys([os.path.splitext(f)[0].replace(os.sep, "_") for f in self._files])
+        self._keys = unique_keys([os.path.splitext(f)[0].replace(os.sep, "_") for f in self._files])
         self._root = root
 
     def __len__(self) -> int:
@@ -247,7 +248,7 @@ class WebDatasetSource(Source):
             )
         self._entries = entries
         self._labels = labels
-        self._keys = _unique_keys([e[4] for e in entries])
+        self._keys = unique_keys([e[4] for e in entries])
         self.class_names = self._class_names(paths[0], labels)
 
     @staticmethod
@@ -364,7 +365,7 @@ class TorchvisionSource(Source):
             else:
                 raw = [p.stem for p in self._files]
                 self.class_names = list(getattr(ds, "classes", [])) or [str(i) for i in range(max(self._labels) + 1)]
-            self._keys = _unique_keys(raw)
+            self._keys = unique_keys(raw)
 
     def __len__(self) -> int:
         return len(self._labels)

@@ -1,0 +1,422 @@
+"""The two inputs of an ml-dr import: the train split indexed as their metadata is, and the metadata stream.
+
+Their metadata names each image by its position in torchvision's ``ImageFolder`` order of the
+train split. ``FolderImages`` lists a folder with torchvision's own ``find_classes`` and
+``make_dataset`` (so the order is theirs by construction); ``ShardImages`` recovers the order
+from plain webdataset shards by a stated rule. ``MetadataSource`` reads their ``.tar.gz`` member
+by member as a stream (never extracted; its sha256 is computed in passing) or its extracted folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import hashlib
+import io
+import json
+import os
+import posixpath
+import re
+import tarfile
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .decode import SourceImage
+from .errors import DataError, UsageError
+from .loader import IMAGE_EXTS
+from .mldr import IndexMismatchError, MetadataError
+from .sources import unique_keys
+
+__all__ = [
+    "CONFIG_NAME",
+    "INDEX_NAME",
+    "IMAGEFOLDER_RULE",
+    "ImageIndex",
+    "FolderImages",
+    "ShardImages",
+    "open_images",
+    "MetadataSource",
+]
+
+IMAGEFOLDER_RULE = (
+    "index = position in torchvision.datasets.ImageFolder order of the train split: class folders sorted by "
+    "name (label = position), then within a class the sorted os.walk directories and, in each, the sorted file "
+    "names with an extension in torchvision's IMG_EXTENSIONS"
+)
+CONFIG_NAME = "config.pth.tar"
+INDEX_NAME = re.compile(r"(\d+)\.pth\.tar")  # an image's file: {index}.pth.tar
+# The producer's shard order (writer.ReinforceJob): the same seed gives the same shards.
+_ORDER_TAG = 0x5348554646
+_HEAD = 1 << 16  # bytes read for an image's header (the whole file if that is not enough)
+
+
+def _ext_of(path: str) -> str:
+    ext = path.rsplit(".", 1)[-1].lower()
+    return "jpg" if ext == "jpeg" else ext
+
+
+def _image_size(read: Callable[[int | None], bytes]) -> tuple[int, int]:
+    head = read(_HEAD)
+    try:
+        return SourceImage(head).size
+    except DataError:
+        if len(head) < _HEAD:
+            raise
+        return SourceImage(read(None)).size
+
+
+# ----------------------------------------------------------------------------------------
+# The images, indexed the way their metadata is
+
+
+class ImageIndex:
+    """The train split, indexed as their metadata is: image ``i`` is their ``{i}.pth.tar``.
+
+    Subclasses fill ``keys``, ``labels``, ``exts``, ``class_names``, ``spec``, ``rule`` and
+    implement ``read`` and ``shards``.
+    """
+
+    spec: str
+    rule: str
+    keys: list[str]
+    labels: list[int]
+    exts: list[str]
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def where(self, i: int) -> str:
+        """Image ``i`` for messages (a file path or shard and key)."""
+        raise NotImplementedError
+
+    def read(self, i: int, limit: int | None = None) -> bytes:
+        """The encoded bytes of image ``i`` (at most ``limit`` of them)."""
+        raise NotImplementedError
+
+    def size(self, i: int) -> tuple[int, int]:
+        """(height, width) of image ``i`` from its header."""
+        return _image_size(lambda limit: self.read(i, limit))
+
+    def shards(self, shard_size: int, seed: int, shuffle: bool) -> list[list[int]]:
+        """The output shards: image indices of each, in shard order."""
+        raise NotImplementedError
+
+    def digest(self) -> str:
+        h = hashlib.sha256(self.rule.encode())
+        for key, label in zip(self.keys, self.labels):
+            h.update(f"{key}\t{label}\n".encode())
+        return h.hexdigest()[:16]
+
+
+class FolderImages(ImageIndex):
+    """An ImageFolder train split, listed by torchvision's own ``find_classes`` and ``make_dataset``.
+
+    Keys are ``<class>_<path below the class folder without extension>``, sanitised, as the
+    producer's ``sources.ImageFolderSource`` makes them.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+        root = Path(root)
+        if not root.is_dir():
+            raise UsageError(
+                f"expected the train split as an ImageFolder directory, got {str(root)!r} (not a directory)"
+            )
+        try:
+            classes, class_to_idx = find_classes(str(root))
+            samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+        except (FileNotFoundError, OSError) as exc:
+            raise UsageError(f"expected an ImageFolder train split in {str(root)!r}: {exc}") from None
+        self.spec, self.rule, self._root = str(root), IMAGEFOLDER_RULE, root
+        self.class_names = list(classes)
+        self._files = [os.path.relpath(path, root) for path, _ in samples]
+        self.labels = [int(label) for _, label in samples]
+        self.exts = [_ext_of(f) for f in self._files]
+        unreadable = [f for f, e in zip(self._files, self.exts) if e not in IMAGE_EXTS]
+        if unreadable:
+            raise UsageError(
+                f"{len(unreadable)} image(s) in {self.spec} have an extension the loader does not read "
+                f"({'/'.join(IMAGE_EXTS)}), e.g. {unreadable[:3]}"
+            )
+        self.keys = unique_keys([os.path.splitext(f)[0].replace(os.sep, "_") for f in self._files])
+
+    def where(self, i: int) -> str:
+        return str(self._root / self._files[i])
+
+    def read(self, i: int, limit: int | None = None) -> bytes:
+        with open(self._root / self._files[i], "rb") as f:
+            return f.read(-1 if limit is None else limit)
+
+    def shards(self, shard_size: int, seed: int, shuffle: bool) -> list[list[int]]:
+        n = len(self)
+        order = np.random.default_rng([seed, _ORDER_TAG]).permutation(n) if shuffle else np.arange(n)
+        return [order[s : s + shard_size].tolist() for s in range(0, n, shard_size)]
+
+
+class ShardImages(ImageIndex):
+    """The train split as plain webdataset shards (local ``.tar`` paths, a brace pattern or glob).
+
+    Output shard j holds input shard j's samples in their order (so a sidecar set can later sit
+    beside the input). Their index of a sample comes from ``rule``:
+
+    - ``imagefolder``: samples sorted by (label, key + "." + image extension), which is
+      torchvision's ImageFolder order when labels number the sorted class folders and keys are the
+      file names or class/file paths without extension (ImageNet shards keyed by file name);
+    - ``key``: the key is the index itself (``"%07d" % index``, as webdataset's ImageNet example writes).
+    """
+
+    def __init__(self, pattern: str, rule: str = "imagefolder"):
+        import braceexpand
+
+        if rule not in ("imagefolder", "key"):
+            raise UsageError(f"expected index rule 'imagefolder' or 'key', got {rule!r}")
+        paths: list[str] = []
+        for part in braceexpand.braceexpand(pattern):
+            paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if not paths or missing:
+            raise UsageError(
+                f"expected local webdataset .tar shards, got {pattern!r} (missing: {missing[:3] or [pattern]})"
+            )
+        self.spec, self._paths = pattern, paths
+        entries: list[tuple[int, str, str, int, int, int]] = []  # (shard, raw key, ext, offset, size, label)
+        for si, path in enumerate(paths):
+            entries.extend((si, *e) for e in self._scan(path))
+        if not entries:
+            raise UsageError(f"expected samples in {pattern!r}, got none")
+        raw_keys = [e[1] for e in entries]
+        if rule == "key":
+            self.rule = "index = the sample key (a decimal number), as webdataset's ImageNet example writes keys"
+            bad = [k for k in raw_keys if not k.isdigit()]
+            if bad:
+                raise UsageError(f"index rule 'key' needs decimal keys, got e.g. {bad[:3]}")
+            order = [int(k) for k in raw_keys]
+            if sorted(order) != list(range(len(order))):
+                seen = set(order)
+                missing_i = next((i for i in range(len(order)) if i not in seen), None)
+                raise IndexMismatchError(
+                    f"the keys of {pattern!r} are not the indices 0..{len(order) - 1}"
+                    + (f" (no key {missing_i})" if missing_i is not None else " (duplicates)")
+                )
+            position = order  # sample s has index position[s]
+        else:
+            self.rule = (
+                "index = position when samples are sorted by (label, key + '.' + image extension): torchvision "
+                "ImageFolder order when labels number the sorted class folders and keys are file names"
+            )
+            ranked = sorted(range(len(entries)), key=lambda s: (entries[s][5], f"{entries[s][1]}.{entries[s][2]}"))
+            position = [0] * len(entries)
+            for i, s in enumerate(ranked):
+                position[s] = i
+        by_index = [0] * len(entries)
+        for s, i in enumerate(position):
+            by_index[i] = s
+        keys = unique_keys(raw_keys)
+        self._entries = [entries[s] for s in by_index]
+        self._shard_of_sample = [e[0] for e in entries]
+        self._position = position
+        self.keys = [keys[s] for s in by_index]
+        self.exts = [e[2] for e in self._entries]
+        self.labels = [e[5] for e in self._entries]
+        self.class_names = [str(c) for c in range(max(self.labels) + 1)]
+
+    @staticmethod
+    def _scan(path: str) -> Iterator[tuple[str, str, int, int, int]]:
+        """(raw key, image ext, data offset, size, label) per sample, grouping members as webdataset does."""
+
+        def finish(key: str, members: dict[str, tuple[int, int]]) -> tuple[str, str, int, int, int]:
+            image = next(((e, members[e]) for e in IMAGE_EXTS if e in members), None)
+            if image is None:
+                raise UsageError(f"sample {key!r} in {path} has no image member ({'/'.join(IMAGE_EXTS)})")
+            label = None
+            if "cls" in members:
+                text = _read_at(path, *members["cls"]).decode("ascii", "replace").strip()
+                label = int(text) if text.isdigit() else None
+            elif "json" in members:
+                meta = json.loads(_read_at(path, *members["json"]) or b"null")
+                label = meta.get("label") if isinstance(meta, dict) else None
+            if type(label) is not int:
+                raise UsageError(f"sample {key!r} in {path} has no integer label (cls member or json 'label')")
+            return key, _ext_of(image[0]), image[1][0], image[1][1], label
+
+        current, members = None, {}
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for info in tar:
+                    if not info.isfile() or "." not in posixpath.basename(info.name):
+                        continue
+                    dirname, base = posixpath.split(info.name)
+                    stem, ext = base.split(".", 1)
+                    key = posixpath.join(dirname, stem) if dirname else stem
+                    if key != current:
+                        if current is not None:
+                            yield finish(current, members)
+                        current, members = key, {}
+                    members[ext.lower()] = (info.offset_data, info.size)
+                if current is not None:
+                    yield finish(current, members)
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            if isinstance(exc, UsageError):
+                raise
+            raise UsageError(f"expected webdataset .tar shards, got {path}: {type(exc).__name__}: {exc}") from None
+
+    def where(self, i: int) -> str:
+        e = self._entries[i]
+        return f"{self._paths[e[0]]}:{e[1]}.{e[2]}"
+
+    def read(self, i: int, limit: int | None = None) -> bytes:
+        shard, _, _, offset, size, _ = self._entries[i]
+        return _read_at(self._paths[shard], offset, size if limit is None else min(size, limit))
+
+    def shards(self, shard_size: int, seed: int, shuffle: bool) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in self._paths]
+        for s, shard in enumerate(self._shard_of_sample):
+            out[shard].append(self._position[s])
+        return [s for s in out if s]
+
+
+def _read_at(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def open_images(spec: str | os.PathLike, rule: str = "imagefolder") -> ImageIndex:
+    """The train split: an ImageFolder directory, or webdataset shards (``.tar`` path, pattern or glob)."""
+    text = str(spec)
+    if os.path.isdir(text):
+        if rule != "imagefolder":
+            raise UsageError(f"index rule {rule!r} is for webdataset shards; an ImageFolder uses 'imagefolder'")
+        return FolderImages(text)
+    if ".tar" in text:
+        return ShardImages(text, rule)
+    raise UsageError(f"expected the train split as an ImageFolder directory or .tar shards, got {text!r} (not found)")
+
+
+# ----------------------------------------------------------------------------------------
+# The metadata: an archive read as a stream, or its extracted folder
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only file that hashes every byte read through it (sha256 of the archive, in passing)."""
+
+    def __init__(self, f: Any):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._f.readinto(buffer)
+        if n:
+            self.sha.update(memoryview(buffer)[:n])
+            self.count += n
+        return n or 0
+
+
+class MetadataSource:
+    """Their metadata: a ``.tar``/``.tar.gz`` archive (streamed, never extracted) or its extracted folder.
+
+    ``members()`` yields ``(name, read)`` for every file; ``read()`` is valid until the next one.
+    ``sha256`` is the archive's digest once a stream has been read to the end (None for a folder,
+    which has ``listing_sha256`` over its file names and sizes instead).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.sha256: str | None = None
+        self.listing_sha256: str | None = None
+        if self.path.is_dir():
+            root = self.path
+            if not (root / CONFIG_NAME).is_file() and not any(INDEX_NAME.fullmatch(n) for n in os.listdir(root)[:1000]):
+                subs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+                if len(subs) == 1:
+                    root = subs[0]  # the extracted archive's own folder (reinforced_data/)
+            self.root: Path | None = root
+            with os.scandir(root) as it:
+                files = sorted((e.name, e.stat().st_size) for e in it if e.is_file() and not e.name.startswith("."))
+            self._files = files
+            h = hashlib.sha256()
+            for name, size in files:
+                h.update(f"{name}\t{size}\n".encode())
+            self.listing_sha256 = h.hexdigest()
+            self.bytes = sum(size for _, size in files)
+        elif self.path.is_file():
+            self.root = None
+            self.bytes = self.path.stat().st_size
+        else:
+            raise UsageError(
+                f"expected their metadata archive (.tar.gz) or its extracted folder, got {str(path)!r} (not found)"
+            )
+
+    @property
+    def is_dir(self) -> bool:
+        return self.root is not None
+
+    def names(self) -> list[str]:
+        """A folder's file names (without reading them)."""
+        return [name for name, _ in self._files]
+
+    def members(self) -> Iterator[tuple[str, Callable[[], bytes]]]:
+        if self.root is not None:
+            root = self.root
+            for name, _ in self._files:
+                yield name, lambda name=name: (root / name).read_bytes()
+            return
+        with open(self.path, "rb", buffering=0) as raw:
+            reader = _HashingReader(raw)
+            stream = io.BufferedReader(reader, 1 << 20)
+            with self._reading():
+                tar = tarfile.open(fileobj=stream, mode="r|*", bufsize=1 << 20)
+
+            def read(info: tarfile.TarInfo) -> bytes:
+                with self._reading(info.name):
+                    return tar.extractfile(info).read()
+
+            with tar, self._reading():
+                for info in tar:
+                    tar.members = []  # a stream of 1.28 M members must not keep them all
+                    if info.isfile():
+                        yield info.name, functools.partial(read, info)
+                while stream.read(1 << 20):  # the rest (end-of-archive blocks) counts in the digest
+                    pass
+            self.sha256 = reader.sha.hexdigest()
+
+    @contextlib.contextmanager
+    def _reading(self, member: str = "") -> Iterator[None]:
+        """Errors of a damaged archive (cut, bad gzip, bad headers) as ``MetadataError`` naming it."""
+        try:
+            yield
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            at = f" at {member}" if member else ""
+            raise MetadataError(
+                f"cannot read the archive{at} ({type(exc).__name__}: {exc})", url=str(self.path)
+            ) from None
+
+    def config(self, progress: Callable[[str], None] | None = None) -> tuple[bytes, str]:
+        """``config.pth.tar``'s bytes and name: a folder's file, or the archive streamed until it turns up."""
+        if self.root is not None:
+            path = self.root / CONFIG_NAME
+            if not path.is_file():
+                raise UsageError(f"expected {CONFIG_NAME} in {self.root}, got none")
+            return path.read_bytes(), str(path)
+        start, count = time.monotonic(), 0
+        for name, read in self.members():
+            count += 1
+            if posixpath.basename(name) == CONFIG_NAME:
+                if progress and count > 1:
+                    progress(f"found {name} after {count} members ({time.monotonic() - start:.0f} s)")
+                return read(), f"{self.path}:{name}"
+            if progress and count % 100_000 == 0:
+                progress(f"looking for {CONFIG_NAME} in {self.path}: {count} members read (give --config to skip this)")
+        raise UsageError(f"expected {CONFIG_NAME} in {self.path}, got none among {count} members")
