@@ -44,6 +44,7 @@ from .errors import DataError, UsageError
 from .format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, decode_sidecar, encode_sidecar
 from .mldr import IndexMismatchError, MetadataError, MldrConfig, check_plain, convert_rounds, load_torch_save
 from .mldr_sources import CONFIG_NAME, INDEX_NAME, FolderImages, ImageIndex, MetadataSource, open_images
+from .producer import dist_env
 from .storage import LocalOutput, S3Output, open_output, sha256_file
 from .writer import library_versions, write_tar
 
@@ -154,16 +155,6 @@ class ImportSummary:
         if not self.manifest_written:
             lines.append("manifest: written by rank 0 once every shard is done")
         return "\n".join(lines)
-
-
-def _dist_env() -> tuple[int, int]:
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise UsageError(f"expected integer RANK and WORLD_SIZE, got {os.environ.get('RANK')!r}") from None
-    if not (world >= 1 and 0 <= rank < world):
-        raise UsageError(f"expected 0 <= RANK < WORLD_SIZE, got RANK={rank}, WORLD_SIZE={world}")
-    return rank, world
 
 
 def _positive(name: str, value: Any, minimum: int = 1) -> int:
@@ -504,7 +495,7 @@ def import_mldr(
         raise UsageError(f"expected seed a non-negative integer, got {seed!r}")
     if not isinstance(split, str) or not split or "." in split or "/" in split:
         raise UsageError(f"expected split a name without dots or slashes, got {split!r}")
-    rank, world = _dist_env()
+    rank, world = dist_env()
     say = _Progress(progress, progress_every)
     index = open_images(images, index_rule)
     meta = MetadataSource(metadata)
