@@ -319,3 +319,15 @@ def test_ranks_split_image_shards_and_match_one_process(images, sets, tmp_path, 
     assert strip(Manifest.from_json((out / "manifest.json").read_text())) == strip(
         Manifest.from_json((sets / "manifest.json").read_text())
     )
+
+
+def test_the_rounds_picture_of_a_sidecar_set(sets, tmp_path):
+    from PIL import Image
+
+    from wds_reinforce.verify import draw_rounds
+
+    key = draw_rounds(str(sets), str(tmp_path / "rounds.png"), key="img1_2", max_rounds=6)
+    assert key == "img1_2"
+    assert Image.open(tmp_path / "rounds.png").size[0] > 0
+    with pytest.raises(ValueError, match="key 'nope' is not in"):
+        draw_rounds(str(sets), str(tmp_path / "x.png"), key="nope")

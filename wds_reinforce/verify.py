@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from .augment import Recipe, replay
@@ -387,6 +386,39 @@ def _check_teacher(
     report.top1_agreement = agree / len(chosen)
 
 
+def _find_sample(url: str, manifest: Manifest, key: str | None, max_rounds: int) -> tuple[str, dict, Sidecar]:
+    """A sample's members and its sidecar (for a sidecar set: its first groups' rounds, joined)."""
+    if not manifest.sidecar_sets:
+        for shard_url in shard_urls(url, manifest):
+            with open_url(shard_url) as stream:
+                for k, members in _samples(_HashingReader(stream)):
+                    if key is None or k == key:
+                        return k, members, decode_sidecar(members[SIDECAR_EXT], k)
+        raise ValueError(f"key {key!r} is not in {url}")
+    from .dataset import aligned_samples
+
+    base, skipped = dirname_url(url), frozenset(s.key for s in manifest.skipped)
+    groups = manifest.round_groups[: -(-max_rounds // manifest.group_rounds)]
+    for i, image in enumerate(manifest.image_shards):
+        sides = [join_url(base, g.shards[i].name) for g in groups]
+        for sample in aligned_samples(image.name, sides, skipped):
+            if key is None or sample["__key__"] == key:
+                k = sample["__key__"]
+                parts = [
+                    decode_sidecar(sample[SIDECAR_EXT if n == 0 else f"{SIDECAR_EXT}.{n}"], k)
+                    for n in range(len(sides))
+                ]
+                joined = Sidecar(
+                    parts[0].fingerprint,
+                    np.concatenate([p.idx for p in parts]),
+                    np.concatenate([p.prob for p in parts]),
+                    {c: np.concatenate([p.ops[c] for p in parts]) for c in parts[0].ops},
+                    parts[0].image_crc,
+                )
+                return k, sample, joined
+    raise ValueError(f"key {key!r} is not in {url}")
+
+
 def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int = 16, columns: int = 4) -> str:
     """Draw one sample's replayed rounds with the stored top-3 under each; return the key drawn.
 
@@ -405,20 +437,8 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
     url = manifest_url(location)
     manifest = read_manifest(url)
     recipe = Recipe.from_dict(manifest.recipe)
-    found = None
-    for shard_url in shard_urls(url, manifest):
-        with gopen(shard_url, "rb") as stream:
-            for k, members in _samples(_HashingReader(stream)):
-                if key is None or k == key:
-                    found = (k, members)
-                    break
-        if found:
-            break
-    if found is None:
-        raise ValueError(f"key {key!r} is not in {location}")
-    key, members = found
+    key, members, sidecar = _find_sample(url, manifest, key, max_rounds)
     image = next(members[e] for e in IMAGE_EXTS if e in members)
-    sidecar = decode_sidecar(members[SIDECAR_EXT], key)
     src = SourceImage(image)
     names = manifest.class_names
     n = min(sidecar.rounds, max_rounds)
