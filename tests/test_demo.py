@@ -15,7 +15,13 @@ def test_tiny_demo_runs_offline_and_reuses_its_cache(tmp_path):
     manifest = Manifest.from_json((root / "manifest.json").read_text())
     assert manifest.class_names == sorted(DEMO_CLASSES) and manifest.recipe["size"] == [DEMO_SIZE, DEMO_SIZE]
     assert manifest.teacher["members"][0]["checkpoint"].endswith(".pt")
-    assert any(line.startswith("next:") for line in lines)
+    assert any(line.startswith("next:") and "val top-1" in line for line in lines)
+    # The commands the README gives, with the epochs they are timed at.
+    assert f"  python tools/train.py --data {root} --val {root}/source/val --epochs 2" in lines
+    assert f"  python tools/train.py --data {root} --val {root}/source/val --epochs 2 --targets labels" in lines
+    member = manifest.teacher["members"][0]
+    assert member["input_size"] == [3, DEMO_SIZE, DEMO_SIZE] and member["crop"]["op"] == "rrc"
+    assert manifest.topk == 3
     lines.clear()
     again = run_demo(root, per_class=11, rounds=2, epochs=1, log=lines.append)
     assert (again.made, again.reused) == (0, 1)

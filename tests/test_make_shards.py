@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -270,3 +271,127 @@ def test_s3_out_matches_local_and_resumes(source, reference, s3):
 def test_s3_missing_bucket_is_a_usage_error(source, s3):
     with pytest.raises(UsageError, match="expected a writable output"):
         prepare_job(str(source), TEACHER, out="s3://no-such-bucket/x", **job_args())
+
+
+# ----------------------------------------------------------------------------------------
+# Ctrl-C, logs, refusals that say why (issue 11)
+
+
+def _done_markers(out: Path) -> int:
+    return len(list((out / ".done").glob("train-*.tar.json")))
+
+
+@pytest.mark.parametrize("target", ["process", "group"])
+def test_ctrl_c_says_how_to_resume_and_a_rerun_resumes(tmp_path, target):
+    """A real SIGINT: to the producer alone, or to its process group as a terminal's Ctrl-C sends it."""
+    src = make_image_folder(tmp_path / "src", per_class=10)  # 31 inputs, one shard each
+    ref = tmp_path / "ref"
+    make_shards(str(src), TEACHER, out=str(ref), **job_args(shard_size=1))
+    out = tmp_path / "out"
+    argv = [sys.executable, TOOL, *cli_args(src, str(out), **{"--shard-size": "1", "--workers": "1"})]
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+        # A shell's background job (nohup ... &) starts with SIGINT ignored, and its children inherit
+        # that: give the producer the default disposition a terminal's foreground job has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        _wait_for(lambda: _done_markers(out) >= 1, 120, "the first finished shard", proc)
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    kept = _done_markers(out)
+    assert err.strip().splitlines()[-1] == (
+        f"make_shards.py: interrupted; rerun the same command to resume, {kept} shards kept"
+    )
+    assert 1 <= kept < 31 and not (out / "manifest.json").exists()
+    done = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"({31 - kept} made, {kept} reused)" in done.stdout
+    assert tree_digest(out) == tree_digest(ref)
+
+
+def test_a_log_gets_a_line_per_finished_shard(source, tmp_path):
+    out = tmp_path / "out"
+    argv = cli_args(source, str(out))
+    argv.remove("--no-progress")  # progress on, but stderr is a pipe: lines, not a bar
+    proc = subprocess.run([sys.executable, TOOL, *argv], capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("reinforce:")]
+    assert len(lines) == 3 and "\r" not in proc.stderr
+    assert lines[0].startswith("reinforce: shard 1/3 done (train-000000.tar); 5/13 samples (38 %), ")
+    assert lines[-1].startswith("reinforce: shard 3/3 done (train-000002.tar); 13/13 samples (100 %), ")
+    assert all(" samples/s, elapsed " in line and ", ETA " in line for line in lines)
+
+
+def test_another_job_is_refused_naming_what_differs(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(cli_args(source, str(out))) == 0
+    capsys.readouterr()
+    assert cli.main(cli_args(source, str(out), **{"--rounds": "2", "--seed": "8"})) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "got shards of another job (" in err
+    assert "rounds 2 (the output has 3)" in err and "seed 8 (the output has 7)" in err
+    assert cli.main(cli_args(source, str(out), **{"--image-size": "24"})) == 2
+    assert "recipe.size[0] 24 (the output has 32)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.isdir("/proc"), reason="needs /proc")
+def test_unwritable_out_under_proc_is_one_line(source, capsys):
+    assert cli.main(cli_args(source, "/proc/x")) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("make_shards.py: error: expected a writable output folder, got '/proc/x' (") and "\n" not in err
+    )
+
+
+def test_default_topk_fits_the_classes_and_help_says_the_thread_choice(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = cli_args(source, str(out))
+    i = argv.index("--topk")
+    del argv[i : i + 2]
+    assert cli.main(argv) == 0
+    assert json.loads((out / "manifest.json").read_text())["topk"] == 3  # 3 classes, not the default 10
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "cores available ->" in text and "at most 8" in text
+
+
+def test_argument_errors_come_before_the_teacher_loads(source, tmp_path):
+    """Cheap checks run before torch loads a model: fast, one line."""
+    out = tmp_path / "out"
+    for over, message in [
+        ({"--workers": "-1"}, "expected workers an integer >= 0, got -1"),
+        ({"--threads": "0"}, "expected threads an integer >= 1, got 0"),
+        ({"--source": str(tmp_path / "none.tar")}, "expected existing webdataset shard(s)"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, TOOL, *cli_args(source, str(out), **over)],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=120,
+        )
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_recipe_file_is_named_by_its_file(source, tmp_path):
+    recipe = tmp_path / "mild.yaml"
+    recipe.write_text("ops:\n  - {op: rrc, scale: [0.35, 1.0]}\n  - {op: flip}\n")
+    out = tmp_path / "out"
+    assert cli.main(cli_args(source, str(out), **{"--recipe": str(recipe)})) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["name"] == "mild.yaml" and manifest["recipe"]["ops"][0]["scale"] == [0.35, 1.0]

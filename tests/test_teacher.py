@@ -51,3 +51,39 @@ def test_predict_gives_probabilities():
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
     with pytest.raises(ValueError, match="expected uint8 images"):
         teacher.predict(torch.zeros(1, 3, 32, 32))
+
+
+def test_manifest_entry_records_the_view_the_teacher_saw(tmp_path):
+    from tests.producer_data import job_args, make_image_folder
+    from wds_reinforce.augment import Recipe
+    from wds_reinforce.producer import prepare_job
+
+    teacher = load_teacher(TEACHER, num_classes=3, device="cpu")
+    member = teacher.describe(Recipe.from_spec({"size": 32, "ops": [{"op": "rrc", "scale": [0.35, 1.0]}]}))
+    member = member["members"][0]
+    assert member["input_size"] == [3, 32, 32] and member["interpolation"] == "bilinear"
+    assert member["crop"]["op"] == "rrc" and member["crop"]["scale"] == [0.35, 1.0]
+    assert "crop_pct" not in member  # timm's pretrained config is not what the teacher saw
+    # The producer records the recipe it ran the teacher on.
+    src = make_image_folder(tmp_path / "src", per_class=2, corrupt=False)
+    job = prepare_job(str(src), TEACHER, out=str(tmp_path / "out"), **job_args(image_size=24))
+    member = job.describe_teacher()["members"][0]
+    assert member["input_size"] == [3, 24, 24] and member["crop"]["op"] == "rrc"
+
+
+def test_checkpoint_saved_by_train_names_its_model(tmp_path):
+    import timm
+
+    from wds_reinforce.checkpoint import checkpoint_info, save_checkpoint
+
+    model = timm.create_model("test_resnet", num_classes=4)
+    ckpt = tmp_path / "teacher.pt"
+    save_checkpoint(ckpt, model.state_dict(), "timm:test_resnet", ["a", "b", "c", "d"], (32, 32), {"ops": []})
+    info = checkpoint_info(ckpt)
+    assert info["arch"] == "timm:test_resnet" and info["class_names"] == ["a", "b", "c", "d"]
+    assert "state_dict" not in info
+    assert load_teacher(TEACHER, str(ckpt), device="cpu").num_classes == 4
+    with pytest.raises(ValueError, match=r"expected a checkpoint of timm:resnet10t, got one of timm:test_resnet"):
+        load_teacher("timm:resnet10t", str(ckpt), device="cpu")
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    assert checkpoint_info(tmp_path / "bare.pt") == {}

@@ -1,22 +1,29 @@
 #!/usr/bin/env python
-"""The accuracy experiment on the built-in demo data: plain labels vs reinforced shards.
+"""Does reinforcement pay on your data? Plain labels vs reinforced shards, same student, same budget.
 
-1. the demo images (shared with ``python tools/make_shards.py``; generated if missing);
-2. a teacher clearly stronger than the student (a larger timm model trained longer on plain
-   labels with ``tools/train.py``; cached);
-3. the demo images reinforced with that teacher (``tools/make_shards.py``; cached, resumable);
-4. the student trained on plain labels and on the reinforced shards, same epochs, iterations,
-   augmentation distribution and seeds (``tools/train.py``), evaluated on the held-out split.
+1. the images: --source / --val ImageFolders (default: the demo's, generated if missing);
+2. a teacher, or an ensemble (--teacher-models resnet18,resnet34: mean of softmax, as in the
+   paper), each member trained on plain labels from the folder with tools/train.py (cached);
+3. the source reinforced with it (tools/make_shards.py; cached, resumable);
+4. the student trained on plain labels (from the folder, with the shards' own augmentation) and
+   on the reinforced shards: same epochs, iterations, augmentation distribution and seeds,
+   evaluated on --val. Runs are cached by their settings, so a second teacher reuses the
+   labels runs.
 
-Prints a Markdown table (and ``--json`` lines) with top-1 per run, the means and the times.
+Prints a Markdown table of top-1 per seed, the means, the gain (mean of the per-seed paired
+differences) with its standard error, and the times (and --json lines).
 
-    python tools/experiment.py                      # teacher resnet18 x 30 epochs, student resnet10t x 10, seeds 0 1
+    python tools/experiment.py                                    # demo images, teacher resnet18
+    python tools/experiment.py --teacher-models resnet18,resnet34 # an ensemble teacher
+    python tools/experiment.py --source data/train --val data/val --image-size 64 --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -34,22 +41,67 @@ def _run(cmd: list[str], log: Path) -> dict:
         last = ""
         for line in proc.stdout:  # type: ignore[union-attr]
             f.write(line)
-            if line.startswith("epoch"):
+            if line.startswith(("epoch", "reinforce:")):
                 print("  " + line.rstrip(), flush=True)
-            if line.strip():
+            if line.strip().startswith("{"):
                 last = line
         if proc.wait():
             raise SystemExit(f"experiment.py: error: {cmd[1]} failed (see {log})")
-    return json.loads(last)
+    return json.loads(last) if last else {}
+
+
+def _cached(path: Path, cmd: list[str], log: Path) -> dict:
+    """The JSON result of ``cmd``, from ``path`` when an earlier run left it there."""
+    if path.is_file():
+        result = json.loads(path.read_text())
+        print(f"(cached {path.name}: top-1 {result.get('top1')})", flush=True)
+        return result
+    result = _run(cmd, log)
+    path.write_text(json.dumps(result))
+    return result
+
+
+def _tag(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:10]
+
+
+def paired_gain(labels: list[float], reinforced: list[float]) -> tuple[float, float | None]:
+    """Mean of the per-seed differences and its standard error (None with one seed)."""
+    diffs = [r - b for b, r in zip(labels, reinforced)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, None
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(var / len(diffs))
+
+
+def _ensemble_top1(members: list[str], ckpts: list[Path], val: str, size: int) -> float:
+    """Top-1 of the (ensemble) teacher on the held-out split, center view as train.py evaluates."""
+    import torch
+
+    from wds_reinforce.cli.train import _val_views
+    from wds_reinforce.teacher import Teacher
+
+    images, labels = _val_views(val, (size, size), 1.0)
+    teacher = Teacher([f"timm:{m}" for m in members], [str(c) for c in ckpts], device="auto")
+    preds = torch.cat([teacher.predict(images[b : b + 256]).argmax(1) for b in range(0, len(images), 256)])
+    return float((preds == labels).float().mean()) * 100
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="experiment.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="experiment.py",
+        description=__doc__,
+        formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}),
     )
-    p.add_argument("--root", default="shards/experiment", help="work folder (default shards/experiment)")
-    p.add_argument("--demo", default="shards/demo", help="the demo folder whose images are used (default shards/demo)")
-    p.add_argument("--teacher-model", default="resnet18")
+    p.add_argument("--source", help="training ImageFolder (default: the demo's images under --demo)")
+    p.add_argument("--val", help="held-out ImageFolder (default: 1,200 fresh demo images)")
+    p.add_argument("--root", default="shards/experiment", help="work folder")
+    p.add_argument("--demo", default="shards/demo", help="the demo folder whose images are the default source")
+    p.add_argument("--image-size", type=int, default=64, help="size of the teacher's and the students' views")
+    p.add_argument(
+        "--teacher-models", default="resnet18", help="timm model(s), comma-separated for an ensemble (mean of softmax)"
+    )
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--student-model", default="resnet10t")
     p.add_argument("--student-epochs", type=int, default=10)
@@ -58,157 +110,92 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--p", type=float, default=1.0, help="probability of a reinforced round (train.py --p)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--json", action="store_true", help="also print one JSON line per run")
+    p.add_argument("--workers", type=int, help="DataLoader workers of every step (default: the tools' own choice)")
+    p.add_argument("--json", action="store_true", help="also print one JSON line per run and a summary line")
     args = p.parse_args(argv)
-
-    from wds_reinforce.demo import DEMO_CLASSES, make_demo_images
+    members = [m.strip() for m in args.teacher_models.split(",") if m.strip()]
+    if not members:
+        p.error("expected at least one --teacher-models name")
+    if (args.source is None) != (args.val is None):
+        p.error("expected both --source and --val, or neither (the demo's images)")
 
     py = sys.executable
-    root, demo = Path(args.root), Path(args.demo)
+    root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    train_dir = make_demo_images(demo / "source" / "train", 400, seed=0)
-    # A held-out split larger than the demo's, so that a point of top-1 is above the noise.
-    val_dir = make_demo_images(root / "val", 200, seed=2)
-    common = [
-        "--val",
-        str(val_dir),
-        "--eval-crop-pct",
-        "1.0",
-        "--batch-size",
-        str(args.batch_size),
-        "--workers",
-        str(args.workers),
-        "--json",
-    ]
+    if args.source is None:
+        from wds_reinforce.demo import make_demo_images
+
+        source = str(make_demo_images(Path(args.demo) / "source" / "train", 400, seed=0))
+        # A held-out split larger than the demo's, so that a point of top-1 is above the noise.
+        val = str(make_demo_images(root / "val", 200, seed=2))
+    else:
+        source, val = args.source, args.val
+    workers = ["--workers", str(args.workers)] if args.workers is not None else []
+    common = ["--val", val, "--eval-crop-pct", "1.0", "--batch-size", str(args.batch_size), *workers, "--json"]
     started = time.perf_counter()
+    data_tag = _tag(str(Path(source).resolve()), args.image_size)
 
-    # Plain shards of the source (a random-init teacher, top-1): the teacher trains from them on labels.
-    plain = root / "plain"
-    if not (plain / "manifest.json").is_file():
-        subprocess.run(
-            [
-                py,
-                "tools/make_shards.py",
-                "--source",
-                str(train_dir),
-                "--teacher",
-                "timm:resnet10t",
-                "--teacher-num-classes",
-                str(len(DEMO_CLASSES)),
-                "--image-size",
-                "64",
-                "--rounds",
-                "1",
-                "--topk",
-                "1",
-                "--shard-size",
-                "600",
-                "--workers",
-                "1",
-                "--out",
-                str(plain),
-                "--no-progress",
-            ],
-            cwd=ROOT,
-            check=True,
-        )
-    teacher_ckpt = root / f"teacher_{args.teacher_model}_{args.teacher_epochs}ep.pt"
-    teacher_log = root / "teacher.json"
-    if not teacher_ckpt.is_file() or not teacher_log.is_file():
-        # The teacher trains on milder crops than the students' recipe: crops that miss the shape
-        # carry a wrong one-hot label, which a teacher should not learn from.
-        teacher_recipe = root / "teacher_recipe.json"
-        teacher_recipe.write_text(json.dumps({"ops": [{"op": "rrc", "scale": [0.35, 1.0]}, {"op": "flip", "p": 0.5}]}))
-        result = _run(
-            [
-                py,
-                "tools/train.py",
-                "--data",
-                str(plain),
-                "--targets",
-                "labels",
-                "--model",
-                args.teacher_model,
-                "--recipe",
-                str(teacher_recipe),
-                "--epochs",
-                str(args.teacher_epochs),
-                "--seed",
-                "0",
-                "--save",
-                str(teacher_ckpt),
-                *common,
-            ],
-            root / "teacher.log",
-        )
-        teacher_log.write_text(json.dumps(result))
-    teacher = json.loads(teacher_log.read_text())
-    print(f"teacher timm:{args.teacher_model}: val top-1 {teacher['top1']:.2f} % ({teacher['train_seconds']:.0f} s)")
+    # 1. Teachers: plain labels, straight from the folder. They train on milder crops than the
+    #    students' recipe: crops that miss the object carry a wrong one-hot label.
+    teacher_recipe = root / "teacher_recipe.json"
+    teacher_recipe.write_text(json.dumps({"ops": [{"op": "rrc", "scale": [0.35, 1.0]}, {"op": "flip", "p": 0.5}]}))
+    ckpts, teachers = [], []
+    for model in members:
+        name = f"teacher_{model}_{args.teacher_epochs}ep_{data_tag}"
+        ckpt = root / f"{name}.pt"
+        result_file = root / f"{name}.json"
+        if not ckpt.is_file():
+            result_file.unlink(missing_ok=True)
+        cmd = [
+            py, "tools/train.py", "--data", source, "--targets", "labels", "--model", model,
+            "--recipe", str(teacher_recipe), "--image-size", str(args.image_size),
+            "--epochs", str(args.teacher_epochs), "--seed", "0", "--save", str(ckpt), *common,
+        ]  # fmt: skip
+        result = _cached(result_file, cmd, root / f"{name}.log")
+        teachers.append(result)
+        ckpts.append(ckpt)
+        print(f"teacher timm:{model}: val top-1 {result['top1']:.2f} % ({result['train_seconds']:.0f} s)", flush=True)
+    ensemble_top1 = _ensemble_top1(members, ckpts, val, args.image_size) if len(members) > 1 else teachers[0]["top1"]
+    teacher_name = "+".join(members)
+    if len(members) > 1:
+        print(f"teacher ensemble {teacher_name} (mean of softmax): val top-1 {ensemble_top1:.2f} %", flush=True)
 
-    shards = root / f"reinforced_r{args.rounds}_k{args.topk}"
+    # 2. Reinforce (the checkpoints name their models: no --teacher needed).
+    shards = root / f"reinforced_{teacher_name}_r{args.rounds}_k{args.topk}_{data_tag}"
     t0 = time.perf_counter()
-    subprocess.run(
-        [
-            py,
-            "tools/make_shards.py",
-            "--source",
-            str(train_dir),
-            "--teacher",
-            f"timm:{args.teacher_model}",
-            "--teacher-checkpoint",
-            str(teacher_ckpt),
-            "--image-size",
-            "64",
-            "--rounds",
-            str(args.rounds),
-            "--topk",
-            str(args.topk),
-            "--shard-size",
-            "600",
-            "--workers",
-            "1",
-            "--out",
-            str(shards),
-            "--no-progress",
-        ],
-        cwd=ROOT,
-        check=True,
-    )
+    cmd = [
+        py, "tools/make_shards.py", "--source", source, "--image-size", str(args.image_size),
+        "--rounds", str(args.rounds), "--topk", str(args.topk), "--shard-size", "600", "--out", str(shards),
+        *[x for c in ckpts for x in ("--teacher-checkpoint", str(c))], *workers,
+    ]  # fmt: skip
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
     reinforce_seconds = time.perf_counter() - t0
 
+    # 3. Students. The labels arm reads the folder with the shards' recipe (--recipe SHARDS):
+    #    the same augmentation, and the same run whichever teacher made the shards (cached).
     runs = []
     for seed in args.seeds:
         for targets in ("labels", "reinforced"):
-            # Both arms read the same shards; the labels arm ignores the sidecars (p=0, fresh augmentations).
-            result = _run(
-                [
-                    py,
-                    "tools/train.py",
-                    "--data",
-                    str(shards),
-                    "--targets",
-                    targets,
-                    "--model",
-                    args.student_model,
-                    "--epochs",
-                    str(args.student_epochs),
-                    "--seed",
-                    str(seed),
-                    "--p",
-                    str(args.p),
-                    *common,
-                ],
-                root / f"student_{targets}_{seed}.log",
-            )
+            base = [
+                "--model", args.student_model, "--epochs", str(args.student_epochs), "--seed", str(seed), *common
+            ]  # fmt: skip
+            if targets == "labels":
+                tag = _tag("labels", data_tag, base)
+                cmd = [py, "tools/train.py", "--data", source, "--targets", "labels", "--recipe", str(shards), *base]
+            else:
+                tag = _tag("reinforced", shards.name, args.p, base)
+                cmd = [py, "tools/train.py", "--data", str(shards), "--p", str(args.p), *base]
+            name = f"student_{targets}_{seed}_{tag}"
+            result = _cached(root / f"{name}.json", cmd, root / f"{name}.log")
             runs.append(result)
             if args.json:
                 print(json.dumps(result))
 
-    def mean(targets: str) -> float:
-        vals = [r["top1"] for r in runs if r["targets"] == targets]
-        return sum(vals) / len(vals)
+    def tops(targets: str) -> list[float]:
+        return [r["top1"] for r in runs if r["targets"] == targets]
 
+    gain, se = paired_gain(tops("labels"), tops("reinforced"))
     print()
     print(
         f"| student timm:{args.student_model}, {args.student_epochs} epochs | "
@@ -220,14 +207,36 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in runs if r["targets"] == targets]
         cells = " | ".join(f"{r['top1']:.2f}" for r in rows)
         secs = sum(r["train_seconds"] for r in rows) / len(rows)
-        name = "plain labels" if targets == "labels" else f"reinforced ({args.rounds} rounds, top-{args.topk})"
-        print(f"| {name} | {cells} | {mean(targets):.2f} | {secs:.0f} s |")
+        label = (
+            "plain labels"
+            if targets == "labels"
+            else f"reinforced (teacher {teacher_name} at {ensemble_top1:.2f} %, {args.rounds} rounds, top-{args.topk})"
+        )
+        mean = sum(r["top1"] for r in rows) / len(rows)
+        print(f"| {label} | {cells} | {mean:.2f} | {secs:.0f} s |")
     print()
-    print(
-        f"gain: {mean('reinforced') - mean('labels'):+.2f} points top-1 (mean over seeds {args.seeds}); "
-        f"teacher timm:{args.teacher_model} {teacher['top1']:.2f} %; reinforcing took {reinforce_seconds:.0f} s; "
-        f"total {time.perf_counter() - started:.0f} s"
+    se_text = (
+        f" ± {se:.2f} (standard error over {len(args.seeds)} seeds)" if se is not None else " (one seed: no error)"
     )
+    print(
+        f"gain: {gain:+.2f}{se_text} points top-1; teacher {teacher_name} {ensemble_top1:.2f} %; "
+        f"reinforcing took {reinforce_seconds:.0f} s; total {time.perf_counter() - started:.0f} s"
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "teacher": members,
+                    "teacher_top1": round(ensemble_top1, 2),
+                    "teacher_member_top1": [t["top1"] for t in teachers],
+                    "labels": tops("labels"),
+                    "reinforced": tops("reinforced"),
+                    "gain": round(gain, 2),
+                    "gain_se": None if se is None else round(se, 2),
+                    "reinforce_seconds": round(reinforce_seconds, 1),
+                }
+            )
+        )
     return 0
 
 

@@ -6,10 +6,13 @@ decodes. With --teacher it replays random (sample, round) pairs, reruns the teac
 the largest probability difference and the top-1 agreement with the stored outputs. Exit status
 0 when all is well, 1 with a line per problem (shard and key), 2 for bad arguments.
 
+With --teacher-checkpoint alone, the teacher's models are the ones the manifest names. Weights
+other than the ones the shards were made with (the manifest keeps their sha256) are refused
+with a line saying so, rather than failing every round.
+
     python tools/inspect_shards.py shards/demo
-    python tools/inspect_shards.py shards/demo --teacher timm:resnet18 \\
-        --teacher-checkpoint shards/demo/teacher.pth --checks 64
-    python tools/inspect_shards.py shards/demo --grid rounds.png
+    python tools/inspect_shards.py shards/demo --teacher-checkpoint shards/demo/teacher_resnet10t.pt --checks 64
+    python tools/inspect_shards.py shards/demo --grid rounds.png --key circle_00000
 """
 
 from __future__ import annotations
@@ -26,9 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
         "location", help="shard folder, http(s):// or s3:// prefix holding manifest.json, or the manifest's URL"
     )
     p.add_argument(
-        "--teacher", action="append", help="timm:NAME (repeat or comma-separate for an ensemble) to recheck outputs"
+        "--teacher",
+        action="append",
+        help="timm:NAME (repeat or comma-separate for an ensemble) to recheck outputs "
+        "(default with --teacher-checkpoint: the manifest's members)",
     )
-    p.add_argument("--teacher-checkpoint", action="append", help="state_dict per teacher member (weights_only=True)")
+    p.add_argument(
+        "--teacher-checkpoint", action="append", help="checkpoint per teacher member (loaded with weights_only=True)"
+    )
     p.add_argument(
         "--checks", type=int, default=32, help="(sample, round) pairs to replay through the teacher (default 32)"
     )
@@ -44,6 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_teacher(args: argparse.Namespace):
+    """The teacher to recheck with, refused (ValueError) when its weights are not the shards' teacher's."""
+    from wds_reinforce.storage import manifest_url, read_manifest
+    from wds_reinforce.teacher import Teacher
+
+    stored = read_manifest(manifest_url(args.location)).teacher.get("members", [])
+    members = args.teacher or [f"{m.get('kind', 'timm')}:{m.get('name')}" for m in stored]
+    teacher = Teacher(members, args.teacher_checkpoint, device=args.device)
+    if stored and len(teacher.members) != len(stored):
+        raise ValueError(f"expected a teacher of {len(stored)} member(s) as the manifest's, got {len(teacher.members)}")
+    for i, (ours, theirs) in enumerate(zip(teacher.weights, stored)):
+        made = theirs.get("weights_sha256")
+        if made and ours != made:
+            given = teacher.checkpoints[i] or "random or pretrained weights"
+            wanted = theirs.get("checkpoint") or ("timm's pretrained weights" if theirs.get("pretrained") else "?")
+            raise ValueError(
+                f"the teacher's weights differ from the ones the shards were made with (member {i} "
+                f"{theirs.get('kind', 'timm')}:{theirs.get('name')}: sha256 {ours} from {given}, the manifest has "
+                f"{made} from {wanted}); pass that checkpoint with --teacher-checkpoint"
+            )
+    return teacher
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from wds_reinforce.format import FormatError
@@ -55,12 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.grid}: the rounds of sample {key}")
             return 0
         teacher = None
-        if args.teacher:
-            from wds_reinforce.teacher import Teacher
-
+        if args.teacher or args.teacher_checkpoint:
             if args.checks < 1:
                 raise ValueError(f"expected --checks >= 1, got {args.checks}")
-            teacher = Teacher(args.teacher, args.teacher_checkpoint, device=args.device)
+            teacher = _load_teacher(args)
         report = verify_shards(
             args.location,
             teacher=teacher,
