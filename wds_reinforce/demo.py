@@ -28,7 +28,7 @@ DEMO_SIZE = 64  # reinforced output size (and the teacher's training size)
 _SOURCE_SIZE = 80  # stored JPEGs are larger than the output, as in real data
 _MODEL = "resnet10t"
 # What the printed next commands take and give (measured; see README "Training on reinforced shards").
-_NEXT_EXPECTED = "about 1 minute on 2 CPU cores; after 2 epochs ~40 % val top-1 on the teacher's targets, ~36 % on labels"
+_NEXT_EXPECTED = "~1 minute on 2 CPU cores; after 2 epochs ~40 % val top-1 on the teacher's targets, ~36 % on labels"
 
 
 def photo_like(height: int, width: int, seed: int, noise: float = 6.0) -> np.ndarray:
