@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .augment import Recipe, replay, round_rng
-from .dataset import shard_samples
+from .dataset import aligned_samples, shard_samples
 from .decode import SourceImage
 from .errors import DataError, UsageError
 from .format import (
@@ -43,10 +43,12 @@ from .format import (
     SkippedInput,
     TeacherSet,
     crc32c,
+    decode_sidecar,
     encode_sidecar,
 )
 from .loader import IMAGE_EXTS
-from .storage import open_url, sha256_file
+from .producer import checked_teacher, dist_env
+from .storage import open_output, open_url, sha256_file
 from .targets import topk
 from .teacher import Teacher
 from .writer import OtherJobError, ProducerSummary, error_reason, library_versions, write_tar
@@ -434,8 +436,6 @@ def prepare_sidecar_job(
     Raises:
         UsageError: bad arguments (also a producer option that has no meaning here), before any work.
     """
-    from .producer import checked_teacher, dist_env
-    from .storage import open_output
     from .threads import default_workers
 
     meaningless = sorted(k for k, v in unused.items() if v not in (None, False) and k not in ("shuffle", "threads"))
@@ -510,10 +510,6 @@ def add_teacher_set(
         UsageError: not a sidecar set, a name in use by another teacher, a teacher whose classes
             differ from the set's, bad numbers; before any work.
     """
-    from .dataset import aligned_samples
-    from .producer import checked_teacher, dist_env
-    from .storage import open_output
-
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise UsageError(f"expected a teacher set name without slashes, got {name!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -610,8 +606,6 @@ def add_teacher_set(
 
 def decode_sidecar_for(raw: bytes | None, manifest: Manifest, rounds: int, key: str) -> Sidecar:
     """A params sidecar of a sidecar set, checked against its manifest (fingerprint, rounds, top-k)."""
-    from .format import decode_sidecar
-
     if raw is None:
         raise DataError(f"no {SIDECAR_EXT} member", key)
     sidecar = decode_sidecar(raw, key)
