@@ -227,7 +227,7 @@ def test_recipe_from_file(tmp_path, suffix):
     [
         (
             lambda: Recipe.from_spec("rrc+mixup"),
-            r"unknown recipe 'rrc\+mixup'; expected one of: center, rrc, rrc\+ra/re",
+            r"unknown recipe 'rrc\+mixup'; expected one of: center, rrc, rrc\+mix, rrc\+ra/re, rrc\+ra/re\+mix",
         ),
         (lambda: Recipe.from_spec("missing.yaml"), "recipe file 'missing.yaml' does not exist"),
         (lambda: Recipe([{"op": "warp"}]), "unknown op 'warp'; expected one of: center, flip, ra, re, rrc"),
@@ -280,7 +280,7 @@ def test_decompression_bomb_is_bad_data(monkeypatch):
 
 
 def test_presets_are_listed():
-    assert RECIPES.names() == ["center", "rrc", "rrc+ra/re"]
+    assert RECIPES.names() == ["center", "rrc", "rrc+mix", "rrc+ra/re", "rrc+ra/re+mix"]
     with pytest.raises(ValueError, match="already registered"):
         RECIPES.register("rrc", {})
 

@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--rounds", type=int, default=16)
+    p.add_argument(
+        "--recipe",
+        default="rrc",
+        help="the reinforced shards' recipe: a preset (rrc, rrc+mix, rrc+ra/re, rrc+ra/re+mix) or a recipe file; "
+        "the labels arm reads the folder with the same ops (no mixing: plain labels cannot label a mixture)",
+    )
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--p", type=float, default=1.0, help="probability of a reinforced round (train.py --p)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -161,11 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher ensemble {teacher_name} (mean of softmax): val top-1 {ensemble_top1:.2f} %", flush=True)
 
     # 2. Reinforce (the checkpoints name their models: no --teacher needed).
-    shards = root / f"reinforced_{teacher_name}_r{args.rounds}_k{args.topk}_{data_tag}"
+    recipe_part = "" if args.recipe == "rrc" else _tag(args.recipe) + "_"
+    shards = root / f"reinforced_{teacher_name}_{recipe_part}r{args.rounds}_k{args.topk}_{data_tag}"
     t0 = time.perf_counter()
     cmd = [
         py, "tools/make_shards.py", "--source", source, "--image-size", str(args.image_size),
         "--rounds", str(args.rounds), "--topk", str(args.topk), "--shard-size", "600", "--out", str(shards),
+        "--recipe", args.recipe,
         *[x for c in ckpts for x in ("--teacher-checkpoint", str(c))], *workers,
     ]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)
@@ -210,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         label = (
             "plain labels"
             if targets == "labels"
-            else f"reinforced (teacher {teacher_name} at {ensemble_top1:.2f} %, {args.rounds} rounds, top-{args.topk})"
+            else f"reinforced (teacher {teacher_name} at {ensemble_top1:.2f} %, recipe {args.recipe}, "
+            f"{args.rounds} rounds, top-{args.topk})"
         )
         mean = sum(r["top1"] for r in rows) / len(rows)
         print(f"| {label} | {cells} | {mean:.2f} | {secs:.0f} s |")

@@ -32,6 +32,7 @@ from ._registry import Registry
 from .decode import DECODE_MODES, DecodeError, SourceImage, reduced_scale
 from .errors import FormatError
 from .kernels import CURRENT_KERNELS, KERNELS, LEGACY_KERNELS, Kernels, kernel_set
+from .mixing import Mixing
 from .ops import (
     OPS,
     CenterCrop,
@@ -64,6 +65,7 @@ __all__ = [
     "RandAugment",
     "RandomErasing",
     "Recipe",
+    "Mixing",
     "SourceImage",
     "DecodeError",
     "key_word",
@@ -103,6 +105,8 @@ class Recipe:
         name: a label; not part of the fingerprint.
         kernels: the kernel set (see ``kernels``): 1, torchvision's tensor kernels; 2 (default),
             OpenCV and numpy. Part of the fingerprint unless it is 1.
+        mix: MixUp/CutMix with a partner from the sample's pairing window (``mixing.Mixing`` or
+            its dict, see ``mixing``); None (default) for none. Applied after every op.
 
     Raises:
         ValueError: bad arguments, or a kernel set this version does not know.
@@ -115,8 +119,10 @@ class Recipe:
         decode: str = "full",
         name: str = "custom",
         kernels: int = CURRENT_KERNELS,
+        mix: Mixing | Mapping[str, Any] | None = None,
     ):
         self.size = check_size(size)
+        self.mix: Mixing | None = mix if mix is None or isinstance(mix, Mixing) else Mixing.from_dict(mix)
         if decode not in DECODE_MODES:
             raise ValueError(f"expected decode in {list(DECODE_MODES)}, got {decode!r}")
         self.decode = decode
@@ -158,6 +164,8 @@ class Recipe:
         }
         if self.kernels != LEGACY_KERNELS:  # absent = 1: recipes recorded before kernel sets keep their fingerprint
             desc["kernels"] = self.kernels
+        if self.mix is not None:  # absent = no mixing: every recipe before mixing keeps its fingerprint
+            desc["mix"] = self.mix.to_dict()
         return desc
 
     @functools.cached_property
@@ -174,8 +182,11 @@ class Recipe:
 
     @functools.cached_property
     def column_fields(self) -> dict[str, int]:
-        """Column name -> values per round: what a sidecar of this recipe must hold."""
-        return {op.column.name: op.column.width for op in self.ops if op.column is not None}
+        """Column name -> values per round: what a sidecar of this recipe must hold (mixing's included)."""
+        fields = {op.column.name: op.column.width for op in self.ops if op.column is not None}
+        if self.mix is not None:
+            fields.update(mixp=1, mixl=1, mixb=4)
+        return fields
 
     def check_columns(self, ops: Mapping[str, np.ndarray]) -> None:
         """Raise ``FormatError`` (a ValueError) unless ``ops`` (a sidecar's columns) are exactly this recipe's."""
@@ -194,15 +205,18 @@ class Recipe:
         """
         if not isinstance(desc, Mapping) or "ops" not in desc:
             raise ValueError(f"expected a recipe mapping with 'ops', got {desc!r}")
-        unknown = set(desc) - {"name", "size", "decode", "ops", "kernels"}
+        unknown = set(desc) - {"name", "size", "decode", "ops", "kernels", "mix"}
         if unknown:
-            raise ValueError(f"unknown recipe field(s) {sorted(unknown)}; expected name, size, decode, ops, kernels")
+            raise ValueError(
+                f"unknown recipe field(s) {sorted(unknown)}; expected name, size, decode, ops, kernels, mix"
+            )
         return cls(
             desc["ops"],
             desc.get("size", 224),
             desc.get("decode", "full"),
             desc.get("name", "custom"),
             desc.get("kernels", kernels),
+            desc.get("mix"),
         )
 
     @classmethod
@@ -272,7 +286,7 @@ class Recipe:
     def __repr__(self) -> str:
         return (
             f"Recipe({self.name!r}, size={self.size}, decode={self.decode!r}, kernels={self.kernels}, "
-            f"ops={list(self.ops)})"
+            f"ops={list(self.ops)}" + (f", mix={self.mix}" if self.mix is not None else "") + ")"
         )
 
 
@@ -333,7 +347,8 @@ def _scale_shift(
 
 
 # ----------------------------------------------------------------------------------------
-# Presets: the paper's ImageNet+ variants (the +mix ones come with the pairing stage).
+# Presets: the paper's ImageNet+ variants. The +mix ones pair samples within a window of 16
+# (``mixing``) with the paper's MixUp (p 0.5, Beta(1, 1) / 2) and CutMix (p 0.5, Beta(1, 1)).
 
 _RRC = {"op": "rrc", "scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "interpolation": "bilinear", "antialias": True}
 RECIPES.register(
@@ -357,3 +372,6 @@ RECIPES.register(
     "center",
     {"size": [224, 224], "decode": "full", "kernels": CURRENT_KERNELS, "ops": [{"op": "center", "crop_pct": 0.875}]},
 )
+_MIX = {"window": 16, "mode": "both", "mixup": {"p": 0.5, "alpha": 1.0, "max": 0.5}, "cutmix": {"p": 0.5, "alpha": 1.0}}
+RECIPES.register("rrc+mix", dict(RECIPES.get("rrc"), mix=_MIX))
+RECIPES.register("rrc+ra/re+mix", dict(RECIPES.get("rrc+ra/re"), mix=_MIX))

@@ -195,8 +195,8 @@ class Column:
     are defined; the reserved mixing columns are declared below. A reader decodes a column by
     its name alone, so a column's codec and fields never change once written.
 
-    An all-zero row means "op not applied" for ops that may skip a round (random erasing now,
-    mixing later); their columns use the ``sparse`` codec, which stores only the other rows.
+    An all-zero row means "op not applied" for ops that may skip a round (random erasing, the
+    mixing columns); their columns use the ``sparse`` codec, which stores only the other rows.
 
     Attributes:
         name: the key in the sidecar's ``ops`` map; an op's column is named like the op.
@@ -267,16 +267,16 @@ class Column:
 
 
 # Every column a reader knows, by name. Ops add theirs (augment.register_op); the mixing columns
-# are reserved here so that readers know them before the mixing op exists.
+# (written by a recipe's ``mix``, see ``mixing``) are declared here.
 COLUMNS: Registry[Column] = Registry("op column")
 for _col in (
-    Column("mixp", "i16", ("offset",), doc="mixing partner as an offset within the shard's pairing group; 0 = none"),
-    Column("mixl", "f16", ("lambda",), doc="mixing weight lambda of this sample"),
+    Column("mixp", "sparse", ("partner",), doc="partner's position in the pairing window + 1; 0 = round not mixed"),
+    Column("mixl", "sparse", ("weight",), doc="MixUp: the partner's weight x 65535, 1..65535; 0 = no MixUp"),
     Column(
         "mixb",
-        "uint",
+        "sparse",
         ("top", "left", "height", "width"),
-        doc="CutMix box in output pixels; height 0 and width 0 = MixUp",
+        doc="CutMix: the box pasted from the partner, in output pixels; zeros = no CutMix",
     ),
 ):
     COLUMNS.register(_col.name, _col)

@@ -319,7 +319,8 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
         output: ``uint8`` (3, H, W) images (normalise on the GPU) or ``float`` (normalised here).
         mean, std: for ``output="float"``.
         shardshuffle: shuffle the shard order per epoch (the same order on every rank).
-        shuffle: size of a sample shuffle buffer before decoding (0: none).
+        shuffle: size of a sample shuffle buffer (0: none): before decoding, or for mixing recipes
+            (which pair samples in shard order) after mixing, on decoded images.
         resampled: draw shards with replacement forever (combine with ``with_epoch(n)``).
         nodesplitter, workersplitter: webdataset splitters (None to disable).
         handler: webdataset error policy for bad data; default raises with the key and URL;
@@ -410,9 +411,13 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
                 skipped=frozenset(s.key for s in self.manifest.skipped) if sidecars else frozenset(),
             )
         )
-        if shuffle:
-            self.append(wds_filters.pipelinefilter(_shuffle_samples)(bufsize=shuffle, seed=seed, epoch=self.epoch))
+        shuffler = wds_filters.pipelinefilter(_shuffle_samples)(bufsize=shuffle, seed=seed, epoch=self.epoch)
+        mixing = plan.recipe.mix is not None
+        if shuffle and not mixing:
+            self.append(shuffler)
         self.append(reinforce(plan=plan, epoch=self.epoch, handler=handler))
+        if shuffle and mixing:  # mixing pairs samples of a window of the shard's order: shuffle after
+            self.append(shuffler)
         if keys is None:
             keys = ("image", "idx", "prob") if densify == "sparse" else ("image", "target")
         self.append(wds_filters.to_tuple(*keys))

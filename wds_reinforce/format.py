@@ -72,6 +72,8 @@ class Sidecar:
         ops: column name -> (R, width) array, one per op that records parameters (see ``COLUMNS``).
         image_crc: CRC-32C of the sample's image member, which the loader checks before decoding;
             None in sidecars written before integrity checks (they still read).
+        window_crc: for mixing recipes, CRC-32C of the keys of the sample's pairing window
+            (``mixing.window_crc``), which the loader checks before mixing; None otherwise.
     """
 
     fingerprint: bytes
@@ -79,6 +81,7 @@ class Sidecar:
     prob: np.ndarray
     ops: Mapping[str, np.ndarray] = field(default_factory=dict)
     image_crc: int | None = None
+    window_crc: int | None = None
 
     @property
     def rounds(self) -> int:
@@ -106,6 +109,7 @@ class Sidecar:
             and self.ops.keys() == other.ops.keys()
             and all(np.array_equal(v, other.ops[k]) for k, v in self.ops.items())
             and self.image_crc == other.image_crc
+            and self.window_crc == other.window_crc
         )
 
 
@@ -182,6 +186,10 @@ def encode_sidecar(sidecar: Sidecar) -> bytes:
         if not 0 <= sidecar.image_crc <= 0xFFFFFFFF:
             raise ValueError(f"expected image_crc an unsigned 32-bit int, got {sidecar.image_crc!r}")
         body["ic"] = int(sidecar.image_crc).to_bytes(4, "little")
+    if sidecar.window_crc is not None:
+        if not 0 <= sidecar.window_crc <= 0xFFFFFFFF:
+            raise ValueError(f"expected window_crc an unsigned 32-bit int, got {sidecar.window_crc!r}")
+        body["mw"] = int(sidecar.window_crc).to_bytes(4, "little")
     body["ck"] = b"\0\0\0\0"  # the last entry: a fixed 9-byte tail whose value covers all bytes before it
     data = bytearray(msgpack.packb(body, use_bin_type=True))
     data[-4:] = _crc32c(memoryview(data)[:-_CK_TAIL]).to_bytes(4, "little")
@@ -236,9 +244,10 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
     missing = [name for name in _REQUIRED if name not in body]
     if missing:
         raise FormatError(f"sidecar lacks field(s) {missing}", key)
-    image_crc = body.get("ic")
-    if image_crc is not None and not (isinstance(image_crc, bytes) and len(image_crc) == 4):
-        raise FormatError("image checksum 'ic' must be 4 bytes", key)
+    image_crc, window = body.get("ic"), body.get("mw")
+    for name, value in (("image checksum 'ic'", image_crc), ("window checksum 'mw'", window)):
+        if value is not None and not (isinstance(value, bytes) and len(value) == 4):
+            raise FormatError(f"{name} must be 4 bytes", key)
     rounds, topk, id_width = body["n"], body["k"], body["cw"]
     if not (isinstance(rounds, int) and 1 <= rounds <= _MAX_ROUNDS):
         raise FormatError(f"rounds 'n' must be an integer in [1, {_MAX_ROUNDS}], got {rounds!r}", key)
@@ -285,6 +294,7 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
         prob=np.frombuffer(body["prob"], "<f2").reshape(rounds, topk),
         ops=ops,
         image_crc=None if image_crc is None else int.from_bytes(image_crc, "little"),
+        window_crc=None if window is None else int.from_bytes(window, "little"),
     )
 
 

@@ -32,6 +32,7 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD, Recipe, normalize, replay
 from .decode import SourceImage
 from .errors import DataError, FormatError, MismatchError, UsageError, VersionError
 from .format import FORMAT_VERSION, SIDECAR_EXT, Manifest, Sidecar, check_topk, crc32c, decode_sidecar
+from .mixing import MIX_COLUMNS, check_mix_row, mix_pixels, window_crc
 from .schedule import SharedEpoch, epoch_value, group_for, original_rng, round_for, round_in_group
 from .targets import dense_row, mean_topk, sparse_one_hot
 
@@ -290,15 +291,20 @@ def _sidecar(sample: dict, plan: ReplayPlan, first: bool) -> Sidecar:
     return sidecar
 
 
-def _choose_round(plan: ReplayPlan, key: str, epoch: int, rounds: int) -> tuple[int, int]:
+def _choose_round(
+    plan: ReplayPlan, key: str, epoch: int, rounds: int, schedule_key: str | None = None
+) -> tuple[int, int]:
     """(row in the sidecar, round of the data set) this epoch, or (-1, -1) for the original image.
 
     The coin has probability 1 - p. With sidecar sets the sidecar holds this epoch's round
-    group (``schedule.group_for``) and the row is the sample's round within it.
+    group (``schedule.group_for``) and the row is the sample's round within it. The round is
+    scheduled by ``schedule_key`` (default ``key``): mixing recipes give every sample of a
+    pairing window its first key, so the whole window plays one round; the coin stays per sample.
     """
     opts = plan.options
     if opts.p < 1.0 and original_rng(opts.seed, key, epoch).random() >= opts.p:
         return -1, -1
+    key = schedule_key or key
     total = plan.total_rounds or rounds
     if total == rounds:
         r = round_for(opts.seed, key, epoch, rounds)
@@ -315,13 +321,20 @@ def _image_bytes(sample: Mapping[str, Any]) -> bytes:
     raise FormatError(f"no image member ({'/'.join(IMAGE_EXTS)}); members: {_members(sample)}")
 
 
-def _image(sample: dict, plan: ReplayPlan, r: int, sidecar: Sidecar, epoch: int, seed: int) -> torch.Tensor:
-    """Round ``r``'s pixels, or for r = -1 the original image under the fallback recipe
-    (its parameters drawn after the coin of ``original_rng(seed, key, epoch)``)."""
+def _source(sample: Mapping[str, Any], sidecar: Sidecar) -> SourceImage:
+    """The sample's image (not yet decoded), checked against the sidecar's checksum."""
     data = _image_bytes(sample)
     if sidecar.image_crc is not None and crc32c(data) != sidecar.image_crc:
         raise FormatError("image bytes do not match the sidecar's checksum: the image member is damaged")
-    image = SourceImage(data)
+    return SourceImage(data)
+
+
+def _image(
+    sample: dict, plan: ReplayPlan, r: int, sidecar: Sidecar, epoch: int, seed: int, image: SourceImage | None = None
+) -> torch.Tensor:
+    """Round ``r``'s pixels, or for r = -1 the original image under the fallback recipe
+    (its parameters drawn after the coin of ``original_rng(seed, key, epoch)``)."""
+    image = image or _source(sample, sidecar)
     if r >= 0:
         img = replay(image, sidecar.round_params(r), plan.recipe)
     else:
@@ -370,7 +383,13 @@ def _target(sample: dict, plan: ReplayPlan, r: int, sidecar: Sidecar) -> None:
 
 
 def reinforce_sample(sample: dict, plan: ReplayPlan, epoch: int, first: bool = False) -> dict:
-    """All steps for one sample: sidecar, round, image, target (see the module docstring)."""
+    """All steps for one sample: sidecar, round, image, target (see the module docstring).
+
+    Raises:
+        UsageError: a mixing recipe, whose samples are reinforced a pairing window at a time
+            (the ``reinforce`` stage).
+    """
+    _no_mixing(plan.recipe)
     sidecar = _sidecar(sample, plan, first)
     r, sample["round"] = _choose_round(plan, sample["__key__"], epoch, sidecar.rounds)
     sample["sidecar"], sample["epoch"] = sidecar, epoch
@@ -380,7 +399,116 @@ def reinforce_sample(sample: dict, plan: ReplayPlan, epoch: int, first: bool = F
 
 
 # ----------------------------------------------------------------------------------------
+# Mixing recipes: one pairing window at a time
+
+
+def _windows(src: Iterable[dict], width: int) -> Iterator[list[dict]]:
+    """The stream cut into pairing windows: ``width`` consecutive samples of one shard (``__url__``),
+    counted from the shard's first sample; the last window of a shard may be shorter."""
+    window: list[dict] = []
+    url: Any = object()
+    for sample in src:
+        here = sample.get("__url__")
+        if here != url and window:
+            yield window
+            window = []
+        url = here
+        window.append(sample)
+        if len(window) == width:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _mix_window(window: list[dict], plan: ReplayPlan, epoch: int, state: dict) -> Iterator[dict | DataError]:
+    """Every sample of one pairing window reinforced (its round mixed as stored), or its DataError.
+
+    Each image is decoded once; a partner's view of the window's round is replayed once and
+    shared. ``state["first"]`` is True until a sidecar passes (mismatches show there).
+    """
+    keys = [s.get("__key__") for s in window]
+    crc = window_crc(keys)
+    sidecars: list[Sidecar | None] = []
+    failed: dict[int, DataError] = {}
+    for i, sample in enumerate(window):
+        try:
+            sidecar = _sidecar(sample, plan, state["first"])
+            state["first"] = False
+            if sidecar.window_crc != crc:
+                raise FormatError(
+                    "the sample's pairing window differs from the one it was mixed in (samples lost, "
+                    "reordered or shuffled before the mixing stage)"
+                )
+        except MismatchError:
+            raise
+        except DataError as exc:
+            sidecar, failed[i] = None, exc
+        sidecars.append(sidecar)
+    sources: dict[int, SourceImage] = {}
+    views: dict[tuple[int, int], torch.Tensor] = {}
+
+    def view(i: int, r: int) -> torch.Tensor:
+        if (i, r) not in views:
+            if i not in sources:
+                sources[i] = _source(window[i], sidecars[i])
+            views[i, r] = replay(sources[i], sidecars[i].round_params(r), plan.recipe)
+        return views[i, r]
+
+    opts = plan.options
+    for i, (sample, sidecar) in enumerate(zip(window, sidecars)):
+        if sidecar is None:
+            yield failed[i]
+            continue
+        try:
+            r, sample["round"] = _choose_round(plan, keys[i], epoch, sidecar.rounds, keys[0])
+            sample["sidecar"], sample["epoch"] = sidecar, epoch
+            if r < 0:
+                sources.setdefault(i, _source(sample, sidecar))
+                sample["image"] = _image(sample, plan, r, sidecar, epoch, opts.seed, sources[i])
+            else:
+                row = {name: sidecar.ops[name][r] for name in MIX_COLUMNS}
+                problem = check_mix_row(row, len(window), plan.recipe.size)
+                if problem:
+                    raise FormatError(problem)
+                img, partner = view(i, r), int(row["mixp"][0]) - 1
+                if partner >= 0:
+                    if sidecars[partner] is None:
+                        raise FormatError(f"its mixing partner {keys[partner]!r} is unreadable")
+                    img = mix_pixels(img, view(partner, r), row)
+                sample["image"] = normalize(img, opts.mean, opts.std) if opts.output == "float" else img
+            _target(sample, plan, r, sidecar)
+        except MismatchError:
+            raise
+        except DataError as exc:
+            yield exc
+            continue
+        yield sample
+
+
+def _reinforce_windows(
+    src: Iterable[dict], plan: ReplayPlan, epoch: int, handler: Callable[[BaseException], bool]
+) -> Iterator[dict]:
+    state = {"first": True}
+    for window in _windows(src, plan.recipe.mix.window):
+        for sample, out in zip(window, _mix_window(window, plan, epoch, state)):
+            if isinstance(out, DataError):
+                if handler(out.located(sample.get("__key__"), sample.get("__url__"))):
+                    continue
+                return
+            yield out
+
+
+# ----------------------------------------------------------------------------------------
 # Stages
+
+
+def _no_mixing(recipe: Recipe | None) -> None:
+    if recipe is not None and recipe.mix is not None:
+        raise UsageError(
+            "a mixing recipe is replayed a pairing window at a time: use the reinforce stage "
+            "(reinforce_stages or ReinforcedDataset), not the per-sample steps"
+        )
 
 
 def _first_flagged(fn: Callable[[dict, bool], dict]) -> Callable[[dict], dict]:
@@ -399,6 +527,9 @@ def _reinforce(
     src: Iterable[dict], plan: ReplayPlan, epoch: Any = 0, handler: Callable = reraise_exception
 ) -> Iterator[dict]:
     e = epoch_value(epoch)  # read once per iteration: workers see the epoch set before iter()
+    if plan.recipe is not None and plan.recipe.mix is not None:
+        yield from _reinforce_windows(src, plan, e, handler)
+        return
     yield from _map(src, _first_flagged(lambda s, first: reinforce_sample(s, plan, e, first)), handler)
 
 
@@ -444,6 +575,7 @@ def _replay_images(
     handler: Callable = reraise_exception,
 ) -> Iterator[dict]:
     """Replay ``sample["round"]`` into ``sample["image"]`` (round -1: ``fallback``, default RRC + flip)."""
+    _no_mixing(recipe)
     options = LoaderOptions(output=output, mean=mean, std=std, fallback_recipe=fallback)
     plan = ReplayPlan(options, recipe, _fallback(options, recipe))
 

@@ -47,6 +47,7 @@ from .format import (
     encode_sidecar,
 )
 from .loader import IMAGE_EXTS
+from .mixing import mix_window, mixed_views, window_crc
 from .producer import checked_teacher, dist_env
 from .storage import open_output, open_url, sha256_file
 from .targets import topk
@@ -285,6 +286,7 @@ class SidecarSetJob:
         G = self.group_rounds
         items = [(i, self.image_urls[i], [r for g in groups for r in range(g * G, (g + 1) * G)]) for i, groups in todo]
         groups_of = dict(todo)
+        items_rounds = {i: rounds for i, _, rounds in items}
         loader = torch.utils.data.DataLoader(
             _ShardReplay(items, self.recipe, self.seed),
             batch_size=None,
@@ -293,18 +295,31 @@ class SidecarSetJob:
         )
         state: dict[int, dict[str, Any]] = {}
         images = 0
-        for item in loader:
-            i = item["shard"]
-            st = state.setdefault(i, {"samples": [], "queue": deque(), "end": None})
-            if "end" in item:
-                st["end"] = item["end"]
-            elif item["error"] is None:
+        width = self.recipe.mix.window if self.recipe.mix is not None else 1
+
+        def enqueue(st: dict[str, Any], rounds: list[int]) -> None:
+            nonlocal images
+            window, st["window"] = st["window"], []
+            if self.recipe.mix is not None and window:
+                self._mix(window, rounds)
+            for item in window:
                 n = len(item["params"])
                 item["idx"] = np.zeros((n, self.topk), np.uint32)
                 item["prob"] = np.zeros((n, self.topk), np.float16)
-                st["samples"].append(item)
                 st["queue"].extend((item, r) for r in range(n))
                 images += n
+
+        for item in loader:
+            i = item["shard"]
+            st = state.setdefault(i, {"samples": [], "queue": deque(), "end": None, "window": []})
+            if "end" in item:
+                st["end"] = item["end"]
+                enqueue(st, items_rounds[i])
+            elif item["error"] is None:
+                st["samples"].append(item)
+                st["window"].append(item)  # pairing windows: W consecutive samples with sidecars
+                if len(st["window"]) == width:
+                    enqueue(st, items_rounds[i])
             else:
                 st["samples"].append(item)
             while len(st["queue"]) >= self.batch_size or (st["end"] is not None and st["queue"]):
@@ -317,6 +332,16 @@ class SidecarSetJob:
                         f"sidecars for image shard {i}: {st['end'].samples} samples, groups {groups_of[i]}", flush=True
                     )
         return images
+
+    def _mix(self, window: list[dict[str, Any]], rounds: list[int]) -> None:
+        """Mix one pairing window in place: the views the teacher sees, mixing columns, window checksum."""
+        keys = [item["key"] for item in window]
+        mixed, columns = mix_window(self.recipe.mix, self.seed, keys, [item["images"] for item in window], rounds)
+        crc = window_crc(keys)
+        for item, views, cols in zip(window, mixed, columns):
+            item["images"], item["window"] = views, crc
+            for t, params in enumerate(item["params"]):
+                params.update({name: cols[name][t] for name in cols})
 
     def _run_teacher(self, queue: deque, count: int) -> None:
         batch = [queue.popleft() for _ in range(count)]
@@ -336,7 +361,9 @@ class SidecarSetJob:
             members = []
             for s in done_ok:
                 cols = {c: np.stack([p[c] for p in s["params"][rows]]) for c in s["params"][0]}
-                sidecar = Sidecar(self.recipe.fingerprint, s["idx"][rows], s["prob"][rows], cols, s["crc"])
+                sidecar = Sidecar(
+                    self.recipe.fingerprint, s["idx"][rows], s["prob"][rows], cols, s["crc"], s.get("window")
+                )
                 members.append((f"{s['key']}.{SIDECAR_EXT}", encode_sidecar(sidecar)))
             name = self.sidecar_name(g, i)
             tmp = self.output.staging() / f"{name.replace('/', '__')}.tmp"
@@ -563,6 +590,12 @@ def add_teacher_set(
                 src = SourceImage(data)
                 pixels = torch.stack([replay(src, sidecar.round_params(r), recipe) for r in range(group.rounds)])
                 samples.append((sample["__key__"], sidecar, pixels))
+            if recipe.mix is not None:  # the teacher sees each round as mixed within its pairing window
+                W = recipe.mix.window
+                for w in range(0, len(samples), W):
+                    window = samples[w : w + W]
+                    views = mixed_views([px for _, _, px in window], [sc.ops for _, sc, _ in window])
+                    samples[w : w + W] = [(key, sc, px) for (key, sc, _), px in zip(window, views)]
             members = []
             flat = [(n, r) for n in range(len(samples)) for r in range(group.rounds)]
             idx = np.zeros((len(samples), group.rounds, manifest.topk), np.uint32)

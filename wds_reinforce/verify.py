@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +24,10 @@ from webdataset.tariterators import base_plus_ext
 
 from .augment import Recipe, replay
 from .decode import SourceImage
-from .errors import DataError, DecodeError
+from .errors import DataError, DecodeError, FormatError
 from .format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
 from .loader import IMAGE_EXTS
+from .mixing import MIX_COLUMNS, mix_pixels
 from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "draw_rounds"]
@@ -321,7 +323,11 @@ def verify_shards(
     picked: set[int] = set()
     if teacher is not None and total:
         picked = set(rng.choice(total, min(checks, total), replace=False).tolist())
-    chosen: list[tuple[str, str, bytes, Sidecar]] = []
+    chosen: list[Chosen] = []
+    # Mixing recipes: the pairing windows of the chosen samples, (image, sidecar) by position.
+    windows: dict[tuple, list[tuple[bytes | None, Sidecar | None]]] = {}
+    width = recipe.mix.window if recipe.mix is not None else 0
+    positions: dict[str, int] = {}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -338,8 +344,15 @@ def verify_shards(
             seen.setdefault(key, shard_name)
             sidecar, image, errors = _check_sample(key, members, manifest, recipe, decode_images)
             report.problems.extend(Problem(shard_name, key, e) for e in errors)
+            window = None
+            if width:
+                pos = positions[shard_name] = positions.get(shard_name, -1) + 1
+                window = (shard_name, pos // width)
+                start = index - pos % width
+                if not picked.isdisjoint(range(start, start + width)):
+                    windows.setdefault(window, []).append((image, None if errors else sidecar))
             if index in picked and sidecar is not None and image is not None and not errors:
-                chosen.append((shard_name, key, image, sidecar))
+                chosen.append((shard_name, key, image, sidecar, window))
             index += 1
             if bar is not None:
                 bar.update(1)
@@ -347,30 +360,67 @@ def verify_shards(
         return check
 
     if manifest.sidecar_sets:
-        _verify_sidecar_sets(report, url, manifest, recipe, picked, chosen, decode_images, bar, rng)
+        _verify_sidecar_sets(report, url, manifest, recipe, picked, chosen, windows, decode_images, bar, rng)
     else:
         for shard, shard_url in zip(manifest.shards, shard_urls(url, manifest)):
             report.samples += len(_read_shard(report, shard.name, shard_url, shard, sample_of(shard.name)))
     if bar is not None:
         bar.close()
     if teacher is not None and chosen:
-        _check_teacher(report, chosen, recipe, teacher, tolerance, rng)
+        _check_teacher(report, chosen, recipe, teacher, tolerance, rng, windows)
     return report
+
+
+def teacher_view(
+    image: bytes,
+    sidecar: Sidecar,
+    r: int,
+    recipe: Recipe,
+    window: Sequence[tuple[bytes | None, Sidecar | None]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the teacher saw in row ``r`` of ``sidecar``: the replayed view, mixed with its partner
+    (from ``window``, the pairing window's (image, sidecar) pairs) where the round mixes; and the
+    partner's unmixed view (None for a round that does not mix).
+
+    Raises:
+        FormatError: the round mixes but its partner is not in ``window`` or unreadable.
+    """
+    view = replay(image, sidecar.round_params(r), recipe)
+    if recipe.mix is None:
+        return view, None
+    row = {name: sidecar.ops[name][r] for name in MIX_COLUMNS}
+    partner = int(row["mixp"][0]) - 1
+    if partner < 0:
+        return view, None
+    if window is None or partner >= len(window) or None in window[partner]:
+        raise FormatError(f"round {r}: its mixing partner (position {partner} of the window) is unreadable")
+    p_image, p_sidecar = window[partner]
+    other = replay(p_image, p_sidecar.round_params(r), recipe)
+    return mix_pixels(view, other, row), other
 
 
 def _check_teacher(
     report: VerifyReport,
-    chosen: Sequence[tuple[str, str, bytes, Sidecar]],
+    chosen: Sequence[Chosen],
     recipe: Recipe,
     teacher: Any,
     tolerance: float,
     rng: np.random.Generator,
+    windows: Mapping[tuple, Sequence[tuple[bytes | None, Sidecar | None]]],
 ) -> None:
-    rounds = [int(rng.integers(sc.rounds)) for *_, sc in chosen]
-    images = torch.stack([replay(image, sc.round_params(r), recipe) for (_, _, image, sc), r in zip(chosen, rounds)])
-    probs = teacher.predict(images).numpy()
+    rounds = [int(rng.integers(c[3].rounds)) for c in chosen]
+    views, kept = [], []
+    for (shard, key, image, sc, window), r in zip(chosen, rounds):
+        try:
+            views.append(teacher_view(image, sc, r, recipe, windows.get(window))[0])
+            kept.append(((shard, key, image, sc, window), r))
+        except FormatError as exc:
+            report.problems.append(Problem(shard, key, str(exc)))
+    if not views:
+        return
+    probs = teacher.predict(torch.stack(views)).numpy()
     worst, agree = 0.0, 0
-    for (shard, key, _, sc), r, p in zip(chosen, rounds, probs):
+    for ((shard, key, _, sc, _), r), p in zip(kept, probs):
         stored_idx, stored = sc.idx[r].astype(np.int64), sc.prob[r].astype(np.float32)
         diff = float(np.abs(p[stored_idx] - stored).max())
         worst = max(worst, diff)
@@ -381,9 +431,9 @@ def _check_teacher(
                     shard, key, f"round {r}: stored outputs differ from the teacher's by {diff:.4f} (> {tolerance})"
                 )
             )
-    report.teacher_checks = len(chosen)
+    report.teacher_checks = len(kept)
     report.max_prob_diff = worst
-    report.top1_agreement = agree / len(chosen)
+    report.top1_agreement = agree / len(kept)
 
 
 def _find_sample(url: str, manifest: Manifest, key: str | None, max_rounds: int) -> tuple[str, dict, Sidecar]:
@@ -475,20 +525,28 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
     return key
 
 
+# A sample whose outputs the teacher rechecks: (shard, key, image, sidecar, its pairing window's
+# id in the windows map, or None without mixing).
+Chosen = tuple[str, str, bytes, Sidecar, "tuple | None"]
+
+
 def _verify_sidecar_sets(
     report: VerifyReport,
     url: str,
     manifest: Manifest,
     recipe: Recipe,
     picked: set[int],
-    chosen: list[tuple[str, str, bytes, Sidecar]],
+    chosen: list[Chosen],
+    windows: dict[tuple, list[tuple[bytes | None, Sidecar | None]]],
     decode_images: bool,
     bar: Any,
     rng: np.random.Generator,
 ) -> None:
     """Image shards (unchanged since the sidecars were made: sha256), then each round group's
     sidecar shards: aligned with their image shard (same keys, same order, but the skipped),
-    decodable, of the group's rounds, and matching their image's CRC-32C."""
+    decodable, of the group's rounds, and matching their image's CRC-32C. For mixing recipes the
+    images of a shard with a chosen sample are kept while its sidecars are read, for the partners."""
+    width = recipe.mix.window if recipe.mix is not None else 0
     skipped = {s.key for s in manifest.skipped}
     base = dirname_url(url)
     counter = {"index": 0}
@@ -496,6 +554,7 @@ def _verify_sidecar_sets(
     def shard(i: int, image_info: Any) -> None:
         crcs: dict[str, int] = {}
         kept: dict[str, bytes] = {}
+        images: dict[str, bytes] = {}
 
         def on_image(key: str, members: dict[str, bytes]) -> None:
             image, errors = _check_image(key, members, decode_images)
@@ -506,6 +565,8 @@ def _verify_sidecar_sets(
                 crcs[key] = crc32c(image)
                 if counter["index"] in picked and not errors:
                     kept[key] = image
+                if width:
+                    images[key] = image
             counter["index"] += 1
             if bar is not None:
                 bar.update(1)
@@ -514,18 +575,31 @@ def _verify_sidecar_sets(
         report.samples += len(keys)
         expected = [k for k in keys if k not in skipped]
         teacher_group = {key: int(rng.integers(len(manifest.round_groups))) for key in kept}
+        needed = {n // width for n, k in enumerate(expected) if k in kept} if width else set()
         for g, group in enumerate(manifest.round_groups):
             info = group.shards[i]
+            position = itertools.count()
 
             def on_sidecar(
-                key: str, members: dict[str, bytes], group: Any = group, g: int = g, name: str = info.name
+                key: str,
+                members: dict[str, bytes],
+                group: Any = group,
+                g: int = g,
+                name: str = info.name,
+                position: Iterator[int] = position,
             ) -> None:
                 sidecar, errors = _check_sidecar(
                     members.get(SIDECAR_EXT), manifest, recipe, group.rounds, crcs.get(key)
                 )
                 report.problems.extend(Problem(name, key, e) for e in errors)
+                window = None
+                if width:
+                    w = next(position) // width
+                    window = (name, w)
+                    if w in needed:
+                        windows.setdefault(window, []).append((images.get(key), None if errors else sidecar))
                 if sidecar is not None and not errors and key in kept and teacher_group[key] == g:
-                    chosen.append((name, key, kept[key], sidecar))
+                    chosen.append((name, key, kept[key], sidecar, window))
 
             side_keys = _read_shard(report, info.name, join_url(base, info.name), info, on_sidecar)
             if side_keys != expected:

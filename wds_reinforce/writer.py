@@ -41,6 +41,7 @@ from .augment import Recipe, replay
 from .decode import SourceImage
 from .errors import DataError, UsageError
 from .format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, encode_sidecar
+from .mixing import mix_window, window_crc
 from .progress import ShardProgress
 from .sources import Source, SourceSample, SourceSampleError
 from .storage import sha256_file
@@ -329,22 +330,20 @@ class ReinforceJob:
             while pending and pending[0]["left"] == 0:
                 s = pending.popleft()
                 sample: SourceSample = s["sample"]
-                sidecar = Sidecar(self.recipe.fingerprint, s["idx"], s["prob"], s["params"], crc32c(sample.data))
+                sidecar = Sidecar(
+                    self.recipe.fingerprint, s["idx"], s["prob"], s["params"], crc32c(sample.data), s.get("window")
+                )
                 data = encode_sidecar(sidecar)
                 samples.append({"key": sample.key, "sidecar_bytes": len(data)})
                 yield f"{sample.key}.{sample.ext}", sample.data
                 yield f"{sample.key}.cls", str(sample.label).encode()
                 yield f"{sample.key}.{SIDECAR_EXT}", data
 
-        def members() -> Iterator[tuple[str, bytes]]:
+        def enqueue(window: list[dict[str, Any]]) -> Iterator[tuple[str, bytes]]:
             nonlocal images
-            for _ in self._indices(j):
-                item = next(items)
-                if bar is not None:
-                    bar.update(1)
-                if item["error"] is not None:
-                    skipped.append(SkippedInput(item["sample"].key, item["error"]))
-                    continue
+            if self.recipe.mix is not None and window:
+                mix_shard_window(window, self.recipe, self.seed, range(self.rounds))
+            for item in window:
                 item["idx"] = np.zeros((self.rounds, self.topk), np.uint32)
                 item["prob"] = np.zeros((self.rounds, self.topk), np.float16)
                 item["left"] = self.rounds
@@ -354,6 +353,25 @@ class ReinforceJob:
                 while len(queue) >= self.batch_size:
                     run_teacher(self.batch_size)
                     yield from emit_ready()
+
+        def members() -> Iterator[tuple[str, bytes]]:
+            # Mixing recipes pair the samples of each window of W written samples: the window is
+            # complete before its views (mixed) go to the teacher. The teacher's batches are the
+            # same either way: the queue's order does not change, only when it fills.
+            width = self.recipe.mix.window if self.recipe.mix is not None else 1
+            window: list[dict[str, Any]] = []
+            for _ in self._indices(j):
+                item = next(items)
+                if bar is not None:
+                    bar.update(1)
+                if item["error"] is not None:
+                    skipped.append(SkippedInput(item["sample"].key, item["error"]))
+                    continue
+                window.append(item)
+                if len(window) == width:
+                    yield from enqueue(window)
+                    window = []
+            yield from enqueue(window)
             if queue:
                 run_teacher(len(queue))
             yield from emit_ready()
@@ -576,6 +594,22 @@ def _die_with_parent(parent: int) -> None:
         return
     if parent and os.getppid() != parent:  # the parent died before prctl: no one will signal us
         os._exit(1)
+
+
+def mix_shard_window(window: list[dict[str, Any]], recipe: Recipe, seed: int, rounds: Sequence[int]) -> None:
+    """Mix one pairing window of producer items in place (``images``, ``params``, ``window``).
+
+    Each item holds ``sample`` (its key), ``images`` (len(rounds), 3, H, W) unmixed views and
+    ``params`` (op columns); afterwards ``images`` are what the teacher sees, ``params`` has the
+    mixing columns and ``window`` the window's key checksum for the sidecar.
+    """
+    keys = [item["sample"].key for item in window]
+    mixed, columns = mix_window(recipe.mix, seed, keys, [item["images"] for item in window], list(rounds))
+    crc = window_crc(keys)
+    for item, views, cols in zip(window, mixed, columns):
+        item["images"] = views
+        item["params"] = {**item["params"], **cols}
+        item["window"] = crc
 
 
 class ReplayDataset(torch.utils.data.Dataset):

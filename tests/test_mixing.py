@@ -1,0 +1,317 @@
+"""MixUp/CutMix within pairing windows: sampling rates, pixels, producer = loader, windows."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from tests.producer_data import TEACHER, job_args, make_image_folder
+from wds_reinforce import ReinforcedDataset, SkipCounter
+from wds_reinforce.augment import Recipe, replay
+from wds_reinforce.columns import COLUMNS
+from wds_reinforce.decode import SourceImage
+from wds_reinforce.errors import UsageError
+from wds_reinforce.format import Manifest, decode_sidecar
+from wds_reinforce.loader import LoaderOptions, ReplayPlan, reinforce_sample, reinforce_stages
+from wds_reinforce.mixing import MIX_COLUMNS, Mixing, mix_kind, mix_pixels, mix_rng, window_crc
+from wds_reinforce.producer import make_shards
+from wds_reinforce.targets import topk
+from wds_reinforce.teacher import Teacher, load_teacher
+
+WINDOW = 4
+ROUNDS = 4
+
+
+def _within_3_sigma(count: int, n: int, p: float) -> bool:
+    return abs(count - n * p) <= 3 * math.sqrt(n * p * (1 - p)) + 1e-9
+
+
+def _kinds(mix: Mixing, n: int, members: int = 8) -> Counter:
+    kinds: Counter = Counter()
+    for r in range(n):
+        position = r % members
+        row = mix.sample(mix_rng(3, f"k{r // members}", r), position, members, (224, 224))
+        kinds[mix_kind(row)] += 1
+        partner = int(row["mixp"][0]) - 1
+        assert (partner == -1) == (mix_kind(row) == "none")
+        assert partner != position and partner < members
+    return kinds
+
+
+def test_the_papers_rates_none_mixup_cutmix_and_both_each_a_quarter():
+    n = 4000
+    kinds = _kinds(Mixing(), n)
+    for kind in ("none", "mixup", "cutmix", "both"):
+        assert _within_3_sigma(kinds[kind], n, 0.25), kinds
+
+
+def test_mode_one_applies_at_most_one_at_its_rates():
+    n = 4000
+    kinds = _kinds(Mixing(mode="one", mixup_p=0.3, cutmix_p=0.5), n)
+    assert kinds["both"] == 0
+    for kind, p in (("none", 0.2), ("mixup", 0.3), ("cutmix", 0.5)):
+        assert _within_3_sigma(kinds[kind], n, p), kinds
+
+
+def test_mixup_weight_follows_the_lambda_range():
+    mix = Mixing(mixup_p=1.0, cutmix_p=0.0)
+    weights = np.array([mix.sample(mix_rng(0, "k", r), 0, 2, (32, 32))["mixl"][0] for r in range(2000)]) / 65535
+    assert weights.min() > 0 and weights.max() <= 0.5  # Beta(1, 1) / 2: the partner never dominates
+    assert abs(weights.mean() - 0.25) < 0.02  # uniform on (0, 0.5)
+
+
+def test_a_window_of_one_sample_is_never_mixed():
+    mix = Mixing(mixup_p=1.0, cutmix_p=1.0)
+    rows = [mix.sample(mix_rng(0, "alone", r), 0, 1, (32, 32)) for r in range(50)]
+    assert all(mix_kind(row) == "none" and row["mixp"][0] == 0 for row in rows)
+
+
+def test_mix_pixels_blends_then_pastes_the_partners_box():
+    own = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    partner = torch.full((3, 8, 8), 255, dtype=torch.uint8)
+    partner[:, 0, 0] = 7
+    row = {"mixp": np.array([2]), "mixl": np.array([32768]), "mixb": np.array([0, 0, 2, 3])}
+    out = mix_pixels(own, partner, row)
+    assert int(out[0, 5, 5]) == (255 * 32768 + 32767) // 65535  # 128: integer rounding, no floats
+    assert torch.equal(out[:, :2, :3], partner[:, :2, :3])  # the box comes from the unmixed partner
+    assert torch.count_nonzero(own) == 0  # inputs untouched
+
+
+def test_mixing_adds_at_most_8_bytes_per_round():
+    mix = Mixing()
+    rounds = 400
+    cols = mix.sample_rounds(0, [f"k{i}" for i in range(16)], 5, range(rounds), (224, 224))
+    added = sum(len(COLUMNS.get(name).encode(cols[name], rounds)) for name in MIX_COLUMNS)
+    assert added / rounds <= 8.0, added / rounds
+
+
+def test_recipe_mix_is_part_of_the_fingerprint_and_round_trips():
+    plain, mixed = Recipe.from_spec("rrc+ra/re"), Recipe.from_spec("rrc+ra/re+mix")
+    assert plain.fingerprint != mixed.fingerprint
+    again = Recipe.from_dict(mixed.to_dict())
+    assert again.fingerprint == mixed.fingerprint and again.mix == mixed.mix
+    assert set(mixed.column_fields) - set(plain.column_fields) == set(MIX_COLUMNS)
+    with pytest.raises(ValueError, match="mix window"):
+        Recipe.from_spec(dict(mixed.to_dict(), mix={"window": 1}))
+    with pytest.raises(ValueError, match="<= 1"):
+        Recipe.from_spec(dict(mixed.to_dict(), mix={"mode": "one", "mixup": {"p": 0.8}, "cutmix": {"p": 0.5}}))
+
+
+# ----------------------------------------------------------------------------------------
+# Producer and loader
+
+
+class RecordingTeacher(Teacher):
+    """A real (random-weight timm) teacher that also keeps a digest of every image it is shown."""
+
+    def __init__(self, inner: Teacher):
+        self.__dict__.update(inner.__dict__)
+        self.seen: set[str] = set()
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        for img in images:
+            self.seen.add(_digest(img))
+        return super().predict(images)
+
+
+def _digest(img: torch.Tensor) -> str:
+    return hashlib.sha256(img.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _mix_recipe() -> dict:
+    desc = Recipe.from_spec("rrc+ra/re+mix", size=32).to_dict()
+    desc["mix"]["window"] = WINDOW
+    return desc
+
+
+@pytest.fixture(scope="module")
+def produced(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    source = make_image_folder(root / "src", per_class=6)
+    teacher = RecordingTeacher(load_teacher(TEACHER, num_classes=3, device="cpu"))
+    out = root / "out"
+    make_shards(str(source), teacher, out=str(out), recipe=_mix_recipe(), **job_args(rounds=ROUNDS, shard_size=7))
+    return source, out, teacher
+
+
+def _shard_sidecars(out: Path) -> list[list[tuple[str, object]]]:
+    shards = []
+    for path in sorted(out.glob("train-*.tar")):
+        with tarfile.open(path) as tar:
+            sides = [(m.name.split(".")[0], tar.extractfile(m).read()) for m in tar if m.name.endswith(".dr.mp")]
+        shards.append([(key, decode_sidecar(raw, key)) for key, raw in sides])
+    return shards
+
+
+def test_partner_always_in_the_samples_window(produced):
+    _, out, _ = produced
+    kinds: Counter = Counter()
+    for shard in _shard_sidecars(out):
+        for pos, (_key, sc) in enumerate(shard):
+            start = pos - pos % WINDOW
+            window = [k for k, _ in shard[start : start + WINDOW]]
+            assert sc.window_crc == window_crc(window)
+            for r in range(sc.rounds):
+                partner = int(sc.ops["mixp"][r][0]) - 1
+                kinds[mix_kind({n: sc.ops[n][r] for n in MIX_COLUMNS})] += 1
+                if partner >= 0:
+                    assert partner < len(window) and partner != pos - start
+    assert kinds["none"] and kinds["mixup"] and kinds["cutmix"] and kinds["both"], kinds
+
+
+def _loader_images(out: Path, epochs: int, **kwargs) -> dict[tuple[str, int], torch.Tensor]:
+    ds = ReinforcedDataset(str(out) + "/", keys=("__key__", "round", "image", "target"), **kwargs)
+    images = {}
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for key, r, img, _ in ds:
+            images[key, r] = img
+    return images
+
+
+def test_loader_pixels_are_the_producers_mixed_pixels(produced):
+    _, out, teacher = produced
+    images = _loader_images(out, epochs=ROUNDS)
+    assert {r for _, r in images} == set(range(ROUNDS))
+    sidecars = {key: sc for shard in _shard_sidecars(out) for key, sc in shard}
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    recipe = Recipe.from_dict(manifest.recipe)
+    mixed = 0
+    for (key, r), img in images.items():
+        assert _digest(img) in teacher.seen, (key, r)  # bit for bit what the teacher saw
+        idx, _ = topk(teacher.predict(img[None]), 2)
+        assert idx[0].tolist() == sidecars[key].idx[r].tolist()
+        if sidecars[key].ops["mixp"][r][0]:
+            mixed += 1
+    assert mixed >= len(images) // 2
+    assert recipe.mix is not None
+
+
+def test_a_window_plays_one_round_per_epoch(produced):
+    _, out, _ = produced
+    ds = ReinforcedDataset(str(out) + "/", keys=("__key__", "__url__", "round"), epoch=3)
+    rounds: dict[tuple[str, int], set[int]] = {}
+    position: Counter = Counter()
+    for _, url, r in ds:
+        rounds.setdefault((url, position[url] // WINDOW), set()).add(r)
+        position[url] += 1
+    assert all(len(rs) == 1 for rs in rounds.values())
+    assert len({next(iter(rs)) for rs in rounds.values()}) > 1  # windows differ from each other
+
+
+def test_shuffle_comes_after_mixing_and_keeps_the_pixels(produced):
+    _, out, _ = produced
+    plain = _loader_images(out, epochs=1)
+    shuffled_ds = ReinforcedDataset(str(out) + "/", keys=("__key__", "round", "image"), shuffle=20, seed=0)
+    order = []
+    for key, r, img in shuffled_ds:
+        order.append(key)
+        assert torch.equal(img, plain[key, r])
+    assert sorted(order) == sorted(k for k, _ in plain) and order != [k for k, _ in plain]
+
+
+def test_original_image_rounds_are_not_mixed_and_partners_still_are(produced):
+    _, out, teacher = produced
+    ds = ReinforcedDataset(str(out) + "/", keys=("__key__", "round", "image"), p=0.5, seed=1)
+    originals = reinforced = 0
+    for _key, r, img in ds:
+        if r < 0:
+            originals += 1
+            assert _digest(img) not in teacher.seen
+        else:
+            reinforced += 1
+            assert _digest(img) in teacher.seen
+    assert originals and reinforced
+
+
+def test_byte_identical_across_workers_and_batches(produced, tmp_path):
+    source, out, _ = produced
+    again = tmp_path / "again"
+    make_shards(
+        str(source), TEACHER, out=str(again), recipe=_mix_recipe(),
+        **job_args(rounds=ROUNDS, shard_size=7, workers=1, batch_size=5),
+    )  # fmt: skip
+    for path in sorted(out.glob("train-*.tar")):
+        assert (again / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_lost_sample_is_caught_by_the_window_check(produced):
+    _, out, _ = produced
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    urls = [str(p) for p in sorted(out.glob("train-*.tar"))]
+    dropped = {"n": 0}
+
+    def drop_second(src):
+        for i, sample in enumerate(src):
+            if i == 1:
+                dropped["n"] += 1
+                continue
+            yield sample
+
+    counter = SkipCounter()
+    ds = (
+        wds.WebDataset(urls[:1], shardshuffle=False, empty_check=False)
+        .compose(drop_second)
+        .compose(*reinforce_stages(manifest, handler=counter))
+    )
+    got = [s["__key__"] for s in ds]
+    assert dropped["n"] == 1 and counter.count >= WINDOW - 1 and "pairing window" in counter.last
+    assert len(got) + counter.count == manifest.shards[0].samples - 1
+
+
+def test_per_sample_steps_refuse_a_mixing_recipe(produced):
+    _, out, _ = produced
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    plan = ReplayPlan.build(manifest, LoaderOptions())
+    with pytest.raises(UsageError, match="pairing window"):
+        reinforce_sample({"__key__": "x"}, plan, 0)
+
+
+def test_sidecar_sets_mix_the_same_way(produced, tmp_path):
+    source, _, _ = produced
+    shards = tmp_path / "plain"
+    plain = make_shards(str(source), TEACHER, out=str(shards), **job_args(rounds=1, shard_size=7))
+    assert plain.shards >= 2
+    teacher = RecordingTeacher(load_teacher(TEACHER, num_classes=3, device="cpu"))
+    sets = tmp_path / "sets"
+    make_shards(
+        f"{shards}/train-{{000000..{plain.shards - 1:06d}}}.tar", teacher, out=str(sets),
+        recipe=_mix_recipe(), sidecars_only=True, round_group=2, **job_args(rounds=ROUNDS, shard_size=None),
+    )  # fmt: skip
+    images = _loader_images(sets, epochs=ROUNDS)
+    assert len({r for _, r in images}) == ROUNDS
+    for img in images.values():
+        assert _digest(img) in teacher.seen
+
+
+def test_replay_of_the_unmixed_view_differs_where_mixed(produced):
+    _, out, _ = produced
+    sidecars = {key: sc for shard in _shard_sidecars(out) for key, sc in shard}
+    images = _loader_images(out, epochs=1)
+    recipe = Recipe.from_dict(Manifest.from_json((out / "manifest.json").read_text()).recipe)
+    files = {}
+    for path in out.glob("train-*.tar"):
+        with tarfile.open(path) as tar:
+            files.update({m.name: tar.extractfile(m).read() for m in tar})
+    for (key, r), img in images.items():
+        data = files.get(f"{key}.jpg") or files[f"{key}.png"]
+        alone = replay(SourceImage(data), sidecars[key].round_params(r), recipe)
+        assert torch.equal(alone, img) == (mix_kind({n: sidecars[key].ops[n][r] for n in MIX_COLUMNS}) == "none")
+
+
+def test_verify_reruns_the_teacher_on_mixed_rounds(produced, tmp_path):
+    from wds_reinforce.verify import verify_shards
+
+    _, out, _ = produced
+    teacher = load_teacher(TEACHER, num_classes=3, device="cpu")
+    report = verify_shards(str(out), teacher=teacher, checks=16, tolerance=0.01)
+    assert report.ok, report.problems
+    assert report.teacher_checks == 16 and report.top1_agreement == 1.0
