@@ -315,3 +315,20 @@ def test_verify_reruns_the_teacher_on_mixed_rounds(produced, tmp_path):
     report = verify_shards(str(out), teacher=teacher, checks=16, tolerance=0.01)
     assert report.ok, report.problems
     assert report.teacher_checks == 16 and report.top1_agreement == 1.0
+
+
+def test_grid_shows_own_view_partner_and_the_mixed_view_the_teacher_saw(produced, tmp_path):
+    from PIL import Image
+
+    from wds_reinforce.cli import inspect_shards as cli
+
+    _, out, teacher = produced
+    png = tmp_path / "grid.png"
+    assert cli.main([str(out), "--grid", str(png), "--key", "cat_img_2"]) == 0
+    grid = np.asarray(Image.open(png).convert("RGB"))
+    zoom, tile_w, text_h = 4, 150, 60  # 32 px tiles shown x4, as draw_rounds lays them out
+    assert grid.shape[1] == 3 * tile_w and grid.shape[0] == 34 + ROUNDS * (32 * zoom + text_h)
+    for r in range(ROUNDS):
+        y = 34 + r * (32 * zoom + text_h)
+        shown = torch.from_numpy(grid[y : y + 32 * zoom : zoom, 2 * tile_w : 2 * tile_w + 32 * zoom : zoom].copy())
+        assert _digest(shown.permute(2, 0, 1)) in teacher.seen, r  # the third tile is what the teacher saw

@@ -22,8 +22,10 @@ DataLoader (--workers workers, batch --batch-size, wall clock, median of --dl-re
 of at least 256 images each, after a warm-up pass): plain_v1, plain_v1_rare, plain_v2, rrc, rrc+ra/re.
 
 "ratios" names each comparison: rrc_vs_decode (the fastest decoder), rrc_vs_decode_pil, rrc_vs_v1,
-rrc_vs_v2, rarerc_vs_v1_rare, rarerc_vs_v2_rare, center_vs_v1_center, and dl_* for the DataLoader
-figures; "targets" says which of the issue's targets a run meets. "ops_ms" is the cost of each op
+rrc_vs_v2, rarerc_vs_v1_rare, rarerc_vs_v2_rare, center_vs_v1_center, dl_* for the DataLoader
+figures, and mix_cost_rrc / mix_cost_rarerc: time per image of rrc+mix / rrc and rrc+ra/re+mix /
+rrc+ra/re (mixing's cost; "mixing_bytes_per_round" its sidecar bytes); "targets" says which of
+the issue's targets a run meets. "ops_ms" is the cost of each op
 on a 224x224 uint8 image with kernel set 1, kernel set 2 and Pillow (Pillow's without the
 array <-> Image conversion a tensor pipeline adds, ~0.05 ms).
 
@@ -63,6 +65,7 @@ from wds_reinforce.decode import SourceImage  # noqa: E402
 from wds_reinforce.demo import photo_like  # noqa: E402
 from wds_reinforce.format import Manifest, RoundGroup, ShardInfo, Sidecar, crc32c, encode_sidecar  # noqa: E402
 from wds_reinforce.kernels import KERNELS  # noqa: E402
+from wds_reinforce.mixing import window_crc  # noqa: E402
 from wds_reinforce.randaugment import RANDAUGMENT_SPACE, magnitude_of  # noqa: E402
 from wds_reinforce.storage import count_reads  # noqa: E402
 from wds_reinforce.writer import write_tar  # noqa: E402
@@ -88,7 +91,7 @@ def make_bench_shards(
         jpegs.append(_jpeg(photo_like(h, w, seed=i, noise=20.0), quality))
     per = -(-images // shards)
     out: dict = {"jpegs": jpegs, "jpeg_kb": float(np.mean([len(j) for j in jpegs]) / 1024), "reinforced": {}}
-    sidecar_bytes = []
+    sidecar_bytes: dict[str, list[int]] = {kind: [] for kind in recipes}
     for kind in ["plain", *recipes]:
         folder = root / kind.replace("/", "_").replace("+", "_").replace("@", "_")
         folder.mkdir(parents=True)
@@ -102,11 +105,18 @@ def make_bench_shards(
                 if kind != "plain":
                     recipe = recipes[kind]
                     cols = recipe.sample_rounds(0, key, rounds, SourceImage(jpegs[i]).size)
+                    window = None
+                    if recipe.mix is not None:  # the producer's mixing draws, for the shard's windows
+                        pos, width = keys.index(key), recipe.mix.window
+                        mates = keys[pos - pos % width : pos - pos % width + width]
+                        cols.update(recipe.mix.sample_rounds(0, mates, pos % width, range(rounds), recipe.size))
+                        window = window_crc(mates)
                     idx = np.stack([rng.choice(NUM_CLASSES, topk, replace=False) for _ in range(rounds)])
                     prob = rng.dirichlet(np.ones(topk) * 0.3, size=rounds) * 0.9
                     prob = -np.sort(-prob.astype(np.float16), axis=1)
-                    data = encode_sidecar(Sidecar(recipe.fingerprint, idx, prob, cols, crc32c(jpegs[i])))
-                    sidecar_bytes.append(len(data))
+                    sidecar = Sidecar(recipe.fingerprint, idx, prob, cols, crc32c(jpegs[i]), window)
+                    data = encode_sidecar(sidecar)
+                    sidecar_bytes[kind].append(len(data))
                     members.append((f"{key}.dr.mp", data))
             buf = io.BytesIO()
             write_tar(buf, iter(members))
@@ -123,7 +133,9 @@ def make_bench_shards(
         )
         (folder / "manifest.json").write_text(manifest.to_json())
         out["reinforced"][kind] = str(folder)
-    out["sidecar_kb"] = float(np.mean(sidecar_bytes) / 1024) if sidecar_bytes else 0.0
+    every = [n for sizes in sidecar_bytes.values() for n in sizes]
+    out["sidecar_kb"] = float(np.mean(every) / 1024) if every else 0.0
+    out["bytes_per_round"] = {kind: float(np.mean(sizes)) / rounds for kind, sizes in sidecar_bytes.items() if sizes}
     return out
 
 
@@ -318,10 +330,12 @@ def run(
     ops: bool = True,
 ) -> dict:
     _one_thread()
-    presets = RECIPES.names()  # center, rrc, rrc+ra/re
+    presets = RECIPES.names()  # center, rrc, rrc+mix, rrc+ra/re, rrc+ra/re+mix
     recipes = {name: Recipe.from_spec(name, size=size) for name in presets}
     if legacy:
-        recipes.update({f"{name}@k1": Recipe.from_spec(name, size=size, kernels=1) for name in presets})
+        recipes.update(
+            {f"{name}@k1": Recipe.from_spec(name, size=size, kernels=1) for name in presets if "mix" not in name}
+        )
         no_aa = Recipe.from_spec("rrc", size=size).to_dict()
         no_aa["ops"][0]["antialias"] = False
         recipes["rrc_no_antialias"] = Recipe.from_spec(no_aa)
@@ -335,6 +349,11 @@ def run(
             "topk": topk,
             "jpeg_kb": round(made["jpeg_kb"], 1),
             "sidecar_kb": round(made["sidecar_kb"], 2),
+            "sidecar_bytes_per_round": {k: round(v, 2) for k, v in made["bytes_per_round"].items()},
+            "mixing_bytes_per_round": {
+                name: round(made["bytes_per_round"][f"{name}+mix"] - made["bytes_per_round"][name], 2)
+                for name in ("rrc", "rrc+ra/re")
+            },
             "workers": workers,
             "batch_size": batch_size,
             "cpu_count": os.cpu_count(),
@@ -379,6 +398,9 @@ def run(
         "dl_rrc_vs_v1": dl["rrc"] / dl["plain_v1"],
         "dl_rrc_vs_v2": dl["rrc"] / dl["plain_v2"],
         "dl_rarerc_vs_v1_rare": dl["rrc+ra/re"] / dl["plain_v1_rare"],
+        # Costs (time per image), mixing vs the same recipe without: the issue's <= 1.15.
+        "mix_cost_rrc": pc["rrc"] / pc["rrc+mix"],
+        "mix_cost_rarerc": pc["rrc+ra/re"] / pc["rrc+ra/re+mix"],
     }
     if legacy:
         ratios.update(
@@ -396,6 +418,8 @@ def run(
         "rrc_vs_decode>=0.8": ratios["rrc_vs_decode"] >= 0.8,
         "rrc_vs_v2>=1.1": ratios["rrc_vs_v2"] >= 1.1,
         "dl_rrc_vs_v1>=1.8": ratios["dl_rrc_vs_v1"] >= 1.8,
+        "mix_cost_rrc<=1.15": ratios["mix_cost_rrc"] <= 1.15,
+        "mix_cost_rarerc<=1.15": ratios["mix_cost_rarerc"] <= 1.15,
     }
     if ops:
         result["ops_ms"] = op_costs(repeats=3 if repeats < 5 else 5)

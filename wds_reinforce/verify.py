@@ -27,7 +27,7 @@ from .decode import SourceImage
 from .errors import DataError, DecodeError, FormatError
 from .format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
 from .loader import IMAGE_EXTS
-from .mixing import MIX_COLUMNS, mix_pixels
+from .mixing import MIX_COLUMNS, mix_kind, mix_pixels
 from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "draw_rounds"]
@@ -372,7 +372,7 @@ def verify_shards(
 
 
 def teacher_view(
-    image: bytes,
+    image: bytes | SourceImage,
     sidecar: Sidecar,
     r: int,
     recipe: Recipe,
@@ -385,7 +385,7 @@ def teacher_view(
     Raises:
         FormatError: the round mixes but its partner is not in ``window`` or unreadable.
     """
-    view = replay(image, sidecar.round_params(r), recipe)
+    view = replay(SourceImage(image) if isinstance(image, bytes) else image, sidecar.round_params(r), recipe)
     if recipe.mix is None:
         return view, None
     row = {name: sidecar.ops[name][r] for name in MIX_COLUMNS}
@@ -436,36 +436,63 @@ def _check_teacher(
     report.top1_agreement = agree / len(kept)
 
 
-def _find_sample(url: str, manifest: Manifest, key: str | None, max_rounds: int) -> tuple[str, dict, Sidecar]:
-    """A sample's members and its sidecar (for a sidecar set: its first groups' rounds, joined)."""
+Found = tuple[str, dict, Sidecar]  # a sample's key, members and sidecar
+
+
+def _in_window(samples: Iterator[Found], key: str | None, width: int) -> tuple[Found, list[Found]] | None:
+    """The sample ``key`` (None: the first) of a shard's samples, with its pairing window of ``width``."""
+    window: list[Found] = []
+    found = None
+    for pos, sample in enumerate(samples):
+        if pos % width == 0:
+            if found is not None:
+                break
+            window = []
+        window.append(sample)
+        if found is None and (key is None or sample[0] == key):
+            found = sample
+    return (found, window) if found is not None else None
+
+
+def _find_sample(
+    url: str, manifest: Manifest, key: str | None, max_rounds: int, width: int = 1
+) -> tuple[Found, list[Found]]:
+    """A sample's key, members and sidecar (for a sidecar set: its first groups' rounds, joined),
+    and its pairing window's samples (``width`` 1: itself)."""
     if not manifest.sidecar_sets:
         for shard_url in shard_urls(url, manifest):
             with open_url(shard_url) as stream:
-                for k, members in _samples(_HashingReader(stream)):
-                    if key is None or k == key:
-                        return k, members, decode_sidecar(members[SIDECAR_EXT], k)
+                samples = (
+                    (k, members, decode_sidecar(members[SIDECAR_EXT], k))
+                    for k, members in _samples(_HashingReader(stream))
+                )
+                hit = _in_window(samples, key, width)
+                if hit is not None:
+                    return hit
         raise ValueError(f"key {key!r} is not in {url}")
     from .dataset import aligned_samples
 
     base, skipped = dirname_url(url), frozenset(s.key for s in manifest.skipped)
     groups = manifest.round_groups[: -(-max_rounds // manifest.group_rounds)]
+    def joined(sample: dict, n_sides: int) -> Found:
+        k = sample["__key__"]
+        parts = [decode_sidecar(sample[SIDECAR_EXT if n == 0 else f"{SIDECAR_EXT}.{n}"], k) for n in range(n_sides)]
+        sidecar = Sidecar(
+            parts[0].fingerprint,
+            np.concatenate([p.idx for p in parts]),
+            np.concatenate([p.prob for p in parts]),
+            {c: np.concatenate([p.ops[c] for p in parts]) for c in parts[0].ops},
+            parts[0].image_crc,
+            parts[0].window_crc,
+        )
+        return k, sample, sidecar
+
     for i, image in enumerate(manifest.image_shards):
         sides = [join_url(base, g.shards[i].name) for g in groups]
-        for sample in aligned_samples(image.name, sides, skipped):
-            if key is None or sample["__key__"] == key:
-                k = sample["__key__"]
-                parts = [
-                    decode_sidecar(sample[SIDECAR_EXT if n == 0 else f"{SIDECAR_EXT}.{n}"], k)
-                    for n in range(len(sides))
-                ]
-                joined = Sidecar(
-                    parts[0].fingerprint,
-                    np.concatenate([p.idx for p in parts]),
-                    np.concatenate([p.prob for p in parts]),
-                    {c: np.concatenate([p.ops[c] for p in parts]) for c in parts[0].ops},
-                    parts[0].image_crc,
-                )
-                return k, sample, joined
+        samples = (joined(s, len(sides)) for s in aligned_samples(image.name, sides, skipped))
+        hit = _in_window(samples, key, width)
+        if hit is not None:
+            return hit
     raise ValueError(f"key {key!r} is not in {url}")
 
 
@@ -473,7 +500,9 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
     """Draw one sample's replayed rounds with the stored top-3 under each; return the key drawn.
 
     The title gives the sample's true label and the recipe's name (a recipe file's name); tiles
-    smaller than 128 px are enlarged (nearest neighbour, so the pixels stay the teacher's).
+    smaller than 128 px are enlarged (nearest neighbour, so the pixels stay the teacher's). For a
+    mixing recipe each round is a row of three tiles: the sample's own view, its partner's view
+    (named, with what mixes them) and the mixed view the teacher saw, with the top-3 under it.
 
     Args:
         location: shard directory / URL prefix, or the manifest's URL.
@@ -487,16 +516,19 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
     url = manifest_url(location)
     manifest = read_manifest(url)
     recipe = Recipe.from_dict(manifest.recipe)
-    key, members, sidecar = _find_sample(url, manifest, key, max_rounds)
+    width = recipe.mix.window if recipe.mix is not None else 1
+    (key, members, sidecar), window = _find_sample(url, manifest, key, max_rounds, width)
     image = next(members[e] for e in IMAGE_EXTS if e in members)
     src = SourceImage(image)
     names = manifest.class_names
     n = min(sidecar.rounds, max_rounds)
+    if recipe.mix is not None:
+        columns = 3
     # Small tiles (CIFAR's 32 px) are unreadable as they are: enlarge them, nearest, to ~128 px.
     zoom = max(1, -(-128 // max(recipe.size)))
     h, w = recipe.size[0] * zoom, recipe.size[1] * zoom
     tile_w, text_h = max(w, 150), 3 * 14 + 18
-    rows = -(-n // columns)
+    rows = -(-n // columns) if recipe.mix is None else n
     canvas = Image.new("RGB", (columns * tile_w, 34 + rows * (h + text_h)), "white")
     draw = ImageDraw.Draw(canvas)
     try:
@@ -511,12 +543,39 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
     size = "x".join(str(v) for v in recipe.size)
     draw.text((4, 4), f"{key}: {label}; {n} of {sidecar.rounds} rounds, teacher's top-3 under each", fill="black")
     draw.text((4, 18), f"recipe {name} at {size} px" + (f", shown x{zoom}" if zoom > 1 else ""), fill="black")
-    for r in range(n):
-        pixels = replay(src, sidecar.round_params(r), recipe).permute(1, 2, 0).contiguous().numpy()
-        x, y = (r % columns) * tile_w, 34 + (r // columns) * (h + text_h)
-        tile = Image.fromarray(pixels)
+    def paste(pixels: torch.Tensor, x: int, y: int) -> None:
+        tile = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
         canvas.paste(tile.resize((w, h), Image.NEAREST) if zoom > 1 else tile, (x, y))
-        draw.text((x + 2, y + h + 2), f"round {r}", fill="gray")
+
+    pairs = [(next(m[e] for e in IMAGE_EXTS if e in m), sc) for _, m, sc in window]
+    for r in range(n):
+        if recipe.mix is None:
+            x, y = (r % columns) * tile_w, 34 + (r // columns) * (h + text_h)
+            paste(replay(src, sidecar.round_params(r), recipe), x, y)
+            draw.text((x + 2, y + h + 2), f"round {r}", fill="gray")
+        else:  # own view | partner's view | what the teacher saw, its top-3 under the last
+            y = 34 + r * (h + text_h)
+            view, other = replay(src, sidecar.round_params(r), recipe), None
+            try:
+                mixed, other = teacher_view(src, sidecar, r, recipe, pairs)
+            except FormatError as exc:
+                mixed = view
+                draw.text((tile_w + 2, y + h + 2), str(exc)[:40], fill="red")
+            paste(view, 0, y)
+            draw.text((2, y + h + 2), f"round {r}: own view", fill="gray")
+            partner = int(sidecar.ops["mixp"][r][0]) - 1
+            if other is not None:
+                paste(other, tile_w, y)
+                what = mix_kind({c: sidecar.ops[c][r] for c in MIX_COLUMNS})
+                weight = int(sidecar.ops["mixl"][r][0]) / 65535
+                draw.text((tile_w + 2, y + h + 2), f"partner {window[partner][0][:16]}", fill="gray")
+                detail = f"{what}" + (f", weight {weight:.2f}" if weight else "")
+                draw.text((tile_w + 2, y + h + 16), detail, fill="gray")
+            elif partner < 0:
+                draw.text((tile_w + 2, y + h + 2), "not mixed", fill="gray")
+            paste(mixed, 2 * tile_w, y)
+            x = 2 * tile_w
+            draw.text((x + 2, y + h + 2), "the teacher saw", fill="gray")
         for i in range(min(3, sidecar.topk)):
             c = int(sidecar.idx[r, i])
             label = names[c] if c < len(names) else f"class {c}"
