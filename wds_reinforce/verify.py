@@ -27,7 +27,7 @@ from .decode import SourceImage
 from .errors import DataError, DecodeError, FormatError
 from .format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
 from .loader import IMAGE_EXTS
-from .mixing import MIX_COLUMNS, mix_kind, mix_pixels
+from .mixing import MIX_COLUMNS, WEIGHT_SCALE, mix_kind, mix_pixels
 from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "draw_rounds"]
@@ -567,7 +567,7 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
             if other is not None:
                 paste(other, tile_w, y)
                 what = mix_kind({c: sidecar.ops[c][r] for c in MIX_COLUMNS})
-                weight = int(sidecar.ops["mixl"][r][0]) / 65535
+                weight = int(sidecar.ops["mixl"][r][0]) / WEIGHT_SCALE
                 draw.text((tile_w + 2, y + h + 2), f"partner {window[partner][0][:16]}", fill="gray")
                 detail = f"{what}" + (f", weight {weight:.2f}" if weight else "")
                 draw.text((tile_w + 2, y + h + 16), detail, fill="gray")
