@@ -333,3 +333,12 @@ def test_grid_shows_own_view_partner_and_the_mixed_view_the_teacher_saw(produced
         y = 34 + r * (32 * zoom + text_h)
         shown = torch.from_numpy(grid[y : y + 32 * zoom : zoom, 2 * tile_w : 2 * tile_w + 32 * zoom : zoom].copy())
         assert _digest(shown.permute(2, 0, 1)) in teacher.seen, r  # the third tile is what the teacher saw
+
+
+def test_resampled_shards_start_a_new_window_even_when_a_shard_repeats(produced):
+    _, out, _ = produced
+    urls = sorted(str(p) for p in out.glob("train-*.tar"))
+    counter = SkipCounter()
+    ds = ReinforcedDataset(urls[:1], keys=("__key__",), resampled=True, handler=counter, seed=3).with_epoch(40)
+    keys = [k for (k,) in ds]
+    assert len(keys) == 40 and counter.count == 0  # the one shard, read back to back: windows restart

@@ -231,6 +231,7 @@ def _read_shards(
             reader = _lockstep(url, sidecars[url][g], skipped) if sidecars else _plain(url)
             with contextlib.closing(reader):
                 for sample in reader:
+                    sample["__position__"] = count  # in the shard: mixing recipes' pairing windows count it
                     count += 1
                     yield sample
         except UsageError:

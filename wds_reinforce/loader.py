@@ -409,13 +409,14 @@ def reinforce_sample(sample: dict, plan: ReplayPlan, epoch: int, first: bool = F
 
 
 def _windows(src: Iterable[dict], width: int) -> Iterator[list[dict]]:
-    """The stream cut into pairing windows: ``width`` consecutive samples of one shard (``__url__``),
-    counted from the shard's first sample; the last window of a shard may be shorter."""
+    """The stream cut into pairing windows: ``width`` consecutive samples of one shard, counted from
+    the shard's first sample; the last window of a shard may be shorter. A shard begins where
+    ``__position__`` (set by ``ReinforcedDataset``'s reader) is 0, or else where ``__url__`` changes."""
     window: list[dict] = []
     url: Any = object()
     for sample in src:
         here = sample.get("__url__")
-        if here != url and window:
+        if window and (here != url or sample.get("__position__") == 0):
             yield window
             window = []
         url = here
