@@ -292,6 +292,25 @@ def test_sidecar_sets_mix_the_same_way(produced, tmp_path):
     for img in images.values():
         assert _digest(img) in teacher.seen
 
+    # verify reruns the teacher on mixed rounds of the set; --grid finds the window; a second
+    # teacher labels the same mixed views
+    from wds_reinforce.sidecars import add_teacher_set
+    from wds_reinforce.verify import draw_rounds, verify_shards
+
+    plain_teacher = load_teacher(TEACHER, num_classes=3, device="cpu")
+    report = verify_shards(str(sets), teacher=plain_teacher, checks=12, tolerance=0.01)
+    assert report.ok and report.teacher_checks == 12, report.problems
+    draw_rounds(str(sets), str(tmp_path / "grid.png"))
+    other = load_teacher("timm:test_efficientnet", num_classes=3, device="cpu")
+    add_teacher_set(str(sets), other, "second", progress=False)
+    ds = ReinforcedDataset(str(sets) + "/", keys=("__key__", "image", "idx", "prob"), densify="sparse", teacher=1)
+    checked = 0
+    for _key, img, idx, _prob in ds:
+        expected, _ = topk(other.predict(img[None]), 2)
+        assert idx.tolist() == expected[0].tolist()
+        checked += 1
+    assert checked == len({k for k, _ in images})
+
 
 def test_replay_of_the_unmixed_view_differs_where_mixed(produced):
     _, out, _ = produced
