@@ -9,6 +9,7 @@ argpartition, and saves ``(index, rounds)`` with ``torch.save(..., pickle_protoc
 among them) or of a folder.
 
     python -m tests.mldr_archive --images 1000 --rounds 400   # benchmark: import speed and bytes per round
+    python -m tests.mldr_archive --layout sidecar-sets        # the same, the split as plain shards: a sidecar set
     python -m tests.mldr_archive --closeness                 # our replay vs their teacher's pixels
 """
 
@@ -33,7 +34,16 @@ from torchvision import transforms as T
 
 from tests.conftest import encode, photo_like
 
-__all__ = ["config_dict", "make_folder", "write_metadata", "draw_rounds", "their_teacher_pixels", "closeness", "RA_OPS"]
+__all__ = [
+    "config_dict",
+    "make_folder",
+    "write_plain_shards",
+    "write_metadata",
+    "draw_rounds",
+    "their_teacher_pixels",
+    "closeness",
+    "RA_OPS",
+]
 
 RA_OPS = (
     "Identity",
@@ -103,6 +113,28 @@ def make_folder(root: Path, sizes: list[list[tuple[int, int]]], seed: int = 0) -
             else:
                 (root / f"c{ci}" / f"img_{i:03d}.jpg").write_bytes(encode(arr, quality=90))
     return root
+
+
+def write_plain_shards(folder: Path, out: Path, shard_size: int) -> str:
+    """The ImageFolder as plain webdataset shards (keys ``class/file``, a ``cls`` label), as a user's
+    ImageNet shards are; returns their brace pattern."""
+    from torchvision.datasets import ImageFolder
+
+    samples = ImageFolder(str(folder)).samples
+    out.mkdir(parents=True, exist_ok=True)
+    count = -(-len(samples) // shard_size)
+    for s in range(count):
+        with tarfile.open(out / f"train-{s:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for path, label in samples[s * shard_size : (s + 1) * shard_size]:
+                key = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
+                for name, data in (
+                    (key + os.path.splitext(path)[1], Path(path).read_bytes()),
+                    (f"{key}.cls", b"%d" % label),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(out / f"train-{{000000..{count - 1:06d}}}.tar")
 
 
 @functools.cache
@@ -324,22 +356,25 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         write_metadata(root / "meta.tar.gz", folder, config)
         made = time.perf_counter() - t0
+        images: str | Path = folder
+        if args.layout == "sidecar-sets":  # the split as plain shards: the import writes a sidecar set beside them
+            images = write_plain_shards(folder, root / "plain", args.shard_size)
+        kwargs = {"shard_size": args.shard_size, "group_rounds": args.group_rounds}
         t0 = time.perf_counter()
-        summary = import_mldr(root / "meta.tar.gz", folder, root / "out", shard_size=args.shard_size)
+        summary = import_mldr(root / "meta.tar.gz", images, root / "out", **kwargs)
         seconds = time.perf_counter() - t0
         with tarfile.open(root / "meta.tar.gz") as tar:  # --config: no pass looking for it
             (root / "config.pth.tar").write_bytes(tar.extractfile("reinforced_data/config.pth.tar").read())
         t0 = time.perf_counter()
-        import_mldr(
-            root / "meta.tar.gz", folder, root / "out2", shard_size=args.shard_size, config=root / "config.pth.tar"
-        )
+        import_mldr(root / "meta.tar.gz", images, root / "out2", config=root / "config.pth.tar", **kwargs)
         seconds_config = time.perf_counter() - t0
         n = args.classes * per_class
-        return {
+        result = {
             "images": n,
             "rounds": args.rounds,
             "topk": args.topk,
             "variant": args.variant,
+            "layout": summary.layout,
             "archive_bytes": os.path.getsize(root / "meta.tar.gz"),
             "archive_bytes_per_round": round(os.path.getsize(root / "meta.tar.gz") / (n * args.rounds), 1),
             "sidecar_bytes_per_round": round(summary.sidecar_bytes_per_round, 1),
@@ -348,6 +383,16 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "import_with_config_images_per_s": round(n / seconds_config, 1),
             "archive_write_seconds": round(made, 1),
         }
+        if args.layout == "sidecar-sets":  # what the set adds beside the images: sidecar shards, tar headers included
+            tars = sum(p.stat().st_size for p in (root / "out").rglob("*.tar"))
+            plain = sum(p.stat().st_size for p in (root / "plain").glob("*.tar"))
+            result.update(
+                round_groups=summary.groups,
+                sidecar_set_bytes_per_round=round(tars / (n * args.rounds), 1),
+                sidecar_set_bytes=tars,
+                image_shard_bytes=plain,
+            )
+        return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topk", type=int, default=10, help="top-k (default 10)")
     parser.add_argument("--variant", default="rrc+ra/re", help="rrc or rrc+ra/re (default rrc+ra/re)")
     parser.add_argument("--shard-size", type=int, default=100, help="images per output shard (default 100)")
+    parser.add_argument(
+        "--layout",
+        choices=["self-contained", "sidecar-sets"],
+        default="self-contained",
+        help="import an ImageFolder into self-contained shards, or plain shards of it into a sidecar set",
+    )
+    parser.add_argument("--group-rounds", type=int, help="sidecar sets: rounds per round group (default all)")
     parser.add_argument(
         "--closeness",
         action="store_true",

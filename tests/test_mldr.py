@@ -22,10 +22,11 @@ from tests.mldr_archive import closeness, config_dict, make_folder, write_metada
 from wds_reinforce import ReinforcedDataset, decode_sidecar
 from wds_reinforce.augment import replay
 from wds_reinforce.errors import UsageError
-from wds_reinforce.format import Manifest, crc32c
+from wds_reinforce.format import Manifest, Sidecar, crc32c
 from wds_reinforce.mldr import IndexMismatchError, MetadataError, MldrConfig, load_torch_save, restricted_loads
 from wds_reinforce.mldr_import import import_mldr
 from wds_reinforce.mldr_sources import FolderImages
+from wds_reinforce.verify import verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [[(60, 80), (70, 50), (90, 90)], [(64, 64), (80, 100)], [(100, 70), (66, 77), (50, 120)]]
@@ -323,8 +324,9 @@ def test_plain_shards_as_the_train_split(tmp_path, folder, rule):
     config = config_dict("rrc+ra/re", rounds=3, topk=2, size=SIZE)
     objs = write_metadata(tmp_path / "meta.tar.gz", folder, config)
     pattern = _plain_shards(folder, tmp_path / "plain", keyed_by_index=rule == "key")
-    summary = import_mldr(tmp_path / "meta.tar.gz", pattern, tmp_path / "out", index_rule=rule)
+    summary = import_mldr(tmp_path / "meta.tar.gz", pattern, tmp_path / "out", index_rule=rule, copy_images=True)
     assert summary.shards == 2  # output shard j holds input shard j's samples, in their order
+    assert summary.layout == "self-contained"
     index = {key: i for i, key in enumerate(_keys(folder))}
     for s in range(2):
         with (
@@ -339,6 +341,162 @@ def test_plain_shards_as_the_train_split(tmp_path, folder, rule):
         sc = decode_sidecar(sample["dr.mp"])
         np.testing.assert_array_equal(sc.ops["rrc"], want["rrc"])
         np.testing.assert_array_equal(sc.idx, want["idx"])
+
+
+def _tar_keys(path: Path) -> list[str]:
+    """Sample keys of a tar in order, split as webdataset splits them (directory + name up to the first dot)."""
+    with tarfile.open(path) as tar:
+        keys = [posixpath_key(m.name) for m in tar if m.isfile()]
+    return [k for n, k in enumerate(keys) if n == 0 or keys[n - 1] != k]
+
+
+def posixpath_key(name: str) -> str:
+    head, _, base = name.rpartition("/")
+    return f"{head}/{base.split('.', 1)[0]}" if head else base.split(".", 1)[0]
+
+
+def _sidecar_set_rows(out: Path) -> dict[str, Sidecar]:
+    """Every sample's sidecar of a sidecar set, its round groups joined: key -> all rounds."""
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    parts: dict[str, list] = {}
+    for group in manifest.round_groups:
+        for shard in group.shards:
+            with tarfile.open(out / shard.name) as tar:
+                for info in tar:
+                    key = posixpath_key(info.name)
+                    assert info.name == f"{key}.dr.mp"  # sidecars only: no image, no label
+                    parts.setdefault(key, []).append(decode_sidecar(tar.extractfile(info).read(), key))
+    return {
+        key: Sidecar(
+            ps[0].fingerprint,
+            np.concatenate([p.idx for p in ps]),
+            np.concatenate([p.prob for p in ps]),
+            {c: np.concatenate([p.ops[c] for p in ps]) for c in ps[0].ops},
+            ps[0].image_crc,
+        )
+        for key, ps in parts.items()
+    }
+
+
+@pytest.mark.parametrize("variant, group_rounds", [("rrc", None), ("rrc+ra/re", 2)])
+def test_plain_shards_get_a_sidecar_set(tmp_path, folder, variant, group_rounds):
+    """Shards as the train split: sidecars beside them (their keys, their order), no image copied, read back whole."""
+    config = config_dict(variant, rounds=6, topk=3, size=SIZE)
+    objs = write_metadata(tmp_path / "meta.tar.gz", folder, config)
+    pattern = _plain_shards(folder, tmp_path / "plain", keyed_by_index=False)  # keys "c0/img_000": not sanitised
+    plain = [tmp_path / "plain" / f"plain-{s}.tar" for s in range(2)]
+    before = [p.read_bytes() for p in plain]
+    out = tmp_path / "sets"
+    summary = import_mldr(tmp_path / "meta.tar.gz", pattern, out, group_rounds=group_rounds)
+    groups = 6 // (group_rounds or 6)
+    assert summary.layout == "sidecar-sets" and summary.samples == 8 and summary.rounds == 6 and summary.made == 2
+    assert f"sidecar set: {groups} round group(s)" in summary.format()
+    assert [p.read_bytes() for p in plain] == before  # the input shards are only read
+
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    assert manifest.sidecar_sets and manifest.shards == [] and manifest.rounds == 6
+    assert [im.name for im in manifest.image_shards] == [str(p.resolve()) for p in plain]
+    assert [im.sha256 for im in manifest.image_shards] == [hashlib.sha256(b).hexdigest() for b in before]
+    assert [(g.first_round, g.rounds) for g in manifest.round_groups] == [
+        (g * (group_rounds or 6), group_rounds or 6) for g in range(groups)
+    ]
+    for g in manifest.round_groups:  # sidecar shard j: input shard j's keys in its order
+        assert [_tar_keys(out / s.name) for s in g.shards] == [_tar_keys(p) for p in plain]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".jpg", ".png")] and not (out / ".mldr-spool").exists()
+    for path in (p for p in files if p.suffix == ".tar"):  # no copy of an image or label anywhere
+        with tarfile.open(path) as tar:
+            assert all(name.endswith(".dr.mp") for name in tar.getnames()), path
+    assert manifest.teacher["imported"]["images_copied"] is False
+
+    recipe = MldrConfig.from_dict(config).recipe
+    index = {key.replace(os.sep, "/"): i for i, key in enumerate(_rel_keys(folder))}
+    sidecars = _sidecar_set_rows(out)
+    assert sorted(sidecars) == sorted(index)
+    with tarfile.open(plain[0]) as t0, tarfile.open(plain[1]) as t1:
+        images = {
+            posixpath_key(m.name): t.extractfile(m).read() for t in (t0, t1) for m in t if not m.name.endswith(".cls")
+        }
+    for key, i in index.items():  # every stored parameter and top-k row, every round
+        sc, want = sidecars[key], _expected(objs[i], config)
+        assert sc.fingerprint == recipe.fingerprint and sc.image_crc == crc32c(images[key])
+        np.testing.assert_array_equal(sc.idx, want["idx"])
+        np.testing.assert_array_equal(sc.prob.view(np.uint16), want["prob"].view(np.uint16))
+        assert set(sc.ops) == set(recipe.columns)
+        for column in recipe.columns:
+            np.testing.assert_array_equal(sc.ops[column], want[column], err_msg=f"{key} {column}")
+
+    ds = ReinforcedDataset(str(out), keys=("__key__", "round", "idx", "prob", "image", "cls"), densify="sparse")
+    labels = [label for _, label in ImageFolder(folder).samples]
+    seen = set()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for key, r, idx, prob, image, label in ds:
+            i, want = index[key], _expected(objs[index[key]], config)
+            assert idx.tolist() == want["idx"][r].tolist()
+            assert prob.tolist() == want["prob"][r].astype(np.float32).tolist()
+            assert int(label) == labels[i]
+            params = {c: want[c][r] for c in ds.recipe.columns}
+            assert torch.equal(image, replay(images[key], params, ds.recipe))
+            seen.add((key, r))
+    assert len(seen) > 8  # rounds differ across epochs (and across round groups)
+    report = verify_shards(str(out), checks=0)
+    assert report.problems == [], report.problems
+
+
+def _rel_keys(folder: Path) -> list[str]:
+    return [os.path.splitext(os.path.relpath(p, folder))[0] for p, _ in ImageFolder(folder).samples]
+
+
+def test_sidecar_set_resumes_and_partitions(tmp_path, folder, monkeypatch):
+    config = config_dict("rrc+ra/re", rounds=4, topk=2, size=SIZE)
+    write_metadata(tmp_path / "meta.tar.gz", folder, config)
+    pattern = _plain_shards(folder, tmp_path / "plain", keyed_by_index=False)
+    one, two = tmp_path / "one", tmp_path / "two"
+    import_mldr(tmp_path / "meta.tar.gz", pattern, one, group_rounds=2)
+    names = [s.name for g in Manifest.from_json((one / "manifest.json").read_text()).round_groups for s in g.shards]
+    assert names == [f"rounds-{a:05d}-{a + 1:05d}/train-{j:06d}.tar" for a in (0, 2) for j in (0, 1)]
+    summary = import_mldr(tmp_path / "meta.tar.gz", pattern, one, group_rounds=2)
+    assert summary.made == 0 and summary.reused == 2  # a rerun reuses every finished shard
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    summary = import_mldr(tmp_path / "meta.tar.gz", pattern, two, group_rounds=2)
+    assert summary.made == 1 and not summary.manifest_written and not (two / "manifest.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    summary = import_mldr(tmp_path / "meta.tar.gz", pattern, two, group_rounds=2)
+    assert summary.made == 1 and summary.manifest_written
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    for name in names + ["manifest.json"]:
+        if name != "manifest.json":
+            assert (one / name).read_bytes() == (two / name).read_bytes()
+    (two / names[3]).write_bytes(b"torn")  # group 1 of input shard 1: that input shard is redone
+    summary = import_mldr(tmp_path / "meta.tar.gz", pattern, two, group_rounds=2)
+    assert summary.made == 1 and summary.reused == 1
+    assert (two / names[3]).read_bytes() == (one / names[3]).read_bytes()
+    with pytest.raises(UsageError, match="another job"):
+        import_mldr(tmp_path / "meta.tar.gz", pattern, two)  # other grouping: another job
+    with pytest.raises(UsageError, match="group_rounds a divisor of the 4 rounds"):
+        import_mldr(tmp_path / "meta.tar.gz", pattern, tmp_path / "three", group_rounds=3)
+    assert not list((tmp_path / "three").glob("**/*.tar"))
+    with pytest.raises(UsageError, match="group_rounds only for a sidecar set"):
+        import_mldr(tmp_path / "meta.tar.gz", folder, tmp_path / "four", group_rounds=2)
+
+
+def test_sidecar_set_image_not_covered_is_an_error_before_output(tmp_path, folder):
+    config = config_dict("rrc", rounds=3, topk=2, size=SIZE)
+    write_metadata(tmp_path / "meta.tar.gz", folder, config)
+    pattern = _plain_shards(folder, tmp_path / "plain", keyed_by_index=False)
+    with tarfile.open(tmp_path / "plain" / "plain-1.tar", "a") as tar:  # an image their metadata does not know
+        for name, data in (("c2/zzz.jpg", (folder / "c2" / "img_000.jpg").read_bytes()), ("c2/zzz.cls", b"2")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(
+        IndexMismatchError, match=r"8 image files for the 9 images.*none for index 8 .*plain-1\.tar:c2/zzz"
+    ):
+        import_mldr(tmp_path / "meta.tar.gz", pattern, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("**/*.tar")) and not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_folder_listing_is_torchvision_imagefolder(tmp_path):

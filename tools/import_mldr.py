@@ -5,17 +5,22 @@ The paper's authors released their teacher's outputs and augmentation parameters
 -RA/RE, -M*, -M*+R*: 400 rounds of top-10 from an IG-ResNeXt ensemble) as a .tar.gz with one
 pickle per image, keyed by the image's position in torchvision's ImageFolder order of the train
 split. This reads that archive as a stream (never extracted, never unpickled beyond plain
-values), pairs every file with its image, and writes self-contained shards (images copied in,
-sidecars beside them) plus a manifest that ReinforcedDataset and tools/train.py read.
+values), pairs every file with its image, and writes a manifest that ReinforcedDataset and
+tools/train.py read, with self-contained shards (images copied in, sidecars beside them) for an
+ImageFolder, or a sidecar set (sidecars only, aligned with the input shards) for webdataset shards.
 
     python tools/import_mldr.py --metadata rdata_randaug.tar.gz --images imagenet/train --out shards/in1k-ra-re
+    python tools/import_mldr.py --metadata rdata_randaug.tar.gz --images 'in1k/train-{0000..1023}.tar' \
+        --out sets/in1k-ra-re --group-rounds 50   # a sidecar set beside your shards: 8 groups of 50 rounds
     python tools/import_mldr.py --metadata rdata_mixing.tar.gz --images imagenet/train --out shards/in1k-m \
         --drop-mixing                     # +M* variants: keep only the rounds without a partner image
     torchrun --nproc_per_node=8 tools/import_mldr.py ...   # rank r makes shards j % world == r; rank 0 the manifest
 
 --images is the train split they reinforced: an ImageFolder directory (listed exactly as
-torchvision's ImageFolder lists it), or plain webdataset shards (local .tar files; output shard j
-then holds input shard j's samples, and --index-rule says how a sample's index is known). Every
+torchvision's ImageFolder lists it), or plain webdataset shards (local .tar files, never rewritten;
+--out then gets a sidecar set: sidecar shard j holds input shard j's keys in their order, the
+manifest names the input shards by absolute path, and --index-rule says how a sample's index is
+known; --copy-images writes self-contained shards instead). Every
 rank reads the whole archive (gzip cannot seek); give --config (their config.pth.tar, extracted)
 to save the pass that otherwise looks for it. A count, index or file mismatch between metadata and
 images is an error before anything is written. Rerunning the same command resumes: finished
@@ -57,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="keep the first R rounds of each image (default all; with --drop-mixing the most every image has, "
         "which under torchrun must be given)",
+    )
+    p.add_argument(
+        "--copy-images",
+        action="store_true",
+        help="for webdataset shards: write self-contained shards (images copied, keys sanitised) instead of a "
+        "sidecar set beside them",
+    )
+    p.add_argument(
+        "--group-rounds",
+        type=int,
+        help="for a sidecar set: rounds per round group, a divisor of the rounds kept (default all in one group); "
+        "an epoch reads one group's sidecars",
     )
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard for an ImageFolder (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the ImageFolder's shard order (default 0)")
@@ -105,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             spool=args.spool,
             progress=progress,
+            copy_images=args.copy_images,
+            group_rounds=args.group_rounds,
         )
     except (UsageError, DataError) as exc:
         return _fail(str(exc))

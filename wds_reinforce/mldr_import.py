@@ -12,8 +12,10 @@ webdataset shards) and streams the metadata. The import:
    shards are read safely, converted and checked against their image's size, then kept in a
    local spool as sidecars (no pickle); an index mismatch is an error before any output exists;
 3. writes each unfinished shard from the spool through one output step, a ``ShardWriter`` that
-   takes ``(key, sidecar)`` pairs in shard order (``SelfContainedShards`` copies the images in;
-   a sidecar-set writer can take its place), then a done marker with the shard's sha256;
+   takes ``(image index, sidecar)`` pairs in shard order: ``SelfContainedShards`` copies the
+   images in (an ImageFolder, or shards with ``copy_images``); ``SidecarSetShards`` writes a
+   sidecar set beside plain input shards (their keys, their order, no image copied); then a done
+   marker with the sha256 of every file written;
 4. on rank 0, waits for every shard's marker and writes the manifest, which records the import
    source under ``teacher["imported"]``.
 
@@ -41,22 +43,40 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import DataError, UsageError
-from .format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, decode_sidecar, encode_sidecar
+from .format import (
+    SELF_CONTAINED,
+    SIDECAR_EXT,
+    SIDECAR_SETS,
+    Manifest,
+    RoundGroup,
+    ShardInfo,
+    Sidecar,
+    SkippedInput,
+    crc32c,
+    decode_sidecar,
+    encode_sidecar,
+)
 from .mldr import IndexMismatchError, MetadataError, MldrConfig, check_plain, convert_rounds, load_torch_save
-from .mldr_sources import CONFIG_NAME, INDEX_NAME, FolderImages, ImageIndex, MetadataSource, open_images
+from .mldr_sources import CONFIG_NAME, INDEX_NAME, FolderImages, ImageIndex, MetadataSource, ShardImages, open_images
 from .producer import dist_env
+from .sidecars import group_dir
 from .storage import LocalOutput, S3Output, open_output, sha256_file
 from .writer import library_versions, write_tar
 
 __all__ = [
     "ShardWriter",
     "SelfContainedShards",
+    "SidecarSetShards",
+    "ShardOutput",
     "ImportSummary",
     "import_mldr",
 ]
 
 _DONE_DIR = ".done"
 _SPOOL = ".mldr-spool"
+# The sidecar-set producer's job file (sidecars.py): written here so that make_shards --sidecars-only
+# refuses to write its own teacher's groups over an imported set instead of replacing them.
+_SIDECAR_JOB = f"{_DONE_DIR}/sidecar-job.json"
 
 
 def _load_config(data: bytes, name: str) -> MldrConfig:
@@ -69,38 +89,62 @@ def _load_config(data: bytes, name: str) -> MldrConfig:
 # The output step
 
 
-class ShardWriter(Protocol):
-    """Writes output shard ``j`` from ``(key, sidecar)`` pairs in shard order; returns its info and sidecar bytes.
+@dataclass
+class ShardOutput:
+    """What a ``ShardWriter`` wrote for one shard: its files (each verified on resume), the
+    sidecar bytes among them, and for a sidecar set the image shard it describes."""
 
-    The sidecars carry no ``image_crc``; a writer sets it for the image it stores them beside.
+    files: list[ShardInfo]
+    sidecar_bytes: int
+    image: ShardInfo | None = None
+
+
+class ShardWriter(Protocol):
+    """Writes shard ``j`` from ``(image index, sidecar)`` pairs in shard order, each with ``rounds`` rounds.
+
+    ``name(j)`` names the shard in progress lines and its done marker. The sidecars carry no
+    ``image_crc``; a writer sets it for the image they describe. ``layout`` is the manifest's.
     """
+
+    layout: str
 
     def name(self, j: int) -> str: ...
 
-    def __call__(self, j: int, pairs: Iterable[tuple[str, Sidecar]]) -> tuple[ShardInfo, int]: ...
+    def __call__(self, j: int, pairs: Iterable[tuple[int, Sidecar]], rounds: int) -> ShardOutput: ...
+
+
+def _finish_tar(
+    output: LocalOutput | S3Output, name: str, members: Iterator[tuple[str, bytes]], keys: list[str]
+) -> ShardInfo:
+    """Write ``members`` as tar ``name`` (staged, then put in place); ``keys`` fills as members are drawn."""
+    tmp = output.staging() / f"{name.replace('/', '__')}.tmp"
+    with open(tmp, "wb") as f:
+        write_tar(f, members)
+    sha = sha256_file(tmp)
+    info = ShardInfo(name, len(keys), tmp.stat().st_size, sha, keys[0] if keys else "", keys[-1] if keys else "")
+    output.finish_file(tmp, name, sha)
+    return info
 
 
 class SelfContainedShards:
     """Self-contained shards: each sample's image bytes (copied), label and sidecar, as the producer writes them."""
 
+    layout = SELF_CONTAINED
+
     def __init__(self, output: LocalOutput | S3Output, images: ImageIndex, split: str = "train"):
         self.output, self.images, self.split = output, images, split
-        self._index = {key: i for i, key in enumerate(images.keys)}
 
     def name(self, j: int) -> str:
         return f"{self.split}-{j:06d}.tar"
 
-    def __call__(self, j: int, pairs: Iterable[tuple[str, Sidecar]]) -> tuple[ShardInfo, int]:
-        name = self.name(j)
-        tmp = self.output.staging() / f"{name}.tmp"
+    def __call__(self, j: int, pairs: Iterable[tuple[int, Sidecar]], rounds: int) -> ShardOutput:
         keys: list[str] = []
         sidecar_bytes = 0
 
         def members() -> Iterator[tuple[str, bytes]]:
             nonlocal sidecar_bytes
-            for key, sidecar in pairs:
-                i = self._index[key]
-                data = self.images.read(i)
+            for i, sidecar in pairs:
+                key, data = self.images.keys[i], self.images.read(i)
                 side = encode_sidecar(dataclasses.replace(sidecar, image_crc=crc32c(data)))
                 keys.append(key)
                 sidecar_bytes += len(side)
@@ -108,12 +152,65 @@ class SelfContainedShards:
                 yield f"{key}.cls", str(self.images.labels[i]).encode()
                 yield f"{key}.{SIDECAR_EXT}", side
 
-        with open(tmp, "wb") as f:
-            write_tar(f, members())
-        sha = sha256_file(tmp)
-        info = ShardInfo(name, len(keys), tmp.stat().st_size, sha, keys[0] if keys else "", keys[-1] if keys else "")
-        self.output.finish_file(tmp, name, sha)
-        return info, sidecar_bytes
+        info = _finish_tar(self.output, self.name(j), members(), keys)
+        return ShardOutput([info], sidecar_bytes)
+
+
+class SidecarSetShards:
+    """A sidecar set beside the input shards (``ShardImages`` with ``keep_keys``); no image is copied.
+
+    For input shard j and each round group g of ``group_rounds`` rounds (default: all in one),
+    ``rounds-AAAAA-BBBBB/{split}-{j:06d}.tar`` holds one ``{key}.dr.mp`` per converted sample of
+    input shard j, with the input's key, in the input's order (skipped samples have none), each
+    with the CRC-32C of its image; the input shard is read once for those and its sha256.
+    """
+
+    layout = SIDECAR_SETS
+
+    def __init__(
+        self, output: LocalOutput | S3Output, images: ShardImages, split: str = "train", group_rounds: int | None = None
+    ):
+        self.output, self.images, self.split, self.group_rounds = output, images, split, group_rounds
+        self._shards = images.input_shards()
+
+    def name(self, j: int) -> str:
+        return f"{self.split}-{j:06d}.tar"
+
+    def groups(self, rounds: int) -> int:
+        return rounds // (self.group_rounds or rounds)
+
+    def __call__(self, j: int, pairs: Iterable[tuple[int, Sidecar]], rounds: int) -> ShardOutput:
+        G = self.group_rounds or rounds
+        crcs, size, sha = self.images.read_shard(j)
+        every = [self.images.keys[i] for i in self._shards[j]]
+        image = ShardInfo(
+            os.path.abspath(self.images.paths[j]),  # local paths made absolute, as sidecars.image_shard_urls
+            len(every),
+            size,
+            sha,
+            every[0] if every else "",
+            every[-1] if every else "",
+        )
+        items = list(pairs)
+        files, sidecar_bytes = [], 0
+        for g in range(self.groups(rounds)):
+            rows = slice(g * G, (g + 1) * G)
+            keys: list[str] = []
+
+            def members(rows: slice = rows, keys: list[str] = keys) -> Iterator[tuple[str, bytes]]:
+                nonlocal sidecar_bytes
+                for i, sc in items:
+                    part = Sidecar(
+                        sc.fingerprint, sc.idx[rows], sc.prob[rows], {c: v[rows] for c, v in sc.ops.items()}, crcs[i]
+                    )
+                    data = encode_sidecar(part)
+                    keys.append(self.images.keys[i])
+                    sidecar_bytes += len(data)
+                    yield f"{self.images.keys[i]}.{SIDECAR_EXT}", data
+
+            name = f"{group_dir(g * G, G)}/{self.split}-{j:06d}.tar"
+            files.append(_finish_tar(self.output, name, members(), keys))
+        return ShardOutput(files, sidecar_bytes, image)
 
 
 # ----------------------------------------------------------------------------------------
@@ -140,6 +237,9 @@ class ImportSummary:
     seconds: float
     manifest_written: bool
     kept: str = ""
+    layout: str = SELF_CONTAINED
+    groups: int = 1
+    image_shards: int = 0
 
     def format(self) -> str:
         lines = [
@@ -150,6 +250,11 @@ class ImportSummary:
             f"{self.metadata_bytes_per_round:.1f} bytes per round",
             f"speed: {self.images_per_s:.0f} images/s over {self.seconds:.1f} s",
         ]
+        if self.layout == SIDECAR_SETS:
+            lines.append(
+                f"sidecar set: {self.groups} round group(s) of {self.rounds // max(self.groups, 1)} rounds beside the "
+                f"{self.image_shards} input shards (images not copied; keep the input shards where they are)"
+            )
         if self.kept:
             lines.append(self.kept)
         if not self.manifest_written:
@@ -214,7 +319,25 @@ class _Job:
             return None
         return done if isinstance(done, dict) and done.get("job") == self.digest else None
 
+    def finished(self, j: int) -> dict[str, Any] | None:
+        """Shard j's marker when every file it records is in place and intact."""
+        done = self.read_marker(j)
+        if done is None or not all(self.output.verify(f["name"], f) for f in done.get("files", [done["shard"]])):
+            return None
+        return done
+
     def check_existing(self) -> None:
+        text = self.output.read_text(_SIDECAR_JOB)  # a sidecar set made here (by this import or the producer)
+        if text is not None:
+            try:
+                other = json.loads(text).get("job")
+            except (ValueError, AttributeError):
+                other = None
+            if other != self.digest:
+                raise UsageError(
+                    f"expected the output {self.output.url!r} to be empty or hold this import's sidecar set, got "
+                    "another job's sidecar set; use a new output folder"
+                )
         for j in range(len(self.shards)):
             text = self.output.read_text(self.marker(j))
             if text is None:
@@ -348,7 +471,7 @@ class _Job:
             records[i] = data[pos : pos + length]
             pos += length
 
-        def pairs() -> Iterator[tuple[str, Sidecar]]:
+        def pairs() -> Iterator[tuple[int, Sidecar]]:
             for i in self.shards[j]:
                 if i not in records:
                     continue  # skipped: an unreadable image
@@ -356,11 +479,15 @@ class _Job:
                 if sc.rounds != rounds:
                     ops = {c: v[:rounds] for c, v in sc.ops.items()}
                     sc = Sidecar(sc.fingerprint, sc.idx[:rounds], sc.prob[:rounds], ops)
-                yield self.images.keys[i], sc
+                yield i, sc
 
-        info, sidecar_bytes = self.writer(j, pairs())
+        out = self.writer(j, pairs(), rounds)
         path.unlink(missing_ok=True)
-        return {"shard": dataclasses.asdict(info), "sidecar_bytes": sidecar_bytes}
+        files = [dataclasses.asdict(f) for f in out.files]
+        done = {"shard": files[0], "files": files, "sidecar_bytes": out.sidecar_bytes}
+        if out.image is not None:
+            done["image"] = dataclasses.asdict(out.image)
+        return done
 
     # -- manifest
 
@@ -370,8 +497,8 @@ class _Job:
         while True:
             for j in range(len(self.shards)):
                 if j not in dones:
-                    done = self.read_marker(j)
-                    if done is not None and self.output.verify(self.writer.name(j), done["shard"]):
+                    done = self.finished(j)
+                    if done is not None:
                         dones[j] = done
             if len(dones) == len(self.shards):
                 return [dones[j] for j in range(len(self.shards))]
@@ -393,7 +520,7 @@ class _Job:
         imported = {
             "from": "apple/ml-dr",
             **cfg.describe(),
-            "rounds_kept": rounds.pop(),
+            "rounds_kept": (rounds_kept := rounds.pop()),
             "mixing": (
                 "dropped: the first rounds_kept rounds without a mixing partner of each image are kept"
                 if cfg.mixing
@@ -406,6 +533,7 @@ class _Job:
             },
             "index_rule": self.images.rule,
             "images": self.images.spec,
+            "images_copied": self.writer.layout != SIDECAR_SETS,
             "metadata": {
                 "name": self.meta.path.name,
                 "bytes": self.meta.bytes,
@@ -427,20 +555,31 @@ class _Job:
             "amp": None,
             "imported": imported,
         }
+        layout: dict[str, Any] = {"shards": [ShardInfo(**d["shard"]) for d in dones]}
+        if self.writer.layout == SIDECAR_SETS:
+            files = [[ShardInfo(**f) for f in d["files"]] for d in dones]
+            G = rounds_kept // len(files[0]) if files else rounds_kept
+            layout = {
+                "layout": SIDECAR_SETS,
+                "image_shards": [ShardInfo(**d["image"]) for d in dones],
+                "round_groups": [
+                    RoundGroup(g * G, G, [shard_files[g] for shard_files in files]) for g in range(len(files[0]))
+                ],
+            }
         return Manifest(
             recipe=recipe.to_dict(),
             fingerprint=recipe.fingerprint.hex(),
             teacher=teacher,
             num_classes=cfg.num_classes or len(self.images.class_names),
-            rounds=imported["rounds_kept"],
+            rounds=rounds_kept,
             topk=cfg.topk,
             seed=self.seed,
             class_names=list(self.images.class_names),
-            shards=[ShardInfo(**d["shard"]) for d in dones],
             skipped=[SkippedInput(**s) for d in dones for s in d["skipped"]],
             versions=library_versions(),
             split=self.split,
             name=self.name,
+            **layout,
         )
 
 
@@ -461,10 +600,16 @@ def import_mldr(
     spool: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
     progress_every: float = 10.0,
-    shard_writer: Callable[[LocalOutput | S3Output, ImageIndex, str], ShardWriter] | None = None,
+    copy_images: bool = False,
+    group_rounds: int | None = None,
     wait_timeout: float = 7 * 24 * 3600.0,
 ) -> ImportSummary:
-    """Import their metadata for the train split ``images`` into reinforced shards in ``out``.
+    """Import their metadata for the train split ``images`` into ``out``.
+
+    An ImageFolder becomes self-contained shards (images copied in). Plain webdataset shards get
+    a sidecar set in ``out`` beside them (``SidecarSetShards``: sidecar shards aligned with the
+    input shards, their keys, no image copied; the manifest lists the input shards by absolute
+    path), or with ``copy_images`` self-contained shards as for a folder.
 
     Args:
         metadata: their ``.tar.gz`` (or ``.tar``), or its extracted folder.
@@ -480,7 +625,9 @@ def import_mldr(
         split, name: the manifest's split (shard names ``{split}-NNNNNN.tar``) and dataset name.
         spool: local folder for converted sidecars between reading and writing (default: in ``out``).
         progress: called with a line of progress now and then.
-        shard_writer: builds the output step (default ``SelfContainedShards``).
+        copy_images: for shards: write self-contained shards (sanitised keys) instead of a sidecar set.
+        group_rounds: for a sidecar set: rounds per round group (a divisor of the rounds kept;
+            default all in one group, so each epoch reads one sidecar of every round).
 
     Raises:
         UsageError: bad arguments, config or output; ``IndexMismatchError`` when metadata and images
@@ -495,9 +642,16 @@ def import_mldr(
         raise UsageError(f"expected seed a non-negative integer, got {seed!r}")
     if not isinstance(split, str) or not split or "." in split or "/" in split:
         raise UsageError(f"expected split a name without dots or slashes, got {split!r}")
+    if group_rounds is not None:
+        group_rounds = _positive("group_rounds", group_rounds)
+        if rounds is not None and rounds % group_rounds:
+            raise UsageError(f"expected group_rounds a divisor of rounds={rounds}, got {group_rounds}")
     rank, world = dist_env()
     say = _Progress(progress, progress_every)
-    index = open_images(images, index_rule)
+    sidecar_set = not copy_images and not os.path.isdir(str(images))
+    index = open_images(images, index_rule, keep_keys=sidecar_set)
+    if group_rounds is not None and not sidecar_set:
+        raise UsageError("expected group_rounds only for a sidecar set (webdataset shards as images, no copy_images)")
     meta = MetadataSource(metadata)
     if config is not None:
         if not os.path.isfile(config):
@@ -545,17 +699,25 @@ def import_mldr(
         "shuffle": shuffle,
         "split": split,
     }
+    if sidecar_set:  # (self-contained imports keep the identity they had before sidecar sets)
+        ident.update(layout=SIDECAR_SETS, group_rounds=group_rounds)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     if spool is None:
         base = output.staging() if isinstance(output, S3Output) else Path(out)
         spool = Path(base) / _SPOOL / f"rank-{rank:05d}"
+    if isinstance(index, ShardImages) and sidecar_set:
+        writer: ShardWriter = SidecarSetShards(output, index, split, group_rounds)
+        shards = index.input_shards()  # one sidecar shard per image shard, empty ones too
+    else:
+        writer = SelfContainedShards(output, index, split)
+        shards = index.shards(shard_size, seed, shuffle)
     job = _Job(
         meta,
         index,
         cfg,
         output,
-        (shard_writer or SelfContainedShards)(output, index, split),
-        index.shards(shard_size, seed, shuffle),
+        writer,
+        shards,
         rounds,
         drop_mixing,
         seed,
@@ -574,8 +736,8 @@ def import_mldr(
     mine = [j for j in range(len(job.shards)) if j % world == rank]
     todo, reused, markers = [], 0, {}
     for j in mine:
-        done = job.read_marker(j)
-        if done is not None and output.verify(job.writer.name(j), done["shard"]):
+        done = job.finished(j)
+        if done is not None:
             reused += 1
             markers[j] = done
             job.checked[j] = done["shard"]["sha256"]
@@ -599,6 +761,13 @@ def import_mldr(
                 f"image {index.where(i)} ({i}.pth.tar) has {v} rounds without a mixing partner, "
                 + (f"fewer than the {keep} to keep of every image (--rounds)" if keep >= 1 else "nothing to import")
             )
+        if group_rounds is not None and keep % group_rounds:
+            job.drop_spool()
+            raise UsageError(
+                f"expected group_rounds a divisor of the {keep} rounds kept of every image, got {group_rounds}"
+            )
+        if sidecar_set and rank == 0 and output.read_text(_SIDECAR_JOB) is None:
+            output.write_text(_SIDECAR_JOB, json.dumps({"job": digest, "identity": ident}, sort_keys=True) + "\n")
         for n_done, j in enumerate(todo, 1):
             result = job.write(j, keep)
             values = [kept[i] for i in job.shards[j] if i in kept]
@@ -662,11 +831,22 @@ def _summary(
         shards=len(job.shards),
         made=len(todo),
         reused=reused,
-        bytes=sum(s.bytes for s in manifest.shards) if manifest else sum(d["shard"]["bytes"] for d in dones),
+        bytes=_output_bytes(manifest, dones),
         sidecar_bytes_per_round=side / max(mine * rounds, 1),
         metadata_bytes_per_round=job.meta.bytes / max(len(job.images) * cfg.num_samples, 1),
         images_per_s=images / seconds if seconds > 0 else 0.0,
         seconds=seconds,
         manifest_written=manifest is not None,
         kept=kept,
+        layout=job.writer.layout,
+        groups=len(dones[0]["files"]) if dones and "files" in dones[0] else 1,
+        image_shards=len(job.shards),
     )
+
+
+def _output_bytes(manifest: Manifest | None, dones: list[dict[str, Any]]) -> int:
+    if manifest is None:  # a rank other than 0: its own files
+        return sum(f["bytes"] for d in dones for f in d.get("files", [d["shard"]]))
+    if manifest.sidecar_sets:
+        return sum(s.bytes for g in manifest.round_groups for s in g.shards)
+    return sum(s.bytes for s in manifest.shards)

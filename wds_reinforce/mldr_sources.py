@@ -29,6 +29,7 @@ import numpy as np
 
 from .decode import SourceImage
 from .errors import DataError, UsageError
+from .format import crc32c
 from .loader import IMAGE_EXTS
 from .mldr import IndexMismatchError, MetadataError
 from .sources import unique_keys
@@ -164,8 +165,11 @@ class FolderImages(ImageIndex):
 class ShardImages(ImageIndex):
     """The train split as plain webdataset shards (local ``.tar`` paths, a brace pattern or glob).
 
-    Output shard j holds input shard j's samples in their order (so a sidecar set can later sit
-    beside the input). Their index of a sample comes from ``rule``:
+    Output shard j holds input shard j's samples in their order (so a sidecar set can sit beside
+    the input). Keys are sanitised as the producer's (for self-contained output, which copies the
+    images), or with ``keep_keys`` exactly the input's keys, as a loader reading the input shards
+    sees them (for a sidecar set, whose keys must match the image shards'). Their index of a
+    sample comes from ``rule``:
 
     - ``imagefolder``: samples sorted by (label, key + "." + image extension), which is
       torchvision's ImageFolder order when labels number the sorted class folders and keys are the
@@ -173,7 +177,7 @@ class ShardImages(ImageIndex):
     - ``key``: the key is the index itself (``"%07d" % index``, as webdataset's ImageNet example writes).
     """
 
-    def __init__(self, pattern: str, rule: str = "imagefolder"):
+    def __init__(self, pattern: str, rule: str = "imagefolder", keep_keys: bool = False):
         import braceexpand
 
         if rule not in ("imagefolder", "key"):
@@ -186,7 +190,7 @@ class ShardImages(ImageIndex):
             raise UsageError(
                 f"expected local webdataset .tar shards, got {pattern!r} (missing: {missing[:3] or [pattern]})"
             )
-        self.spec, self._paths = pattern, paths
+        self.spec, self.paths = pattern, paths
         entries: list[tuple[int, str, str, int, int, int]] = []  # (shard, raw key, ext, offset, size, label)
         for si, path in enumerate(paths):
             entries.extend((si, *e) for e in self._scan(path))
@@ -219,7 +223,7 @@ class ShardImages(ImageIndex):
         by_index = [0] * len(entries)
         for s, i in enumerate(position):
             by_index[i] = s
-        keys = unique_keys(raw_keys)
+        keys = raw_keys if keep_keys else unique_keys(raw_keys)
         self._entries = [entries[s] for s in by_index]
         self._shard_of_sample = [e[0] for e in entries]
         self._position = position
@@ -270,17 +274,36 @@ class ShardImages(ImageIndex):
 
     def where(self, i: int) -> str:
         e = self._entries[i]
-        return f"{self._paths[e[0]]}:{e[1]}.{e[2]}"
+        return f"{self.paths[e[0]]}:{e[1]}.{e[2]}"
 
     def read(self, i: int, limit: int | None = None) -> bytes:
         shard, _, _, offset, size, _ = self._entries[i]
-        return _read_at(self._paths[shard], offset, size if limit is None else min(size, limit))
+        return _read_at(self.paths[shard], offset, size if limit is None else min(size, limit))
 
     def shards(self, shard_size: int, seed: int, shuffle: bool) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in self._paths]
+        return [s for s in self.input_shards() if s]
+
+    def input_shards(self) -> list[list[int]]:
+        """Each input shard's image indices in its order, one list per path (empty for an empty shard)."""
+        out: list[list[int]] = [[] for _ in self.paths]
         for s, shard in enumerate(self._shard_of_sample):
             out[shard].append(self._position[s])
-        return [s for s in out if s]
+        return out
+
+    def read_shard(self, s: int) -> tuple[dict[int, int], int, str]:
+        """Input shard ``s`` read once, front to back: (CRC-32C of each image by index, bytes, sha256)."""
+        spans = sorted((e[3], e[4], i) for i, e in enumerate(self._entries) if e[0] == s)
+        sha, crcs, pos = hashlib.sha256(), {}, 0
+        with open(self.paths[s], "rb") as f:
+            for offset, size, i in spans:
+                sha.update(f.read(offset - pos))
+                data = f.read(size)
+                sha.update(data)
+                crcs[i], pos = crc32c(data), offset + size
+            while chunk := f.read(1 << 20):
+                sha.update(chunk)
+                pos += len(chunk)
+        return crcs, pos, sha.hexdigest()
 
 
 def _read_at(path: str, offset: int, size: int) -> bytes:
@@ -289,15 +312,16 @@ def _read_at(path: str, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
-def open_images(spec: str | os.PathLike, rule: str = "imagefolder") -> ImageIndex:
-    """The train split: an ImageFolder directory, or webdataset shards (``.tar`` path, pattern or glob)."""
+def open_images(spec: str | os.PathLike, rule: str = "imagefolder", keep_keys: bool = False) -> ImageIndex:
+    """The train split: an ImageFolder directory, or webdataset shards (``.tar`` path, pattern or glob;
+    ``keep_keys``: their keys as they are, see ``ShardImages``)."""
     text = str(spec)
     if os.path.isdir(text):
         if rule != "imagefolder":
             raise UsageError(f"index rule {rule!r} is for webdataset shards; an ImageFolder uses 'imagefolder'")
         return FolderImages(text)
     if ".tar" in text:
-        return ShardImages(text, rule)
+        return ShardImages(text, rule, keep_keys)
     raise UsageError(f"expected the train split as an ImageFolder directory or .tar shards, got {text!r} (not found)")
 
 
