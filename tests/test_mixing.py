@@ -16,7 +16,6 @@ import webdataset as wds
 from tests.producer_data import TEACHER, job_args, make_image_folder
 from wds_reinforce import ReinforcedDataset, SkipCounter
 from wds_reinforce.augment import Recipe, replay
-from wds_reinforce.columns import COLUMNS
 from wds_reinforce.decode import SourceImage
 from wds_reinforce.errors import UsageError
 from wds_reinforce.format import Manifest, decode_sidecar
@@ -86,12 +85,24 @@ def test_mix_pixels_blends_then_pastes_the_partners_box():
     assert torch.count_nonzero(own) == 0  # inputs untouched
 
 
-def test_mixing_adds_at_most_8_bytes_per_round():
-    mix = Mixing()
-    rounds = 400
-    cols = mix.sample_rounds(0, [f"k{i}" for i in range(16)], 5, range(rounds), (224, 224))
-    added = sum(len(COLUMNS.get(name).encode(cols[name], rounds)) for name in MIX_COLUMNS)
-    assert added / rounds <= 8.0, added / rounds
+@pytest.mark.parametrize("rounds", [16, 400])
+def test_mixing_adds_at_most_8_bytes_per_round(rounds):
+    """Whole sidecars, mixing recipe vs the same recipe without: columns, their names and ``mw``."""
+    from wds_reinforce.format import Sidecar, encode_sidecar
+
+    plain, mixed = Recipe.from_spec("rrc+ra/re"), Recipe.from_spec("rrc+ra/re+mix")
+    rng = np.random.default_rng(0)
+    added = []
+    for s in range(32):
+        keys = [f"w{s // 16}_{i}" for i in range(16)]
+        ops = plain.sample_rounds(0, keys[s % 16], rounds, (375, 500))
+        idx = np.stack([rng.choice(1000, 10, replace=False) for _ in range(rounds)])
+        prob = -np.sort(-rng.dirichlet(np.ones(10), rounds).astype(np.float16), axis=1)
+        mix = mixed.mix.sample_rounds(0, keys, s % 16, range(rounds), mixed.size)
+        without = encode_sidecar(Sidecar(plain.fingerprint, idx, prob, ops, 1))
+        with_mix = encode_sidecar(Sidecar(mixed.fingerprint, idx, prob, {**ops, **mix}, 1, window_crc(keys)))
+        added.append((len(with_mix) - len(without)) / rounds)
+    assert 0 < np.mean(added) <= 8.0, np.mean(added)
 
 
 def test_recipe_mix_is_part_of_the_fingerprint_and_round_trips():
@@ -244,18 +255,20 @@ def test_byte_identical_across_workers_and_batches(produced, tmp_path):
         assert (again / path.name).read_bytes() == path.read_bytes()
 
 
-def test_a_lost_sample_is_caught_by_the_window_check(produced):
+@pytest.mark.parametrize("positions", [True, False])
+def test_a_lost_sample_is_caught_by_the_window_check(produced, positions):
     _, out, _ = produced
     manifest = Manifest.from_json((out / "manifest.json").read_text())
     urls = [str(p) for p in sorted(out.glob("train-*.tar"))]
-    dropped = {"n": 0}
+    n = manifest.shards[0].samples
+    assert n > WINDOW + 1
 
     def drop_second(src):
         for i, sample in enumerate(src):
-            if i == 1:
-                dropped["n"] += 1
-                continue
-            yield sample
+            if positions:
+                sample["__position__"] = i  # as ReinforcedDataset's reader numbers them
+            if i != 1:
+                yield sample
 
     counter = SkipCounter()
     ds = (
@@ -264,8 +277,45 @@ def test_a_lost_sample_is_caught_by_the_window_check(produced):
         .compose(*reinforce_stages(manifest, handler=counter))
     )
     got = [s["__key__"] for s in ds]
-    assert dropped["n"] == 1 and counter.count >= WINDOW - 1 and "pairing window" in counter.last
-    assert len(got) + counter.count == manifest.shards[0].samples - 1
+    assert "pairing window" in counter.last
+    # With positions only the broken window's other members are lost; without, every later
+    # window of the shard is shifted and lost too.
+    assert counter.count == (WINDOW - 1 if positions else n - 1)
+    assert len(got) + counter.count == n - 1
+
+
+def test_a_damaged_partner_image_is_named_as_the_partner(produced, tmp_path):
+    _, out, _ = produced
+    manifest = Manifest.from_json((out / "manifest.json").read_text())
+    urls = [str(p) for p in sorted(out.glob("train-*.tar"))]
+    victim = {}
+
+    def damage_first_image(src):
+        for i, sample in enumerate(src):
+            sample["__position__"] = i
+            if i == 0:
+                ext = "jpg" if "jpg" in sample else "png"
+                sample[ext] = sample[ext][:-1] + bytes([sample[ext][-1] ^ 1])
+                victim["key"] = sample["__key__"]
+            yield sample
+
+    messages = []
+
+    def handler(exc):
+        messages.append((exc.key, str(exc)))
+        return True
+
+    for epoch in range(ROUNDS):
+        ds = (
+            wds.WebDataset(urls[:1], shardshuffle=False, empty_check=False)
+            .compose(damage_first_image)
+            .compose(*reinforce_stages(manifest, handler=handler, epoch=epoch))
+        )
+        list(ds)
+    own = [m for k, m in messages if k == victim["key"]]
+    others = [m for k, m in messages if k != victim["key"]]
+    assert len(own) == ROUNDS and all("image member is damaged" in m for m in own)
+    assert others and all(f"its mixing partner {victim['key']!r}: image bytes" in m for m in others)
 
 
 def test_per_sample_steps_refuse_a_mixing_recipe(produced):
@@ -330,11 +380,89 @@ def test_replay_of_the_unmixed_view_differs_where_mixed(produced):
 def test_verify_reruns_the_teacher_on_mixed_rounds(produced, tmp_path):
     from wds_reinforce.verify import verify_shards
 
-    _, out, _ = produced
-    teacher = load_teacher(TEACHER, num_classes=3, device="cpu")
+    _, out, producer_teacher = produced
+    teacher = RecordingTeacher(load_teacher(TEACHER, num_classes=3, device="cpu"))
     report = verify_shards(str(out), teacher=teacher, checks=16, tolerance=0.01)
     assert report.ok, report.problems
     assert report.teacher_checks == 16 and report.top1_agreement == 1.0
+    # It showed the teacher what the producer's teacher saw: mixed views, not the unmixed ones.
+    assert len(teacher.seen) == 16 and teacher.seen <= producer_teacher.seen
+
+
+def _rewrite_shard(out: Path, dest: Path, change) -> None:
+    """A copy of the data set whose first shard's sidecars pass through ``change(pos, key, Sidecar)``;
+    the manifest is updated to the new shard's size and sha256, so only the sidecar is wrong."""
+    import dataclasses
+    import shutil
+
+    from wds_reinforce.format import encode_sidecar
+    from wds_reinforce.writer import write_tar
+
+    shutil.copytree(out, dest)
+    first = sorted(dest.glob("train-*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    keys = [n.split(".")[0] for n, _ in members if n.endswith(".dr.mp")]
+    rewritten = [
+        (n, encode_sidecar(change(keys.index(n.split(".")[0]), n.split(".")[0], decode_sidecar(d))))
+        if n.endswith(".dr.mp")
+        else (n, d)
+        for n, d in members
+    ]
+    with open(first, "wb") as f:
+        write_tar(f, iter(rewritten))
+    manifest = Manifest.from_json((dest / "manifest.json").read_text())
+    data = first.read_bytes()
+    manifest.shards[0] = dataclasses.replace(
+        manifest.shards[0], bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
+    (dest / "manifest.json").write_text(manifest.to_json())
+
+
+def test_verify_checks_window_checksums_and_mixing_rows(produced, tmp_path):
+    import dataclasses
+
+    from wds_reinforce.verify import verify_shards
+
+    _, out, _ = produced
+
+    def bad_window(pos, key, sc):
+        return dataclasses.replace(sc, window_crc=(sc.window_crc + 1) % 2**32) if pos == 1 else sc
+
+    def self_partner(pos, key, sc):
+        if pos != 2:
+            return sc
+        ops = {name: np.array(col) for name, col in sc.ops.items()}
+        ops["mixp"][0, 0], ops["mixl"][0, 0] = 3, 10  # position 2 + 1: itself
+        return dataclasses.replace(sc, ops=ops)
+
+    for change, message in ((bad_window, "'mw' does not match"), (self_partner, "its own mixing partner")):
+        dest = tmp_path / change.__name__
+        _rewrite_shard(out, dest, change)
+        report = verify_shards(str(dest))
+        assert not report.ok and len(report.problems) == 1, report.problems
+        assert message in report.problems[0].message
+
+
+def test_grid_draws_a_sample_despite_a_damaged_sidecar_elsewhere(produced, tmp_path):
+    from wds_reinforce.verify import draw_rounds
+
+    _, out, _ = produced
+    dest = tmp_path / "damaged"
+    _rewrite_shard(out, dest, lambda pos, key, sc: sc)
+    first = sorted(dest.glob("train-*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    names = [n for n, _ in members if n.endswith(".dr.mp")]
+    members = [(n, b"garbage" if n == names[0] else d) for n, d in members]  # window 0's first sidecar
+    from wds_reinforce.writer import write_tar
+
+    with open(first, "wb") as f:
+        write_tar(f, iter(members))
+    later = names[WINDOW].split(".")[0]  # in the next window
+    same = names[1].split(".")[0]  # in the damaged one: its partner may be unreadable (drawn in red)
+    assert draw_rounds(str(dest), str(tmp_path / "later.png"), key=later) == later
+    assert draw_rounds(str(dest), str(tmp_path / "same.png"), key=same) == same
 
 
 def test_grid_shows_own_view_partner_and_the_mixed_view_the_teacher_saw(produced, tmp_path):

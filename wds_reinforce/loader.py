@@ -410,18 +410,25 @@ def reinforce_sample(sample: dict, plan: ReplayPlan, epoch: int, first: bool = F
 
 def _windows(src: Iterable[dict], width: int) -> Iterator[list[dict]]:
     """The stream cut into pairing windows: ``width`` consecutive samples of one shard, counted from
-    the shard's first sample; the last window of a shard may be shorter. A shard begins where
-    ``__position__`` (set by ``ReinforcedDataset``'s reader) is 0, or else where ``__url__`` changes."""
+    the shard's first sample; the last window of a shard may be shorter.
+
+    With ``__position__`` (the sample's position in its shard, set by ``ReinforcedDataset``'s
+    reader) the window is ``__position__ // width``, so a sample dropped on the way costs its own
+    window only (whose checksum then fails). Without it, samples are counted from where
+    ``__url__`` changes, and a dropped sample shifts every later window of its shard.
+    """
     window: list[dict] = []
     url: Any = object()
+    slot: Any = None
     for sample in src:
-        here = sample.get("__url__")
-        if window and (here != url or sample.get("__position__") == 0):
+        here, pos = sample.get("__url__"), sample.get("__position__")
+        now = pos // width if isinstance(pos, int) else None
+        if window and (here != url or now != slot):
             yield window
             window = []
-        url = here
+        url, slot = here, now
         window.append(sample)
-        if len(window) == width:
+        if (len(window) == width) if now is None else (pos % width == width - 1):
             yield window
             window = []
     if window:
@@ -442,6 +449,8 @@ def _mix_window(window: list[dict], plan: ReplayPlan, epoch: int, state: dict) -
         try:
             sidecar = _sidecar(sample, plan, state["first"])
             state["first"] = False
+            if sidecar.window_crc is None:
+                raise FormatError("a mixing recipe's sidecar without a pairing-window checksum 'mw'")
             if sidecar.window_crc != crc:
                 raise FormatError(
                     "the sample's pairing window differs from the one it was mixed in (samples lost, "
@@ -482,7 +491,13 @@ def _mix_window(window: list[dict], plan: ReplayPlan, epoch: int, state: dict) -
                 if partner >= 0:
                     if sidecars[partner] is None:
                         raise FormatError(f"its mixing partner {keys[partner]!r} is unreadable")
-                    img = mix_pixels(img, view(partner, r), row)
+                    try:
+                        other = view(partner, r)
+                    except DataError as exc:  # the partner's fault: say so, under this sample's key
+                        raise FormatError(f"its mixing partner {keys[partner]!r}: {exc.message}") from None
+                    img = mix_pixels(img, other, row)
+                elif opts.output == "uint8":
+                    img = img.clone()  # the cached view is a later sample's partner: hand out a copy
                 sample["image"] = normalize(img, opts.mean, opts.std) if opts.output == "float" else img
             _target(sample, plan, r, sidecar)
         except MismatchError:
@@ -510,7 +525,7 @@ def _reinforce_windows(
 # Stages
 
 
-def _no_mixing(recipe: Recipe | None) -> None:
+def _no_mixing(recipe: Recipe | None) -> None:  # the per-sample steps cannot pair samples
     if recipe is not None and recipe.mix is not None:
         raise UsageError(
             "a mixing recipe is replayed a pairing window at a time: use the reinforce stage "
@@ -549,6 +564,7 @@ def _decode_sidecars(
     handler: Callable = reraise_exception,
 ) -> Iterator[dict]:
     """Decode ``{key}.dr.mp`` into ``sample["sidecar"]``, checked against the manifest's values given."""
+    _no_mixing(recipe)
     plan = ReplayPlan(LoaderOptions(), recipe, fingerprint=fingerprint, rounds=rounds, topk=topk)
 
     def step(sample: dict, first: bool) -> dict:
@@ -560,6 +576,8 @@ def _decode_sidecars(
 
 def _pick_rounds(src: Iterable[dict], seed: int = 0, epoch: Any = 0, p: float = 1.0) -> Iterator[dict]:
     """Set ``sample["round"]`` to this epoch's round (``round_for``), or -1 for the original image.
+
+    Not for mixing recipes, whose rounds are scheduled per pairing window (``reinforce``).
 
     ``sample["epoch"]`` and ``sample["__seed__"]`` go along for ``replay_images``, which draws an
     original image's augmentation from the same seeded stream as the coin.

@@ -27,7 +27,7 @@ from .decode import SourceImage
 from .errors import DataError, DecodeError, FormatError
 from .format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
 from .loader import IMAGE_EXTS
-from .mixing import MIX_COLUMNS, WEIGHT_SCALE, mix_kind, mix_pixels
+from .mixing import MIX_COLUMNS, WEIGHT_SCALE, check_mix_columns, mix_kind, mix_pixels, window_crc
 from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "draw_rounds"]
@@ -335,6 +335,7 @@ def verify_shards(
         bar = tqdm(total=total, unit="sample", desc="verify")
     index = 0
     seen: dict[str, str] = {}
+    pending: dict[str, list[tuple[str, Sidecar | None]]] = {}  # mixing: each shard's open window
 
     def sample_of(shard_name: str) -> Any:
         def check(key: str, members: dict[str, bytes]) -> None:
@@ -351,6 +352,9 @@ def verify_shards(
                 start = index - pos % width
                 if not picked.isdisjoint(range(start, start + width)):
                     windows.setdefault(window, []).append((image, None if errors else sidecar))
+                pending.setdefault(shard_name, []).append((key, None if errors else sidecar))
+                if len(pending[shard_name]) == width:
+                    _check_window(report, shard_name, pending.pop(shard_name), recipe)
             if index in picked and sidecar is not None and image is not None and not errors:
                 chosen.append((shard_name, key, image, sidecar, window))
             index += 1
@@ -364,11 +368,30 @@ def verify_shards(
     else:
         for shard, shard_url in zip(manifest.shards, shard_urls(url, manifest)):
             report.samples += len(_read_shard(report, shard.name, shard_url, shard, sample_of(shard.name)))
+            _check_window(report, shard.name, pending.pop(shard.name, []), recipe)  # the last, shorter one
     if bar is not None:
         bar.close()
     if teacher is not None and chosen:
         _check_teacher(report, chosen, recipe, teacher, tolerance, rng, windows)
     return report
+
+
+def _check_window(
+    report: VerifyReport, shard: str, window: Sequence[tuple[str, Sidecar | None]], recipe: Recipe
+) -> None:
+    """A mixing recipe's pairing window: each sidecar's key checksum ``mw`` and mixing columns."""
+    if not window or recipe.mix is None:
+        return
+    crc = window_crc([key for key, _ in window])
+    for pos, (key, sidecar) in enumerate(window):
+        if sidecar is None:
+            continue  # already reported
+        if sidecar.window_crc != crc:
+            what = "is missing" if sidecar.window_crc is None else "does not match the keys of its window"
+            report.problems.append(Problem(shard, key, f"pairing-window checksum 'mw' {what}"))
+        problem = check_mix_columns(sidecar.ops, pos, len(window), recipe.size)
+        if problem:
+            report.problems.append(Problem(shard, key, problem))
 
 
 def teacher_view(
@@ -436,12 +459,16 @@ def _check_teacher(
     report.top1_agreement = agree / len(kept)
 
 
-Found = tuple[str, dict, Sidecar]  # a sample's key, members and sidecar
+Found = tuple[str, dict, "Sidecar | None"]  # a sample's key, members and sidecar (None: unreadable)
 
 
-def _in_window(samples: Iterator[Found], key: str | None, width: int) -> tuple[Found, list[Found]] | None:
-    """The sample ``key`` (None: the first) of a shard's samples, with its pairing window of ``width``."""
-    window: list[Found] = []
+def _in_window(
+    samples: Iterator[tuple[str, dict]], key: str | None, width: int, decode: Any
+) -> tuple[Found, list[Found]] | None:
+    """The sample ``key`` (None: the first) of a shard's (key, members), with its pairing window of
+    ``width``; only those sidecars are decoded (``decode(key, members)``), the window's others
+    as None where they cannot be."""
+    window: list[tuple[str, dict]] = []
     found = None
     for pos, sample in enumerate(samples):
         if pos % width == 0:
@@ -450,8 +477,18 @@ def _in_window(samples: Iterator[Found], key: str | None, width: int) -> tuple[F
             window = []
         window.append(sample)
         if found is None and (key is None or sample[0] == key):
-            found = sample
-    return (found, window) if found is not None else None
+            found = len(window) - 1
+    if found is None:
+        return None
+    decoded: list[Found] = []
+    for n, (k, members) in enumerate(window):
+        try:
+            decoded.append((k, members, decode(k, members)))
+        except (DataError, KeyError):
+            if n == found:
+                raise  # the sample asked for: say why it cannot be drawn
+            decoded.append((k, members, None))
+    return decoded[found], decoded
 
 
 def _find_sample(
@@ -462,11 +499,9 @@ def _find_sample(
     if not manifest.sidecar_sets:
         for shard_url in shard_urls(url, manifest):
             with open_url(shard_url) as stream:
-                samples = (
-                    (k, members, decode_sidecar(members[SIDECAR_EXT], k))
-                    for k, members in _samples(_HashingReader(stream))
+                hit = _in_window(
+                    _samples(_HashingReader(stream)), key, width, lambda k, m: decode_sidecar(m[SIDECAR_EXT], k)
                 )
-                hit = _in_window(samples, key, width)
                 if hit is not None:
                     return hit
         raise ValueError(f"key {key!r} is not in {url}")
@@ -474,10 +509,10 @@ def _find_sample(
 
     base, skipped = dirname_url(url), frozenset(s.key for s in manifest.skipped)
     groups = manifest.round_groups[: -(-max_rounds // manifest.group_rounds)]
-    def joined(sample: dict, n_sides: int) -> Found:
-        k = sample["__key__"]
-        parts = [decode_sidecar(sample[SIDECAR_EXT if n == 0 else f"{SIDECAR_EXT}.{n}"], k) for n in range(n_sides)]
-        sidecar = Sidecar(
+
+    def joined(k: str, sample: dict) -> Sidecar:
+        parts = [decode_sidecar(sample[SIDECAR_EXT if n == 0 else f"{SIDECAR_EXT}.{n}"], k) for n in range(len(groups))]
+        return Sidecar(
             parts[0].fingerprint,
             np.concatenate([p.idx for p in parts]),
             np.concatenate([p.prob for p in parts]),
@@ -485,12 +520,11 @@ def _find_sample(
             parts[0].image_crc,
             parts[0].window_crc,
         )
-        return k, sample, sidecar
 
     for i, image in enumerate(manifest.image_shards):
         sides = [join_url(base, g.shards[i].name) for g in groups]
-        samples = (joined(s, len(sides)) for s in aligned_samples(image.name, sides, skipped))
-        hit = _in_window(samples, key, width)
+        samples = ((s["__key__"], s) for s in aligned_samples(image.name, sides, skipped))
+        hit = _in_window(samples, key, width, joined)
         if hit is not None:
             return hit
     raise ValueError(f"key {key!r} is not in {url}")
@@ -543,11 +577,12 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
     size = "x".join(str(v) for v in recipe.size)
     draw.text((4, 4), f"{key}: {label}; {n} of {sidecar.rounds} rounds, teacher's top-3 under each", fill="black")
     draw.text((4, 18), f"recipe {name} at {size} px" + (f", shown x{zoom}" if zoom > 1 else ""), fill="black")
+
     def paste(pixels: torch.Tensor, x: int, y: int) -> None:
         tile = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
         canvas.paste(tile.resize((w, h), Image.NEAREST) if zoom > 1 else tile, (x, y))
 
-    pairs = [(next(m[e] for e in IMAGE_EXTS if e in m), sc) for _, m, sc in window]
+    pairs = [(next((m[e] for e in IMAGE_EXTS if e in m), None), sc) for _, m, sc in window]
     for r in range(n):
         if recipe.mix is None:
             x, y = (r % columns) * tile_w, 34 + (r // columns) * (h + text_h)
@@ -635,9 +670,12 @@ def _verify_sidecar_sets(
         expected = [k for k in keys if k not in skipped]
         teacher_group = {key: int(rng.integers(len(manifest.round_groups))) for key in kept}
         needed = {n // width for n, k in enumerate(expected) if k in kept} if width else set()
+        if width:  # keep only the images of windows with a chosen sample
+            images = {k: images[k] for n, k in enumerate(expected) if n // width in needed and k in images}
         for g, group in enumerate(manifest.round_groups):
             info = group.shards[i]
             position = itertools.count()
+            pending: list[tuple[str, Sidecar | None]] = []  # mixing: the open window
 
             def on_sidecar(
                 key: str,
@@ -646,6 +684,7 @@ def _verify_sidecar_sets(
                 g: int = g,
                 name: str = info.name,
                 position: Iterator[int] = position,
+                pending: list[tuple[str, Sidecar | None]] = pending,
             ) -> None:
                 sidecar, errors = _check_sidecar(
                     members.get(SIDECAR_EXT), manifest, recipe, group.rounds, crcs.get(key)
@@ -657,10 +696,15 @@ def _verify_sidecar_sets(
                     window = (name, w)
                     if w in needed:
                         windows.setdefault(window, []).append((images.get(key), None if errors else sidecar))
+                    pending.append((key, None if errors else sidecar))
+                    if len(pending) == width:
+                        _check_window(report, name, pending, recipe)
+                        pending.clear()
                 if sidecar is not None and not errors and key in kept and teacher_group[key] == g:
                     chosen.append((name, key, kept[key], sidecar, window))
 
             side_keys = _read_shard(report, info.name, join_url(base, info.name), info, on_sidecar)
+            _check_window(report, info.name, pending, recipe)
             if side_keys != expected:
                 where = next(
                     (n for n, (a, b) in enumerate(zip(side_keys, expected)) if a != b),
