@@ -115,6 +115,15 @@ def test_recipe_mix_is_part_of_the_fingerprint_and_round_trips():
         Recipe.from_spec(dict(mixed.to_dict(), mix={"window": 1}))
     with pytest.raises(ValueError, match="<= 1"):
         Recipe.from_spec(dict(mixed.to_dict(), mix={"mode": "one", "mixup": {"p": 0.8}, "cutmix": {"p": 0.5}}))
+    for mix, match in (
+        ({"windw": 4}, r"unknown mix field\(s\) \['windw'\]"),
+        ({"mixup": {"alfa": 1}}, r"expected mix mixup a mapping of \['alpha', 'max', 'p'\]"),
+        ({"cutmix": {"p": 1.5}}, r"expected mix cutmix p a probability in \[0, 1\], got 1.5"),
+        ({"mixup": {"max": 0}}, "expected mix mixup max a positive number"),
+        ({"mode": "switch"}, r"expected mix mode in \['both', 'one'\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            Recipe.from_spec(dict(mixed.to_dict(), mix=mix))
 
 
 # ----------------------------------------------------------------------------------------
@@ -436,12 +445,32 @@ def test_verify_checks_window_checksums_and_mixing_rows(produced, tmp_path):
         ops["mixp"][0, 0], ops["mixl"][0, 0] = 3, 10  # position 2 + 1: itself
         return dataclasses.replace(sc, ops=ops)
 
-    for change, message in ((bad_window, "'mw' does not match"), (self_partner, "its own mixing partner")):
+    for change, message in ((bad_window, "pairing window differs"), (self_partner, "its own mixing partner")):
         dest = tmp_path / change.__name__
         _rewrite_shard(out, dest, change)
         report = verify_shards(str(dest))
         assert not report.ok and len(report.problems) == 1, report.problems
         assert message in report.problems[0].message
+
+
+def test_the_loader_refuses_mixing_rows_that_cannot_be_right(produced, tmp_path):
+    import dataclasses
+
+    _, out, _ = produced
+
+    def self_partner(pos, key, sc):  # every round of the third sample names itself as partner
+        if pos != 2:
+            return sc
+        ops = {name: np.array(col) for name, col in sc.ops.items()}
+        ops["mixp"][:, 0], ops["mixl"][:, 0] = 3, 10
+        return dataclasses.replace(sc, ops=ops)
+
+    dest = tmp_path / "self_partner"
+    _rewrite_shard(out, dest, self_partner)
+    counter = SkipCounter()
+    keys = [k for (k,) in ReinforcedDataset(str(dest) + "/", keys=("__key__",), handler=counter)]
+    assert counter.count == 1 and "its own mixing partner" in counter.last
+    assert len(keys) == Manifest.from_json((dest / "manifest.json").read_text()).num_samples - 1
 
 
 def test_grid_draws_a_sample_despite_a_damaged_sidecar_elsewhere(produced, tmp_path):

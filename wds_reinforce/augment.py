@@ -32,7 +32,7 @@ from ._registry import Registry
 from .decode import DECODE_MODES, DecodeError, SourceImage, reduced_scale
 from .errors import FormatError
 from .kernels import CURRENT_KERNELS, KERNELS, LEGACY_KERNELS, Kernels, kernel_set
-from .mixing import Mixing
+from .mixing import MIX_WIDTHS, Mixing
 from .ops import (
     OPS,
     CenterCrop,
@@ -185,7 +185,7 @@ class Recipe:
         """Column name -> values per round: what a sidecar of this recipe must hold (mixing's included)."""
         fields = {op.column.name: op.column.width for op in self.ops if op.column is not None}
         if self.mix is not None:
-            fields.update(mixp=1, mixl=1, mixb=4)
+            fields.update(MIX_WIDTHS)
         return fields
 
     def check_columns(self, ops: Mapping[str, np.ndarray]) -> None:

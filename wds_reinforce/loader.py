@@ -38,7 +38,7 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD, Recipe, normalize, replay
 from .decode import SourceImage
 from .errors import DataError, FormatError, MismatchError, UsageError, VersionError
 from .format import FORMAT_VERSION, SIDECAR_EXT, Manifest, Sidecar, check_topk, crc32c, decode_sidecar
-from .mixing import MIX_COLUMNS, check_mix_row, mix_pixels, window_crc
+from .mixing import check_mix_row, check_window_crc, mix_pixels, mix_row, window_crc
 from .schedule import SharedEpoch, epoch_value, group_for, original_rng, round_for, round_in_group
 from .targets import dense_row, mean_topk, sparse_one_hot
 
@@ -449,13 +449,9 @@ def _mix_window(window: list[dict], plan: ReplayPlan, epoch: int, state: dict) -
         try:
             sidecar = _sidecar(sample, plan, state["first"])
             state["first"] = False
-            if sidecar.window_crc is None:
-                raise FormatError("a mixing recipe's sidecar without a pairing-window checksum 'mw'")
-            if sidecar.window_crc != crc:
-                raise FormatError(
-                    "the sample's pairing window differs from the one it was mixed in (samples lost, "
-                    "reordered or shuffled before the mixing stage)"
-                )
+            problem = check_window_crc(sidecar.window_crc, crc)
+            if problem:
+                raise FormatError(problem)
         except MismatchError:
             raise
         except DataError as exc:
@@ -464,11 +460,14 @@ def _mix_window(window: list[dict], plan: ReplayPlan, epoch: int, state: dict) -
     sources: dict[int, SourceImage] = {}
     views: dict[tuple[int, int], torch.Tensor] = {}
 
+    def source(i: int) -> SourceImage:  # checked and decoded once, whoever needs it first
+        if i not in sources:
+            sources[i] = _source(window[i], sidecars[i])
+        return sources[i]
+
     def view(i: int, r: int) -> torch.Tensor:
         if (i, r) not in views:
-            if i not in sources:
-                sources[i] = _source(window[i], sidecars[i])
-            views[i, r] = replay(sources[i], sidecars[i].round_params(r), plan.recipe)
+            views[i, r] = replay(source(i), sidecars[i].round_params(r), plan.recipe)
         return views[i, r]
 
     opts = plan.options
@@ -480,11 +479,10 @@ def _mix_window(window: list[dict], plan: ReplayPlan, epoch: int, state: dict) -
             r, sample["round"] = _choose_round(plan, keys[i], epoch, sidecar.rounds, keys[0])
             sample["sidecar"], sample["epoch"] = sidecar, epoch
             if r < 0:
-                sources.setdefault(i, _source(sample, sidecar))
-                sample["image"] = _image(sample, plan, r, sidecar, epoch, opts.seed, sources[i])
+                sample["image"] = _image(sample, plan, r, sidecar, epoch, opts.seed, source(i))
             else:
-                row = {name: sidecar.ops[name][r] for name in MIX_COLUMNS}
-                problem = check_mix_row(row, len(window), plan.recipe.size)
+                row = mix_row(sidecar.ops, r)
+                problem = check_mix_row(row, i, len(window), plan.recipe.size)
                 if problem:
                     raise FormatError(problem)
                 img, partner = view(i, r), int(row["mixp"][0]) - 1

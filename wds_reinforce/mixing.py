@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .format import crc32c
+from .format import COLUMNS, crc32c
 from .schedule import key_word
 
 __all__ = [
@@ -53,9 +53,13 @@ __all__ = [
     "mixed_views",
     "check_mix_row",
     "check_mix_columns",
+    "check_window_crc",
+    "mix_row",
+    "MIX_WIDTHS",
 ]
 
 MIX_COLUMNS = ("mixp", "mixl", "mixb")
+MIX_WIDTHS = {name: COLUMNS.get(name).width for name in MIX_COLUMNS}  # values per round of each
 WEIGHT_SCALE = 256  # MixUp weights are q / 256, q in 1..255
 MIX_MODES = ("both", "one")
 _MIX_TAG = 0x4D4958  # "MIX": the mixing stream is independent of the ops' round_rng stream
@@ -164,7 +168,7 @@ class Mixing:
             cutmix = not mixup and u_mixup < self.mixup_p + self.cutmix_p
         box = _box(area, cy, cx, size) if cutmix else (0, 0, 0, 0)
         cutmix = box[2] > 0
-        rows = {name: np.zeros(width, np.int64) for name, width in (("mixp", 1), ("mixl", 1), ("mixb", 4))}
+        rows = {name: np.zeros(width, np.int64) for name, width in MIX_WIDTHS.items()}
         if members < 2 or not (mixup or cutmix):
             return rows
         rows["mixp"][0] = 1 + (partner if partner < position else partner + 1)
@@ -202,36 +206,34 @@ def window_crc(keys: Sequence[str]) -> int:
     return crc32c("\n".join(keys).encode())
 
 
+def check_window_crc(recorded: int | None, crc: int) -> str | None:
+    """Why a sidecar's ``mw`` (``recorded``) does not fit its window, whose keys give ``crc``."""
+    if recorded is None:
+        return "a mixing recipe's sidecar without a pairing-window checksum 'mw'"
+    if recorded != crc:
+        return (
+            "the sample's pairing window differs from the one it was mixed in (samples lost, reordered "
+            "or shuffled before the mixing stage)"
+        )
+    return None
+
+
 def mix_kind(row: Mapping[str, np.ndarray]) -> str:
     """``none``, ``mixup``, ``cutmix`` or ``both``: what one round's mixing rows do."""
     mixup, cutmix = int(row["mixl"][0]) > 0, int(row["mixb"][2]) > 0
     return "both" if mixup and cutmix else "mixup" if mixup else "cutmix" if cutmix else "none"
 
 
-def check_mix_row(row: Mapping[str, np.ndarray], members: int, size: tuple[int, int]) -> str | None:
-    """Why one round's mixing rows cannot be right in a window of ``members`` (None if they can)."""
-    partner = int(row["mixp"][0])
-    weight = int(row["mixl"][0])
-    top, left, h, w = (int(v) for v in row["mixb"])
-    if partner == 0:
-        return None if weight == 0 and h == 0 and w == 0 else "mixing rows without a partner"
-    if partner > members:
-        return f"mixing partner {partner - 1} is outside its window of {members} samples"
-    if weight >= WEIGHT_SCALE:
-        return f"MixUp weight {weight} is not below {WEIGHT_SCALE}"
-    if (h == 0) != (w == 0) or top + h > size[0] or left + w > size[1]:
-        return f"CutMix box {(top, left, h, w)} does not fit the {size[0]}x{size[1]} output"
-    if weight == 0 and h == 0:
-        return "a mixing partner with neither MixUp nor CutMix"
-    return None
+def mix_row(ops: Mapping[str, np.ndarray], r: int) -> dict[str, np.ndarray]:
+    """Round ``r``'s mixing rows of a sidecar's (or ``sample_rounds``') columns."""
+    return {name: ops[name][r] for name in MIX_COLUMNS}
 
 
-def check_mix_columns(ops: Mapping[str, np.ndarray], position: int, members: int, size: tuple[int, int]) -> str | None:
-    """Why a sidecar's mixing columns (all rounds) cannot be right for the sample at ``position``
-    of a window of ``members`` (None if they can): ``check_mix_row`` for every round, at once."""
-    partner, q = ops["mixp"][:, 0].astype(np.int64), ops["mixl"][:, 0].astype(np.int64)
-    top, left, h, w = (ops["mixb"][:, i].astype(np.int64) for i in range(4))
-    checks = (
+def _violations(partner: Any, q: Any, box: Sequence[Any], position: int, members: int, size: tuple[int, int]):
+    """The rules mixing rows obey, as (broken, why) pairs: of Python ints for one round, or of
+    numpy arrays for all rounds at once (the operators are the same)."""
+    top, left, h, w = box
+    return (
         ((partner == 0) & ((q > 0) | (h > 0) | (w > 0)), "mixing rows without a partner"),
         (partner > members, f"a mixing partner outside its window of {members} samples"),
         (partner == position + 1, "the sample is its own mixing partner"),
@@ -239,9 +241,25 @@ def check_mix_columns(ops: Mapping[str, np.ndarray], position: int, members: int
         (((h == 0) != (w == 0)) | (top + h > size[0]) | (left + w > size[1]), "a CutMix box outside the output"),
         ((partner > 0) & (q == 0) & (h == 0), "a mixing partner with neither MixUp nor CutMix"),
     )
-    for bad, why in checks:
-        if bad.any():
-            return f"round {int(np.argmax(bad))}: {why}"
+
+
+def check_mix_row(row: Mapping[str, np.ndarray], position: int, members: int, size: tuple[int, int]) -> str | None:
+    """Why one round's mixing rows cannot be right for the sample at ``position`` of a window of
+    ``members`` (None if they can). The loader's check, per sample: plain ints, no numpy calls."""
+    box = [int(v) for v in row["mixb"]]
+    for broken, why in _violations(int(row["mixp"][0]), int(row["mixl"][0]), box, position, members, size):
+        if broken:
+            return why
+    return None
+
+
+def check_mix_columns(ops: Mapping[str, np.ndarray], position: int, members: int, size: tuple[int, int]) -> str | None:
+    """``check_mix_row`` for every round of a sidecar's columns at once (verify's check)."""
+    partner, q = ops["mixp"][:, 0].astype(np.int64), ops["mixl"][:, 0].astype(np.int64)
+    box = [ops["mixb"][:, i].astype(np.int64) for i in range(4)]
+    for broken, why in _violations(partner, q, box, position, members, size):
+        if broken.any():
+            return f"round {int(np.argmax(broken))}: {why}"
     return None
 
 
@@ -271,8 +289,9 @@ def mix_pixels(own: torch.Tensor, partner: torch.Tensor, row: Mapping[str, np.nd
 
 def mix_window(
     mix: Mixing, seed: int, keys: Sequence[str], views: Sequence[torch.Tensor], rounds: Sequence[int]
-) -> tuple[list[torch.Tensor], list[dict[str, np.ndarray]]]:
-    """The producer's step: every window member's mixing columns, and its views mixed by them.
+) -> tuple[list[torch.Tensor], list[dict[str, np.ndarray]], int]:
+    """The producer's step: every window member's mixing columns, its views mixed by them, and
+    the window's key checksum.
 
     Args:
         mix: the recipe's mixing settings.
@@ -282,12 +301,13 @@ def mix_window(
         rounds: the data set's round numbers the views are of (their draws depend on them).
 
     Returns:
-        Per member: the views the teacher sees (``mixed_views``) and the mixing columns
-        ``mixp``/``mixl``/``mixb`` as (len(rounds), width) arrays.
+        Per member the views the teacher sees (``mixed_views``) and the mixing columns
+        ``mixp``/``mixl``/``mixb`` as (len(rounds), width) arrays; and ``window_crc(keys)``, the
+        sidecars' ``mw``.
     """
     size = (int(views[0].shape[-2]), int(views[0].shape[-1]))
     columns = [mix.sample_rounds(seed, keys, i, rounds, size) for i in range(len(keys))]
-    return mixed_views(views, columns), columns
+    return mixed_views(views, columns), columns, window_crc(keys)
 
 
 def mixed_views(views: Sequence[torch.Tensor], columns: Sequence[Mapping[str, np.ndarray]]) -> list[torch.Tensor]:
@@ -300,7 +320,7 @@ def mixed_views(views: Sequence[torch.Tensor], columns: Sequence[Mapping[str, np
     for i, cols in enumerate(columns):
         out = list(views[i])
         for t in range(len(out)):
-            row = {name: cols[name][t] for name in MIX_COLUMNS}
+            row = mix_row(cols, t)
             partner = int(row["mixp"][0])
             if partner:
                 out[t] = mix_pixels(views[i][t], views[partner - 1][t], row)

@@ -59,9 +59,9 @@ from .format import (
 from .mldr import IndexMismatchError, MetadataError, MldrConfig, check_plain, convert_rounds, load_torch_save
 from .mldr_sources import CONFIG_NAME, INDEX_NAME, FolderImages, ImageIndex, MetadataSource, ShardImages, open_images
 from .producer import dist_env
-from .sidecars import group_dir
-from .storage import LocalOutput, S3Output, open_output, sha256_file
-from .writer import library_versions, write_tar
+from .sidecars import SIDECAR_JOB_FILE, group_dir
+from .storage import LocalOutput, S3Output, open_output
+from .writer import library_versions, write_tar_file
 
 __all__ = [
     "ShardWriter",
@@ -74,9 +74,6 @@ __all__ = [
 
 _DONE_DIR = ".done"
 _SPOOL = ".mldr-spool"
-# The sidecar-set producer's job file (sidecars.py): written here so that make_shards --sidecars-only
-# refuses to write its own teacher's groups over an imported set instead of replacing them.
-_SIDECAR_JOB = f"{_DONE_DIR}/sidecar-job.json"
 
 
 def _load_config(data: bytes, name: str) -> MldrConfig:
@@ -113,19 +110,6 @@ class ShardWriter(Protocol):
     def __call__(self, j: int, pairs: Iterable[tuple[int, Sidecar]], rounds: int) -> ShardOutput: ...
 
 
-def _finish_tar(
-    output: LocalOutput | S3Output, name: str, members: Iterator[tuple[str, bytes]], keys: list[str]
-) -> ShardInfo:
-    """Write ``members`` as tar ``name`` (staged, then put in place); ``keys`` fills as members are drawn."""
-    tmp = output.staging() / f"{name.replace('/', '__')}.tmp"
-    with open(tmp, "wb") as f:
-        write_tar(f, members)
-    sha = sha256_file(tmp)
-    info = ShardInfo(name, len(keys), tmp.stat().st_size, sha, keys[0] if keys else "", keys[-1] if keys else "")
-    output.finish_file(tmp, name, sha)
-    return info
-
-
 class SelfContainedShards:
     """Self-contained shards: each sample's image bytes (copied), label and sidecar, as the producer writes them."""
 
@@ -152,7 +136,7 @@ class SelfContainedShards:
                 yield f"{key}.cls", str(self.images.labels[i]).encode()
                 yield f"{key}.{SIDECAR_EXT}", side
 
-        info = _finish_tar(self.output, self.name(j), members(), keys)
+        info = write_tar_file(self.output, self.name(j), members(), keys)
         return ShardOutput([info], sidecar_bytes)
 
 
@@ -209,7 +193,7 @@ class SidecarSetShards:
                     yield f"{self.images.keys[i]}.{SIDECAR_EXT}", data
 
             name = f"{group_dir(g * G, G)}/{self.split}-{j:06d}.tar"
-            files.append(_finish_tar(self.output, name, members(), keys))
+            files.append(write_tar_file(self.output, name, members(), keys))
         return ShardOutput(files, sidecar_bytes, image)
 
 
@@ -327,7 +311,7 @@ class _Job:
         return done
 
     def check_existing(self) -> None:
-        text = self.output.read_text(_SIDECAR_JOB)  # a sidecar set made here (by this import or the producer)
+        text = self.output.read_text(SIDECAR_JOB_FILE)  # a sidecar set made here (by this import or the producer)
         if text is not None:
             try:
                 other = json.loads(text).get("job")
@@ -766,8 +750,9 @@ def import_mldr(
             raise UsageError(
                 f"expected group_rounds a divisor of the {keep} rounds kept of every image, got {group_rounds}"
             )
-        if sidecar_set and rank == 0 and output.read_text(_SIDECAR_JOB) is None:
-            output.write_text(_SIDECAR_JOB, json.dumps({"job": digest, "identity": ident}, sort_keys=True) + "\n")
+        # The sidecar producer's job file: make_shards --sidecars-only then refuses to add its groups here.
+        if sidecar_set and rank == 0 and output.read_text(SIDECAR_JOB_FILE) is None:
+            output.write_text(SIDECAR_JOB_FILE, json.dumps({"job": digest, "identity": ident}, sort_keys=True) + "\n")
         for n_done, j in enumerate(todo, 1):
             result = job.write(j, keep)
             values = [kept[i] for i in job.shards[j] if i in kept]

@@ -47,18 +47,18 @@ from .format import (
     encode_sidecar,
 )
 from .loader import IMAGE_EXTS
-from .mixing import mix_window, mixed_views, window_crc
+from .mixing import mix_row, mix_window, mixed_views
 from .producer import checked_teacher, dist_env
-from .storage import open_output, open_url, sha256_file
+from .storage import open_output, open_url
 from .targets import topk
 from .teacher import Teacher
-from .writer import OtherJobError, ProducerSummary, error_reason, library_versions, write_tar
+from .writer import OtherJobError, ProducerSummary, error_reason, library_versions, write_tar_file
 
-__all__ = ["SidecarSetJob", "group_dir", "image_shard_urls"]
+__all__ = ["SidecarSetJob", "SIDECAR_JOB_FILE", "group_dir", "image_shard_urls"]
 
 _DONE_DIR = ".done"
 _MANIFEST = "manifest.json"
-_JOB_FILE = f"{_DONE_DIR}/sidecar-job.json"  # the job's identity, written before any shard
+SIDECAR_JOB_FILE = f"{_DONE_DIR}/sidecar-job.json"  # the job's identity, written before any shard
 
 
 def group_dir(first_round: int, rounds: int) -> str:
@@ -216,7 +216,7 @@ class SidecarSetJob:
 
     def check_existing(self) -> None:
         """Refuse to add to an output that holds another job's sidecar sets (before any work)."""
-        text = self.output.read_text(_JOB_FILE)
+        text = self.output.read_text(SIDECAR_JOB_FILE)
         if text is None:
             return
         try:
@@ -247,9 +247,9 @@ class SidecarSetJob:
         """Make this rank's missing (group, shard) sidecar shards; rank 0 then writes the manifest."""
         start = time.perf_counter()
         self.output.staging()
-        if self.rank == 0 and self.output.read_text(_JOB_FILE) is None:
+        if self.rank == 0 and self.output.read_text(SIDECAR_JOB_FILE) is None:
             self.output.write_text(
-                _JOB_FILE, json.dumps({"job": self.digest, "identity": self.identity()}, sort_keys=True)
+                SIDECAR_JOB_FILE, json.dumps({"job": self.digest, "identity": self.identity()}, sort_keys=True)
             )
         todo = []
         for i in range(self.rank, len(self.image_urls), self.world_size):
@@ -336,12 +336,11 @@ class SidecarSetJob:
     def _mix(self, window: list[dict[str, Any]], rounds: list[int]) -> None:
         """Mix one pairing window in place: the views the teacher sees, mixing columns, window checksum."""
         keys = [item["key"] for item in window]
-        mixed, columns = mix_window(self.recipe.mix, self.seed, keys, [item["images"] for item in window], rounds)
-        crc = window_crc(keys)
+        mixed, columns, crc = mix_window(self.recipe.mix, self.seed, keys, [item["images"] for item in window], rounds)
         for item, views, cols in zip(window, mixed, columns):
             item["images"], item["window"] = views, crc
             for t, params in enumerate(item["params"]):
-                params.update({name: cols[name][t] for name in cols})
+                params.update(mix_row(cols, t))
 
     def _run_teacher(self, queue: deque, count: int) -> None:
         batch = [queue.popleft() for _ in range(count)]
@@ -365,16 +364,8 @@ class SidecarSetJob:
                     self.recipe.fingerprint, s["idx"][rows], s["prob"][rows], cols, s["crc"], s.get("window")
                 )
                 members.append((f"{s['key']}.{SIDECAR_EXT}", encode_sidecar(sidecar)))
-            name = self.sidecar_name(g, i)
-            tmp = self.output.staging() / f"{name.replace('/', '__')}.tmp"
-            with open(tmp, "wb") as f:
-                write_tar(f, iter(members))
-            sha = sha256_file(tmp)
-            keys = [s["key"] for s in done_ok]
-            info = ShardInfo(
-                name, len(keys), tmp.stat().st_size, sha, keys[0] if keys else "", keys[-1] if keys else ""
-            )
-            self.output.finish_file(tmp, name, sha)
+            info = write_tar_file(self.output, self.sidecar_name(g, i), iter(members), [s["key"] for s in done_ok])
+            sha = info.sha256
             done = {
                 "job": self.digest,
                 "shard": dataclasses.asdict(info),
@@ -609,13 +600,8 @@ def add_teacher_set(
                 targets = Sidecar(sidecar.fingerprint, idx[n], prob[n], {}, sidecar.image_crc)
                 members.append((f"{key}.{SIDECAR_EXT}", encode_sidecar(targets)))
             shard_name = target_name(g, i)
-            tmp = output.staging() / f"{shard_name.replace('/', '__')}.tmp"
-            with open(tmp, "wb") as f:
-                write_tar(f, iter(members))
             keys = [key for key, _, _ in samples]
-            first, last = (keys[0], keys[-1]) if keys else ("", "")
-            info = ShardInfo(shard_name, len(keys), tmp.stat().st_size, sha256_file(tmp), first, last)
-            output.finish_file(tmp, shard_name, info.sha256)
+            info = write_tar_file(output, shard_name, iter(members), keys)
             done = {"job": digest, "shard": dataclasses.asdict(info)}
             output.write_text(f"{_DONE_DIR}/{shard_name}.json", json.dumps(done, sort_keys=True) + "\n")
             if progress:

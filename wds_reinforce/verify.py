@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import re
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +26,7 @@ from .decode import SourceImage
 from .errors import DataError, DecodeError, FormatError
 from .format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
 from .loader import IMAGE_EXTS
-from .mixing import MIX_COLUMNS, WEIGHT_SCALE, check_mix_columns, mix_kind, mix_pixels, window_crc
+from .mixing import WEIGHT_SCALE, check_mix_columns, check_window_crc, mix_kind, mix_pixels, mix_row, window_crc
 from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "draw_rounds"]
@@ -324,10 +323,7 @@ def verify_shards(
     if teacher is not None and total:
         picked = set(rng.choice(total, min(checks, total), replace=False).tolist())
     chosen: list[Chosen] = []
-    # Mixing recipes: the pairing windows of the chosen samples, (image, sidecar) by position.
-    windows: dict[tuple, list[tuple[bytes | None, Sidecar | None]]] = {}
-    width = recipe.mix.window if recipe.mix is not None else 0
-    positions: dict[str, int] = {}
+    windows = _Windows(report, recipe)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -335,7 +331,6 @@ def verify_shards(
         bar = tqdm(total=total, unit="sample", desc="verify")
     index = 0
     seen: dict[str, str] = {}
-    pending: dict[str, list[tuple[str, Sidecar | None]]] = {}  # mixing: each shard's open window
 
     def sample_of(shard_name: str) -> Any:
         def check(key: str, members: dict[str, bytes]) -> None:
@@ -345,17 +340,9 @@ def verify_shards(
             seen.setdefault(key, shard_name)
             sidecar, image, errors = _check_sample(key, members, manifest, recipe, decode_images)
             report.problems.extend(Problem(shard_name, key, e) for e in errors)
-            window = None
-            if width:
-                pos = positions[shard_name] = positions.get(shard_name, -1) + 1
-                window = (shard_name, pos // width)
-                start = index - pos % width
-                if not picked.isdisjoint(range(start, start + width)):
-                    windows.setdefault(window, []).append((image, None if errors else sidecar))
-                pending.setdefault(shard_name, []).append((key, None if errors else sidecar))
-                if len(pending[shard_name]) == width:
-                    _check_window(report, shard_name, pending.pop(shard_name), recipe)
-            if index in picked and sidecar is not None and image is not None and not errors:
+            ok = sidecar is not None and image is not None and not errors
+            window = windows.add(shard_name, key, image, sidecar if not errors else None, index in picked and ok)
+            if index in picked and ok:
                 chosen.append((shard_name, key, image, sidecar, window))
             index += 1
             if bar is not None:
@@ -368,30 +355,84 @@ def verify_shards(
     else:
         for shard, shard_url in zip(manifest.shards, shard_urls(url, manifest)):
             report.samples += len(_read_shard(report, shard.name, shard_url, shard, sample_of(shard.name)))
-            _check_window(report, shard.name, pending.pop(shard.name, []), recipe)  # the last, shorter one
+            windows.close()  # the shard's last, shorter window
     if bar is not None:
         bar.close()
     if teacher is not None and chosen:
-        _check_teacher(report, chosen, recipe, teacher, tolerance, rng, windows)
+        _check_teacher(report, chosen, recipe, teacher, tolerance, rng, windows.kept)
     return report
 
 
-def _check_window(
-    report: VerifyReport, shard: str, window: Sequence[tuple[str, Sidecar | None]], recipe: Recipe
-) -> None:
-    """A mixing recipe's pairing window: each sidecar's key checksum ``mw`` and mixing columns."""
-    if not window or recipe.mix is None:
-        return
-    crc = window_crc([key for key, _ in window])
-    for pos, (key, sidecar) in enumerate(window):
-        if sidecar is None:
-            continue  # already reported
-        if sidecar.window_crc != crc:
-            what = "is missing" if sidecar.window_crc is None else "does not match the keys of its window"
-            report.problems.append(Problem(shard, key, f"pairing-window checksum 'mw' {what}"))
-        problem = check_mix_columns(sidecar.ops, pos, len(window), recipe.size)
-        if problem:
-            report.problems.append(Problem(shard, key, problem))
+WindowId = tuple[str, int]  # (shard, the window's number in it)
+
+
+class _Windows:
+    """A mixing recipe's pairing windows as shards are read, sample by sample in shard order.
+
+    A closed window is checked (each sidecar's ``mw`` against the window's keys, its mixing rows)
+    and, when one of its samples is chosen for the teacher check, kept as (image, sidecar) pairs
+    in ``kept`` for the partners. Without mixing it does nothing.
+    """
+
+    def __init__(self, report: VerifyReport, recipe: Recipe):
+        self.report, self.recipe = report, recipe
+        self.width = recipe.mix.window if recipe.mix is not None else 0
+        self.kept: dict[WindowId, list[tuple[bytes | None, Sidecar | None]]] = {}
+        self._open: list[tuple[str, bytes | None, Sidecar | None]] = []
+        self._shard: str | None = None
+        self._number, self._wanted = 0, False
+
+    def add(self, shard: str, key: str, image: bytes | None, sidecar: Sidecar | None, wanted: bool) -> WindowId | None:
+        """The next sample of ``shard`` (None: an unreadable sidecar); its window's id."""
+        if not self.width:
+            return None
+        if shard != self._shard:
+            self.close()
+            self._shard, self._number = shard, 0
+        self._open.append((key, image, sidecar))
+        self._wanted |= wanted
+        window = (shard, self._number)
+        if len(self._open) == self.width:
+            self.close()
+        return window
+
+    def close(self) -> None:
+        """End the open window (at a shard's end: its last, shorter one)."""
+        if not self._open:
+            return
+        window, wanted = self._open, self._wanted
+        self._open, self._wanted = [], False
+        crc = window_crc([key for key, _, _ in window])
+        for pos, (key, _, sidecar) in enumerate(window):
+            if sidecar is None:
+                continue  # already reported
+            for problem in (
+                check_window_crc(sidecar.window_crc, crc),
+                check_mix_columns(sidecar.ops, pos, len(window), self.recipe.size),
+            ):
+                if problem:
+                    self.report.problems.append(Problem(self._shard, key, problem))
+        if wanted:
+            self.kept[self._shard, self._number] = [(image, sidecar) for _, image, sidecar in window]
+        self._number += 1
+
+
+def partner_view(
+    sidecar: Sidecar, r: int, recipe: Recipe, window: Sequence[tuple[bytes | None, Sidecar | None]] | None
+) -> torch.Tensor | None:
+    """The unmixed view of row ``r``'s mixing partner, from ``window`` (its pairing window's
+    (image, sidecar) pairs); None for a recipe or round that does not mix.
+
+    Raises:
+        FormatError: the round mixes but its partner is not in ``window`` or unreadable.
+    """
+    partner = int(sidecar.ops["mixp"][r][0]) - 1 if recipe.mix is not None else -1
+    if partner < 0:
+        return None
+    if window is None or partner >= len(window) or None in window[partner]:
+        raise FormatError(f"round {r}: its mixing partner (position {partner} of the window) is unreadable")
+    image, other = window[partner]
+    return replay(image, other.round_params(r), recipe)
 
 
 def teacher_view(
@@ -400,26 +441,16 @@ def teacher_view(
     r: int,
     recipe: Recipe,
     window: Sequence[tuple[bytes | None, Sidecar | None]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the teacher saw in row ``r`` of ``sidecar``: the replayed view, mixed with its partner
-    (from ``window``, the pairing window's (image, sidecar) pairs) where the round mixes; and the
-    partner's unmixed view (None for a round that does not mix).
+) -> torch.Tensor:
+    """What the teacher saw in row ``r`` of ``sidecar``: the replayed view, mixed with its
+    partner's (``partner_view``) where the round mixes.
 
     Raises:
         FormatError: the round mixes but its partner is not in ``window`` or unreadable.
     """
-    view = replay(SourceImage(image) if isinstance(image, bytes) else image, sidecar.round_params(r), recipe)
-    if recipe.mix is None:
-        return view, None
-    row = {name: sidecar.ops[name][r] for name in MIX_COLUMNS}
-    partner = int(row["mixp"][0]) - 1
-    if partner < 0:
-        return view, None
-    if window is None or partner >= len(window) or None in window[partner]:
-        raise FormatError(f"round {r}: its mixing partner (position {partner} of the window) is unreadable")
-    p_image, p_sidecar = window[partner]
-    other = replay(p_image, p_sidecar.round_params(r), recipe)
-    return mix_pixels(view, other, row), other
+    view = replay(image, sidecar.round_params(r), recipe)
+    other = partner_view(sidecar, r, recipe, window)
+    return view if other is None else mix_pixels(view, other, mix_row(sidecar.ops, r))
 
 
 def _check_teacher(
@@ -429,13 +460,13 @@ def _check_teacher(
     teacher: Any,
     tolerance: float,
     rng: np.random.Generator,
-    windows: Mapping[tuple, Sequence[tuple[bytes | None, Sidecar | None]]],
+    windows: Mapping[WindowId, Sequence[tuple[bytes | None, Sidecar | None]]],
 ) -> None:
     rounds = [int(rng.integers(c[3].rounds)) for c in chosen]
     views, kept = [], []
     for (shard, key, image, sc, window), r in zip(chosen, rounds):
         try:
-            views.append(teacher_view(image, sc, r, recipe, windows.get(window))[0])
+            views.append(teacher_view(image, sc, r, recipe, windows.get(window)))
             kept.append(((shard, key, image, sc, window), r))
         except FormatError as exc:
             report.problems.append(Problem(shard, key, str(exc)))
@@ -592,16 +623,16 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
             y = 34 + r * (h + text_h)
             view, other = replay(src, sidecar.round_params(r), recipe), None
             try:
-                mixed, other = teacher_view(src, sidecar, r, recipe, pairs)
+                other = partner_view(sidecar, r, recipe, pairs)
             except FormatError as exc:
-                mixed = view
                 draw.text((tile_w + 2, y + h + 2), str(exc)[:40], fill="red")
+            mixed = view if other is None else mix_pixels(view, other, mix_row(sidecar.ops, r))
             paste(view, 0, y)
             draw.text((2, y + h + 2), f"round {r}: own view", fill="gray")
             partner = int(sidecar.ops["mixp"][r][0]) - 1
             if other is not None:
                 paste(other, tile_w, y)
-                what = mix_kind({c: sidecar.ops[c][r] for c in MIX_COLUMNS})
+                what = mix_kind(mix_row(sidecar.ops, r))
                 weight = int(sidecar.ops["mixl"][r][0]) / WEIGHT_SCALE
                 draw.text((tile_w + 2, y + h + 2), f"partner {window[partner][0][:16]}", fill="gray")
                 detail = f"{what}" + (f", weight {weight:.2f}" if weight else "")
@@ -621,7 +652,7 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
 
 # A sample whose outputs the teacher rechecks: (shard, key, image, sidecar, its pairing window's
 # id in the windows map, or None without mixing).
-Chosen = tuple[str, str, bytes, Sidecar, "tuple | None"]
+Chosen = tuple[str, str, bytes, Sidecar, "WindowId | None"]
 
 
 def _verify_sidecar_sets(
@@ -631,7 +662,7 @@ def _verify_sidecar_sets(
     recipe: Recipe,
     picked: set[int],
     chosen: list[Chosen],
-    windows: dict[tuple, list[tuple[bytes | None, Sidecar | None]]],
+    windows: _Windows,
     decode_images: bool,
     bar: Any,
     rng: np.random.Generator,
@@ -639,8 +670,8 @@ def _verify_sidecar_sets(
     """Image shards (unchanged since the sidecars were made: sha256), then each round group's
     sidecar shards: aligned with their image shard (same keys, same order, but the skipped),
     decodable, of the group's rounds, and matching their image's CRC-32C. For mixing recipes the
-    images of a shard with a chosen sample are kept while its sidecars are read, for the partners."""
-    width = recipe.mix.window if recipe.mix is not None else 0
+    images of the windows with a chosen sample are kept while the shard's sidecars are read."""
+    width = windows.width
     skipped = {s.key for s in manifest.skipped}
     base = dirname_url(url)
     counter = {"index": 0}
@@ -674,37 +705,22 @@ def _verify_sidecar_sets(
             images = {k: images[k] for n, k in enumerate(expected) if n // width in needed and k in images}
         for g, group in enumerate(manifest.round_groups):
             info = group.shards[i]
-            position = itertools.count()
-            pending: list[tuple[str, Sidecar | None]] = []  # mixing: the open window
 
             def on_sidecar(
-                key: str,
-                members: dict[str, bytes],
-                group: Any = group,
-                g: int = g,
-                name: str = info.name,
-                position: Iterator[int] = position,
-                pending: list[tuple[str, Sidecar | None]] = pending,
+                key: str, members: dict[str, bytes], group: Any = group, g: int = g, name: str = info.name
             ) -> None:
                 sidecar, errors = _check_sidecar(
                     members.get(SIDECAR_EXT), manifest, recipe, group.rounds, crcs.get(key)
                 )
                 report.problems.extend(Problem(name, key, e) for e in errors)
-                window = None
-                if width:
-                    w = next(position) // width
-                    window = (name, w)
-                    if w in needed:
-                        windows.setdefault(window, []).append((images.get(key), None if errors else sidecar))
-                    pending.append((key, None if errors else sidecar))
-                    if len(pending) == width:
-                        _check_window(report, name, pending, recipe)
-                        pending.clear()
-                if sidecar is not None and not errors and key in kept and teacher_group[key] == g:
+                ok = sidecar is not None and not errors
+                wanted = ok and key in kept and teacher_group[key] == g
+                window = windows.add(name, key, images.get(key), sidecar if ok else None, wanted)
+                if wanted:
                     chosen.append((name, key, kept[key], sidecar, window))
 
             side_keys = _read_shard(report, info.name, join_url(base, info.name), info, on_sidecar)
-            _check_window(report, info.name, pending, recipe)
+            windows.close()  # the shard's last, shorter window
             if side_keys != expected:
                 where = next(
                     (n for n, (a, b) in enumerate(zip(side_keys, expected)) if a != b),

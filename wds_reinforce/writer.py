@@ -41,7 +41,7 @@ from .augment import Recipe, replay
 from .decode import SourceImage
 from .errors import DataError, UsageError
 from .format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, encode_sidecar
-from .mixing import mix_window, window_crc
+from .mixing import mix_window
 from .progress import ShardProgress
 from .sources import Source, SourceSample, SourceSampleError
 from .storage import sha256_file
@@ -57,6 +57,7 @@ __all__ = [
     "ReplayDataset",
     "ReinforceJob",
     "write_tar",
+    "write_tar_file",
     "TAR_MTIME",
 ]
 
@@ -121,6 +122,19 @@ def write_tar(fileobj: io.BufferedIOBase, members: Iterator[tuple[str, bytes]]) 
     with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+
+
+def write_tar_file(output: Any, name: str, members: Iterator[tuple[str, bytes]], keys: list[str]) -> ShardInfo:
+    """Write ``members`` as the tar ``name`` of ``output`` (a ``storage`` output): staged under a
+    temporary name, hashed, then put in place. ``keys`` (the samples' keys) may fill while the
+    members are drawn; the returned ``ShardInfo`` counts them."""
+    tmp = output.staging() / f"{name.replace('/', '__')}.tmp"
+    with open(tmp, "wb") as f:
+        write_tar(f, members)
+    sha = sha256_file(tmp)
+    info = ShardInfo(name, len(keys), tmp.stat().st_size, sha, keys[0] if keys else "", keys[-1] if keys else "")
+    output.finish_file(tmp, name, sha)
+    return info
 
 
 # ----------------------------------------------------------------------------------------
@@ -342,7 +356,7 @@ class ReinforceJob:
         def enqueue(window: list[dict[str, Any]]) -> Iterator[tuple[str, bytes]]:
             nonlocal images
             if self.recipe.mix is not None and window:
-                mix_shard_window(window, self.recipe, self.seed, range(self.rounds))
+                _mix_items(window, self.recipe, self.seed, self.rounds)
             for item in window:
                 item["idx"] = np.zeros((self.rounds, self.topk), np.uint32)
                 item["prob"] = np.zeros((self.rounds, self.topk), np.float16)
@@ -596,20 +610,13 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def mix_shard_window(window: list[dict[str, Any]], recipe: Recipe, seed: int, rounds: Sequence[int]) -> None:
-    """Mix one pairing window of producer items in place (``images``, ``params``, ``window``).
-
-    Each item holds ``sample`` (its key), ``images`` (len(rounds), 3, H, W) unmixed views and
-    ``params`` (op columns); afterwards ``images`` are what the teacher sees, ``params`` has the
-    mixing columns and ``window`` the window's key checksum for the sidecar.
-    """
+def _mix_items(window: list[dict[str, Any]], recipe: Recipe, seed: int, rounds: int) -> None:
+    """Mix one pairing window of producer items in place: ``images`` become what the teacher sees,
+    ``params`` gain the mixing columns, ``window`` is the sidecars' ``mw``."""
     keys = [item["sample"].key for item in window]
-    mixed, columns = mix_window(recipe.mix, seed, keys, [item["images"] for item in window], list(rounds))
-    crc = window_crc(keys)
+    mixed, columns, crc = mix_window(recipe.mix, seed, keys, [item["images"] for item in window], range(rounds))
     for item, views, cols in zip(window, mixed, columns):
-        item["images"] = views
-        item["params"] = {**item["params"], **cols}
-        item["window"] = crc
+        item["images"], item["params"], item["window"] = views, {**item["params"], **cols}, crc
 
 
 class ReplayDataset(torch.utils.data.Dataset):
