@@ -353,8 +353,9 @@ def test_sidecar_sets_mix_the_same_way(produced, tmp_path):
 
     # verify reruns the teacher on mixed rounds of the set; --grid finds the window; a second
     # teacher labels the same mixed views
+    from wds_reinforce.picture import draw_rounds
     from wds_reinforce.sidecars import add_teacher_set
-    from wds_reinforce.verify import draw_rounds, verify_shards
+    from wds_reinforce.verify import verify_shards
 
     plain_teacher = load_teacher(TEACHER, num_classes=3, device="cpu")
     report = verify_shards(str(sets), teacher=plain_teacher, checks=12, tolerance=0.01)
@@ -474,7 +475,7 @@ def test_the_loader_refuses_mixing_rows_that_cannot_be_right(produced, tmp_path)
 
 
 def test_grid_draws_a_sample_despite_a_damaged_sidecar_elsewhere(produced, tmp_path):
-    from wds_reinforce.verify import draw_rounds
+    from wds_reinforce.picture import draw_rounds
 
     _, out, _ = produced
     dest = tmp_path / "damaged"

@@ -324,7 +324,7 @@ def test_ranks_split_image_shards_and_match_one_process(images, sets, tmp_path, 
 def test_the_rounds_picture_of_a_sidecar_set(sets, tmp_path):
     from PIL import Image
 
-    from wds_reinforce.verify import draw_rounds
+    from wds_reinforce.picture import draw_rounds
 
     key = draw_rounds(str(sets), str(tmp_path / "rounds.png"), key="img1_2", max_rounds=6)
     assert key == "img1_2"

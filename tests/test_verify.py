@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from tests.shardmaker import make_shards
-from wds_reinforce.verify import draw_rounds, verify_shards
+from wds_reinforce.picture import draw_rounds
+from wds_reinforce.verify import verify_shards
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ _LAZY = {
     "Teacher": "teacher",
     "load_teacher": "teacher",
     "verify_shards": "verify",
-    "draw_rounds": "verify",
+    "draw_rounds": "picture",
 }
 
 __all__ = [

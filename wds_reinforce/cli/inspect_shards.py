@@ -78,7 +78,8 @@ def _load_teacher(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from wds_reinforce.format import FormatError
-    from wds_reinforce.verify import draw_rounds, verify_shards
+    from wds_reinforce.picture import draw_rounds
+    from wds_reinforce.verify import verify_shards
 
     try:
         if args.grid:

@@ -1,0 +1,183 @@
+"""The rounds picture: one sample's stored rounds replayed as the teacher saw them.
+
+``draw_rounds`` (``inspect_shards.py --grid``) finds a sample in a data set (self-contained or a
+sidecar set), replays its rounds and draws them with the stored top-3 under each; for a mixing
+recipe each round is its own view, its partner's and the mixed view the teacher saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from .augment import Recipe, replay
+from .dataset import aligned_samples, shard_samples
+from .decode import SourceImage
+from .errors import DataError, FormatError
+from .format import SIDECAR_EXT, Manifest, Sidecar, decode_sidecar
+from .loader import IMAGE_EXTS
+from .mixing import WEIGHT_SCALE, mix_kind, mix_pixels, mix_row
+from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
+from .verify import partner_view
+
+__all__ = ["draw_rounds"]
+
+
+Found = tuple[str, dict, "Sidecar | None"]  # a sample's key, members and sidecar (None: unreadable)
+
+
+def _in_window(
+    samples: Iterator[tuple[str, dict]], key: str | None, width: int, decode: Any
+) -> tuple[Found, list[Found]] | None:
+    """The sample ``key`` (None: the first) of a shard's (key, members), with its pairing window of
+    ``width``; only those sidecars are decoded (``decode(key, members)``), the window's others
+    as None where they cannot be."""
+    window: list[tuple[str, dict]] = []
+    found = None
+    for pos, sample in enumerate(samples):
+        if pos % width == 0:
+            if found is not None:
+                break
+            window = []
+        window.append(sample)
+        if found is None and (key is None or sample[0] == key):
+            found = len(window) - 1
+    if found is None:
+        return None
+    decoded: list[Found] = []
+    for n, (k, members) in enumerate(window):
+        try:
+            decoded.append((k, members, decode(k, members)))
+        except (DataError, KeyError):
+            if n == found:
+                raise  # the sample asked for: say why it cannot be drawn
+            decoded.append((k, members, None))
+    return decoded[found], decoded
+
+
+def _find_sample(
+    url: str, manifest: Manifest, key: str | None, max_rounds: int, width: int = 1
+) -> tuple[Found, list[Found]]:
+    """A sample's key, members and sidecar (for a sidecar set: its first groups' rounds, joined),
+    and its pairing window's samples (``width`` 1: itself)."""
+    if not manifest.sidecar_sets:
+        for shard_url in shard_urls(url, manifest):
+            with open_url(shard_url) as stream:
+                samples = ((s["__key__"], s) for s in shard_samples(stream, shard_url))
+                hit = _in_window(samples, key, width, lambda k, m: decode_sidecar(m[SIDECAR_EXT], k))
+                if hit is not None:
+                    return hit
+        raise ValueError(f"key {key!r} is not in {url}")
+    base, skipped = dirname_url(url), frozenset(s.key for s in manifest.skipped)
+    groups = manifest.round_groups[: -(-max_rounds // manifest.group_rounds)]
+
+    def joined(k: str, sample: dict) -> Sidecar:
+        parts = [decode_sidecar(sample[SIDECAR_EXT if n == 0 else f"{SIDECAR_EXT}.{n}"], k) for n in range(len(groups))]
+        return Sidecar(
+            parts[0].fingerprint,
+            np.concatenate([p.idx for p in parts]),
+            np.concatenate([p.prob for p in parts]),
+            {c: np.concatenate([p.ops[c] for p in parts]) for c in parts[0].ops},
+            parts[0].image_crc,
+            parts[0].window_crc,
+        )
+
+    for i, image in enumerate(manifest.image_shards):
+        sides = [join_url(base, g.shards[i].name) for g in groups]
+        samples = ((s["__key__"], s) for s in aligned_samples(image.name, sides, skipped))
+        hit = _in_window(samples, key, width, joined)
+        if hit is not None:
+            return hit
+    raise ValueError(f"key {key!r} is not in {url}")
+
+
+def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int = 16, columns: int = 4) -> str:
+    """Draw one sample's replayed rounds with the stored top-3 under each; return the key drawn.
+
+    The title gives the sample's true label and the recipe's name (a recipe file's name); tiles
+    smaller than 128 px are enlarged (nearest neighbour, so the pixels stay the teacher's). For a
+    mixing recipe each round is a row of three tiles: the sample's own view, its partner's view
+    (named, with what mixes them) and the mixed view the teacher saw, with the top-3 under it.
+
+    Args:
+        location: shard directory / URL prefix, or the manifest's URL.
+        out: the PNG to write.
+        key: the sample to draw (default: the first of the first shard).
+        max_rounds: draw at most this many rounds.
+        columns: tiles per row.
+    """
+    from PIL import Image, ImageDraw
+
+    url = manifest_url(location)
+    manifest = read_manifest(url)
+    recipe = Recipe.from_dict(manifest.recipe)
+    width = recipe.mix.window if recipe.mix is not None else 1
+    (key, members, sidecar), window = _find_sample(url, manifest, key, max_rounds, width)
+    image = next(members[e] for e in IMAGE_EXTS if e in members)
+    src = SourceImage(image)
+    names = manifest.class_names
+    n = min(sidecar.rounds, max_rounds)
+    if recipe.mix is not None:
+        columns = 3
+    # Small tiles (CIFAR's 32 px) are unreadable as they are: enlarge them, nearest, to ~128 px.
+    zoom = max(1, -(-128 // max(recipe.size)))
+    h, w = recipe.size[0] * zoom, recipe.size[1] * zoom
+    tile_w, text_h = max(w, 150), 3 * 14 + 18
+    rows = -(-n // columns) if recipe.mix is None else n
+    canvas = Image.new("RGB", (columns * tile_w, 34 + rows * (h + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    try:
+        true = int(members.get("cls", b"").decode().strip())
+        label = f"label {names[true] if 0 <= true < len(names) else true}"
+    except ValueError:
+        label = "no label"
+    # A recipe file is named by its file when made by make_shards.py; otherwise "custom": list its ops.
+    name = manifest.recipe.get("name") or "custom"
+    if name == "custom":
+        name = "custom " + " + ".join(str(op.get("op")) for op in manifest.recipe.get("ops", []))
+    size = "x".join(str(v) for v in recipe.size)
+    draw.text((4, 4), f"{key}: {label}; {n} of {sidecar.rounds} rounds, teacher's top-3 under each", fill="black")
+    draw.text((4, 18), f"recipe {name} at {size} px" + (f", shown x{zoom}" if zoom > 1 else ""), fill="black")
+
+    def paste(pixels: torch.Tensor, x: int, y: int) -> None:
+        tile = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
+        canvas.paste(tile.resize((w, h), Image.NEAREST) if zoom > 1 else tile, (x, y))
+
+    pairs = [(next((m[e] for e in IMAGE_EXTS if e in m), None), sc) for _, m, sc in window]
+    for r in range(n):
+        if recipe.mix is None:
+            x, y = (r % columns) * tile_w, 34 + (r // columns) * (h + text_h)
+            paste(replay(src, sidecar.round_params(r), recipe), x, y)
+            draw.text((x + 2, y + h + 2), f"round {r}", fill="gray")
+        else:  # own view | partner's view | what the teacher saw, its top-3 under the last
+            y = 34 + r * (h + text_h)
+            view, other = replay(src, sidecar.round_params(r), recipe), None
+            try:
+                other = partner_view(sidecar, r, recipe, pairs)
+            except FormatError as exc:
+                draw.text((tile_w + 2, y + h + 2), str(exc)[:40], fill="red")
+            mixed = view if other is None else mix_pixels(view, other, mix_row(sidecar.ops, r))
+            paste(view, 0, y)
+            draw.text((2, y + h + 2), f"round {r}: own view", fill="gray")
+            partner = int(sidecar.ops["mixp"][r][0]) - 1
+            if other is not None:
+                paste(other, tile_w, y)
+                what = mix_kind(mix_row(sidecar.ops, r))
+                weight = int(sidecar.ops["mixl"][r][0]) / WEIGHT_SCALE
+                draw.text((tile_w + 2, y + h + 2), f"partner {window[partner][0][:16]}", fill="gray")
+                detail = f"{what}" + (f", weight {weight:.2f}" if weight else "")
+                draw.text((tile_w + 2, y + h + 16), detail, fill="gray")
+            elif partner < 0:
+                draw.text((tile_w + 2, y + h + 2), "not mixed", fill="gray")
+            paste(mixed, 2 * tile_w, y)
+            x = 2 * tile_w
+            draw.text((x + 2, y + h + 2), "the teacher saw", fill="gray")
+        for i in range(min(3, sidecar.topk)):
+            c = int(sidecar.idx[r, i])
+            label = names[c] if c < len(names) else f"class {c}"
+            draw.text((x + 2, y + h + 16 + 14 * i), f"{label[:18]} {float(sidecar.prob[r, i]):.2f}", fill="black")
+    canvas.save(out)
+    return key
