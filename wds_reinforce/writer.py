@@ -588,8 +588,29 @@ def _note_no_death_signal() -> None:
 
 def _worker_init(parent: int, _: int) -> None:
     _die_with_parent(parent)
+    _quiet_hang_ups()
     # Workers replay on the CPU next to the teacher: one thread each avoids oversubscription.
     torch.set_num_threads(1)
+
+
+def _quiet_hang_ups() -> None:
+    """Keep a worker silent when the producer hangs up in the middle of taking a batch (Ctrl-C).
+
+    A worker hands its tensors over through multiprocessing's resource sharer: a thread that
+    serves each storage's file descriptor when the producer asks for it. Interrupted while asking,
+    the producer closes the connection, and that thread reports the broken connection through
+    ``sys.excepthook``: a traceback under the producer's one-line "interrupted" message. Only that
+    report is dropped (an ``EOFError`` or ``OSError`` raised in ``resource_sharer``'s serve loop).
+    """
+    report = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, (EOFError, OSError)) and tb is not None:
+            if tb.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py")):
+                return
+        report(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def _die_with_parent(parent: int) -> None:
