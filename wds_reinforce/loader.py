@@ -340,7 +340,7 @@ def _image(
 ) -> torch.Tensor:
     """Round ``r``'s pixels, or for r = -1 the original image under the fallback recipe
     (its parameters drawn after the coin of ``original_rng(seed, key, epoch)``)."""
-    image = image or _source(sample, sidecar)
+    image = image if image is not None else _source(sample, sidecar)
     if r >= 0:
         img = replay(image, sidecar.round_params(r), plan.recipe)
     else:
