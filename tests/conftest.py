@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wds_reinforce.demo import photo_like
+from wds_reinforce.cli.demo import photo_like
 
 __all__ = ["photo_like", "encode"]
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from tests.conftest import encode, photo_like
-from wds_reinforce.augment import Recipe, replay
-from wds_reinforce.decode import SourceImage
-from wds_reinforce.format import Manifest, ShardInfo, Sidecar, crc32c, encode_sidecar
+from wds_reinforce.core.augment import Recipe, replay
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.core.format import Manifest, ShardInfo, Sidecar, crc32c, encode_sidecar
 
 Mutate = Callable[[str, str, bytes], "bytes | None"]  # (key, ext, data) -> data, or None to drop it
 

@@ -20,7 +20,7 @@ import torch
 from torchvision.transforms import v2
 
 from tests.conftest import encode, photo_like
-from wds_reinforce.augment import (
+from wds_reinforce.core.augment import (
     OPS,
     RANDAUGMENT_SPACE,
     RECIPES,
@@ -31,12 +31,12 @@ from wds_reinforce.augment import (
     replay,
     round_rng,
 )
-from wds_reinforce.decode import DecodeError, SourceImage
-from wds_reinforce.decode import reduced_scale as _reduced_scale
-from wds_reinforce.errors import FormatError
-from wds_reinforce.format import COLUMNS, Column, Sidecar, decode_sidecar, encode_sidecar
-from wds_reinforce.kernels import KERNELS
-from wds_reinforce.randaugment import magnitude_of
+from wds_reinforce.core.augment.kernels import KERNELS
+from wds_reinforce.core.augment.randaugment import magnitude_of
+from wds_reinforce.core.decode import DecodeError, SourceImage
+from wds_reinforce.core.decode import reduced_scale as _reduced_scale
+from wds_reinforce.core.errors import FormatError
+from wds_reinforce.core.format import COLUMNS, Column, Sidecar, decode_sidecar, encode_sidecar
 
 TORCHVISION = KERNELS.get(1)  # kernel set 1: torchvision's v2 functional kernels
 

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import encode, photo_like
-from wds_reinforce.augment import Recipe, replay, round_rng
-from wds_reinforce.decode import SourceImage, max_pixels, reduced_scale
-from wds_reinforce.errors import DecodeError
+from wds_reinforce.core.augment import Recipe, replay, round_rng
+from wds_reinforce.core.decode import SourceImage, max_pixels, reduced_scale
+from wds_reinforce.core.errors import DecodeError
 
 BOMB_SIDE = 65500  # the largest side a JPEG header can hold
 
@@ -120,7 +120,7 @@ def test_no_pillow_limit_disables_the_guard(fmt, monkeypatch):
 
 def test_the_producer_lists_a_bomb_as_skipped(tmp_path):
     from tests.producer_data import TEACHER, job_args, make_image_folder
-    from wds_reinforce.producer import make_shards
+    from wds_reinforce.produce.make import make_shards
 
     source = make_image_folder(tmp_path / "src", per_class=2, corrupt=False)
     (source / "dog" / "bomb.jpg").write_bytes(_jpeg_bomb())

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from wds_reinforce.demo import DEMO_CLASSES, DEMO_SIZE, run_demo
-from wds_reinforce.format import Manifest
+from wds_reinforce.cli.demo import DEMO_CLASSES, DEMO_SIZE, run_demo
+from wds_reinforce.core.format import Manifest
 
 
 def test_tiny_demo_runs_offline_and_reuses_its_cache(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wds_reinforce.errors import (
+from wds_reinforce.core.errors import (
     DataError,
     DecodeError,
     FormatError,
@@ -13,7 +13,7 @@ from wds_reinforce.errors import (
     UsageError,
     VersionError,
 )
-from wds_reinforce.loader import SkipCounter
+from wds_reinforce.read.loader import SkipCounter
 
 
 def test_hierarchy():

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wds_reinforce.format import (
+from wds_reinforce.core.format import (
     CODECS,
     COLUMNS,
     FORMAT_VERSION,
@@ -168,7 +168,7 @@ def test_columns_are_the_spec_s():
 
 def test_a_fresh_reader_knows_every_column():
     """format.COLUMNS is filled by the ops (augment.py): importing the format alone must bring them."""
-    code = "from wds_reinforce.format import COLUMNS; print(' '.join(COLUMNS.names()))"
+    code = "from wds_reinforce.core.format import COLUMNS; print(' '.join(COLUMNS.names()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["flip", "mixb", "mixl", "mixp", "ra", "re", "rrc"]
 
@@ -287,7 +287,7 @@ def test_bad_sidecars_are_rejected_with_reason(changes, match):
 
 
 def test_unknown_version_is_a_version_error():
-    from wds_reinforce.format import VersionError
+    from wds_reinforce.core.format import VersionError
 
     with pytest.raises(VersionError, match="unknown sidecar format version 3") as info:
         decode_sidecar(_mutate(_sample(), v=3))

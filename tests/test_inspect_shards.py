@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tests.producer_data import TEACHER, job_args, make_image_folder
-from wds_reinforce.producer import make_shards
+from wds_reinforce.produce.make import make_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import inspect_shards as cli  # noqa: E402

@@ -21,11 +21,18 @@ from torchvision.transforms.v2 import functional as TF
 
 from tests.conftest import encode, photo_like
 from tests.shardmaker import make_shards
-from wds_reinforce.augment import RECIPES, Recipe, replay, round_rng
-from wds_reinforce.dataset import ReinforcedDataset
-from wds_reinforce.decode import SourceImage
-from wds_reinforce.kernels import CURRENT_KERNELS, KERNELS, LEGACY_KERNELS, FastKernels, TorchKernels, kernel_set
-from wds_reinforce.randaugment import RANDAUGMENT_SPACE, magnitude_of
+from wds_reinforce.core.augment import RECIPES, Recipe, replay, round_rng
+from wds_reinforce.core.augment.kernels import (
+    CURRENT_KERNELS,
+    KERNELS,
+    LEGACY_KERNELS,
+    FastKernels,
+    TorchKernels,
+    kernel_set,
+)
+from wds_reinforce.core.augment.randaugment import RANDAUGMENT_SPACE, magnitude_of
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.read.dataset import ReinforcedDataset
 
 K1, K2 = KERNELS.get(1), KERNELS.get(2)
 PRESETS = ["center", "rrc", "rrc+ra/re"]
@@ -323,7 +330,7 @@ def test_fast_center_crop_matches_torchvision(small):
 
 
 def test_fast_outputs_are_views_of_hwc_memory_that_stack_and_normalise(jpeg):
-    from wds_reinforce.augment import normalize
+    from wds_reinforce.core.augment import normalize
 
     recipe = Recipe.from_spec("rrc+ra/re")
     src = SourceImage(jpeg)

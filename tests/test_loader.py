@@ -19,11 +19,14 @@ import torch
 import webdataset as wds
 
 from tests.shardmaker import make_shards
-from wds_reinforce.augment import Recipe, normalize
-from wds_reinforce.dataset import ReinforcedDataset
-from wds_reinforce.errors import DataError, MismatchError, UsageError
-from wds_reinforce.format import FormatError, Manifest, Sidecar, decode_sidecar, encode_sidecar
-from wds_reinforce.loader import (
+from wds_reinforce.core.augment import Recipe, normalize
+from wds_reinforce.core.errors import DataError, MismatchError, UsageError
+from wds_reinforce.core.format import FormatError, Manifest, Sidecar, decode_sidecar, encode_sidecar
+from wds_reinforce.core.schedule import round_for
+from wds_reinforce.core.targets import densify, one_hot
+from wds_reinforce.io.storage import read_manifest
+from wds_reinforce.read.dataset import ReinforcedDataset
+from wds_reinforce.read.loader import (
     SkipCounter,
     decode_sidecars,
     make_targets,
@@ -31,9 +34,6 @@ from wds_reinforce.loader import (
     reinforce_stages,
     replay_images,
 )
-from wds_reinforce.schedule import round_for
-from wds_reinforce.storage import read_manifest
-from wds_reinforce.targets import densify, one_hot
 
 R = 3  # rounds in the test shards
 META = ("image", "target", "__key__", "round")
@@ -564,7 +564,7 @@ def test_recipe_mismatch_is_an_error_at_the_first_sample_even_when_skipping(made
 
 
 def _sidecar_bytes(made) -> bytes:
-    from wds_reinforce.format import encode_sidecar
+    from wds_reinforce.core.format import encode_sidecar
 
     return encode_sidecar(next(iter(made.sidecars.values())))
 

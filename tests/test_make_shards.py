@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests.producer_data import TEACHER, cli_args, job_args, make_image_folder, tree_digest
-from wds_reinforce.errors import UsageError
-from wds_reinforce.producer import make_shards, prepare_job
+from wds_reinforce.core.errors import UsageError
+from wds_reinforce.produce.make import make_shards, prepare_job
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import make_shards as cli  # noqa: E402

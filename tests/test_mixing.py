@@ -15,15 +15,15 @@ import webdataset as wds
 
 from tests.producer_data import TEACHER, job_args, make_image_folder
 from wds_reinforce import ReinforcedDataset, SkipCounter
-from wds_reinforce.augment import Recipe, replay
-from wds_reinforce.decode import SourceImage
-from wds_reinforce.errors import UsageError
-from wds_reinforce.format import Manifest, decode_sidecar
-from wds_reinforce.loader import LoaderOptions, ReplayPlan, reinforce_sample, reinforce_stages
-from wds_reinforce.mixing import MIX_COLUMNS, Mixing, mix_kind, mix_pixels, mix_rng, window_crc
-from wds_reinforce.producer import make_shards
-from wds_reinforce.targets import topk
-from wds_reinforce.teacher import Teacher, load_teacher
+from wds_reinforce.core.augment import Recipe, replay
+from wds_reinforce.core.augment.mixing import MIX_COLUMNS, Mixing, mix_kind, mix_pixels, mix_rng, window_crc
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.core.errors import UsageError
+from wds_reinforce.core.format import Manifest, decode_sidecar
+from wds_reinforce.core.targets import topk
+from wds_reinforce.produce.make import make_shards
+from wds_reinforce.produce.teacher import Teacher, load_teacher
+from wds_reinforce.read.loader import LoaderOptions, ReplayPlan, reinforce_sample, reinforce_stages
 
 WINDOW = 4
 ROUNDS = 4
@@ -88,7 +88,7 @@ def test_mix_pixels_blends_then_pastes_the_partners_box():
 @pytest.mark.parametrize("rounds", [16, 400])
 def test_mixing_adds_at_most_8_bytes_per_round(rounds):
     """Whole sidecars, mixing recipe vs the same recipe without: columns, their names and ``mw``."""
-    from wds_reinforce.format import Sidecar, encode_sidecar
+    from wds_reinforce.core.format import Sidecar, encode_sidecar
 
     plain, mixed = Recipe.from_spec("rrc+ra/re"), Recipe.from_spec("rrc+ra/re+mix")
     rng = np.random.default_rng(0)
@@ -353,9 +353,9 @@ def test_sidecar_sets_mix_the_same_way(produced, tmp_path):
 
     # verify reruns the teacher on mixed rounds of the set; --grid finds the window; a second
     # teacher labels the same mixed views
-    from wds_reinforce.picture import draw_rounds
-    from wds_reinforce.sidecars import add_teacher_set
-    from wds_reinforce.verify import verify_shards
+    from wds_reinforce.produce.sidecar_sets import add_teacher_set
+    from wds_reinforce.read.picture import draw_rounds
+    from wds_reinforce.read.verify import verify_shards
 
     plain_teacher = load_teacher(TEACHER, num_classes=3, device="cpu")
     report = verify_shards(str(sets), teacher=plain_teacher, checks=12, tolerance=0.01)
@@ -388,7 +388,7 @@ def test_replay_of_the_unmixed_view_differs_where_mixed(produced):
 
 
 def test_verify_reruns_the_teacher_on_mixed_rounds(produced, tmp_path):
-    from wds_reinforce.verify import verify_shards
+    from wds_reinforce.read.verify import verify_shards
 
     _, out, producer_teacher = produced
     teacher = RecordingTeacher(load_teacher(TEACHER, num_classes=3, device="cpu"))
@@ -405,8 +405,8 @@ def _rewrite_shard(out: Path, dest: Path, change) -> None:
     import dataclasses
     import shutil
 
-    from wds_reinforce.format import encode_sidecar
-    from wds_reinforce.writer import write_tar
+    from wds_reinforce.core.format import encode_sidecar
+    from wds_reinforce.produce.self_contained import write_tar
 
     shutil.copytree(out, dest)
     first = sorted(dest.glob("train-*.tar"))[0]
@@ -432,7 +432,7 @@ def _rewrite_shard(out: Path, dest: Path, change) -> None:
 def test_verify_checks_window_checksums_and_mixing_rows(produced, tmp_path):
     import dataclasses
 
-    from wds_reinforce.verify import verify_shards
+    from wds_reinforce.read.verify import verify_shards
 
     _, out, _ = produced
 
@@ -475,7 +475,7 @@ def test_the_loader_refuses_mixing_rows_that_cannot_be_right(produced, tmp_path)
 
 
 def test_grid_draws_a_sample_despite_a_damaged_sidecar_elsewhere(produced, tmp_path):
-    from wds_reinforce.picture import draw_rounds
+    from wds_reinforce.read.picture import draw_rounds
 
     _, out, _ = produced
     dest = tmp_path / "damaged"
@@ -485,7 +485,7 @@ def test_grid_draws_a_sample_despite_a_damaged_sidecar_elsewhere(produced, tmp_p
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
     names = [n for n, _ in members if n.endswith(".dr.mp")]
     members = [(n, b"garbage" if n == names[0] else d) for n, d in members]  # window 0's first sidecar
-    from wds_reinforce.writer import write_tar
+    from wds_reinforce.produce.self_contained import write_tar
 
     with open(first, "wb") as f:
         write_tar(f, iter(members))

@@ -20,13 +20,19 @@ from torchvision.datasets import ImageFolder
 
 from tests.mldr_archive import closeness, config_dict, make_folder, write_metadata
 from wds_reinforce import ReinforcedDataset, decode_sidecar
-from wds_reinforce.augment import replay
-from wds_reinforce.errors import UsageError
-from wds_reinforce.format import Manifest, Sidecar, crc32c
-from wds_reinforce.mldr import IndexMismatchError, MetadataError, MldrConfig, load_torch_save, restricted_loads
-from wds_reinforce.mldr_import import import_mldr
-from wds_reinforce.mldr_sources import FolderImages
-from wds_reinforce.verify import verify_shards
+from wds_reinforce.core.augment import replay
+from wds_reinforce.core.errors import UsageError
+from wds_reinforce.core.format import Manifest, Sidecar, crc32c
+from wds_reinforce.importers.mldr.convert import (
+    IndexMismatchError,
+    MetadataError,
+    MldrConfig,
+    load_torch_save,
+    restricted_loads,
+)
+from wds_reinforce.importers.mldr.importer import import_mldr
+from wds_reinforce.importers.mldr.inputs import FolderImages
+from wds_reinforce.read.verify import verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [[(60, 80), (70, 50), (90, 90)], [(64, 64), (80, 100)], [(100, 70), (66, 77), (50, 120)]]
@@ -205,7 +211,7 @@ def test_malicious_pickles_refused(tmp_path, folder):
     buf = io.BytesIO()
     torch.save(np_box, buf, pickle_protocol=4)
     obj = load_torch_save(buf.getvalue(), "0.pth.tar")
-    from wds_reinforce.mldr import convert_rounds
+    from wds_reinforce.importers.mldr.convert import convert_rounds
 
     with pytest.raises(MetadataError, match="crop boxes of type int, got .*numpy"):
         convert_rounds(obj, 0, MldrConfig.from_dict(config), "0.pth.tar")

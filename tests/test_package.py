@@ -8,10 +8,11 @@ def test_import_loads_no_teacher_code():
     """A training job reads reinforced shards without importing the producer or timm."""
     code = (
         "import sys, wds_reinforce as w; "
-        "producer = ('wds_reinforce.teacher', 'wds_reinforce.writer', 'wds_reinforce.producer', 'timm'); "
+        "producer = ('wds_reinforce.produce.teacher', 'wds_reinforce.produce.self_contained', "
+        "'wds_reinforce.produce.make', 'timm'); "
         "bad = [m for m in producer if m in sys.modules]; "
         "assert not bad, bad; "
-        "w.load_teacher; assert 'wds_reinforce.teacher' in sys.modules"
+        "w.load_teacher; assert 'wds_reinforce.produce.teacher' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from wds_reinforce.progress import ShardProgress, format_duration
+from wds_reinforce.core.progress import ShardProgress, format_duration
 
 
 def test_a_log_gets_one_line_per_shard_with_count_rate_and_eta():

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wds_reinforce.errors import UsageError
-from wds_reinforce.schedule import SharedEpoch, epoch_value, key_word, original_rng, round_for
+from wds_reinforce.core.errors import UsageError
+from wds_reinforce.core.schedule import SharedEpoch, epoch_value, key_word, original_rng, round_for
 
 
 @settings(max_examples=40, deadline=None)

@@ -21,13 +21,13 @@ import torch
 
 from tests.conftest import encode, photo_like
 from tests.producer_data import TEACHER
-from wds_reinforce.dataset import ReinforcedDataset
-from wds_reinforce.errors import DataError, UsageError
-from wds_reinforce.format import Manifest, decode_sidecar
-from wds_reinforce.loader import SkipCounter
-from wds_reinforce.producer import make_shards
-from wds_reinforce.schedule import group_for, round_in_group
-from wds_reinforce.writer import OtherJobError
+from wds_reinforce.core.errors import DataError, UsageError
+from wds_reinforce.core.format import Manifest, decode_sidecar
+from wds_reinforce.core.schedule import group_for, round_in_group
+from wds_reinforce.produce.make import make_shards
+from wds_reinforce.produce.self_contained import OtherJobError
+from wds_reinforce.read.dataset import ReinforcedDataset
+from wds_reinforce.read.loader import SkipCounter
 
 torch.set_num_threads(1)
 KEYS_PER_SHARD = 3
@@ -234,8 +234,8 @@ def test_images_in_s3_sidecars_over_http(images, sets, http_dir, s3_env):
 
 
 def test_inspect_verifies_sidecar_sets_and_reruns_the_teacher(images, tmp_path):
-    from wds_reinforce.teacher import load_teacher
-    from wds_reinforce.verify import verify_shards
+    from wds_reinforce.produce.teacher import load_teacher
+    from wds_reinforce.read.verify import verify_shards
 
     teacher = load_teacher(TEACHER, num_classes=3, device="cpu")
     copies = [tmp_path / p.name for p in images]
@@ -263,9 +263,9 @@ def test_inspect_verifies_sidecar_sets_and_reruns_the_teacher(images, tmp_path):
 
 
 def test_a_second_teacher_adds_targets_only_and_the_loader_uses_one_or_the_mean(images, tmp_path):
-    from wds_reinforce.sidecars import add_teacher_set
-    from wds_reinforce.targets import densify, mean_topk
-    from wds_reinforce.teacher import load_teacher
+    from wds_reinforce.core.targets import densify, mean_topk
+    from wds_reinforce.produce.sidecar_sets import add_teacher_set
+    from wds_reinforce.produce.teacher import load_teacher
 
     first = load_teacher(TEACHER, num_classes=3, device="cpu")
     second = load_teacher("timm:test_efficientnet", num_classes=3, device="cpu")
@@ -324,7 +324,7 @@ def test_ranks_split_image_shards_and_match_one_process(images, sets, tmp_path, 
 def test_the_rounds_picture_of_a_sidecar_set(sets, tmp_path):
     from PIL import Image
 
-    from wds_reinforce.picture import draw_rounds
+    from wds_reinforce.read.picture import draw_rounds
 
     key = draw_rounds(str(sets), str(tmp_path / "rounds.png"), key="img1_2", max_rounds=6)
     assert key == "img1_2"

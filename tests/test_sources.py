@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import encode, photo_like
 from tests.producer_data import CLASSES, make_image_folder, make_wds_shard
-from wds_reinforce.sources import (
+from wds_reinforce.produce.sources import (
     ImageFolderSource,
     SourceSampleError,
     WebDatasetSource,

@@ -20,11 +20,11 @@ import boto3
 import pytest
 import webdataset as wds
 
-from wds_reinforce import storage
-from wds_reinforce.errors import UsageError
-from wds_reinforce.format import Manifest, ShardInfo
-from wds_reinforce.remote import RetryPolicy
-from wds_reinforce.storage import (
+from wds_reinforce.core.errors import UsageError
+from wds_reinforce.core.format import Manifest, ShardInfo
+from wds_reinforce.io import storage
+from wds_reinforce.io.remote import RetryPolicy
+from wds_reinforce.io.storage import (
     LocalOutput,
     NetworkReadError,
     ObjectChangedError,

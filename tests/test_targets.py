@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wds_reinforce.targets import (
+from wds_reinforce.core.targets import (
     DENSIFY,
     dense_row,
     densify,

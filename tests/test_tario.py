@@ -18,8 +18,8 @@ import pytest
 import webdataset as wds
 
 from tests.shardmaker import make_shards
-from wds_reinforce.dataset import _shard_samples
-from wds_reinforce.tario import BLOCK, iter_members
+from wds_reinforce.io.tario import BLOCK, iter_members
+from wds_reinforce.read.dataset import _shard_samples
 
 SEED = 20261123
 

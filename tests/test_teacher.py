@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.producer_data import TEACHER
-from wds_reinforce.teacher import load_teacher, parse_teacher_spec
+from wds_reinforce.produce.teacher import load_teacher, parse_teacher_spec
 
 
 def test_checkpoint_sets_classes_and_ensemble_averages(tmp_path):
@@ -55,8 +55,8 @@ def test_predict_gives_probabilities():
 
 def test_manifest_entry_records_the_view_the_teacher_saw(tmp_path):
     from tests.producer_data import job_args, make_image_folder
-    from wds_reinforce.augment import Recipe
-    from wds_reinforce.producer import prepare_job
+    from wds_reinforce.core.augment import Recipe
+    from wds_reinforce.produce.make import prepare_job
 
     teacher = load_teacher(TEACHER, num_classes=3, device="cpu")
     member = teacher.describe(Recipe.from_spec({"size": 32, "ops": [{"op": "rrc", "scale": [0.35, 1.0]}]}))
@@ -74,7 +74,7 @@ def test_manifest_entry_records_the_view_the_teacher_saw(tmp_path):
 def test_checkpoint_saved_by_train_names_its_model(tmp_path):
     import timm
 
-    from wds_reinforce.checkpoint import checkpoint_info, save_checkpoint
+    from wds_reinforce.produce.checkpoint import checkpoint_info, save_checkpoint
 
     model = timm.create_model("test_resnet", num_classes=4)
     ckpt = tmp_path / "teacher.pt"

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from wds_reinforce import threads
-from wds_reinforce.threads import available_cores, cores_per_process, default_threads, default_workers
+from wds_reinforce.core import threads
+from wds_reinforce.core.threads import available_cores, cores_per_process, default_threads, default_workers
 
 
 @pytest.mark.parametrize("cores, workers, main", [(1, 0, 1), (2, 1, 1), (3, 1, 2), (4, 2, 2), (16, 8, 8), (64, 8, 56)])

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from tests.shardmaker import make_shards
-from wds_reinforce.picture import draw_rounds
-from wds_reinforce.verify import verify_shards
+from wds_reinforce.read.picture import draw_rounds
+from wds_reinforce.read.verify import verify_shards
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_corrupt_sidecar_and_image_are_named(tmp_path):
 
 
 def test_outputs_that_do_not_match_the_teacher_fail(made):
-    from wds_reinforce.teacher import Teacher
+    from wds_reinforce.produce.teacher import Teacher
 
     teacher = Teacher("timm:resnet10t", num_classes=10, device="cpu")
     report = verify_shards(str(made.root), teacher=teacher, checks=4)
@@ -89,8 +89,8 @@ def test_grid_shows_every_round(made, tmp_path):
 
 def test_producer_shards_pass_the_teacher_check(tmp_path):
     from tests.producer_data import TEACHER, job_args, make_image_folder
-    from wds_reinforce.producer import make_shards as produce
-    from wds_reinforce.teacher import load_teacher
+    from wds_reinforce.produce.make import make_shards as produce
+    from wds_reinforce.produce.teacher import load_teacher
 
     source = make_image_folder(tmp_path / "src", per_class=3, corrupt=False)
     produce(str(source), TEACHER, out=str(tmp_path / "out"), **job_args())
@@ -122,7 +122,7 @@ def test_inspect_cli_exit_status(made, tmp_path):
 
 
 def test_sidecar_without_a_recipe_column_fails(tmp_path):
-    from wds_reinforce.format import Sidecar, decode_sidecar, encode_sidecar
+    from wds_reinforce.core.format import Sidecar, decode_sidecar, encode_sidecar
 
     def drop_flip(key, ext, data):
         if key != "s00_0002" or ext != "dr.mp":

@@ -9,13 +9,13 @@ import torch
 import webdataset as wds
 
 from tests.producer_data import CLASSES, TEACHER, job_args, make_image_folder, make_wds_shard, tree_digest
-from wds_reinforce.augment import Recipe, replay
-from wds_reinforce.decode import SourceImage
-from wds_reinforce.errors import UsageError
-from wds_reinforce.format import Manifest, decode_sidecar
-from wds_reinforce.producer import make_shards, prepare_job
-from wds_reinforce.targets import topk
-from wds_reinforce.teacher import load_teacher
+from wds_reinforce.core.augment import Recipe, replay
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.core.errors import UsageError
+from wds_reinforce.core.format import Manifest, decode_sidecar
+from wds_reinforce.core.targets import topk
+from wds_reinforce.produce.make import make_shards, prepare_job
+from wds_reinforce.produce.teacher import load_teacher
 
 torch.set_num_threads(1)
 

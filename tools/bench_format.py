@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wds_reinforce.augment import Recipe  # noqa: E402
-from wds_reinforce.format import Sidecar, decode_sidecar, encode_sidecar  # noqa: E402
+from wds_reinforce.core.augment import Recipe  # noqa: E402
+from wds_reinforce.core.format import Sidecar, decode_sidecar, encode_sidecar  # noqa: E402
 
 
 def simulated_topk(rng: np.random.Generator, rounds: int, topk: int, classes: int) -> tuple[np.ndarray, np.ndarray]:

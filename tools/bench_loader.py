@@ -59,16 +59,16 @@ import webdataset as wds  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from wds_reinforce.augment import RECIPES, Recipe  # noqa: E402
-from wds_reinforce.dataset import ReinforcedDataset  # noqa: E402
-from wds_reinforce.decode import SourceImage  # noqa: E402
-from wds_reinforce.demo import photo_like  # noqa: E402
-from wds_reinforce.format import Manifest, RoundGroup, ShardInfo, Sidecar, crc32c, encode_sidecar  # noqa: E402
-from wds_reinforce.kernels import KERNELS  # noqa: E402
-from wds_reinforce.mixing import window_crc  # noqa: E402
-from wds_reinforce.randaugment import RANDAUGMENT_SPACE, magnitude_of  # noqa: E402
-from wds_reinforce.storage import count_reads  # noqa: E402
-from wds_reinforce.writer import write_tar  # noqa: E402
+from wds_reinforce.cli.demo import photo_like  # noqa: E402
+from wds_reinforce.core.augment import RECIPES, Recipe  # noqa: E402
+from wds_reinforce.core.augment.kernels import KERNELS  # noqa: E402
+from wds_reinforce.core.augment.mixing import window_crc  # noqa: E402
+from wds_reinforce.core.augment.randaugment import RANDAUGMENT_SPACE, magnitude_of  # noqa: E402
+from wds_reinforce.core.decode import SourceImage  # noqa: E402
+from wds_reinforce.core.format import Manifest, RoundGroup, ShardInfo, Sidecar, crc32c, encode_sidecar  # noqa: E402
+from wds_reinforce.io.storage import count_reads  # noqa: E402
+from wds_reinforce.produce.self_contained import write_tar  # noqa: E402
+from wds_reinforce.read.dataset import ReinforcedDataset  # noqa: E402
 
 NUM_CLASSES = 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -49,7 +49,7 @@ def _photo(height: int, width: int, seed: int) -> bytes:
 
 
 def _write_source(folder: str, count: int, height: int, width: int) -> str:
-    from wds_reinforce.writer import write_tar
+    from wds_reinforce.produce.self_contained import write_tar
 
     path = os.path.join(folder, "source.tar")
     members = []
@@ -73,9 +73,9 @@ def bench(
     repeat: int = 2,
 ) -> dict:
     """Time the teacher alone, then the whole producer, on the same images, rounds and batches."""
-    from wds_reinforce.producer import prepare_job
-    from wds_reinforce.teacher import load_teacher
-    from wds_reinforce.writer import ReplayDataset
+    from wds_reinforce.produce.make import prepare_job
+    from wds_reinforce.produce.self_contained import ReplayDataset
+    from wds_reinforce.produce.teacher import load_teacher
 
     tmp = tempfile.mkdtemp(prefix="bench_producer_")
     src = _write_source(tmp, images, *source_size)

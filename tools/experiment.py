@@ -80,7 +80,7 @@ def _ensemble_top1(members: list[str], ckpts: list[Path], val: str, size: int) -
     import torch
 
     from wds_reinforce.cli.train import _val_views
-    from wds_reinforce.teacher import Teacher
+    from wds_reinforce.produce.teacher import Teacher
 
     images, labels = _val_views(val, (size, size), 1.0)
     teacher = Teacher([f"timm:{m}" for m in members], [str(c) for c in ckpts], device="auto")
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     if args.source is None:
-        from wds_reinforce.demo import make_demo_images
+        from wds_reinforce.cli.demo import make_demo_images
 
         source = str(make_demo_images(Path(args.demo) / "source" / "train", 400, seed=0))
         # A held-out split larger than the demo's, so that a point of top-1 is above the noise.

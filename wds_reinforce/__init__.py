@@ -13,12 +13,40 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .augment import OPS, RECIPES, Recipe, normalize, replay, round_rng
-from .dataset import ReinforcedDataset
-from .decode import SourceImage
-from .errors import DataError, DecodeError, FormatError, MismatchError, SampleError, UsageError, VersionError
-from .format import FORMAT_VERSION, Manifest, ShardInfo, Sidecar, SkippedInput, decode_sidecar, encode_sidecar
-from .loader import (
+from wds_reinforce.core.augment import OPS, RECIPES, Recipe, normalize, replay, round_rng
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.core.errors import (
+    DataError,
+    DecodeError,
+    FormatError,
+    MismatchError,
+    SampleError,
+    UsageError,
+    VersionError,
+)
+from wds_reinforce.core.format import (
+    FORMAT_VERSION,
+    Manifest,
+    ShardInfo,
+    Sidecar,
+    SkippedInput,
+    decode_sidecar,
+    encode_sidecar,
+)
+from wds_reinforce.core.schedule import SharedEpoch, round_for
+from wds_reinforce.core.targets import (
+    DENSIFY,
+    dense_row,
+    densify,
+    kl_div_loss,
+    one_hot,
+    soft_cross_entropy,
+    sparse_one_hot,
+    topk,
+)
+from wds_reinforce.io.storage import manifest_url, read_manifest, read_url, register_s3_scheme, shard_urls
+from wds_reinforce.read.dataset import ReinforcedDataset
+from wds_reinforce.read.loader import (
     LoaderOptions,
     SkipCounter,
     decode_sidecars,
@@ -27,26 +55,23 @@ from .loader import (
     reinforce_stages,
     replay_images,
 )
-from .schedule import SharedEpoch, round_for
-from .storage import manifest_url, read_manifest, read_url, register_s3_scheme, shard_urls
-from .targets import DENSIFY, dense_row, densify, kl_div_loss, one_hot, soft_cross_entropy, sparse_one_hot, topk
 
 __version__ = "0.1.0"
 
 # Producer API, imported lazily (see the module docstring): name -> submodule.
 _LAZY = {
-    "make_shards": "producer",
-    "import_mldr": "mldr_import",
-    "prepare_job": "producer",
-    "ProducerSummary": "writer",
-    "open_source": "sources",
-    "Source": "sources",
-    "SourceSample": "sources",
-    "SOURCES": "sources",
-    "Teacher": "teacher",
-    "load_teacher": "teacher",
-    "verify_shards": "verify",
-    "draw_rounds": "picture",
+    "make_shards": "produce.make",
+    "import_mldr": "importers.mldr.importer",
+    "prepare_job": "produce.make",
+    "ProducerSummary": "produce.self_contained",
+    "open_source": "produce.sources",
+    "Source": "produce.sources",
+    "SourceSample": "produce.sources",
+    "SOURCES": "produce.sources",
+    "Teacher": "produce.teacher",
+    "load_teacher": "produce.teacher",
+    "verify_shards": "read.verify",
+    "draw_rounds": "read.picture",
 }
 
 __all__ = [

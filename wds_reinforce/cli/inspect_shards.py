@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_teacher(args: argparse.Namespace):
     """The teacher to recheck with, refused (ValueError) when its weights are not the shards' teacher's."""
-    from wds_reinforce.storage import manifest_url, read_manifest
-    from wds_reinforce.teacher import Teacher
+    from wds_reinforce.io.storage import manifest_url, read_manifest
+    from wds_reinforce.produce.teacher import Teacher
 
     stored = read_manifest(manifest_url(args.location)).teacher.get("members", [])
     members = args.teacher or [f"{m.get('kind', 'timm')}:{m.get('name')}" for m in stored]
@@ -77,9 +77,9 @@ def _load_teacher(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from wds_reinforce.format import FormatError
-    from wds_reinforce.picture import draw_rounds
-    from wds_reinforce.verify import verify_shards
+    from wds_reinforce.core.format import FormatError
+    from wds_reinforce.read.picture import draw_rounds
+    from wds_reinforce.read.verify import verify_shards
 
     try:
         if args.grid:

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from wds_reinforce.threads import default_threads, default_workers, describe_defaults
+from wds_reinforce.core.threads import default_threads, default_workers, describe_defaults
 
 __all__ = ["main", "build_parser"]
 
@@ -143,8 +143,8 @@ _KEYS = {
 def _add_teacher(args: argparse.Namespace, options: dict[str, Any]) -> int:
     if not options.get("out") or not options.get("teacher"):
         return _fail("expected --out (the sidecar set) and --teacher with --add-teacher")
-    from wds_reinforce.errors import UsageError
-    from wds_reinforce.sidecars import add_teacher_set
+    from wds_reinforce.core.errors import UsageError
+    from wds_reinforce.produce.sidecar_sets import add_teacher_set
 
     try:
         manifest = add_teacher_set(
@@ -203,7 +203,7 @@ def _is_registered_spec(source: str) -> bool:
 
 def _teacher_from_checkpoints(checkpoints: list[str]) -> list[str]:
     """The members that checkpoints saved by train.py name (``--teacher`` left out)."""
-    from wds_reinforce.checkpoint import checkpoint_info
+    from wds_reinforce.produce.checkpoint import checkpoint_info
 
     members = []
     for ckpt in checkpoints:
@@ -220,7 +220,7 @@ def _named_recipe(spec: Any) -> Any:
     """A recipe file's recipe, named after the file unless it names itself (not "custom" in the manifest)."""
     if not (isinstance(spec, str) and spec.endswith((".yaml", ".yml", ".json")) and os.path.isfile(spec)):
         return spec
-    from wds_reinforce.augment import Recipe
+    from wds_reinforce.core.augment import Recipe
 
     try:
         recipe = Recipe.from_spec(spec)
@@ -235,7 +235,7 @@ def _named_recipe(spec: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        from wds_reinforce.demo import run_demo
+        from wds_reinforce.cli.demo import run_demo
 
         try:
             run_demo()
@@ -284,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from wds_reinforce.errors import UsageError
-    from wds_reinforce.producer import prepare_job
-    from wds_reinforce.sidecars import prepare_sidecar_job
+    from wds_reinforce.core.errors import UsageError
+    from wds_reinforce.produce.make import prepare_job
+    from wds_reinforce.produce.sidecar_sets import prepare_sidecar_job
 
     torch.set_num_threads(threads)
     job = None

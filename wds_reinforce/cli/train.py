@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from wds_reinforce.threads import default_threads, default_workers, describe_defaults
+from wds_reinforce.core.threads import default_threads, default_workers, describe_defaults
 
 __all__ = ["build_parser", "main", "lr_factor"]
 
@@ -181,8 +181,8 @@ def _device(name: str) -> Any:
 def _val_views(spec: str, recipe_size: tuple[int, int], crop_pct: float) -> tuple[Any, Any]:
     import torch
 
-    from wds_reinforce.augment import Recipe, replay
-    from wds_reinforce.sources import open_source
+    from wds_reinforce.core.augment import Recipe, replay
+    from wds_reinforce.produce.sources import open_source
 
     source = open_source(spec)
     view = Recipe([{"op": "center", "crop_pct": crop_pct}], size=recipe_size)
@@ -194,7 +194,7 @@ def _val_views(spec: str, recipe_size: tuple[int, int], crop_pct: float) -> tupl
 def evaluate(model: Any, images: Any, labels: Any, mean: Any, std: Any, device: Any) -> float:
     import torch
 
-    from wds_reinforce.augment import normalize
+    from wds_reinforce.core.augment import normalize
 
     model.eval()
     correct = 0
@@ -219,8 +219,8 @@ def _recipe_label(recipe: Any) -> str:
 
 def _resolve_recipe(spec: str | None, size: int | None, default_size: tuple[int, int] | None) -> Any:
     """A recipe from a preset, a file, or reinforced shards (theirs), at ``size`` if given."""
-    from wds_reinforce.augment import Recipe
-    from wds_reinforce.storage import manifest_url, read_manifest
+    from wds_reinforce.core.augment import Recipe
+    from wds_reinforce.io.storage import manifest_url, read_manifest
 
     if spec is not None and data_kind(spec) == "reinforced" and (os.path.isdir(spec) or "://" in spec):
         recipe = Recipe.from_dict(read_manifest(manifest_url(spec)).recipe)
@@ -269,9 +269,9 @@ class LabelledImages:
         import numpy as np
         import torch
 
-        from wds_reinforce.augment import replay
-        from wds_reinforce.decode import SourceImage
-        from wds_reinforce.errors import DataError
+        from wds_reinforce.core.augment import replay
+        from wds_reinforce.core.decode import SourceImage
+        from wds_reinforce.core.errors import DataError
 
         epoch, index = divmod(item, len(self.source))
         try:
@@ -323,13 +323,13 @@ def _train(args: argparse.Namespace) -> int:
     if not timm.is_model(args.model):
         return _fail(f"unknown --model {args.model!r}; expected a timm model name (see timm.list_models())")
 
-    from wds_reinforce.augment import normalize
-    from wds_reinforce.checkpoint import save_checkpoint
-    from wds_reinforce.dataset import ReinforcedDataset
-    from wds_reinforce.format import FormatError
-    from wds_reinforce.sources import open_source
-    from wds_reinforce.storage import manifest_url, read_manifest
-    from wds_reinforce.targets import soft_cross_entropy
+    from wds_reinforce.core.augment import normalize
+    from wds_reinforce.core.format import FormatError
+    from wds_reinforce.core.targets import soft_cross_entropy
+    from wds_reinforce.io.storage import manifest_url, read_manifest
+    from wds_reinforce.produce.checkpoint import save_checkpoint
+    from wds_reinforce.produce.sources import open_source
+    from wds_reinforce.read.dataset import ReinforcedDataset
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -338,7 +338,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         if kind == "reinforced":
             manifest = read_manifest(manifest_url(args.data))
-            from wds_reinforce.augment import Recipe
+            from wds_reinforce.core.augment import Recipe
 
             recipe = Recipe.from_dict(manifest.recipe)
             # Labels arm: fresh augmentations (p=0 never uses a stored round); by default the

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import Recipe, replay
-from .dataset import aligned_samples, shard_samples
-from .decode import SourceImage
-from .errors import DataError, FormatError
-from .format import SIDECAR_EXT, Manifest, Sidecar, decode_sidecar
-from .loader import IMAGE_EXTS
-from .mixing import WEIGHT_SCALE, mix_kind, mix_pixels, mix_row
-from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
-from .verify import partner_view
+from wds_reinforce.core.augment import Recipe, replay
+from wds_reinforce.core.augment.mixing import WEIGHT_SCALE, mix_kind, mix_pixels, mix_row
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.core.errors import DataError, FormatError
+from wds_reinforce.core.format import SIDECAR_EXT, Manifest, Sidecar, decode_sidecar
+from wds_reinforce.io.storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
+from wds_reinforce.read.dataset import aligned_samples, shard_samples
+from wds_reinforce.read.loader import IMAGE_EXTS
+from wds_reinforce.read.verify import partner_view
 
 __all__ = ["draw_rounds"]
 

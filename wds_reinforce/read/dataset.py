@@ -27,14 +27,14 @@ from webdataset.shardlists import ResampledShards, expand_urls, split_by_node, s
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, Recipe
-from .errors import DataError, FormatError, SampleError, UsageError
-from .format import SIDECAR_EXT, Manifest
-from .loader import LoaderOptions, ReplayPlan, reinforce
-from .remote import RetryPolicy
-from .schedule import SharedEpoch, group_for
-from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
-from .tario import iter_members
+from wds_reinforce.core.augment import IMAGENET_MEAN, IMAGENET_STD, Recipe
+from wds_reinforce.core.errors import DataError, FormatError, SampleError, UsageError
+from wds_reinforce.core.format import SIDECAR_EXT, Manifest
+from wds_reinforce.core.schedule import SharedEpoch, group_for
+from wds_reinforce.io.remote import RetryPolicy
+from wds_reinforce.io.storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
+from wds_reinforce.io.tario import iter_members
+from wds_reinforce.read.loader import LoaderOptions, ReplayPlan, reinforce
 
 __all__ = ["ReinforcedDataset", "aligned_samples", "shard_samples"]
 

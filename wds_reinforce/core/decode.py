@@ -15,7 +15,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from .errors import DecodeError
+from wds_reinforce.core.errors import DecodeError
 
 __all__ = ["SourceImage", "DecodeError", "DECODE_MODES", "reduced_scale", "max_pixels"]
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import UsageError
+from wds_reinforce.core.errors import UsageError
 
 __all__ = [
     "RETRIES",

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._registry import Registry
-from .errors import FormatError
+from wds_reinforce.core.errors import FormatError
+from wds_reinforce.core.registry import Registry
 
 __all__ = ["CODECS", "Codec", "COLUMNS", "Column", "UINT_DTYPES", "uint_width"]
 

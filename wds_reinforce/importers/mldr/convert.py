@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import Recipe
-from .errors import DataError, UsageError
-from .format import check_topk
-from .randaugment import RANDAUGMENT_SPACE, SIGNED
+from wds_reinforce.core.augment import Recipe
+from wds_reinforce.core.augment.randaugment import RANDAUGMENT_SPACE, SIGNED
+from wds_reinforce.core.errors import DataError, UsageError
+from wds_reinforce.core.format import check_topk
 
 __all__ = [
     "MetadataError",

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .format import COLUMNS, crc32c
-from .schedule import key_word
+from wds_reinforce.core.format import COLUMNS, crc32c
+from wds_reinforce.core.schedule import key_word
 
 __all__ = [
     "MIX_COLUMNS",

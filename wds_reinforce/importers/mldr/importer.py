@@ -42,8 +42,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import DataError, UsageError
-from .format import (
+from wds_reinforce.core.errors import DataError, UsageError
+from wds_reinforce.core.format import (
     SELF_CONTAINED,
     SIDECAR_EXT,
     SIDECAR_SETS,
@@ -56,12 +56,27 @@ from .format import (
     decode_sidecar,
     encode_sidecar,
 )
-from .mldr import IndexMismatchError, MetadataError, MldrConfig, check_plain, convert_rounds, load_torch_save
-from .mldr_sources import CONFIG_NAME, INDEX_NAME, FolderImages, ImageIndex, MetadataSource, ShardImages, open_images
-from .producer import dist_env
-from .sidecars import SIDECAR_JOB_FILE, group_dir
-from .storage import LocalOutput, S3Output, open_output
-from .writer import library_versions, write_tar_file
+from wds_reinforce.importers.mldr.convert import (
+    IndexMismatchError,
+    MetadataError,
+    MldrConfig,
+    check_plain,
+    convert_rounds,
+    load_torch_save,
+)
+from wds_reinforce.importers.mldr.inputs import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    FolderImages,
+    ImageIndex,
+    MetadataSource,
+    ShardImages,
+    open_images,
+)
+from wds_reinforce.io.storage import LocalOutput, S3Output, open_output
+from wds_reinforce.produce.make import dist_env
+from wds_reinforce.produce.self_contained import library_versions, write_tar_file
+from wds_reinforce.produce.sidecar_sets import SIDECAR_JOB_FILE, group_dir
 
 __all__ = [
     "ShardWriter",

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._registry import Registry
-from .errors import UsageError
+from wds_reinforce.core.errors import UsageError
+from wds_reinforce.core.registry import Registry
 
 __all__ = [
     "DENSIFY",

@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from .decode import SourceImage
-from .errors import DataError, UsageError
-from .format import crc32c
-from .loader import IMAGE_EXTS
-from .mldr import IndexMismatchError, MetadataError
-from .sources import unique_keys
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.core.errors import DataError, UsageError
+from wds_reinforce.core.format import crc32c
+from wds_reinforce.importers.mldr.convert import IndexMismatchError, MetadataError
+from wds_reinforce.produce.sources import unique_keys
+from wds_reinforce.read.loader import IMAGE_EXTS
 
 __all__ = [
     "CONFIG_NAME",

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UsageError
+from wds_reinforce.core.errors import UsageError
 
 __all__ = [
     "SharedEpoch",

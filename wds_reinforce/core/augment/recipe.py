@@ -28,12 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._registry import Registry
-from .decode import DECODE_MODES, DecodeError, SourceImage, reduced_scale
-from .errors import FormatError
-from .kernels import CURRENT_KERNELS, KERNELS, LEGACY_KERNELS, Kernels, kernel_set
-from .mixing import MIX_WIDTHS, Mixing
-from .ops import (
+from wds_reinforce.core.augment.kernels import CURRENT_KERNELS, KERNELS, LEGACY_KERNELS, Kernels, kernel_set
+from wds_reinforce.core.augment.mixing import MIX_WIDTHS, Mixing
+from wds_reinforce.core.augment.ops import (
     OPS,
     CenterCrop,
     GeometryOp,
@@ -45,8 +42,11 @@ from .ops import (
     check_size,
     register_op,
 )
-from .randaugment import RANDAUGMENT_SPACE
-from .schedule import key_word
+from wds_reinforce.core.augment.randaugment import RANDAUGMENT_SPACE
+from wds_reinforce.core.decode import DECODE_MODES, DecodeError, SourceImage, reduced_scale
+from wds_reinforce.core.errors import FormatError
+from wds_reinforce.core.registry import Registry
+from wds_reinforce.core.schedule import key_word
 
 __all__ = [
     "OPS",

@@ -35,8 +35,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ._registry import Registry
-from .randaugment import fast_randaugment_op, randaugment_op
+from wds_reinforce.core.augment.randaugment import fast_randaugment_op, randaugment_op
+from wds_reinforce.core.registry import Registry
 
 __all__ = ["KERNELS", "LEGACY_KERNELS", "CURRENT_KERNELS", "Kernels", "TorchKernels", "FastKernels", "kernel_set"]
 

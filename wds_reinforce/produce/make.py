@@ -14,13 +14,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .augment import Recipe
-from .errors import UsageError
-from .sources import Source, WebDatasetSource, open_source
-from .storage import open_output
-from .teacher import Teacher, load_teacher, parse_teacher_spec
-from .threads import default_workers
-from .writer import ProducerSummary, ReinforceJob
+from wds_reinforce.core.augment import Recipe
+from wds_reinforce.core.errors import UsageError
+from wds_reinforce.core.threads import default_workers
+from wds_reinforce.io.storage import open_output
+from wds_reinforce.produce.self_contained import ProducerSummary, ReinforceJob
+from wds_reinforce.produce.sources import Source, WebDatasetSource, open_source
+from wds_reinforce.produce.teacher import Teacher, load_teacher, parse_teacher_spec
 
 __all__ = ["checked_teacher", "dist_env", "prepare_job", "make_shards"]
 
@@ -210,7 +210,7 @@ def make_shards(
         UsageError: bad arguments, before any work starts.
     """
     if kwargs.pop("sidecars_only", False):
-        from .sidecars import prepare_sidecar_job
+        from wds_reinforce.produce.sidecar_sets import prepare_sidecar_job
 
         return prepare_sidecar_job(source, teacher, out, **kwargs).run()
     if kwargs.get("round_group") is not None:

@@ -22,11 +22,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ._registry import Registry
-from .errors import FormatError
-from .format import COLUMNS, Column
-from .kernels import CURRENT_KERNELS, KERNELS, Kernels
-from .randaugment import RANDAUGMENT_SPACE, SIGNED, magnitude_of
+from wds_reinforce.core.augment.kernels import CURRENT_KERNELS, KERNELS, Kernels
+from wds_reinforce.core.augment.randaugment import RANDAUGMENT_SPACE, SIGNED, magnitude_of
+from wds_reinforce.core.errors import FormatError
+from wds_reinforce.core.format import COLUMNS, Column
+from wds_reinforce.core.registry import Registry
 
 __all__ = [
     "OPS",

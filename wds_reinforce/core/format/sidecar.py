@@ -21,8 +21,8 @@ import msgpack
 import numpy as np
 from crc32c import crc32c as _crc32c
 
-from .columns import CODECS, COLUMNS, UINT_DTYPES, Codec, Column, uint_width
-from .errors import FormatError, VersionError
+from wds_reinforce.core.errors import FormatError, VersionError
+from wds_reinforce.core.format.columns import CODECS, COLUMNS, UINT_DTYPES, Codec, Column, uint_width
 
 __all__ = [
     "FORMAT_VERSION",

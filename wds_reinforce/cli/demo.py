@@ -108,8 +108,8 @@ def make_demo_images(root: str | os.PathLike, per_class: int, seed: int = 0, siz
 
 
 def _load_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from .augment import SourceImage
-    from .sources import ImageFolderSource
+    from wds_reinforce.core.augment import SourceImage
+    from wds_reinforce.produce.sources import ImageFolderSource
 
     src = ImageFolderSource(root)
     images = torch.stack([SourceImage(src[i].data).decode() for i in range(len(src))])
@@ -129,7 +129,7 @@ def train_demo_teacher(
     """Train a random-init timm resnet10t on the demo images; save its state_dict; return val accuracy."""
     import timm
 
-    from .augment import Recipe, normalize, replay
+    from wds_reinforce.core.augment import Recipe, normalize, replay
 
     torch.manual_seed(seed)
     images, labels = _load_images(train_root)
@@ -173,7 +173,7 @@ def train_demo_teacher(
 
 @torch.inference_mode()
 def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: Any, cfg: dict) -> float:
-    from .augment import normalize, replay
+    from wds_reinforce.core.augment import normalize, replay
 
     model.eval()
     views = torch.stack([replay(img, {}, recipe) for img in images])
@@ -194,9 +194,9 @@ def run_demo(
     root: str | os.PathLike = "shards/demo", per_class: int = 400, rounds: int = 8, epochs: int = 12, log: Any = print
 ) -> Any:
     """Generate, train (cached) and reinforce the demo set; print what was written and what to run next."""
-    from .producer import make_shards
-    from .threads import default_threads, default_workers
-    from .writer import OtherJobError
+    from wds_reinforce.core.threads import default_threads, default_workers
+    from wds_reinforce.produce.make import make_shards
+    from wds_reinforce.produce.self_contained import OtherJobError
 
     workers = default_workers()
     # The teacher trains alone in this process (all the cores), then runs next to the workers.

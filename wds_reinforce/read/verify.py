@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from webdataset.tariterators import base_plus_ext
 
-from .augment import Recipe, replay
-from .decode import SourceImage
-from .errors import DataError, DecodeError, FormatError
-from .format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
-from .loader import IMAGE_EXTS
-from .mixing import check_mix_columns, check_window_crc, mix_pixels, mix_row, window_crc
-from .storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
+from wds_reinforce.core.augment import Recipe, replay
+from wds_reinforce.core.augment.mixing import check_mix_columns, check_window_crc, mix_pixels, mix_row, window_crc
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.core.errors import DataError, DecodeError, FormatError
+from wds_reinforce.core.format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
+from wds_reinforce.io.storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
+from wds_reinforce.read.loader import IMAGE_EXTS
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "teacher_view", "partner_view"]
 

@@ -25,9 +25,17 @@ from webdataset.gopen import gopen as _gopen
 from webdataset.gopen import gopen_curl as _gopen_curl
 from webdataset.gopen import gopen_schemes as _gopen_schemes
 
-from .errors import UsageError
-from .format import Manifest
-from .remote import NetworkReadError, ObjectChangedError, ResumableReader, open_http, open_s3, s3_client, s3_location
+from wds_reinforce.core.errors import UsageError
+from wds_reinforce.core.format import Manifest
+from wds_reinforce.io.remote import (
+    NetworkReadError,
+    ObjectChangedError,
+    ResumableReader,
+    open_http,
+    open_s3,
+    s3_client,
+    s3_location,
+)
 
 __all__ = [
     "NetworkReadError",

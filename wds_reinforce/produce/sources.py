@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._registry import Registry
-from .errors import DataError
+from wds_reinforce.core.errors import DataError
+from wds_reinforce.core.registry import Registry
 
 __all__ = [
     "SOURCES",

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ._registry import Registry
-from .augment import Recipe, normalize
-from .checkpoint import CHECKPOINT_FORMAT
+from wds_reinforce.core.augment import Recipe, normalize
+from wds_reinforce.core.registry import Registry
+from wds_reinforce.produce.checkpoint import CHECKPOINT_FORMAT
 
 __all__ = ["TEACHERS", "Teacher", "parse_teacher_spec", "load_teacher"]
 

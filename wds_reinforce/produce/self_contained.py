@@ -37,16 +37,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import Recipe, replay
-from .decode import SourceImage
-from .errors import DataError, UsageError
-from .format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, encode_sidecar
-from .mixing import mix_window
-from .progress import ShardProgress
-from .sources import Source, SourceSample, SourceSampleError
-from .storage import sha256_file
-from .targets import topk
-from .teacher import Teacher
+from wds_reinforce.core.augment import Recipe, replay
+from wds_reinforce.core.augment.mixing import mix_window
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.core.errors import DataError, UsageError
+from wds_reinforce.core.format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, encode_sidecar
+from wds_reinforce.core.progress import ShardProgress
+from wds_reinforce.core.targets import topk
+from wds_reinforce.io.storage import sha256_file
+from wds_reinforce.produce.sources import Source, SourceSample, SourceSampleError
+from wds_reinforce.produce.teacher import Teacher
 
 __all__ = [
     "OtherJobError",
@@ -536,7 +536,7 @@ def library_versions() -> dict[str, str]:
     import timm
     import torchvision
 
-    from . import __version__
+    from wds_reinforce import __version__
 
     return {
         "wds_reinforce": __version__,

@@ -29,11 +29,11 @@ import braceexpand
 import numpy as np
 import torch
 
-from .augment import Recipe, replay, round_rng
-from .dataset import aligned_samples, shard_samples
-from .decode import SourceImage
-from .errors import DataError, UsageError
-from .format import (
+from wds_reinforce.core.augment import Recipe, replay, round_rng
+from wds_reinforce.core.augment.mixing import mix_row, mix_window, mixed_views
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.core.errors import DataError, UsageError
+from wds_reinforce.core.format import (
     SIDECAR_EXT,
     SIDECAR_SETS,
     Manifest,
@@ -46,13 +46,19 @@ from .format import (
     decode_sidecar,
     encode_sidecar,
 )
-from .loader import IMAGE_EXTS
-from .mixing import mix_row, mix_window, mixed_views
-from .producer import checked_teacher, dist_env
-from .storage import open_output, open_url
-from .targets import topk
-from .teacher import Teacher
-from .writer import OtherJobError, ProducerSummary, error_reason, library_versions, write_tar_file
+from wds_reinforce.core.targets import topk
+from wds_reinforce.io.storage import open_output, open_url
+from wds_reinforce.produce.make import checked_teacher, dist_env
+from wds_reinforce.produce.self_contained import (
+    OtherJobError,
+    ProducerSummary,
+    error_reason,
+    library_versions,
+    write_tar_file,
+)
+from wds_reinforce.produce.teacher import Teacher
+from wds_reinforce.read.dataset import aligned_samples, shard_samples
+from wds_reinforce.read.loader import IMAGE_EXTS
 
 __all__ = ["SidecarSetJob", "SIDECAR_JOB_FILE", "group_dir", "image_shard_urls"]
 
@@ -454,7 +460,7 @@ def prepare_sidecar_job(
     Raises:
         UsageError: bad arguments (also a producer option that has no meaning here), before any work.
     """
-    from .threads import default_workers
+    from wds_reinforce.core.threads import default_workers
 
     meaningless = sorted(k for k, v in unused.items() if v not in (None, False) and k not in ("shuffle", "threads"))
     if meaningless:

@@ -34,13 +34,13 @@ import torch
 from webdataset import filters as wds_filters
 from webdataset.handlers import reraise_exception
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, Recipe, normalize, replay
-from .decode import SourceImage
-from .errors import DataError, FormatError, MismatchError, UsageError, VersionError
-from .format import FORMAT_VERSION, SIDECAR_EXT, Manifest, Sidecar, check_topk, crc32c, decode_sidecar
-from .mixing import check_mix_row, check_window_crc, mix_pixels, mix_row, window_crc
-from .schedule import SharedEpoch, epoch_value, group_for, original_rng, round_for, round_in_group
-from .targets import dense_row, mean_topk, sparse_one_hot
+from wds_reinforce.core.augment import IMAGENET_MEAN, IMAGENET_STD, Recipe, normalize, replay
+from wds_reinforce.core.augment.mixing import check_mix_row, check_window_crc, mix_pixels, mix_row, window_crc
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.core.errors import DataError, FormatError, MismatchError, UsageError, VersionError
+from wds_reinforce.core.format import FORMAT_VERSION, SIDECAR_EXT, Manifest, Sidecar, check_topk, crc32c, decode_sidecar
+from wds_reinforce.core.schedule import SharedEpoch, epoch_value, group_for, original_rng, round_for, round_in_group
+from wds_reinforce.core.targets import dense_row, mean_topk, sparse_one_hot
 
 __all__ = [
     "IMAGE_EXTS",
