@@ -167,7 +167,7 @@ def test_columns_are_the_spec_s():
 
 
 def test_a_fresh_reader_knows_every_column():
-    """format.COLUMNS is filled by the ops (augment.py): importing the format alone must bring them."""
+    """format.COLUMNS declares every column: importing the format alone brings them all, no op needed."""
     code = "from wds_reinforce.core.format import COLUMNS; print(' '.join(COLUMNS.names()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["flip", "mixb", "mixl", "mixp", "ra", "re", "rrc"]

@@ -16,9 +16,17 @@ import webdataset as wds
 from tests.producer_data import TEACHER, job_args, make_image_folder
 from wds_reinforce import ReinforcedDataset, SkipCounter
 from wds_reinforce.core.augment import Recipe, replay
-from wds_reinforce.core.augment.mixing import MIX_COLUMNS, Mixing, mix_kind, mix_pixels, mix_rng, window_crc
+from wds_reinforce.core.augment.mixing import (
+    MIX_COLUMNS,
+    Mixing,
+    check_window,
+    mix_kind,
+    mix_pixels,
+    mix_rng,
+    window_crc,
+)
 from wds_reinforce.core.decode import SourceImage
-from wds_reinforce.core.errors import UsageError
+from wds_reinforce.core.errors import FormatError, UsageError
 from wds_reinforce.core.format import Manifest, decode_sidecar
 from wds_reinforce.core.targets import topk
 from wds_reinforce.produce.make import make_shards
@@ -83,6 +91,35 @@ def test_mix_pixels_blends_then_pastes_the_partners_box():
     assert int(mix_pixels(partner, own, row)[0, 5, 5]) == (255 * 192 + 128) >> 8 == 191
     assert torch.equal(out[:, :2, :3], partner[:, :2, :3])  # the box comes from the unmixed partner
     assert torch.count_nonzero(own) == 0  # inputs untouched
+
+
+@pytest.mark.parametrize(
+    "row, why",
+    [
+        ({"mixp": [0], "mixl": [9], "mixb": [0, 0, 0, 0]}, "mixing rows without a partner"),
+        ({"mixp": [5], "mixl": [9], "mixb": [0, 0, 0, 0]}, "a mixing partner outside its window of 4 samples"),
+        ({"mixp": [2], "mixl": [9], "mixb": [0, 0, 0, 0]}, "the sample is its own mixing partner"),
+        ({"mixp": [1], "mixl": [256], "mixb": [0, 0, 0, 0]}, "a MixUp weight not below 256"),
+        ({"mixp": [1], "mixl": [0], "mixb": [30, 0, 4, 4]}, "a CutMix box outside the output"),
+        ({"mixp": [1], "mixl": [0], "mixb": [0, 0, 0, 0]}, "a mixing partner with neither MixUp nor CutMix"),
+    ],
+)
+def test_mixing_checks_raise_naming_the_broken_rule(row, why):
+    mix, rows = Mixing(), {name: np.array(v) for name, v in row.items()}
+    with pytest.raises(FormatError, match=f"^{why}"):
+        mix.check(rows, 1, 4, (32, 32))  # the sample at position 1 of a window of 4
+    columns = {name: np.stack([np.zeros_like(v), v]) for name, v in rows.items()}  # round 0 fine, round 1 not
+    with pytest.raises(FormatError, match=f"^round 1: {why}"):
+        mix.check_columns(columns, 1, 4, (32, 32))
+    mix.check({name: np.zeros_like(v) for name, v in rows.items()}, 1, 4, (32, 32))  # not mixed: fine
+
+
+def test_the_window_check_names_a_missing_or_other_window():
+    check_window(window_crc(["a", "b"]), window_crc(["a", "b"]))
+    with pytest.raises(FormatError, match="without a pairing-window checksum 'mw'"):
+        check_window(None, window_crc(["a", "b"]))
+    with pytest.raises(FormatError, match="pairing window differs from the one it was mixed in"):
+        check_window(window_crc(["a", "b"]), window_crc(["a", "c"]))
 
 
 @pytest.mark.parametrize("rounds", [16, 400])

@@ -11,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wds_reinforce.core.errors import UsageError
-from wds_reinforce.core.schedule import SharedEpoch, epoch_value, key_word, original_rng, round_for
+from wds_reinforce.core.schedule import (
+    SharedEpoch,
+    WindowCutter,
+    epoch_value,
+    key_word,
+    original_rng,
+    pairing_windows,
+    round_for,
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -101,3 +109,33 @@ def test_shared_epoch_is_seen_by_a_spawned_process():
         assert out.get(timeout=60) == 7
     finally:
         proc.join(60)
+
+
+def _windows(items, width, positions=True):
+    shard, position = (lambda s: s[0]), (lambda s: s[1]) if positions else None
+    return [[pos for _, pos in w] for w in pairing_windows(items, width, shard_of=shard, position_of=position)]
+
+
+def test_pairing_windows_cut_each_shard_by_position():
+    items = [("a", i) for i in range(7)] + [("b", i) for i in range(5)]
+    assert _windows(items, 3) == [[0, 1, 2], [3, 4, 5], [6], [0, 1, 2], [3, 4]]
+    assert _windows(items, 3, positions=False) == _windows(items, 3)  # counted from each shard's start
+    assert _windows(items, 1) == [[pos] for _, pos in items]
+
+
+def test_a_lost_sample_costs_only_its_own_window():
+    kept = [("a", i) for i in (0, 1, 2, 3, 5, 6, 7, 8, 9)]  # position 4 lost
+    assert _windows(kept, 4) == [[0, 1, 2, 3], [5, 6, 7], [8, 9]]
+    # without positions the loss shifts every later window of the shard
+    assert _windows(kept, 4, positions=False) == [[0, 1, 2, 3], [5, 6, 7, 8], [9]]
+
+
+def test_a_sample_can_complete_two_windows():
+    cutter = WindowCutter(4)
+    assert cutter.add("p0", 0) == [] and cutter.add("p1", 1) == []
+    assert cutter.add("p7", 7) == [["p0", "p1"], ["p7"]]  # positions 2..6 lost
+    assert cutter.close() is None
+    cutter.add("q0", 0)
+    assert cutter.close() == ["q0"]
+    with pytest.raises(UsageError, match="expected a pairing window width >= 1, got 0"):
+        WindowCutter(0)

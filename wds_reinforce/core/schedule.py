@@ -3,6 +3,11 @@
 Everything here is a function of (seed, sample key, epoch): never of worker ids, ranks, the
 order samples arrive in, or time, so a restarted or re-sharded run makes the same choices.
 
+A mixing recipe pairs samples within **pairing windows** (``pairing_windows``, ``WindowCutter``):
+W consecutive samples of a shard, window w holding the shard's positions ``w·W .. w·W + W − 1``
+(the last may be shorter), where a sample's position counts the shard's samples that have a
+sidecar. The producers, the loader, verify and the rounds picture all cut windows here.
+
 ``round_for`` walks a per-sample permutation of the R rounds per cycle of R epochs, so every
 round is used once before any repeats. The permutation is affine, ``r = (a * pos + b) mod R``
 with ``a`` coprime to R, both drawn from a 64-bit hash of (seed, key, cycle): a bijection on
@@ -16,8 +21,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +38,8 @@ __all__ = [
     "epoch_value",
     "original_rng",
     "check_epoch",
+    "WindowCutter",
+    "pairing_windows",
 ]
 
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -153,3 +160,72 @@ def epoch_value(epoch: int | SharedEpoch | Callable[[], int]) -> int:
     if callable(epoch):
         return check_epoch(epoch())
     return check_epoch(epoch)
+
+
+# ----------------------------------------------------------------------------------------
+# Pairing windows (mixing recipes): the one rule, for producers, the loader, verify and pictures
+
+T = TypeVar("T")
+
+
+class WindowCutter(Generic[T]):
+    """Cuts one shard's samples, fed in shard order, into pairing windows of ``width``.
+
+    Window w holds the positions ``w·W .. w·W + W − 1``. ``add`` returns the windows a sample
+    completes: the open one when the sample starts another window, and its own once the sample
+    fills its last place; ``close`` returns the open window at the shard's end (its last,
+    shorter one). A sample's ``position`` is its place among the shard's samples with sidecars;
+    without one the samples fed are counted, so a sample lost on the way shifts every later
+    window of the shard, while with positions it costs only its own window.
+    """
+
+    def __init__(self, width: int):
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise UsageError(f"expected a pairing window width >= 1, got {width!r}")
+        self.width = width
+        self._open: list[T] = []
+        self._slot = -1
+        self._count = 0
+
+    def add(self, item: T, position: int | None = None) -> list[list[T]]:
+        """Feed the next sample; the windows it completes, in order (none, one or two)."""
+        position = self._count if position is None else position
+        self._count = position + 1
+        done = []
+        if self._open and position // self.width != self._slot:
+            done.append(self._open)
+            self._open = []
+        self._slot = position // self.width
+        self._open.append(item)
+        if position % self.width == self.width - 1:
+            done.append(self._open)
+            self._open = []
+        return done
+
+    def close(self) -> list[T] | None:
+        """The open window at the shard's end, if any; the cutter then starts a new shard."""
+        window, self._open, self._slot, self._count = self._open or None, [], -1, 0
+        return window
+
+
+def pairing_windows(
+    items: Iterable[T],
+    width: int,
+    shard_of: Callable[[T], Any] | None = None,
+    position_of: Callable[[T], int | None] | None = None,
+) -> Iterator[list[T]]:
+    """The pairing windows of samples in shard order (``WindowCutter``), a shard ending where
+    ``shard_of`` changes; ``position_of`` gives a sample's position in its shard (None: counted)."""
+    cutter: WindowCutter[T] = WindowCutter(width)
+    shard: Any = object()
+    for item in items:
+        here = shard_of(item) if shard_of is not None else None
+        if here != shard:
+            last = cutter.close()
+            if last:
+                yield last
+            shard = here
+        yield from cutter.add(item, position_of(item) if position_of is not None else None)
+    last = cutter.close()
+    if last:
+        yield last

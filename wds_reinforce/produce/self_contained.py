@@ -38,7 +38,6 @@ import torch
 from PIL import Image
 
 from wds_reinforce.core.augment import Recipe, replay
-from wds_reinforce.core.augment.mixing import mix_window
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, UsageError
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, encode_sidecar
@@ -635,7 +634,7 @@ def _mix_items(window: list[dict[str, Any]], recipe: Recipe, seed: int, rounds: 
     """Mix one pairing window of producer items in place: ``images`` become what the teacher sees,
     ``params`` gain the mixing columns, ``window`` is the sidecars' ``mw``."""
     keys = [item["sample"].key for item in window]
-    mixed, columns, crc = mix_window(recipe.mix, seed, keys, [item["images"] for item in window], range(rounds))
+    mixed, columns, crc = recipe.mix.mix_window(seed, keys, [item["images"] for item in window], range(rounds))
     for item, views, cols in zip(window, mixed, columns):
         item["images"], item["params"], item["window"] = views, {**item["params"], **cols}, crc
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from wds_reinforce.core.augment import Recipe, replay, round_rng
-from wds_reinforce.core.augment.mixing import mix_row, mix_window, mixed_views
+from wds_reinforce.core.augment.mixing import mix_row, mixed_views
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, UsageError
 from wds_reinforce.core.format import (
@@ -342,7 +342,7 @@ class SidecarSetJob:
     def _mix(self, window: list[dict[str, Any]], rounds: list[int]) -> None:
         """Mix one pairing window in place: the views the teacher sees, mixing columns, window checksum."""
         keys = [item["key"] for item in window]
-        mixed, columns, crc = mix_window(self.recipe.mix, self.seed, keys, [item["images"] for item in window], rounds)
+        mixed, columns, crc = self.recipe.mix.mix_window(self.seed, keys, [item["images"] for item in window], rounds)
         for item, views, cols in zip(window, mixed, columns):
             item["images"], item["window"] = views, crc
             for t, params in enumerate(item["params"]):

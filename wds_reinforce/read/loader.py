@@ -13,8 +13,9 @@ with ``webdataset.filters.pipelinefilter``, so ``stage(**options)`` takes the sa
 
 A mixing recipe (``Recipe.mix``, see ``mixing``) is reinforced a pairing window at a time
 (``_reinforce_windows``): the ``reinforce`` stage cuts the stream into windows of W consecutive
-samples of a shard, checks each sidecar's window checksum, replays the window's round of each
-sample once and mixes it with its partner's view; the per-sample steps refuse such recipes.
+samples of a shard (``schedule.pairing_windows``), checks each sidecar's window checksum,
+replays the window's round of each sample once and mixes it with its partner's view; the
+per-sample steps refuse such recipes.
 Anything that reorders samples (a shuffle buffer) must come after it.
 
 ``dataset.ReinforcedDataset`` wires them to a shard list read from the manifest. This module
@@ -35,11 +36,19 @@ from webdataset import filters as wds_filters
 from webdataset.handlers import reraise_exception
 
 from wds_reinforce.core.augment import IMAGENET_MEAN, IMAGENET_STD, Recipe, normalize, replay
-from wds_reinforce.core.augment.mixing import check_mix_row, check_window_crc, mix_pixels, mix_row, window_crc
+from wds_reinforce.core.augment.mixing import check_window, mix_row, window_crc
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, FormatError, MismatchError, UsageError, VersionError
 from wds_reinforce.core.format import FORMAT_VERSION, SIDECAR_EXT, Manifest, Sidecar, check_topk, crc32c, decode_sidecar
-from wds_reinforce.core.schedule import SharedEpoch, epoch_value, group_for, original_rng, round_for, round_in_group
+from wds_reinforce.core.schedule import (
+    SharedEpoch,
+    epoch_value,
+    group_for,
+    original_rng,
+    pairing_windows,
+    round_for,
+    round_in_group,
+)
 from wds_reinforce.core.targets import dense_row, mean_topk, sparse_one_hot
 
 __all__ = [
@@ -408,33 +417,6 @@ def reinforce_sample(sample: dict, plan: ReplayPlan, epoch: int, first: bool = F
 # Mixing recipes: one pairing window at a time
 
 
-def _windows(src: Iterable[dict], width: int) -> Iterator[list[dict]]:
-    """The stream cut into pairing windows: ``width`` consecutive samples of one shard, counted from
-    the shard's first sample; the last window of a shard may be shorter.
-
-    With ``__position__`` (the sample's position in its shard, set by ``ReinforcedDataset``'s
-    reader) the window is ``__position__ // width``, so a sample dropped on the way costs its own
-    window only (whose checksum then fails). Without it, samples are counted from where
-    ``__url__`` changes, and a dropped sample shifts every later window of its shard.
-    """
-    window: list[dict] = []
-    url: Any = object()
-    slot: Any = None
-    for sample in src:
-        here, pos = sample.get("__url__"), sample.get("__position__")
-        now = pos // width if isinstance(pos, int) else None
-        if window and (here != url or now != slot):
-            yield window
-            window = []
-        url, slot = here, now
-        window.append(sample)
-        if (len(window) == width) if now is None else (pos % width == width - 1):
-            yield window
-            window = []
-    if window:
-        yield window
-
-
 def _mix_window(window: list[dict], plan: ReplayPlan, epoch: int, state: dict) -> Iterator[dict | DataError]:
     """Every sample of one pairing window reinforced (its round mixed as stored), or its DataError.
 
@@ -449,9 +431,7 @@ def _mix_window(window: list[dict], plan: ReplayPlan, epoch: int, state: dict) -
         try:
             sidecar = _sidecar(sample, plan, state["first"])
             state["first"] = False
-            problem = check_window_crc(sidecar.window_crc, crc)
-            if problem:
-                raise FormatError(problem)
+            check_window(sidecar.window_crc, crc)
         except MismatchError:
             raise
         except DataError as exc:
@@ -470,7 +450,7 @@ def _mix_window(window: list[dict], plan: ReplayPlan, epoch: int, state: dict) -
             views[i, r] = replay(source(i), sidecars[i].round_params(r), plan.recipe)
         return views[i, r]
 
-    opts = plan.options
+    opts, mix = plan.options, plan.recipe.mix
     for i, (sample, sidecar) in enumerate(zip(window, sidecars)):
         if sidecar is None:
             yield failed[i]
@@ -482,9 +462,7 @@ def _mix_window(window: list[dict], plan: ReplayPlan, epoch: int, state: dict) -
                 sample["image"] = _image(sample, plan, r, sidecar, epoch, opts.seed, source(i))
             else:
                 row = mix_row(sidecar.ops, r)
-                problem = check_mix_row(row, i, len(window), plan.recipe.size)
-                if problem:
-                    raise FormatError(problem)
+                mix.check(row, i, len(window), plan.recipe.size)
                 img, partner = view(i, r), int(row["mixp"][0]) - 1
                 if partner >= 0:
                     if sidecars[partner] is None:
@@ -493,7 +471,7 @@ def _mix_window(window: list[dict], plan: ReplayPlan, epoch: int, state: dict) -
                         other = view(partner, r)
                     except DataError as exc:  # the partner's fault: say so, under this sample's key
                         raise FormatError(f"its mixing partner {keys[partner]!r}: {exc.message}") from None
-                    img = mix_pixels(img, other, row)
+                    img = mix.apply(img, other, row)
                 elif opts.output == "uint8":
                     img = img.clone()  # the cached view is a later sample's partner: hand out a copy
                 sample["image"] = normalize(img, opts.mean, opts.std) if opts.output == "float" else img
@@ -510,7 +488,9 @@ def _reinforce_windows(
     src: Iterable[dict], plan: ReplayPlan, epoch: int, handler: Callable[[BaseException], bool]
 ) -> Iterator[dict]:
     state = {"first": True}
-    for window in _windows(src, plan.recipe.mix.window):
+    # A window is W samples of one shard by their position in it (``__position__``, set where shards are read).
+    url, position = (lambda s: s.get("__url__")), (lambda s: s.get("__position__"))
+    for window in pairing_windows(src, plan.recipe.mix.window, shard_of=url, position_of=position):
         for sample, out in zip(window, _mix_window(window, plan, epoch, state)):
             if isinstance(out, DataError):
                 if handler(out.located(sample.get("__key__"), sample.get("__url__"))):

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from wds_reinforce.core.augment import Recipe, replay
-from wds_reinforce.core.augment.mixing import WEIGHT_SCALE, mix_kind, mix_pixels, mix_row
+from wds_reinforce.core.augment.mixing import WEIGHT_SCALE, mix_kind, mix_row
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, FormatError
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, Sidecar, decode_sidecar
+from wds_reinforce.core.schedule import pairing_windows
 from wds_reinforce.io.storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
 from wds_reinforce.read.dataset import aligned_samples, shard_samples
 from wds_reinforce.read.loader import IMAGE_EXTS
@@ -35,17 +36,11 @@ def _in_window(
     """The sample ``key`` (None: the first) of a shard's (key, members), with its pairing window of
     ``width``; only those sidecars are decoded (``decode(key, members)``), the window's others
     as None where they cannot be."""
-    window: list[tuple[str, dict]] = []
-    found = None
-    for pos, sample in enumerate(samples):
-        if pos % width == 0:
-            if found is not None:
-                break
-            window = []
-        window.append(sample)
-        if found is None and (key is None or sample[0] == key):
-            found = len(window) - 1
-    if found is None:
+    for window in pairing_windows(samples, width):
+        found = next((n for n, (k, _) in enumerate(window) if key is None or k == key), None)
+        if found is not None:
+            break
+    else:
         return None
     decoded: list[Found] = []
     for n, (k, members) in enumerate(window):
@@ -159,7 +154,7 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
                 other = partner_view(sidecar, r, recipe, pairs)
             except FormatError as exc:
                 draw.text((tile_w + 2, y + h + 2), str(exc)[:40], fill="red")
-            mixed = view if other is None else mix_pixels(view, other, mix_row(sidecar.ops, r))
+            mixed = view if other is None else recipe.mix.apply(view, other, mix_row(sidecar.ops, r))
             paste(view, 0, y)
             draw.text((2, y + h + 2), f"round {r}: own view", fill="gray")
             partner = int(sidecar.ops["mixp"][r][0]) - 1

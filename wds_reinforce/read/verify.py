@@ -22,10 +22,11 @@ import torch
 from webdataset.tariterators import base_plus_ext
 
 from wds_reinforce.core.augment import Recipe, replay
-from wds_reinforce.core.augment.mixing import check_mix_columns, check_window_crc, mix_pixels, mix_row, window_crc
+from wds_reinforce.core.augment.mixing import check_window, mix_row, window_crc
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, DecodeError, FormatError
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
+from wds_reinforce.core.schedule import WindowCutter
 from wds_reinforce.io.storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
 from wds_reinforce.read.loader import IMAGE_EXTS
 
@@ -378,9 +379,9 @@ class _Windows:
         self.report, self.recipe = report, recipe
         self.width = recipe.mix.window if recipe.mix is not None else 0
         self.kept: dict[WindowId, list[tuple[bytes | None, Sidecar | None]]] = {}
-        self._open: list[tuple[str, bytes | None, Sidecar | None]] = []
+        self._cutter: WindowCutter[tuple[str, bytes | None, Sidecar | None, bool]] = WindowCutter(self.width or 1)
         self._shard: str | None = None
-        self._number, self._wanted = 0, False
+        self._number = 0
 
     def add(self, shard: str, key: str, image: bytes | None, sidecar: Sidecar | None, wanted: bool) -> WindowId | None:
         """The next sample of ``shard`` (None: an unreadable sidecar); its window's id."""
@@ -389,31 +390,29 @@ class _Windows:
         if shard != self._shard:
             self.close()
             self._shard, self._number = shard, 0
-        self._open.append((key, image, sidecar))
-        self._wanted |= wanted
         window = (shard, self._number)
-        if len(self._open) == self.width:
-            self.close()
+        for done in self._cutter.add((key, image, sidecar, wanted)):
+            self._check(done)
         return window
 
     def close(self) -> None:
-        """End the open window (at a shard's end: its last, shorter one)."""
-        if not self._open:
-            return
-        window, wanted = self._open, self._wanted
-        self._open, self._wanted = [], False
-        crc = window_crc([key for key, _, _ in window])
-        for pos, (key, _, sidecar) in enumerate(window):
+        """End the shard: check its last, shorter window."""
+        done = self._cutter.close()
+        if done:
+            self._check(done)
+
+    def _check(self, window: list[tuple[str, bytes | None, Sidecar | None, bool]]) -> None:
+        crc = window_crc([key for key, _, _, _ in window])
+        for pos, (key, _, sidecar, _) in enumerate(window):
             if sidecar is None:
                 continue  # already reported
-            for problem in (
-                check_window_crc(sidecar.window_crc, crc),
-                check_mix_columns(sidecar.ops, pos, len(window), self.recipe.size),
-            ):
-                if problem:
-                    self.report.problems.append(Problem(self._shard, key, problem))
-        if wanted:
-            self.kept[self._shard, self._number] = [(image, sidecar) for _, image, sidecar in window]
+            try:
+                check_window(sidecar.window_crc, crc)
+                self.recipe.mix.check_columns(sidecar.ops, pos, len(window), self.recipe.size)
+            except FormatError as exc:
+                self.report.problems.append(Problem(self._shard, key, exc.message))
+        if any(wanted for _, _, _, wanted in window):
+            self.kept[self._shard, self._number] = [(image, sidecar) for _, image, sidecar, _ in window]
         self._number += 1
 
 
@@ -450,7 +449,7 @@ def teacher_view(
     """
     view = replay(image, sidecar.round_params(r), recipe)
     other = partner_view(sidecar, r, recipe, window)
-    return view if other is None else mix_pixels(view, other, mix_row(sidecar.ops, r))
+    return view if other is None else recipe.mix.apply(view, other, mix_row(sidecar.ops, r))
 
 
 def _check_teacher(

@@ -39,23 +39,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from wds_reinforce.core.errors import FormatError
 from wds_reinforce.core.format import COLUMNS, crc32c
 from wds_reinforce.core.schedule import key_word
 
 __all__ = [
     "MIX_COLUMNS",
+    "MIX_WIDTHS",
+    "WEIGHT_SCALE",
     "Mixing",
     "mix_rng",
     "mix_pixels",
-    "window_crc",
     "mix_kind",
-    "mix_window",
-    "mixed_views",
-    "check_mix_row",
-    "check_mix_columns",
-    "check_window_crc",
     "mix_row",
-    "MIX_WIDTHS",
+    "mixed_views",
+    "window_crc",
+    "check_window",
 ]
 
 MIX_COLUMNS = ("mixp", "mixl", "mixb")
@@ -184,6 +183,50 @@ class Mixing:
         per = [self.sample(mix_rng(seed, keys[position], r), position, len(keys), size) for r in rounds]
         return {name: np.stack([p[name] for p in per]) for name in MIX_COLUMNS}
 
+    # -- checks and pixels
+
+    def check(self, row: Mapping[str, np.ndarray], position: int, members: int, size: tuple[int, int]) -> None:
+        """Raise ``FormatError`` unless one round's mixing rows can be right for the sample at
+        ``position`` of a window of ``members`` with outputs of ``size``. The loader's check, per
+        sample: plain ints, no numpy calls."""
+        box = [int(v) for v in row["mixb"]]
+        for broken, why in _violations(int(row["mixp"][0]), int(row["mixl"][0]), box, position, members, size):
+            if broken:
+                raise FormatError(why)
+
+    def check_columns(self, ops: Mapping[str, np.ndarray], position: int, members: int, size: tuple[int, int]) -> None:
+        """``check`` for every round of a sidecar's columns at once (verify's); the error names the round."""
+        partner, q = ops["mixp"][:, 0].astype(np.int64), ops["mixl"][:, 0].astype(np.int64)
+        box = [ops["mixb"][:, i].astype(np.int64) for i in range(4)]
+        for broken, why in _violations(partner, q, box, position, members, size):
+            if broken.any():
+                raise FormatError(f"round {int(np.argmax(broken))}: {why}")
+
+    def apply(self, own: torch.Tensor, partner: torch.Tensor, row: Mapping[str, np.ndarray]) -> torch.Tensor:
+        """The mixed view of one round (``mix_pixels``)."""
+        return mix_pixels(own, partner, row)
+
+    def mix_window(
+        self, seed: int, keys: Sequence[str], views: Sequence[torch.Tensor], rounds: Sequence[int]
+    ) -> tuple[list[torch.Tensor], list[dict[str, np.ndarray]], int]:
+        """The producer's step: every window member's mixing columns, its views mixed by them, and
+        the window's key checksum.
+
+        Args:
+            seed: the job's seed.
+            keys: the window's sample keys, in shard order.
+            views: per member, its unmixed views (len(rounds), 3, H, W) uint8 of ``rounds``.
+            rounds: the data set's round numbers the views are of (their draws depend on them).
+
+        Returns:
+            Per member the views the teacher sees (``mixed_views``) and the mixing columns
+            ``mixp``/``mixl``/``mixb`` as (len(rounds), width) arrays; and ``window_crc(keys)``, the
+            sidecars' ``mw``.
+        """
+        size = (int(views[0].shape[-2]), int(views[0].shape[-1]))
+        columns = [self.sample_rounds(seed, keys, i, rounds, size) for i in range(len(keys))]
+        return mixed_views(views, columns), columns, window_crc(keys)
+
 
 def _box(area: float, cy: int, cx: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """A box of ``area`` (a fraction) of the image around (cy, cx), clipped to the image."""
@@ -206,16 +249,15 @@ def window_crc(keys: Sequence[str]) -> int:
     return crc32c("\n".join(keys).encode())
 
 
-def check_window_crc(recorded: int | None, crc: int) -> str | None:
-    """Why a sidecar's ``mw`` (``recorded``) does not fit its window, whose keys give ``crc``."""
+def check_window(recorded: int | None, crc: int) -> None:
+    """Raise ``FormatError`` unless a sidecar's ``mw`` (``recorded``) fits its window, whose keys give ``crc``."""
     if recorded is None:
-        return "a mixing recipe's sidecar without a pairing-window checksum 'mw'"
+        raise FormatError("a mixing recipe's sidecar without a pairing-window checksum 'mw'")
     if recorded != crc:
-        return (
+        raise FormatError(
             "the sample's pairing window differs from the one it was mixed in (samples lost, reordered "
             "or shuffled before the mixing stage)"
         )
-    return None
 
 
 def mix_kind(row: Mapping[str, np.ndarray]) -> str:
@@ -243,26 +285,6 @@ def _violations(partner: Any, q: Any, box: Sequence[Any], position: int, members
     )
 
 
-def check_mix_row(row: Mapping[str, np.ndarray], position: int, members: int, size: tuple[int, int]) -> str | None:
-    """Why one round's mixing rows cannot be right for the sample at ``position`` of a window of
-    ``members`` (None if they can). The loader's check, per sample: plain ints, no numpy calls."""
-    box = [int(v) for v in row["mixb"]]
-    for broken, why in _violations(int(row["mixp"][0]), int(row["mixl"][0]), box, position, members, size):
-        if broken:
-            return why
-    return None
-
-
-def check_mix_columns(ops: Mapping[str, np.ndarray], position: int, members: int, size: tuple[int, int]) -> str | None:
-    """``check_mix_row`` for every round of a sidecar's columns at once (verify's check)."""
-    partner, q = ops["mixp"][:, 0].astype(np.int64), ops["mixl"][:, 0].astype(np.int64)
-    box = [ops["mixb"][:, i].astype(np.int64) for i in range(4)]
-    for broken, why in _violations(partner, q, box, position, members, size):
-        if broken.any():
-            return f"round {int(np.argmax(broken))}: {why}"
-    return None
-
-
 def mix_pixels(own: torch.Tensor, partner: torch.Tensor, row: Mapping[str, np.ndarray]) -> torch.Tensor:
     """The mixed uint8 (3, H, W) view: MixUp of ``own`` with ``partner``, then CutMix from ``partner``.
 
@@ -285,29 +307,6 @@ def mix_pixels(own: torch.Tensor, partner: torch.Tensor, row: Mapping[str, np.nd
         out = out.clone() if out is own else out
         out[:, top : top + h, left : left + w] = partner[:, top : top + h, left : left + w]
     return out
-
-
-def mix_window(
-    mix: Mixing, seed: int, keys: Sequence[str], views: Sequence[torch.Tensor], rounds: Sequence[int]
-) -> tuple[list[torch.Tensor], list[dict[str, np.ndarray]], int]:
-    """The producer's step: every window member's mixing columns, its views mixed by them, and
-    the window's key checksum.
-
-    Args:
-        mix: the recipe's mixing settings.
-        seed: the job's seed.
-        keys: the window's sample keys, in shard order.
-        views: per member, its unmixed views (len(rounds), 3, H, W) uint8 of ``rounds``.
-        rounds: the data set's round numbers the views are of (their draws depend on them).
-
-    Returns:
-        Per member the views the teacher sees (``mixed_views``) and the mixing columns
-        ``mixp``/``mixl``/``mixb`` as (len(rounds), width) arrays; and ``window_crc(keys)``, the
-        sidecars' ``mw``.
-    """
-    size = (int(views[0].shape[-2]), int(views[0].shape[-1]))
-    columns = [mix.sample_rounds(seed, keys, i, rounds, size) for i in range(len(keys))]
-    return mixed_views(views, columns), columns, window_crc(keys)
 
 
 def mixed_views(views: Sequence[torch.Tensor], columns: Sequence[Mapping[str, np.ndarray]]) -> list[torch.Tensor]:

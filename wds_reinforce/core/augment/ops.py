@@ -3,8 +3,8 @@
 Every op has ``sample(rng, size) -> row`` (a small numpy array, the op's row in its sidecar
 column), ``check(row, size)`` (cheap range checks that raise ``FormatError``) and a pure
 ``apply(image, row, kernels)`` over uint8 (3, H, W) tensors. An op that records parameters
-declares its sidecar layout as ``column``, a ``format.Column`` of named fields and a codec;
-``register_op`` files the op in ``OPS`` and its column in ``format.COLUMNS``. An all-zero row means "not
+takes its sidecar layout, ``column``, from the format's one table (``format.COLUMNS``, where every
+column is declared); ``register_op`` files the op in ``OPS``. An all-zero row means "not
 applied" for ops that may skip (stored with the sparse codec). The RNG is always passed in;
 nothing here reads global RNG state.
 
@@ -96,11 +96,11 @@ class Op:
     """One augmentation op: sample parameters, check them, apply them with a pure kernel.
 
     Subclasses set ``name`` (the registry name, and the name of its sidecar column) and, if
-    they record parameters, ``column``: the ``format.Column`` of one round's row (named fields,
-    codec). An op whose class column has a variable ``repeat`` sets its own with
-    ``with_repeat`` (RandAugment's ``num_ops`` pairs). An op that may skip a round samples an
-    all-zero row for "not applied" and declares a ``sparse`` column, which stores only the
-    other rows.
+    they record parameters, ``column``: their ``format.Column`` from ``format.COLUMNS`` (named
+    fields, codec; declared there, with the format). An op whose column has a variable ``repeat``
+    sets its own with ``with_repeat`` (RandAugment's ``num_ops`` pairs). An op that may skip a
+    round samples an all-zero row for "not applied"; its column uses the ``sparse`` codec,
+    which stores only the other rows.
     """
 
     name: ClassVar[str]
@@ -139,19 +139,22 @@ class Op:
 
 
 def register_op(cls: type[Op]) -> type[Op]:
-    """Class decorator: file ``cls`` in ``OPS`` under ``cls.name``, and its column in ``format.COLUMNS``.
+    """Class decorator: file ``cls`` in ``OPS`` under ``cls.name``.
 
     Raises:
-        ValueError: the name (or column name) is taken, or the column is not named like the op.
+        ValueError: the name is taken, or the op's column is not the format's column of its name
+            (declare a new column in ``format.COLUMNS`` and docs/FORMAT.md first).
     """
     column = cls.column
     if column is not None and column.name != cls.name:
         raise ValueError(f"expected op {cls.name!r} to declare a column named {cls.name!r}, got {column.name!r}")
-    if cls.name in OPS or (column is not None and column.name in COLUMNS):
+    if cls.name in OPS:
         raise ValueError(f"op {cls.name!r} is already registered")
+    if column is not None and (
+        cls.name not in COLUMNS or COLUMNS.get(cls.name).with_repeat(0) != column.with_repeat(0)
+    ):
+        raise ValueError(f"expected op {cls.name!r} to use the format's column {cls.name!r} (format.COLUMNS)")
     OPS.register(cls.name, cls)
-    if column is not None:
-        COLUMNS.register(column.name, column)
     return cls
 
 
@@ -207,7 +210,7 @@ class RandomResizedCrop(GeometryOp):
     """torchvision's RandomResizedCrop: same parameter distribution; crop, then resize."""
 
     name = "rrc"
-    column = Column("rrc", "uint", ("top", "left", "height", "width"), doc="crop box in source pixels")
+    column = COLUMNS.get("rrc")
 
     def __init__(
         self,
@@ -311,7 +314,7 @@ class HorizontalFlip(Op):
     """Horizontal flip with probability ``p``."""
 
     name = "flip"
-    column = Column("flip", "bits", ("flip",), doc="1 = flipped horizontally")
+    column = COLUMNS.get("flip")
 
     def __init__(self, p: float = 0.5):
         self.p = _prob("p", p)
@@ -337,7 +340,7 @@ class RandAugment(Op):
 
     name = "ra"
     # The class column has a variable width (readers derive it); an instance fixes num_ops pairs.
-    column = Column("ra", "i8", ("op", "bin"), repeat=None, doc="op id in RANDAUGMENT_SPACE, signed magnitude bin")
+    column = COLUMNS.get("ra")
 
     def __init__(
         self,
@@ -406,7 +409,7 @@ class RandomErasing(Op):
     """
 
     name = "re"
-    column = Column("re", "sparse", ("top", "left", "height", "width"), doc="erase box in output pixels; 0s = none")
+    column = COLUMNS.get("re")
 
     def __init__(
         self,
