@@ -19,7 +19,7 @@ import webdataset as wds
 
 from tests.shardmaker import make_shards
 from wds_reinforce.io.tario import BLOCK, iter_members
-from wds_reinforce.read.dataset import _shard_samples
+from wds_reinforce.io.shards import samples as _shard_samples
 
 SEED = 20261123
 

@@ -49,18 +49,30 @@ def _cut(what: str) -> tarfile.ReadError:
 
 
 class _Stream:
-    """Exact reads from a file object whose ``read`` may return less than asked (a raw stream)."""
+    """Exact reads from a file object whose ``read`` may return less than asked (a raw stream).
 
-    __slots__ = ("read_", "readinto_")
+    ``pos`` counts the bytes consumed. A seekable file (a local, uncompressed shard) is skipped
+    over by seeking, so listing its members reads only their headers.
+    """
 
-    def __init__(self, fileobj: Any):
+    __slots__ = ("read_", "readinto_", "pos", "_seek", "_size")
+
+    def __init__(self, fileobj: Any, seekable: bool = False):
         self.read_ = fileobj.read
         self.readinto_ = getattr(fileobj, "readinto", None)
+        self._seek, self._size = None, 0
+        self.pos = 0
+        if seekable and getattr(fileobj, "seekable", lambda: False)():
+            start = fileobj.tell()
+            self._size = fileobj.seek(0, 2) - start
+            fileobj.seek(start)
+            self._seek = fileobj.seek
 
     def read(self, size: int) -> bytes:
         """``size`` bytes, fewer only at the end of the stream."""
         data = self.read_(size)
         if len(data) == size or not data:
+            self.pos += len(data)
             return data
         parts, got = [data], len(data)
         while got < size:
@@ -69,7 +81,17 @@ class _Stream:
                 break
             parts.append(more)
             got += len(more)
+        self.pos += got
         return b"".join(parts)
+
+    def skip(self, size: int) -> bool:
+        """Pass over ``size`` bytes; False if the stream ends first."""
+        if self._seek is None:
+            return len(self.read(size)) == size
+        step = min(size, self._size - self.pos)
+        self._seek(step, 1)
+        self.pos += step
+        return step == size
 
     def fill(self, view: memoryview) -> int:
         """Fill ``view``; the bytes read, fewer only at the end of the stream."""
@@ -83,6 +105,7 @@ class _Stream:
             if not n:
                 break
             got += n
+        self.pos += got
         return got
 
 
@@ -155,12 +178,16 @@ def _pax(data: bytes) -> dict[str, str]:
 
 
 class TarMember:
-    """A regular member: its ``name`` and ``size`` are known; ``read()`` its data before the next member."""
+    """A regular member: its ``name`` and ``size`` are known; ``read()`` its data before the next member.
 
-    __slots__ = ("name", "size", "_stream", "_data")
+    ``offset`` is where its data starts in the file, for an uncompressed stream (None in a
+    compressed one), so that a listing can read it again later.
+    """
 
-    def __init__(self, name: str, size: int, stream: _Stream):
-        self.name, self.size, self._stream, self._data = name, size, stream, None
+    __slots__ = ("name", "size", "offset", "_stream", "_data")
+
+    def __init__(self, name: str, size: int, stream: _Stream, offset: int | None = None):
+        self.name, self.size, self.offset, self._stream, self._data = name, size, offset, stream, None
 
     def read(self) -> bytes:
         """The member's data (read once, then kept).
@@ -186,14 +213,15 @@ def iter_members(fileobj: Any) -> Iterator[TarMember]:
 
     A member is yielded once its header is read, before its data (``TarMember.read``), so a
     caller sees where the previous member ended even if this one is cut. Data a caller does not
-    read is skipped. Directories, links, devices and the like are passed over, and so are GNU
-    sparse files. The stream is read forward only and never closed.
+    read is skipped: by seeking, in a seekable uncompressed file (then only headers are read).
+    Directories, links, devices and the like are passed over, and so are GNU sparse files. The
+    stream is read forward only and never closed.
 
     Raises:
         tarfile.ReadError: an empty stream, a header with a bad checksum, or a stream that ends
             inside a header or member, or without the end-of-archive marker.
     """
-    stream = _Stream(fileobj)
+    stream = _Stream(fileobj, seekable=True)
     buf = bytearray(2 * BLOCK)  # the padding of the member before (< one block) and a header
     view = memoryview(buf)
     got = stream.fill(view[:BLOCK])
@@ -252,13 +280,13 @@ def iter_members(fileobj: Any) -> Iterator[TarMember]:
                     name = prefix + "/" + name
             long_name, local = None, {}
             if kind in _REGULAR and not (kind == b"\0" and name.endswith("/")):
-                member = TarMember(name, size, stream)
+                member = TarMember(name, size, stream, stream.pos if opener is None else None)
                 yield member
                 member._stream = None  # no reads past this point
                 if member._data is not None:
                     skip -= size  # the padding is left
             if skip > BLOCK:  # data passed over
-                if len(stream.read(skip)) < skip:
+                if not stream.skip(skip):
                     raise _cut("inside a member")
                 skip = 0
         # the padding (if any) and the next header, in one read

@@ -32,7 +32,7 @@ import torch
 from wds_reinforce.core.augment import Recipe, replay, round_rng
 from wds_reinforce.core.augment.mixing import mix_row, mixed_views
 from wds_reinforce.core.decode import SourceImage
-from wds_reinforce.core.errors import DataError, UsageError
+from wds_reinforce.core.errors import DataError, FormatError, UsageError
 from wds_reinforce.core.format import (
     SIDECAR_EXT,
     SIDECAR_SETS,
@@ -47,6 +47,8 @@ from wds_reinforce.core.format import (
     encode_sidecar,
 )
 from wds_reinforce.core.targets import topk
+from wds_reinforce.io.shards import HashingReader, image_bytes
+from wds_reinforce.io.shards import samples as shard_samples
 from wds_reinforce.io.storage import open_output, open_url
 from wds_reinforce.produce.make import checked_teacher, dist_env
 from wds_reinforce.produce.self_contained import (
@@ -57,8 +59,7 @@ from wds_reinforce.produce.self_contained import (
     write_tar_file,
 )
 from wds_reinforce.produce.teacher import Teacher
-from wds_reinforce.read.dataset import aligned_samples, shard_samples
-from wds_reinforce.read.loader import IMAGE_EXTS
+from wds_reinforce.read.dataset import aligned_samples
 
 __all__ = ["SidecarSetJob", "SIDECAR_JOB_FILE", "group_dir", "image_shard_urls"]
 
@@ -95,23 +96,6 @@ def image_shard_urls(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
-class _Hashing:
-    """A read-through stream that hashes and counts what passes (the image shard's sha256)."""
-
-    def __init__(self, stream: Any):
-        self.stream, self.sha256, self.count = stream, hashlib.sha256(), 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.sha256.update(data)
-        self.count += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
 def _identity(item: Any) -> Any:
     return item
 
@@ -133,21 +117,21 @@ class _ShardReplay(torch.utils.data.IterableDataset):
     def _shard(self, i: int, url: str, rounds: list[int]) -> Iterator[dict[str, Any]]:
         keys = []
         with open_url(url) as raw:
-            stream = _Hashing(raw)
+            stream = HashingReader(raw)
             for sample in shard_samples(stream, url):
                 key = sample["__key__"]
                 keys.append(key)
                 yield self._replay(i, key, sample, rounds)
             stream.drain()
         first, last = (keys[0], keys[-1]) if keys else ("", "")
-        image = ShardInfo(url, len(keys), stream.count, stream.sha256.hexdigest(), first, last)
+        image = ShardInfo(url, len(keys), stream.count, stream.hexdigest(), first, last)
         yield {"shard": i, "end": image}
 
     def _replay(self, i: int, key: str, sample: Mapping[str, Any], rounds: list[int]) -> dict[str, Any]:
-        data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-        if data is None:
-            members = sorted(k for k in sample if not k.startswith("__"))
-            return {"shard": i, "key": key, "error": f"no image member ({'/'.join(IMAGE_EXTS)}); members: {members}"}
+        try:
+            data = image_bytes(sample)
+        except FormatError as exc:
+            return {"shard": i, "key": key, "error": exc.message}
         try:
             src = SourceImage(data)
             params = [self.recipe.sample(round_rng(self.seed, key, r), src.size) for r in rounds]
@@ -581,7 +565,7 @@ def add_teacher_set(
             for sample in aligned_samples(manifest.image_shards[i].name, [params_url], skipped):
                 raw = sample[SIDECAR_EXT]
                 sidecar = decode_sidecar_for(raw, manifest, group.rounds, sample["__key__"])
-                data = next(sample[e] for e in IMAGE_EXTS if e in sample)
+                data = image_bytes(sample)
                 if sidecar.image_crc is not None and crc32c(data) != sidecar.image_crc:
                     raise DataError("image bytes do not match the sidecar's checksum", sample["__key__"])
                 src = SourceImage(data)

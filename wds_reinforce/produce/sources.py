@@ -26,10 +26,10 @@ import numpy as np
 
 from wds_reinforce.core.errors import DataError
 from wds_reinforce.core.registry import Registry
+from wds_reinforce.io.shards import IMAGE_EXTS, Span, image_member, members_of, samples
 
 __all__ = [
     "SOURCES",
-    "IMAGE_EXTS",
     "SourceSample",
     "SourceSampleError",
     "unique_keys",
@@ -41,7 +41,7 @@ __all__ = [
     "sanitize_key",
 ]
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_LABEL_MEMBERS = frozenset({"cls", "json"})  # read while listing shards; images are read when used
 # ustar names hold 100 bytes; a key plus ".dr.mp" must fit, with room to spare.
 _MAX_KEY = 80
 
@@ -224,20 +224,20 @@ class WebDatasetSource(Source):
         self._no_image: dict[int, str] = {}  # index -> reason, for samples without an image member
         for si, path in enumerate(paths):
             try:
-                for raw_key, members in self._scan(path):
-                    image = next(((ext, m) for ext in IMAGE_EXTS for m in [members.get(ext)] if m), None)
+                for sample in self._scan(path):
+                    raw_key, image = sample["__key__"], image_member(sample)
                     if image is None:
                         self._no_image[len(entries)] = (
-                            f"no image member ({'/'.join(IMAGE_EXTS)}); members: {sorted(members)}"
+                            f"no image member ({'/'.join(IMAGE_EXTS)}); members: {members_of(sample)}"
                         )
                         try:
-                            label = self._label(si, members, raw_key)
+                            label = self._label(path, sample)
                         except ValueError:
                             label = -1  # never written: the sample is skipped
                         entries.append((si, -1, 0, "", raw_key))
                     else:
-                        label = self._label(si, members, raw_key)
-                        entries.append((si, image[1][0], image[1][1], _ext_of(image[0]), raw_key))
+                        label = self._label(path, sample)
+                        entries.append((si, image[1].offset, image[1].size, _ext_of(image[0]), raw_key))
                     labels.append(label)
             except (tarfile.TarError, OSError) as exc:
                 raise ValueError(f"expected webdataset .tar shards, got {path}: {type(exc).__name__}: {exc}") from None
@@ -252,43 +252,26 @@ class WebDatasetSource(Source):
         self.class_names = self._class_names(paths[0], labels)
 
     @staticmethod
-    def _scan(path: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
-        """(key, {ext: (data offset, size)}) per sample, grouping consecutive members as webdataset does."""
-        current: str | None = None
-        members: dict[str, tuple[int, int]] = {}
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                dirname, base = os.path.split(info.name)
-                if "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                key = os.path.join(dirname, stem) if dirname else stem
-                if key != current:
-                    if current is not None:
-                        yield current, members
-                    current, members = key, {}
-                members[ext.lower()] = (info.offset_data, info.size)
-        if current is not None:
-            yield current, members
+    def _scan(path: str) -> Iterator[dict]:
+        """Each sample's label members (``cls``, ``json``) and where its other members lie (``Span``)."""
+        with open(path, "rb") as f:
+            yield from samples(f, path, read=_LABEL_MEMBERS.__contains__)
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        with open(self._paths[shard], "rb") as f:
-            f.seek(offset)
-            return f.read(size)
+        return Span(offset, size).read(self._paths[shard])
 
-    def _label(self, si: int, members: dict[str, tuple[int, int]], key: str = "") -> int:
-        path = self._paths[si]
-        if "cls" in members:
-            text = self._read(si, *members["cls"]).decode("ascii", "replace").strip()
+    @staticmethod
+    def _label(path: str, sample: dict) -> int:
+        key = sample["__key__"]
+        if "cls" in sample:
+            text = sample["cls"].decode("ascii", "replace").strip()
             try:
                 return int(text)
             except ValueError:
                 raise ValueError(f"expected an integer label in {path}, got cls {text!r} (sample {key!r})") from None
-        if "json" in members:
+        if "json" in sample:
             try:
-                meta = json.loads(self._read(si, *members["json"]))
+                meta = json.loads(sample["json"])
             except ValueError as exc:
                 raise ValueError(f"expected a JSON member in {path}, got {exc} (sample {key!r})") from None
             if isinstance(meta, dict) and isinstance(meta.get("label"), int):

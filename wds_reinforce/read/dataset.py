@@ -24,7 +24,6 @@ from webdataset.compat import FluidInterface
 from webdataset.handlers import reraise_exception
 from webdataset.pipeline import DataPipeline
 from webdataset.shardlists import ResampledShards, expand_urls, split_by_node, split_by_worker
-from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
 from wds_reinforce.core.augment import IMAGENET_MEAN, IMAGENET_STD, Recipe
@@ -32,11 +31,11 @@ from wds_reinforce.core.errors import DataError, FormatError, SampleError, Usage
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest
 from wds_reinforce.core.schedule import SharedEpoch, group_for
 from wds_reinforce.io.remote import RetryPolicy
+from wds_reinforce.io.shards import samples
 from wds_reinforce.io.storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
-from wds_reinforce.io.tario import iter_members
 from wds_reinforce.read.loader import LoaderOptions, ReplayPlan, reinforce
 
-__all__ = ["ReinforcedDataset", "aligned_samples", "shard_samples"]
+__all__ = ["ReinforcedDataset", "aligned_samples"]
 
 
 def _resolve(
@@ -140,39 +139,9 @@ def _expected_counts(urls: Sequence[str], manifest: Manifest) -> dict[str, int]:
 _SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
 
 
-def _shard_samples(stream: Any, url: str) -> Iterator[dict]:
-    """The complete samples of one tar stream: consecutive members sharing a key (webdataset's rule).
-
-    A sample is yielded only once the next key (or the end-of-archive marker) shows it complete,
-    so a shard cut inside a sample, or between members, never yields the part before the cut.
-    Members are read by ``tario.iter_members`` (a lean tar reader, ~3x faster than tarfile).
-
-    Raises:
-        tarfile.ReadError: the stream ends inside a member, or without the end-of-archive marker.
-    """
-    sample: dict | None = None
-    for member in iter_members(stream):
-        key, ext = base_plus_ext(member.name)
-        if key is None or _META.match(member.name):
-            continue
-        if sample is None or key != sample["__key__"]:
-            if sample is not None:
-                yield sample  # complete: a member of the next sample has begun
-            sample = {"__key__": key, "__url__": url}
-        ext = ext.lower()
-        if ext in sample:
-            raise FormatError(f"member {member.name!r} repeats extension {ext!r} of sample {key!r}")
-        sample[ext] = member.read()
-    if sample is not None:
-        yield sample  # iter_members ended at the end-of-archive marker: the shard is whole
-
-
-_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as webdataset does
-
-
 def _plain(url: str) -> Iterator[dict]:
     with open_url(url) as stream:
-        yield from _shard_samples(stream, url)
+        yield from samples(stream, url)
 
 
 def _lockstep(url: str, sidecar_urls: Sequence[str], skipped: frozenset[str] = frozenset()) -> Iterator[dict]:
@@ -187,8 +156,8 @@ def _lockstep(url: str, sidecar_urls: Sequence[str], skipped: frozenset[str] = f
     """
     with contextlib.ExitStack() as stack:
         images = stack.enter_context(open_url(url))
-        sides = [_shard_samples(stack.enter_context(open_url(u)), u) for u in sidecar_urls]
-        for sample in _shard_samples(images, url):
+        sides = [samples(stack.enter_context(open_url(u)), u) for u in sidecar_urls]
+        for sample in samples(images, url):
             if sample["__key__"] in skipped:
                 continue
             for n, (side, side_url) in enumerate(zip(sides, sidecar_urls)):
@@ -444,11 +413,6 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch for the round schedule and shuffling; visible to all DataLoader workers."""
         self.epoch.set(epoch)
-
-
-def shard_samples(stream: Any, url: str) -> Iterator[dict]:
-    """The complete samples of one tar stream, as the loader reads them (see ``_shard_samples``)."""
-    return _shard_samples(stream, url)
 
 
 def aligned_samples(url: str, sidecar_urls: Sequence[str], skipped: frozenset[str] = frozenset()) -> Iterator[dict]:

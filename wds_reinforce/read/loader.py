@@ -50,9 +50,9 @@ from wds_reinforce.core.schedule import (
     round_in_group,
 )
 from wds_reinforce.core.targets import dense_row, mean_topk, sparse_one_hot
+from wds_reinforce.io.shards import image_bytes, members_of
 
 __all__ = [
-    "IMAGE_EXTS",
     "LoaderOptions",
     "SkipCounter",
     "decode_sidecars",
@@ -65,7 +65,6 @@ __all__ = [
     "ReplayPlan",
 ]
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TARGET_MODES = ("smooth", "zeros", "sparse")
 OUTPUT_MODES = ("uint8", "float")
 
@@ -252,10 +251,6 @@ def _manifest_recipe(manifest: Manifest) -> tuple[Recipe, bytes]:
 # The per-sample steps
 
 
-def _members(sample: Mapping[str, Any]) -> list[str]:
-    return sorted(k for k in sample if not k.startswith("__"))
-
-
 def _sidecar(sample: dict, plan: ReplayPlan, first: bool) -> Sidecar:
     """Decode ``{key}.dr.mp`` and check it against the manifest (rounds, top-k, op columns).
 
@@ -263,7 +258,7 @@ def _sidecar(sample: dict, plan: ReplayPlan, first: bool) -> Sidecar:
     """
     raw = sample.get(SIDECAR_EXT)
     if raw is None:
-        raise FormatError(f"no '{SIDECAR_EXT}' member (members: {_members(sample)})")
+        raise FormatError(f"no '{SIDECAR_EXT}' member (members: {members_of(sample)})")
     key, url = sample.get("__key__"), sample.get("__url__")
     try:
         sidecar = decode_sidecar(raw)
@@ -328,17 +323,9 @@ def _choose_round(
     return r, group_for(opts.seed, epoch, total, rounds) * rounds + r
 
 
-def _image_bytes(sample: Mapping[str, Any]) -> bytes:
-    for ext in IMAGE_EXTS:
-        data = sample.get(ext)
-        if data is not None:
-            return data
-    raise FormatError(f"no image member ({'/'.join(IMAGE_EXTS)}); members: {_members(sample)}")
-
-
 def _source(sample: Mapping[str, Any], sidecar: Sidecar) -> SourceImage:
     """The sample's image (not yet decoded), checked against the sidecar's checksum."""
-    data = _image_bytes(sample)
+    data = image_bytes(sample)
     if sidecar.image_crc is not None and crc32c(data) != sidecar.image_crc:
         raise FormatError("image bytes do not match the sidecar's checksum: the image member is damaged")
     return SourceImage(data)
@@ -380,7 +367,7 @@ def _target(sample: dict, plan: ReplayPlan, r: int, sidecar: Sidecar) -> None:
         try:
             label = int(sample["cls"])
         except (KeyError, ValueError):
-            raise FormatError(f"no integer 'cls' label (members: {_members(sample)})") from None
+            raise FormatError(f"no integer 'cls' label (members: {members_of(sample)})") from None
         if not 0 <= label < num_classes:
             raise FormatError(f"label {label} is not in [0, {num_classes})")
         idx, prob = sparse_one_hot(label, num_classes, sidecar.topk, opts.label_smoothing)

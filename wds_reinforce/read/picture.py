@@ -19,9 +19,10 @@ from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, FormatError
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, Sidecar, decode_sidecar
 from wds_reinforce.core.schedule import pairing_windows
+from wds_reinforce.io.shards import image_bytes, image_member
+from wds_reinforce.io.shards import samples as shard_samples
 from wds_reinforce.io.storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
-from wds_reinforce.read.dataset import aligned_samples, shard_samples
-from wds_reinforce.read.loader import IMAGE_EXTS
+from wds_reinforce.read.dataset import aligned_samples
 from wds_reinforce.read.verify import partner_view
 
 __all__ = ["draw_rounds"]
@@ -111,7 +112,7 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
     recipe = Recipe.from_dict(manifest.recipe)
     width = recipe.mix.window if recipe.mix is not None else 1
     (key, members, sidecar), window = _find_sample(url, manifest, key, max_rounds, width)
-    image = next(members[e] for e in IMAGE_EXTS if e in members)
+    image = image_bytes(members)
     src = SourceImage(image)
     names = manifest.class_names
     n = min(sidecar.rounds, max_rounds)
@@ -141,7 +142,7 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
         tile = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
         canvas.paste(tile.resize((w, h), Image.NEAREST) if zoom > 1 else tile, (x, y))
 
-    pairs = [(next((m[e] for e in IMAGE_EXTS if e in m), None), sc) for _, m, sc in window]
+    pairs = [((image_member(m) or (None, None))[1], sc) for _, m, sc in window]
     for r in range(n):
         if recipe.mix is None:
             x, y = (r % columns) * tile_w, 34 + (r // columns) * (h + text_h)

@@ -9,26 +9,22 @@ replays random (sample, round) pairs and compares the teacher's outputs with the
 
 from __future__ import annotations
 
-import hashlib
-import io
-import re
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from webdataset.tariterators import base_plus_ext
 
 from wds_reinforce.core.augment import Recipe, replay
 from wds_reinforce.core.augment.mixing import check_window, mix_row, window_crc
 from wds_reinforce.core.decode import SourceImage
-from wds_reinforce.core.errors import DataError, DecodeError, FormatError
+from wds_reinforce.core.errors import DecodeError, FormatError
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
 from wds_reinforce.core.schedule import WindowCutter
+from wds_reinforce.io.shards import IMAGE_EXTS, HashingReader, ShardCut, image_member, samples
 from wds_reinforce.io.storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
-from wds_reinforce.read.loader import IMAGE_EXTS
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "teacher_view", "partner_view"]
 
@@ -71,121 +67,10 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-class _HashingReader(io.RawIOBase):
-    """A read-only stream that hashes and counts what passes through it, keeping its last bytes."""
-
-    _TAIL = 64 << 10  # more than tarfile reads ahead of the block it parses (one 10 KiB record)
-
-    def __init__(self, stream: Any):
-        self.stream = stream
-        self.sha256 = hashlib.sha256()
-        self.count = 0
-        self._tail = bytearray()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.stream.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self._seen(data)
-        return n
-
-    def _seen(self, data: bytes) -> None:
-        self.sha256.update(data)
-        self.count += len(data)
-        self._tail += data
-        if len(self._tail) > 2 * self._TAIL:
-            del self._tail[: len(self._tail) - self._TAIL]
-
-    def recent(self, offset: int, size: int) -> bytes:
-        """Bytes ``offset .. offset + size`` of the stream if still held (fewer past its end)."""
-        start = self.count - len(self._tail)
-        if offset < start:
-            raise ValueError(f"expected an offset >= {start}, got {offset}")  # a caller's bug
-        return bytes(self._tail[offset - start : offset - start + size])
-
-    def finish(self) -> None:
-        while True:
-            data = self.stream.read(1 << 20)
-            if not data:
-                return
-            self._seen(data)
-
-
-class _ShardCut(DataError):
-    """A tar stream that breaks inside a sample, or ends without its end-of-archive marker.
-
-    ``key`` is the sample cut (or last, for a missing marker); ``complete`` counts the whole
-    samples before it.
-    """
-
-    def __init__(self, message: str, key: str, complete: int):
-        self.complete = complete
-        super().__init__(message, key)
-
-
-# webdataset's metadata members (``__key__`` style names), which it skips
-_META = re.compile(r"__[^/]*__($|/)")
-
-
-def _samples(reader: _HashingReader) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for consecutive tar members sharing a key, keyed as webdataset keys them.
-
-    A member ``dir.v2/abc.def.jpg`` has key ``dir.v2/abc`` and extension ``def.jpg``
-    (``webdataset.tariterators.base_plus_ext``; extensions lower-cased). A sample is yielded once
-    the next member's header shows it complete. A stream that breaks inside a member raises
-    ``_ShardCut`` naming the sample that member belongs to (never yielded); one that ends without
-    the end-of-archive marker yields its last sample and then raises ``_ShardCut`` naming it.
-    """
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    complete, name = 0, ""
-    try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                k, ext = base_plus_ext(info.name)
-                if k is None or _META.match(info.name):
-                    continue
-                if k != key:
-                    if key is not None:
-                        yield key, members
-                        complete += 1
-                    key, members = k, {}
-                name = info.name
-                f = tar.extractfile(info)
-                members[ext.lower()] = f.read() if f is not None else b""
-                tar.members = []  # stream mode keeps every header otherwise
-            end = tar.offset  # where tarfile stopped: the end-of-archive marker, if the shard is whole
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        if key is None:
-            raise
-        raise _ShardCut(
-            f"shard cut inside member {name!r} of this sample, after {complete} complete samples "
-            f"({type(exc).__name__}: {exc})",
-            key,
-            complete,
-        ) from exc
-    if key is None:
-        return
-    yield key, members
-    marker = reader.recent(end, tarfile.BLOCKSIZE)
-    if len(marker) < tarfile.BLOCKSIZE or any(marker):
-        # tarfile ends quietly at a cut header or a garbage block: the last sample may lack members
-        raise _ShardCut(
-            f"shard ends after member {name!r} without the end-of-archive marker (cut?): this sample "
-            f"may be incomplete; {complete} complete samples before it",
-            key,
-            complete,
-        )
-
-
 def _check_image(key: str, members: dict[str, bytes], decode_images: bool) -> tuple[bytes | None, list[str]]:
     errors = []
-    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+    found = image_member(members)
+    image = found[1] if found is not None else None
     if image is None:
         errors.append(f"no image member ({'/'.join(IMAGE_EXTS)})")
     elif decode_images:
@@ -252,17 +137,29 @@ def _read_shard(report: VerifyReport, name: str, url: str, info: Any, on_sample:
     except Exception as exc:  # gopen raises several kinds for a missing file or URL
         report.problems.append(Problem(name, None, f"cannot open: {exc}"))
         return keys
-    reader = _HashingReader(stream)
+    reader = HashingReader(stream)
     try:
-        for key, members in _samples(reader):
-            keys.append(key)
-            on_sample(key, members)
-    except _ShardCut as exc:
-        report.problems.append(Problem(name, exc.key, exc.message))
+        for sample in samples(reader, url):
+            keys.append(sample["__key__"])
+            on_sample(sample["__key__"], sample)
+    except ShardCut as exc:
+        if exc.member is not None:
+            message = (
+                f"shard cut inside member {exc.member!r} of this sample, after {exc.complete} complete samples "
+                f"({exc.message})"
+            )
+        else:  # between members: the sample may lack members, and says so when checked
+            keys.append(exc.key)
+            on_sample(exc.key, exc.pending)
+            message = (
+                f"shard ends after member {exc.after!r} without the end-of-archive marker (cut?): this sample "
+                f"may be incomplete; {exc.complete} complete samples before it"
+            )
+        report.problems.append(Problem(name, exc.key, message))
     except (tarfile.TarError, OSError, EOFError) as exc:  # before the first member
         report.problems.append(Problem(name, None, f"unreadable tar: {exc}"))
     try:
-        reader.finish()  # hash the rest, cut or not, so the byte count says how much there is
+        reader.drain()  # hash the rest, cut or not, so the byte count says how much there is
     except OSError as exc:
         report.problems.append(Problem(name, None, f"read failed: {exc}"))
     finally:

@@ -23,7 +23,6 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -31,8 +30,9 @@ from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, UsageError
 from wds_reinforce.core.format import crc32c
 from wds_reinforce.importers.mldr.convert import IndexMismatchError, MetadataError
+from wds_reinforce.io.shards import IMAGE_EXTS, HashingReader, Span, image_bytes, image_member, samples
+from wds_reinforce.io.tario import TarMember, iter_members
 from wds_reinforce.produce.sources import unique_keys
-from wds_reinforce.read.loader import IMAGE_EXTS
 
 __all__ = [
     "CONFIG_NAME",
@@ -54,6 +54,7 @@ CONFIG_NAME = "config.pth.tar"
 INDEX_NAME = re.compile(r"(\d+)\.pth\.tar")  # an image's file: {index}.pth.tar
 # The producer's shard order (writer.ReinforceJob): the same seed gives the same shards.
 _ORDER_TAG = 0x5348554646
+_LABEL_MEMBERS = frozenset({"cls", "json"})  # read while listing; images are read when used
 _HEAD = 1 << 16  # bytes read for an image's header (the whole file if that is not enough)
 
 
@@ -234,39 +235,23 @@ class ShardImages(ImageIndex):
 
     @staticmethod
     def _scan(path: str) -> Iterator[tuple[str, str, int, int, int]]:
-        """(raw key, image ext, data offset, size, label) per sample, grouping members as webdataset does."""
-
-        def finish(key: str, members: dict[str, tuple[int, int]]) -> tuple[str, str, int, int, int]:
-            image = next(((e, members[e]) for e in IMAGE_EXTS if e in members), None)
-            if image is None:
-                raise UsageError(f"sample {key!r} in {path} has no image member ({'/'.join(IMAGE_EXTS)})")
-            label = None
-            if "cls" in members:
-                text = _read_at(path, *members["cls"]).decode("ascii", "replace").strip()
-                label = int(text) if text.isdigit() else None
-            elif "json" in members:
-                meta = json.loads(_read_at(path, *members["json"]) or b"null")
-                label = meta.get("label") if isinstance(meta, dict) else None
-            if type(label) is not int:
-                raise UsageError(f"sample {key!r} in {path} has no integer label (cls member or json 'label')")
-            return key, _ext_of(image[0]), image[1][0], image[1][1], label
-
-        current, members = None, {}
+        """(raw key, image ext, data offset, size, label) per sample, grouped as the loader groups them."""
         try:
-            with tarfile.open(path, "r:") as tar:
-                for info in tar:
-                    if not info.isfile() or "." not in posixpath.basename(info.name):
-                        continue
-                    dirname, base = posixpath.split(info.name)
-                    stem, ext = base.split(".", 1)
-                    key = posixpath.join(dirname, stem) if dirname else stem
-                    if key != current:
-                        if current is not None:
-                            yield finish(current, members)
-                        current, members = key, {}
-                    members[ext.lower()] = (info.offset_data, info.size)
-                if current is not None:
-                    yield finish(current, members)
+            with open(path, "rb") as f:
+                for sample in samples(f, path, read=_LABEL_MEMBERS.__contains__):
+                    key, image = sample["__key__"], image_member(sample)
+                    if image is None or not isinstance(image[1], Span):
+                        raise UsageError(f"sample {key!r} in {path} has no image member ({'/'.join(IMAGE_EXTS)})")
+                    label = None
+                    if "cls" in sample:
+                        text = sample["cls"].decode("ascii", "replace").strip()
+                        label = int(text) if text.isdigit() else None
+                    elif "json" in sample:
+                        meta = json.loads(sample["json"] or b"null")
+                        label = meta.get("label") if isinstance(meta, dict) else None
+                    if type(label) is not int:
+                        raise UsageError(f"sample {key!r} in {path} has no integer label (cls member or json 'label')")
+                    yield key, _ext_of(image[0]), image[1].offset, image[1].size, label
         except (tarfile.TarError, OSError, ValueError) as exc:
             if isinstance(exc, UsageError):
                 raise
@@ -292,18 +277,11 @@ class ShardImages(ImageIndex):
 
     def read_shard(self, s: int) -> tuple[dict[int, int], int, str]:
         """Input shard ``s`` read once, front to back: (CRC-32C of each image by index, bytes, sha256)."""
-        spans = sorted((e[3], e[4], i) for i, e in enumerate(self._entries) if e[0] == s)
-        sha, crcs, pos = hashlib.sha256(), {}, 0
         with open(self.paths[s], "rb") as f:
-            for offset, size, i in spans:
-                sha.update(f.read(offset - pos))
-                data = f.read(size)
-                sha.update(data)
-                crcs[i], pos = crc32c(data), offset + size
-            while chunk := f.read(1 << 20):
-                sha.update(chunk)
-                pos += len(chunk)
-        return crcs, pos, sha.hexdigest()
+            reader = HashingReader(f)
+            crcs = {i: crc32c(image_bytes(sample)) for i, sample in zip(self.input_shards()[s], samples(reader))}
+            reader.drain()
+        return crcs, reader.count, reader.hexdigest()
 
 
 def _read_at(path: str, offset: int, size: int) -> bytes:
@@ -327,25 +305,6 @@ def open_images(spec: str | os.PathLike, rule: str = "imagefolder", keep_keys: b
 
 # ----------------------------------------------------------------------------------------
 # The metadata: an archive read as a stream, or its extracted folder
-
-
-class _HashingReader(io.RawIOBase):
-    """A read-only file that hashes every byte read through it (sha256 of the archive, in passing)."""
-
-    def __init__(self, f: Any):
-        self._f = f
-        self.sha = hashlib.sha256()
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = self._f.readinto(buffer)
-        if n:
-            self.sha.update(memoryview(buffer)[:n])
-            self.count += n
-        return n or 0
 
 
 class MetadataSource:
@@ -398,23 +357,16 @@ class MetadataSource:
                 yield name, lambda name=name: (root / name).read_bytes()
             return
         with open(self.path, "rb", buffering=0) as raw:
-            reader = _HashingReader(raw)
-            stream = io.BufferedReader(reader, 1 << 20)
+            reader = HashingReader(raw)
             with self._reading():
-                tar = tarfile.open(fileobj=stream, mode="r|*", bufsize=1 << 20)
+                for member in iter_members(io.BufferedReader(reader, 1 << 20)):
+                    yield member.name, functools.partial(self._read, member)
+                reader.drain()  # the rest (end-of-archive blocks) counts in the digest
+            self.sha256 = reader.hexdigest()
 
-            def read(info: tarfile.TarInfo) -> bytes:
-                with self._reading(info.name):
-                    return tar.extractfile(info).read()
-
-            with tar, self._reading():
-                for info in tar:
-                    tar.members = []  # a stream of 1.28 M members must not keep them all
-                    if info.isfile():
-                        yield info.name, functools.partial(read, info)
-                while stream.read(1 << 20):  # the rest (end-of-archive blocks) counts in the digest
-                    pass
-            self.sha256 = reader.sha.hexdigest()
+    def _read(self, member: TarMember) -> bytes:
+        with self._reading(member.name):
+            return member.read()
 
     @contextlib.contextmanager
     def _reading(self, member: str = "") -> Iterator[None]:

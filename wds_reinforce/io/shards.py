@@ -1,0 +1,190 @@
+"""Tar shards as samples: the one grouper of tar members into samples, the hashing reader, and
+which member is a sample's image.
+
+Every reader of shards (the loader, verify, the rounds picture, sidecar sets, the producer's
+sources and the ml-dr import's inputs) groups members here, with webdataset's rule: consecutive
+members sharing a key form a sample, the key ending at the basename's first dot
+(``webdataset.tariterators.base_plus_ext``), extensions lower-cased, webdataset's
+``__key__``-style metadata members skipped. Members come from the lean reader ``tario``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from webdataset.tariterators import base_plus_ext
+
+from wds_reinforce.core.errors import DataError, FormatError
+from wds_reinforce.io.tario import iter_members
+
+__all__ = [
+    "IMAGE_EXTS",
+    "Span",
+    "ShardCut",
+    "HashingReader",
+    "samples",
+    "image_member",
+    "image_bytes",
+    "members_of",
+]
+
+# A sample's image is its first member with one of these extensions, in this order.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+# webdataset's metadata members, which it skips
+_META = re.compile(r"__[^/]*__($|/)")
+# What a broken or vanished stream raises under the grouper (tario's cuts and damage, the URL readers)
+_STREAM_ERRORS = (tarfile.TarError, OSError, EOFError)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where an unread member's data lies in an uncompressed shard file (``read`` it from the file)."""
+
+    offset: int
+    size: int
+
+    def read(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+class ShardCut(DataError):
+    """A shard stream that broke (cut, damaged, or failed to read) after its first member.
+
+    The message is the cause as ``Type: first line``. Attributes:
+        key: the key of the sample being assembled, which is never yielded.
+        pending: that sample's members read so far (``{ext: bytes}``, with ``__key__``).
+        complete: the whole samples yielded before it.
+        member: the member whose data was cut, or None when the stream broke between members
+            (at a header, or with no end-of-archive marker: the pending sample may be whole).
+        after: the last member read whole.
+    """
+
+    def __init__(self, message: str, key: str, pending: dict, complete: int, member: str | None, after: str, url=None):
+        self.pending, self.complete, self.member, self.after = pending, complete, member, after
+        super().__init__(message, key, url)
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', first)}"
+
+
+def samples(stream: Any, url: str | None = None, read: Callable[[str], bool] | None = None) -> Iterator[dict]:
+    """The complete samples of one tar stream: ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    A sample is yielded only once the next key (or the end-of-archive marker) shows it complete,
+    so a shard cut inside a sample, or between members, never yields the part before the cut.
+
+    Args:
+        stream: a readable file object (read forward only; never closed here).
+        url: the shard's URL, set as ``__url__`` and in errors.
+        read: which extensions to read; the others become a ``Span`` (uncompressed files only,
+            else not read at all). Default: read every member.
+
+    Raises:
+        FormatError: a sample that repeats an extension.
+        ShardCut: the stream breaks after its first member (see ``ShardCut``).
+        tarfile.ReadError, OSError: the stream is not a tar file, or breaks before any member.
+    """
+    sample: dict | None = None
+    complete, reading, after = 0, None, ""
+    members = iter_members(stream)
+    while True:
+        try:
+            member = next(members, None)
+            if member is None:
+                break
+            key, ext = base_plus_ext(member.name)
+            if key is None or _META.match(member.name):
+                continue
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample  # complete: a member of the next sample has begun
+                    complete += 1
+                sample = {"__key__": key, "__url__": url}
+            ext = ext.lower()
+            if ext in sample:
+                raise FormatError(f"member {member.name!r} repeats extension {ext!r} of sample {key!r}", url=url)
+            if read is None or read(ext):
+                reading = member.name
+                sample[ext] = member.read()
+                reading = None
+            elif member.offset is not None:
+                sample[ext] = Span(member.offset, member.size)
+            after = member.name
+        except _STREAM_ERRORS as exc:
+            if sample is None:
+                raise
+            raise ShardCut(_cause(exc), sample["__key__"], sample, complete, reading, after, url) from exc
+    if sample is not None:
+        yield sample  # iter_members ended at the end-of-archive marker: the shard is whole
+
+
+def members_of(sample: Mapping[str, Any]) -> list[str]:
+    """A sample's member extensions (for messages)."""
+    return sorted(k for k in sample if not k.startswith("__"))
+
+
+def image_member(sample: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """(extension, value) of a sample's image: its first member of ``IMAGE_EXTS``; None without one."""
+    for ext in IMAGE_EXTS:
+        value = sample.get(ext)
+        if value is not None:
+            return ext, value
+    return None
+
+
+def image_bytes(sample: Mapping[str, Any]) -> bytes:
+    """A sample's image bytes.
+
+    Raises:
+        FormatError: the sample has no image member (its members are listed).
+    """
+    found = image_member(sample)
+    if found is None:
+        raise FormatError(f"no image member ({'/'.join(IMAGE_EXTS)}); members: {members_of(sample)}")
+    return found[1]
+
+
+class HashingReader(io.RawIOBase):
+    """A read-only stream that hashes (sha256) and counts every byte read through it."""
+
+    def __init__(self, stream: Any):
+        super().__init__()
+        self.stream = stream
+        self.sha256 = hashlib.sha256()
+        self.count = 0
+        self._readinto = getattr(stream, "readinto", None)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._readinto is not None:
+            n = self._readinto(buffer) or 0
+            data = memoryview(buffer)[:n]
+        else:
+            data = self.stream.read(len(buffer))
+            n = len(data)
+            memoryview(buffer).cast("B")[:n] = data
+        self.sha256.update(data)
+        self.count += n
+        return n
+
+    def hexdigest(self) -> str:
+        return self.sha256.hexdigest()
+
+    def drain(self) -> None:
+        """Read (and hash) the rest of the stream."""
+        while self.read(1 << 20):
+            pass
