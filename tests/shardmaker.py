@@ -21,6 +21,7 @@ from tests.conftest import encode, photo_like
 from wds_reinforce.core.augment import Recipe, replay
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.format import Manifest, ShardInfo, Sidecar, crc32c, encode_sidecar
+from wds_reinforce.layouts import timm_info
 
 Mutate = Callable[[str, str, bytes], "bytes | None"]  # (key, ext, data) -> data, or None to drop it
 
@@ -120,5 +121,5 @@ def make_shards(
         name="tiny",
     )
     (root / "manifest.json").write_text(made.manifest.to_json())
-    (root / "_info.json").write_text(json.dumps(made.manifest.timm_info()))
+    (root / "_info.json").write_text(json.dumps(timm_info(made.manifest)))
     return made

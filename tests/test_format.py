@@ -28,6 +28,7 @@ from wds_reinforce.core.format import (
     decode_sidecar,
     encode_sidecar,
 )
+from wds_reinforce.layouts import num_samples, timm_info
 
 FP = bytes(range(8))
 FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
@@ -377,12 +378,12 @@ def test_manifest_round_trip():
     m = _manifest()
     text = m.to_json()
     assert Manifest.from_json(text) == m
-    assert Manifest.from_json(text).num_samples == 5
+    assert num_samples(Manifest.from_json(text)) == 5
     assert json.loads(text)["format_version"] == FORMAT_VERSION
 
 
 def test_timm_info_lists_the_split():
-    info = _manifest().timm_info()
+    info = timm_info(_manifest())
     assert info["splits"]["train"] == {
         "name": "train",
         "num_samples": 5,

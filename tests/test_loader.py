@@ -24,8 +24,8 @@ from wds_reinforce.core.errors import DataError, MismatchError, UsageError
 from wds_reinforce.core.format import FormatError, Manifest, Sidecar, decode_sidecar, encode_sidecar
 from wds_reinforce.core.schedule import round_for
 from wds_reinforce.core.targets import densify, one_hot
-from wds_reinforce.io.storage import read_manifest
-from wds_reinforce.read.dataset import ReinforcedDataset
+from wds_reinforce.layouts import read_manifest
+from wds_reinforce.read.dataset import DEFAULT_SHUFFLE, ReinforcedDataset
 from wds_reinforce.read.loader import (
     SkipCounter,
     decode_sidecars,
@@ -593,3 +593,15 @@ def test_bad_arguments_fail_early(made):
         ReinforcedDataset(made.pattern, p=1.5)
     with pytest.raises(ValueError, match="expected output in"):
         ReinforcedDataset(made.pattern, output="fp16")
+    with pytest.raises(UsageError, match=r"expected shuffle a buffer size >= 0 \(or True / False\), got -1"):
+        ReinforcedDataset(made.pattern, shuffle=-1)
+
+
+def test_shuffle_takes_a_bool_as_torch_and_webdataset_users_write_it(made):
+    """shuffle=False reads in shard order, shuffle=True uses the default buffer: the same samples, mixed."""
+    keys = lambda **kw: [k for (k,) in ReinforcedDataset(made.pattern, keys=("__key__",), **kw)]  # noqa: E731
+    in_order = keys(shuffle=False)
+    assert in_order == keys(shuffle=0) == made.keys
+    mixed = keys(shuffle=True)
+    assert sorted(mixed) == sorted(in_order) and mixed != in_order
+    assert mixed == keys(shuffle=DEFAULT_SHUFFLE)

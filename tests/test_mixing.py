@@ -29,6 +29,7 @@ from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import FormatError, UsageError
 from wds_reinforce.core.format import Manifest, decode_sidecar
 from wds_reinforce.core.targets import topk
+from wds_reinforce.layouts import num_samples
 from wds_reinforce.produce.make import make_shards
 from wds_reinforce.produce.teacher import Teacher, load_teacher
 from wds_reinforce.read.loader import LoaderOptions, ReplayPlan, reinforce_sample, reinforce_stages
@@ -508,7 +509,7 @@ def test_the_loader_refuses_mixing_rows_that_cannot_be_right(produced, tmp_path)
     counter = SkipCounter()
     keys = [k for (k,) in ReinforcedDataset(str(dest) + "/", keys=("__key__",), handler=counter)]
     assert counter.count == 1 and "its own mixing partner" in counter.last
-    assert len(keys) == Manifest.from_json((dest / "manifest.json").read_text()).num_samples - 1
+    assert len(keys) == num_samples(Manifest.from_json((dest / "manifest.json").read_text())) - 1
 
 
 def test_grid_draws_a_sample_despite_a_damaged_sidecar_elsewhere(produced, tmp_path):

@@ -400,7 +400,7 @@ def test_plain_shards_get_a_sidecar_set(tmp_path, folder, variant, group_rounds)
     assert [p.read_bytes() for p in plain] == before  # the input shards are only read
 
     manifest = Manifest.from_json((out / "manifest.json").read_text())
-    assert manifest.sidecar_sets and manifest.shards == [] and manifest.rounds == 6
+    assert manifest.layout == "sidecar-sets" and manifest.shards == [] and manifest.rounds == 6
     assert [im.name for im in manifest.image_shards] == [str(p.resolve()) for p in plain]
     assert [im.sha256 for im in manifest.image_shards] == [hashlib.sha256(b).hexdigest() for b in before]
     assert [(g.first_round, g.rounds) for g in manifest.round_groups] == [

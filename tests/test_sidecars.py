@@ -24,6 +24,7 @@ from tests.producer_data import TEACHER
 from wds_reinforce.core.errors import DataError, UsageError
 from wds_reinforce.core.format import Manifest, decode_sidecar
 from wds_reinforce.core.schedule import group_for, round_in_group
+from wds_reinforce.layouts import num_samples
 from wds_reinforce.produce.make import make_shards
 from wds_reinforce.produce.self_contained import OtherJobError
 from wds_reinforce.read.dataset import ReinforcedDataset
@@ -92,7 +93,7 @@ def _rows(source, epochs: range, **kw) -> dict[tuple[str, int], tuple[torch.Tens
 def test_manifest_lists_image_shards_and_groups_and_images_are_untouched(images, sets):
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in images}
     manifest = Manifest.from_json((sets / "manifest.json").read_text())
-    assert manifest.layout == "sidecar-sets" and manifest.rounds == 8 and manifest.num_samples == 9
+    assert manifest.layout == "sidecar-sets" and manifest.rounds == 8 and num_samples(manifest) == 9
     assert [s.name for s in manifest.image_shards] == [str(p) for p in images]
     assert [s.sha256 for s in manifest.image_shards] == list(before.values())
     assert [(g.first_round, g.rounds) for g in manifest.round_groups] == [(0, 4), (4, 4)]
@@ -331,3 +332,19 @@ def test_the_rounds_picture_of_a_sidecar_set(sets, tmp_path):
     assert Image.open(tmp_path / "rounds.png").size[0] > 0
     with pytest.raises(ValueError, match="key 'nope' is not in"):
         draw_rounds(str(sets), str(tmp_path / "x.png"), key="nope")
+
+
+def test_train_sizes_its_workers_from_the_sets_image_shards(sets):
+    """A sidecar set lists no ``shards``: the default worker count comes from its units (3 image shards)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from wds_reinforce.core.threads import default_workers
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "tools" / "train.py"), "--data", str(sets), "--epochs", "1", "--batch-size", "3"]
+    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True, cwd=root, env=os.environ)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["workers"] == min(default_workers(), 3) and result["steps"] == 9 // 3

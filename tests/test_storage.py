@@ -23,24 +23,10 @@ import webdataset as wds
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.core.format import Manifest, ShardInfo
 from wds_reinforce.io import storage
-from wds_reinforce.io.remote import RetryPolicy
-from wds_reinforce.io.storage import (
-    LocalOutput,
-    NetworkReadError,
-    ObjectChangedError,
-    ResumableReader,
-    S3Output,
-    gopen_http,
-    gopen_s3,
-    join_url,
-    manifest_url,
-    open_output,
-    read_manifest,
-    read_url,
-    s3_client,
-    sha256_file,
-    shard_urls,
-)
+from wds_reinforce.io.outputs import LocalOutput, S3Output, sha256_file
+from wds_reinforce.io.remote import NetworkReadError, ObjectChangedError, ResumableReader, RetryPolicy, s3_client
+from wds_reinforce.io.storage import gopen_http, gopen_s3, join_url, open_output, read_url
+from wds_reinforce.layouts import manifest_url, read_manifest, shard_urls
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -163,6 +149,23 @@ def test_output_errors(tmp_path, bucket):
         open_output("s3://no-such-bucket/x").check_writable()
     with pytest.raises(UsageError, match="expected an output folder or s3://bucket/prefix"):
         open_output("")
+
+
+def test_the_scheme_table_says_what_can_be_written(tmp_path):
+    assert [storage.scheme_of(u) for u in ("a/b.tar", "/a/b", "file:/a", "HTTP://h/x", "s3://b/k", "pipe:cat x")] == [
+        "file",
+        "file",
+        "file",
+        "http",
+        "s3",
+        "pipe",
+    ]
+    local = open_output(f"file:{tmp_path}")
+    assert isinstance(local, LocalOutput) and local.root == tmp_path  # file: names a local folder
+    with pytest.raises(UsageError, match=r"a URL of s3://, got 'http://h/out' \(http:// cannot be written\)"):
+        open_output("http://h/out")
+    with pytest.raises(UsageError, match="pipe:// cannot be written"):
+        open_output("pipe:cat > x")
 
 
 # ----------------------------------------------------------------------------------------

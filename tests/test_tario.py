@@ -18,8 +18,8 @@ import pytest
 import webdataset as wds
 
 from tests.shardmaker import make_shards
-from wds_reinforce.io.tario import BLOCK, iter_members
 from wds_reinforce.io.shards import samples as _shard_samples
+from wds_reinforce.io.tario import BLOCK, iter_members
 
 SEED = 20261123
 

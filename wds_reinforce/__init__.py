@@ -44,7 +44,8 @@ from wds_reinforce.core.targets import (
     sparse_one_hot,
     topk,
 )
-from wds_reinforce.io.storage import manifest_url, read_manifest, read_url, register_s3_scheme, shard_urls
+from wds_reinforce.io.storage import read_url
+from wds_reinforce.layouts import manifest_url, read_manifest, shard_urls
 from wds_reinforce.read.dataset import ReinforcedDataset
 from wds_reinforce.read.loader import (
     LoaderOptions,
@@ -115,7 +116,6 @@ __all__ = [
     "manifest_url",
     "read_manifest",
     "read_url",
-    "register_s3_scheme",
     "shard_urls",
     # loader
     "LoaderOptions",

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_teacher(args: argparse.Namespace):
     """The teacher to recheck with, refused (ValueError) when its weights are not the shards' teacher's."""
-    from wds_reinforce.io.storage import manifest_url, read_manifest
+    from wds_reinforce.layouts import manifest_url, read_manifest
     from wds_reinforce.produce.teacher import Teacher
 
     stored = read_manifest(manifest_url(args.location)).teacher.get("members", [])

@@ -220,7 +220,7 @@ def _recipe_label(recipe: Any) -> str:
 def _resolve_recipe(spec: str | None, size: int | None, default_size: tuple[int, int] | None) -> Any:
     """A recipe from a preset, a file, or reinforced shards (theirs), at ``size`` if given."""
     from wds_reinforce.core.augment import Recipe
-    from wds_reinforce.io.storage import manifest_url, read_manifest
+    from wds_reinforce.layouts import manifest_url, read_manifest
 
     if spec is not None and data_kind(spec) == "reinforced" and (os.path.isdir(spec) or "://" in spec):
         recipe = Recipe.from_dict(read_manifest(manifest_url(spec)).recipe)
@@ -326,7 +326,7 @@ def _train(args: argparse.Namespace) -> int:
     from wds_reinforce.core.augment import normalize
     from wds_reinforce.core.format import FormatError
     from wds_reinforce.core.targets import soft_cross_entropy
-    from wds_reinforce.io.storage import manifest_url, read_manifest
+    from wds_reinforce.layouts import layout_of, manifest_url, read_manifest
     from wds_reinforce.produce.checkpoint import save_checkpoint
     from wds_reinforce.produce.sources import open_source
     from wds_reinforce.read.dataset import ReinforcedDataset
@@ -345,7 +345,8 @@ def _train(args: argparse.Namespace) -> int:
             # shards' recipe, so both arms see the same augmentation distribution.
             fresh = _resolve_recipe(args.recipe, None, recipe.size) if args.recipe else recipe
             class_names = list(manifest.class_names) or [str(i) for i in range(manifest.num_classes)]
-            samples, num_shards = manifest.num_samples, len(manifest.shards)
+            layout = layout_of(manifest)  # every worker of every rank needs a shard to read: one of the set's units
+            samples, num_shards = layout.num_samples(manifest), len(layout.units(manifest, ""))
             source = None
         else:
             source = open_source(args.data)

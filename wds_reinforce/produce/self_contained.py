@@ -43,7 +43,8 @@ from wds_reinforce.core.errors import DataError, UsageError
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, encode_sidecar
 from wds_reinforce.core.progress import ShardProgress
 from wds_reinforce.core.targets import topk
-from wds_reinforce.io.storage import sha256_file
+from wds_reinforce.io.outputs import sha256_file
+from wds_reinforce.layouts import layout_of, timm_info
 from wds_reinforce.produce.sources import Source, SourceSample, SourceSampleError
 from wds_reinforce.produce.teacher import Teacher
 
@@ -469,14 +470,14 @@ class ReinforceJob:
             name=self.name,
         )
         # The manifest goes last: its presence means every shard it lists is complete.
-        self.output.write_text(_INFO, json.dumps(manifest.timm_info(), indent=1, sort_keys=True) + "\n")
+        self.output.write_text(_INFO, json.dumps(timm_info(manifest), indent=1, sort_keys=True) + "\n")
         self.output.write_text(_MANIFEST, manifest.to_json())
         return manifest, sum(d.get("sidecar_bytes", 0) for d in dones)
 
     def _summary(
         self, manifest: Manifest | None, side: int, made: int, reused: int, images: int, seconds: float
     ) -> ProducerSummary:
-        samples = manifest.num_samples if manifest else 0
+        samples = layout_of(manifest).num_samples(manifest) if manifest else 0
         return ProducerSummary(
             out=self.output.url,
             samples=samples,

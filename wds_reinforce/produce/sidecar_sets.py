@@ -35,7 +35,6 @@ from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, FormatError, UsageError
 from wds_reinforce.core.format import (
     SIDECAR_EXT,
-    SIDECAR_SETS,
     Manifest,
     RoundGroup,
     ShardInfo,
@@ -50,6 +49,7 @@ from wds_reinforce.core.targets import topk
 from wds_reinforce.io.shards import HashingReader, image_bytes
 from wds_reinforce.io.shards import samples as shard_samples
 from wds_reinforce.io.storage import open_output, open_url
+from wds_reinforce.layouts import SIDECAR_SETS, Part, group_dir, layout_of, parse_manifest, read_unit
 from wds_reinforce.produce.make import checked_teacher, dist_env
 from wds_reinforce.produce.self_contained import (
     OtherJobError,
@@ -59,18 +59,12 @@ from wds_reinforce.produce.self_contained import (
     write_tar_file,
 )
 from wds_reinforce.produce.teacher import Teacher
-from wds_reinforce.read.dataset import aligned_samples
 
-__all__ = ["SidecarSetJob", "SIDECAR_JOB_FILE", "group_dir", "image_shard_urls"]
+__all__ = ["SidecarSetJob", "SIDECAR_JOB_FILE", "image_shard_urls"]
 
 _DONE_DIR = ".done"
 _MANIFEST = "manifest.json"
 SIDECAR_JOB_FILE = f"{_DONE_DIR}/sidecar-job.json"  # the job's identity, written before any shard
-
-
-def group_dir(first_round: int, rounds: int) -> str:
-    """The folder of the round group holding rounds ``[first_round, first_round + rounds)``."""
-    return f"rounds-{first_round:05d}-{first_round + rounds - 1:05d}"
 
 
 def image_shard_urls(spec: str | Sequence[str]) -> list[str]:
@@ -250,7 +244,7 @@ class SidecarSetJob:
         seconds = time.perf_counter() - start
         manifest = self._write_manifest() if self.rank == 0 else None
         made = sum(len(g) for _, g in todo)
-        samples = manifest.num_samples if manifest else 0
+        samples = layout_of(manifest).num_samples(manifest) if manifest else 0
         summary = ProducerSummary(
             out=self.output.url,
             samples=samples,
@@ -526,8 +520,8 @@ def add_teacher_set(
     text = output.read_text(_MANIFEST)
     if text is None:
         raise UsageError(f"expected a sidecar set at {location!r}, found no {_MANIFEST}")
-    manifest = Manifest.from_json(text, f"{location}/{_MANIFEST}")
-    if not manifest.sidecar_sets:
+    manifest = parse_manifest(text, f"{location}/{_MANIFEST}")
+    if manifest.layout != SIDECAR_SETS:
         raise UsageError(f"expected a sidecar set at {location!r}, got a {manifest.layout} data set")
     tch = checked_teacher(teacher, teacher_checkpoint, teacher_num_classes, pretrained, device)
     if tch.num_classes != manifest.num_classes:
@@ -562,7 +556,7 @@ def add_teacher_set(
                 continue
             params_url = f"{base.rstrip('/')}/{group.shards[i].name}"
             samples = []
-            for sample in aligned_samples(manifest.image_shards[i].name, [params_url], skipped):
+            for sample in read_unit(Part(manifest.image_shards[i].name), [Part(params_url)], skipped):
                 raw = sample[SIDECAR_EXT]
                 sidecar = decode_sidecar_for(raw, manifest, group.rounds, sample["__key__"])
                 data = image_bytes(sample)

@@ -16,7 +16,6 @@ import re
 import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 from webdataset import filters as wds_filters
@@ -28,110 +27,50 @@ from webdataset.utils import pytorch_worker_info
 
 from wds_reinforce.core.augment import IMAGENET_MEAN, IMAGENET_STD, Recipe
 from wds_reinforce.core.errors import DataError, FormatError, SampleError, UsageError
-from wds_reinforce.core.format import SIDECAR_EXT, Manifest
-from wds_reinforce.core.schedule import SharedEpoch, group_for
-from wds_reinforce.io.remote import RetryPolicy
-from wds_reinforce.io.shards import samples
-from wds_reinforce.io.storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
+from wds_reinforce.core.format import Manifest
+from wds_reinforce.core.schedule import SharedEpoch
+from wds_reinforce.io.storage import check_settings, dirname_url, join_url
+from wds_reinforce.layouts import MANIFEST_NAME, Layout, Unit, layout_of, manifest_url, read_manifest, read_unit
 from wds_reinforce.read.loader import LoaderOptions, ReplayPlan, reinforce
 
-__all__ = ["ReinforcedDataset", "aligned_samples"]
+__all__ = ["ReinforcedDataset", "DEFAULT_SHUFFLE"]
+
+DEFAULT_SHUFFLE = 1000  # samples in the shuffle buffer of ``shuffle=True``
 
 
 def _resolve(
     source: str | Sequence[str], manifest: Manifest | str | None, teacher: int | str = 0
-) -> tuple[list[str], Manifest, dict[str, list[list[str]]]]:
-    """Shard URLs, the manifest and (sidecar sets) each image shard's sidecar shard URLs per round
-    group: the params set's, then the targets shards of the teacher sets ``teacher`` asks for.
+) -> tuple[list[Unit], Manifest, Layout]:
+    """The units to read, the manifest and its layout.
 
     ``source`` is a manifest URL, a directory, a brace pattern or a list of shard URLs (for
     sidecar sets: image shard URLs as the manifest lists them, or a subset).
     """
-    urls, found, base = _resolve_manifest(source, manifest)
-    if not found.sidecar_sets:
-        if teacher != 0:
-            raise UsageError(f"expected teacher=0 for a self-contained data set (one teacher), got {teacher!r}")
-        return urls, found, {}
-    sets = _teacher_sets(found, teacher)
-    listed = [s.name for s in found.image_shards]
-    groups = {
-        name: [
-            [join_url(base, g.shards[i].name)] + [join_url(base, t.groups[n][i].name) for t in sets]
-            for n, g in enumerate(found.round_groups)
-        ]
-        for i, name in enumerate(listed)
-    }
-    chosen = listed if urls is None else [_match(u, listed) for u in urls]
-    return chosen, found, {u: groups[u] for u in chosen}
-
-
-def _teacher_sets(manifest: Manifest, teacher: int | str) -> list[Any]:
-    """The extra teacher sets to read besides the params set (the manifest's teacher, set 0)."""
-    if teacher == "mean":
-        sets = manifest.teacher_sets
-    elif teacher == 0:
-        return []
-    elif isinstance(teacher, int) and 1 <= teacher <= len(manifest.teacher_sets):
-        sets = [manifest.teacher_sets[teacher - 1]]
-    else:
-        names = ["0 (the manifest's teacher)"] + [f"{n + 1} ({t.name})" for n, t in enumerate(manifest.teacher_sets)]
-        raise UsageError(f"expected teacher 'mean' or one of {', '.join(names)}, got {teacher!r}")
-    short = [t.name for t in sets if len(t.groups) < len(manifest.round_groups)]
-    if short:
-        raise UsageError(
-            f"teacher set(s) {short} cover fewer round groups than the data set: add them for the new rounds"
-        )
-    return sets
-
-
-def _match(url: str, names: Sequence[str]) -> str:
-    for name in names:
-        if url == name or url.endswith("/" + name.lstrip("/")) or name.endswith("/" + url.lstrip("/")):
-            return name
-    raise UsageError(f"expected image shards the manifest lists, got {url!r}")
+    urls, found, where = _resolve_manifest(source, manifest)
+    layout = layout_of(found, where)
+    units = layout.units(found, dirname_url(where), teacher)
+    if urls is not None:
+        return layout.select(units, urls), found, layout
+    if not units:
+        raise FormatError(f"manifest {where} lists no shards")
+    return units, found, layout
 
 
 def _resolve_manifest(
     source: str | Sequence[str], manifest: Manifest | str | None
 ) -> tuple[list[str] | None, Manifest, str]:
-    """(shard URLs, or None when only a manifest was named; the manifest; the manifest's folder URL)."""
+    """(shard URLs, or None when only a manifest was named; the manifest; the manifest's URL)."""
     if isinstance(source, str) and (source.endswith((".json", "/")) or os.path.isdir(source)):
-        manifest_url_, urls = manifest_url(source), None
+        where, urls = manifest_url(source), None
     else:
         urls = expand_urls(source) if isinstance(source, str) else [str(u) for u in source]
         if not urls:
             raise UsageError(f"expected shard URLs, got none from {source!r}")
-        manifest_url_ = join_url(dirname_url(urls[0]), "manifest.json")
+        where = join_url(dirname_url(urls[0]), MANIFEST_NAME)
     if isinstance(manifest, Manifest):
-        found = manifest
-    else:
-        manifest_url_ = manifest or manifest_url_
-        found = read_manifest(manifest_url_)
-    if urls is None and not found.sidecar_sets:
-        urls = shard_urls(manifest_url_, found)
-        if not urls:
-            raise FormatError(f"manifest {manifest_url_} lists no shards")
-    return urls, found, dirname_url(manifest_url_)
-
-
-def _expected_counts(urls: Sequence[str], manifest: Manifest) -> dict[str, int]:
-    """url -> samples, for the URLs the manifest lists (matched by trailing path).
-
-    For sidecar sets: the samples of the image shard that have sidecars (its skipped ones have none).
-    """
-    if manifest.sidecar_sets:
-        by_name = {im.name: side for im, side in zip(manifest.image_shards, manifest.round_groups[0].shards)}
-    else:
-        by_name = {s.name: s for s in manifest.shards}
-    out = {}
-    for url in urls:
-        parts = url.split("/")
-        for i in range(len(parts)):
-            shard = by_name.get("/".join(parts[i:]))
-            if shard is not None:
-                out[url] = shard.samples
-                break
-    return out
+        return urls, manifest, where
+    where = manifest or where
+    return urls, read_manifest(where), where
 
 
 # What reading a missing, cut or damaged shard raises (tarfile, the URL openers, webdataset's
@@ -139,65 +78,29 @@ def _expected_counts(urls: Sequence[str], manifest: Manifest) -> dict[str, int]:
 _SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
 
 
-def _plain(url: str) -> Iterator[dict]:
-    with open_url(url) as stream:
-        yield from samples(stream, url)
-
-
-def _lockstep(url: str, sidecar_urls: Sequence[str], skipped: frozenset[str] = frozenset()) -> Iterator[dict]:
-    """The samples of image shard ``url``, each with its ``dr.mp`` from the aligned sidecar shard
-    ``sidecar_urls[0]`` (and ``dr.mp.1``, ... from the targets shards of other teacher sets after it).
-
-    Samples the producer skipped (listed in the manifest, no sidecar) are passed over.
-
-    Raises:
-        FormatError: a key that differs between the image shard and a sidecar shard, or a sidecar
-            shard longer than its image shard (naming both URLs).
-    """
-    with contextlib.ExitStack() as stack:
-        images = stack.enter_context(open_url(url))
-        sides = [samples(stack.enter_context(open_url(u)), u) for u in sidecar_urls]
-        for sample in samples(images, url):
-            if sample["__key__"] in skipped:
-                continue
-            for n, (side, side_url) in enumerate(zip(sides, sidecar_urls)):
-                other = next(side, None)
-                if other is None or other["__key__"] != sample["__key__"]:
-                    got = "its end" if other is None else f"key {other['__key__']!r}"
-                    raise FormatError(
-                        f"image shard has key {sample['__key__']!r} where sidecar shard {side_url} has {got}: "
-                        "the shards are not aligned"
-                    )
-                sample[SIDECAR_EXT if n == 0 else f"{SIDECAR_EXT}.{n}"] = other.get(SIDECAR_EXT)
-            yield sample
-        for side, side_url in zip(sides, sidecar_urls):
-            extra = next(side, None)
-            if extra is not None:
-                raise FormatError(f"sidecar shard {side_url} has key {extra['__key__']!r} after the image shard ends")
-
-
 def _read_shards(
     src: Iterable[dict],
-    expected: Mapping[str, int],
+    units: Mapping[str, Unit],
     handler: Callable[[BaseException], bool],
-    sidecars: Mapping[str, Sequence[str]] | None = None,
-    group: Callable[[], int] | None = None,
+    group: Callable[[], int],
     skipped: frozenset[str] = frozenset(),
+    check_counts: bool = True,
 ) -> Iterator[dict]:
     """Shard URLs -> their samples; a shard that cannot be read whole is one ``DataError``.
 
     The error counts exactly the samples the shard lost against the manifest (a missing, empty
     or cut shard; a read that failed after the network layer's retries), so ``SkipCounter.samples``
     is the number of samples the epoch did not yield. Shards the manifest does not list are not
-    counted (``samples=1`` for a failure there). With sidecar sets, image shard i is read in
-    lockstep with shard i of this epoch's round group (``group()``, read once per iteration).
+    counted (``samples=1`` for a failure there). A unit's image shard is read in lockstep with
+    its sidecar shards of this epoch's round group (``group()``, read once per iteration).
     """
-    g = group() if group is not None else 0
+    g = group()
     for item in src:
         url = item["url"]
-        want, count, cause, error = expected.get(url), 0, None, None
+        unit = units[url]
+        want, count, cause, error = unit.samples if check_counts else None, 0, None, None
         try:
-            reader = _lockstep(url, sidecars[url][g], skipped) if sidecars else _plain(url)
+            reader = read_unit(unit.images, unit.sidecars(g), skipped)
             with contextlib.closing(reader):
                 for sample in reader:
                     sample["__position__"] = count  # in the shard: mixing recipes' pairing windows count it
@@ -261,8 +164,8 @@ class _ShardList(torch.utils.data.IterableDataset):
             yield {"url": url}
 
 
-def _epoch_group(seed: int, epoch: SharedEpoch, rounds: int, group_rounds: int) -> int:
-    return group_for(seed, epoch.get(), rounds, group_rounds)
+def _epoch_group(layout: Layout, manifest: Manifest, seed: int, epoch: SharedEpoch) -> int:
+    return layout.group(manifest, seed, epoch.get())
 
 
 def _shuffle_samples(src: Iterable[dict], bufsize: int, seed: int, epoch: SharedEpoch) -> Iterator[dict]:
@@ -289,8 +192,9 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
         output: ``uint8`` (3, H, W) images (normalise on the GPU) or ``float`` (normalised here).
         mean, std: for ``output="float"``.
         shardshuffle: shuffle the shard order per epoch (the same order on every rank).
-        shuffle: size of a sample shuffle buffer (0: none): before decoding, or for mixing recipes
-            (which pair samples in shard order) after mixing, on decoded images.
+        shuffle: size of a sample shuffle buffer (0 or False: none; True: ``DEFAULT_SHUFFLE``, 1000):
+            before decoding, or for mixing recipes (which pair samples in shard order) after mixing,
+            on decoded images.
         resampled: draw shards with replacement forever (combine with ``with_epoch(n)``).
         nodesplitter, workersplitter: webdataset splitters (None to disable).
         handler: webdataset error policy for bad data; default raises with the key and URL;
@@ -335,8 +239,7 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
         teacher: int | str = 0,
     ):
         super().__init__()
-        if isinstance(shuffle, bool) or not isinstance(shuffle, int) or shuffle < 0:
-            raise UsageError(f"expected shuffle a buffer size >= 0, got {shuffle!r}")
+        shuffle = _buffer_size(shuffle)
         self.options = LoaderOptions(
             seed=seed,
             p=p,
@@ -348,37 +251,21 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
             fallback_recipe=fallback_recipe,
             teacher=teacher,
         )
-        RetryPolicy.from_env()  # a bad WDS_REINFORCE_* setting fails here, not later in a worker
-        self.urls, self.manifest, sidecars = _resolve(source, manifest, teacher)
+        check_settings()  # a bad WDS_REINFORCE_* setting fails here, not later in a worker
+        self.units, self.manifest, self.layout = _resolve(source, manifest, teacher)
+        self.urls = [unit.images.url for unit in self.units]
         self.epoch = SharedEpoch(epoch)
         self.seed = seed
         plan = ReplayPlan.build(self.manifest, self.options)
         self.recipe = plan.recipe
-        if resampled:
-            # deterministic: draws seeded by (seed, worker), not by pid and time
-            self.append(ResampledShards(self.urls, seed=seed, deterministic=True))
-        else:
-            self.append(
-                _ShardList(
-                    self.urls, shardshuffle, seed, self.epoch, nodesplitter is not None, workersplitter is not None
-                )
-            )
-            if nodesplitter is not None:
-                self.append(nodesplitter)
-            if workersplitter is not None:
-                self.append(workersplitter)
-            self._warn_uneven(nodesplitter)
-        expected = _expected_counts(self.urls, self.manifest) if check_counts else {}
-        group = None
-        if sidecars:
-            group = functools.partial(_epoch_group, seed, self.epoch, self.manifest.rounds, self.manifest.group_rounds)
+        self._shard_stages(resampled, shardshuffle, nodesplitter, workersplitter)
         self.append(
             wds_filters.pipelinefilter(_read_shards)(
-                expected=expected,
+                units={unit.images.url: unit for unit in self.units},
                 handler=handler,
-                sidecars=sidecars,
-                group=group,
-                skipped=frozenset(s.key for s in self.manifest.skipped) if sidecars else frozenset(),
+                group=functools.partial(_epoch_group, self.layout, self.manifest, seed, self.epoch),
+                skipped=self.layout.skipped(self.manifest),
+                check_counts=check_counts,
             )
         )
         shuffler = wds_filters.pipelinefilter(_shuffle_samples)(bufsize=shuffle, seed=seed, epoch=self.epoch)
@@ -392,29 +279,47 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
             keys = ("image", "idx", "prob") if densify == "sparse" else ("image", "target")
         self.append(wds_filters.to_tuple(*keys))
 
+    def _shard_stages(
+        self, resampled: bool, shardshuffle: bool, nodesplitter: Callable | None, workersplitter: Callable | None
+    ) -> None:
+        """The shard URLs of this epoch: drawn forever, or listed, shuffled and split by node and worker."""
+        if resampled:
+            # deterministic: draws seeded by (seed, worker), not by pid and time
+            self.append(ResampledShards(self.urls, seed=self.seed, deterministic=True))
+            return
+        splits = (nodesplitter is not None, workersplitter is not None)
+        self.append(_ShardList(self.urls, shardshuffle, self.seed, self.epoch, *splits))
+        for splitter in (nodesplitter, workersplitter):
+            if splitter is not None:
+                self.append(splitter)
+        self._warn_uneven(nodesplitter)
+
     def _warn_uneven(self, nodesplitter: Callable | None) -> None:
         rank, world, _, _ = pytorch_worker_info()
         if nodesplitter is None or world <= 1:
             return
-        counts = _expected_counts(self.urls, self.manifest)
-        per_rank = [sum(counts.get(u, 0) for u in self.urls[r::world]) for r in range(world)]
+        per_rank = [sum(unit.samples or 0 for unit in self.units[r::world]) for r in range(world)]
         if len(set(per_rank)) > 1:
             warnings.warn(
                 f"ranks get unequal sample counts {per_rank}; DDP may hang at the end of an epoch: "
                 "use a shard count divisible by the world size, or resampled=True with with_epoch(n)",
-                stacklevel=3,
+                stacklevel=4,
             )
 
     @property
     def num_samples(self) -> int:
         """Samples in the data set, per the manifest."""
-        return self.manifest.num_samples
+        return self.layout.num_samples(self.manifest)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch for the round schedule and shuffling; visible to all DataLoader workers."""
         self.epoch.set(epoch)
 
 
-def aligned_samples(url: str, sidecar_urls: Sequence[str], skipped: frozenset[str] = frozenset()) -> Iterator[dict]:
-    """Image shard ``url``'s samples with the sidecars of the aligned shards (see ``_lockstep``)."""
-    return _lockstep(url, sidecar_urls, skipped)
+def _buffer_size(shuffle: int | bool) -> int:
+    """A sample shuffle buffer size from an int (0: none), or as torch and webdataset users write it: a bool."""
+    if isinstance(shuffle, bool):
+        return DEFAULT_SHUFFLE if shuffle else 0
+    if not isinstance(shuffle, int) or shuffle < 0:
+        raise UsageError(f"expected shuffle a buffer size >= 0 (or True / False), got {shuffle!r}")
+    return shuffle

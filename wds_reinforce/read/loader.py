@@ -51,6 +51,7 @@ from wds_reinforce.core.schedule import (
 )
 from wds_reinforce.core.targets import dense_row, mean_topk, sparse_one_hot
 from wds_reinforce.io.shards import image_bytes, members_of
+from wds_reinforce.layouts import layout_of
 
 __all__ = [
     "LoaderOptions",
@@ -220,7 +221,7 @@ class ReplayPlan:
             recipe=recipe,
             fallback=_fallback(options, recipe),
             fingerprint=fingerprint,
-            rounds=manifest.group_rounds,
+            rounds=layout_of(manifest).group_rounds(manifest),
             topk=manifest.topk,
             num_classes=manifest.num_classes,
             total_rounds=manifest.rounds,

@@ -20,9 +20,8 @@ from wds_reinforce.core.errors import DataError, FormatError
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, Sidecar, decode_sidecar
 from wds_reinforce.core.schedule import pairing_windows
 from wds_reinforce.io.shards import image_bytes, image_member
-from wds_reinforce.io.shards import samples as shard_samples
-from wds_reinforce.io.storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
-from wds_reinforce.read.dataset import aligned_samples
+from wds_reinforce.io.storage import dirname_url
+from wds_reinforce.layouts import layout_of, manifest_url, read_manifest, read_unit
 from wds_reinforce.read.verify import partner_view
 
 __all__ = ["draw_rounds"]
@@ -57,37 +56,35 @@ def _in_window(
 def _find_sample(
     url: str, manifest: Manifest, key: str | None, max_rounds: int, width: int = 1
 ) -> tuple[Found, list[Found]]:
-    """A sample's key, members and sidecar (for a sidecar set: its first groups' rounds, joined),
+    """A sample's key, members and sidecar (of a sidecar set: its first groups' rounds, joined),
     and its pairing window's samples (``width`` 1: itself)."""
-    if not manifest.sidecar_sets:
-        for shard_url in shard_urls(url, manifest):
-            with open_url(shard_url) as stream:
-                samples = ((s["__key__"], s) for s in shard_samples(stream, shard_url))
-                hit = _in_window(samples, key, width, lambda k, m: decode_sidecar(m[SIDECAR_EXT], k))
-                if hit is not None:
-                    return hit
-        raise ValueError(f"key {key!r} is not in {url}")
-    base, skipped = dirname_url(url), frozenset(s.key for s in manifest.skipped)
-    groups = manifest.round_groups[: -(-max_rounds // manifest.group_rounds)]
-
-    def joined(k: str, sample: dict) -> Sidecar:
-        parts = [decode_sidecar(sample[SIDECAR_EXT if n == 0 else f"{SIDECAR_EXT}.{n}"], k) for n in range(len(groups))]
-        return Sidecar(
-            parts[0].fingerprint,
-            np.concatenate([p.idx for p in parts]),
-            np.concatenate([p.prob for p in parts]),
-            {c: np.concatenate([p.ops[c] for p in parts]) for c in parts[0].ops},
-            parts[0].image_crc,
-            parts[0].window_crc,
-        )
-
-    for i, image in enumerate(manifest.image_shards):
-        sides = [join_url(base, g.shards[i].name) for g in groups]
-        samples = ((s["__key__"], s) for s in aligned_samples(image.name, sides, skipped))
-        hit = _in_window(samples, key, width, joined)
+    layout = layout_of(manifest, url)
+    groups = -(-max_rounds // layout.group_rounds(manifest))  # those holding the first max_rounds rounds
+    for unit in layout.units(manifest, dirname_url(url)):
+        sides = [parts[0] for parts in unit.groups[:groups]]
+        samples = ((s["__key__"], s) for s in read_unit(unit.images, sides, layout.skipped(manifest)))
+        hit = _in_window(samples, key, width, _joined)
         if hit is not None:
             return hit
     raise ValueError(f"key {key!r} is not in {url}")
+
+
+def _joined(key: str, sample: dict) -> Sidecar:
+    """The sample's sidecars (``dr.mp``, then ``dr.mp.1``, ... of the next round groups) as one of all their rounds."""
+    raws = [sample[SIDECAR_EXT]]
+    while f"{SIDECAR_EXT}.{len(raws)}" in sample:
+        raws.append(sample[f"{SIDECAR_EXT}.{len(raws)}"])
+    parts = [decode_sidecar(raw, key) for raw in raws]
+    if len(parts) == 1:
+        return parts[0]
+    return Sidecar(
+        parts[0].fingerprint,
+        np.concatenate([p.idx for p in parts]),
+        np.concatenate([p.prob for p in parts]),
+        {c: np.concatenate([p.ops[c] for p in parts]) for c in parts[0].ops},
+        parts[0].image_crc,
+        parts[0].window_crc,
+    )
 
 
 def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int = 16, columns: int = 4) -> str:

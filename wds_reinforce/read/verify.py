@@ -22,9 +22,10 @@ from wds_reinforce.core.augment.mixing import check_window, mix_row, window_crc
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DecodeError, FormatError
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
-from wds_reinforce.core.schedule import WindowCutter
+from wds_reinforce.core.schedule import WindowCutter, pairing_windows
 from wds_reinforce.io.shards import IMAGE_EXTS, HashingReader, ShardCut, image_member, samples
-from wds_reinforce.io.storage import dirname_url, join_url, manifest_url, open_url, read_manifest, shard_urls
+from wds_reinforce.io.storage import dirname_url, open_url
+from wds_reinforce.layouts import Part, layout_of, manifest_url, read_manifest
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "teacher_view", "partner_view"]
 
@@ -215,49 +216,24 @@ def verify_shards(
                 f"not the {manifest.fingerprint} it states",
             )
         )
+    layout = layout_of(manifest, url)
     rng = np.random.default_rng(seed)
-    total = manifest.num_samples
+    total = layout.num_samples(manifest)
     picked: set[int] = set()
     if teacher is not None and total:
         picked = set(rng.choice(total, min(checks, total), replace=False).tolist())
-    chosen: list[Chosen] = []
-    windows = _Windows(report, recipe)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="sample", desc="verify")
-    index = 0
-    seen: dict[str, str] = {}
-
-    def sample_of(shard_name: str) -> Any:
-        def check(key: str, members: dict[str, bytes]) -> None:
-            nonlocal index
-            if key in seen:
-                report.problems.append(Problem(shard_name, key, f"key repeats (first in {seen[key]})"))
-            seen.setdefault(key, shard_name)
-            sidecar, image, errors = _check_sample(key, members, manifest, recipe, decode_images)
-            report.problems.extend(Problem(shard_name, key, e) for e in errors)
-            ok = sidecar is not None and image is not None and not errors
-            window = windows.add(shard_name, key, image, sidecar if not errors else None, index in picked and ok)
-            if index in picked and ok:
-                chosen.append((shard_name, key, image, sidecar, window))
-            index += 1
-            if bar is not None:
-                bar.update(1)
-
-        return check
-
-    if manifest.sidecar_sets:
-        _verify_sidecar_sets(report, url, manifest, recipe, picked, chosen, windows, decode_images, bar, rng)
-    else:
-        for shard, shard_url in zip(manifest.shards, shard_urls(url, manifest)):
-            report.samples += len(_read_shard(report, shard.name, shard_url, shard, sample_of(shard.name)))
-            windows.close()  # the shard's last, shorter window
+    checker = _Checker(report, manifest, recipe, picked, rng, decode_images, bar)
+    for unit in layout.units(manifest, dirname_url(url)):
+        layout.verify(manifest, unit, checker)
     if bar is not None:
         bar.close()
-    if teacher is not None and chosen:
-        _check_teacher(report, chosen, recipe, teacher, tolerance, rng, windows.kept)
+    if teacher is not None and checker.chosen:
+        _check_teacher(report, checker.chosen, recipe, teacher, tolerance, rng, checker.windows.kept)
     return report
 
 
@@ -391,84 +367,127 @@ def _check_teacher(
 Chosen = tuple[str, str, bytes, Sidecar, "WindowId | None"]
 
 
-def _verify_sidecar_sets(
-    report: VerifyReport,
-    url: str,
-    manifest: Manifest,
-    recipe: Recipe,
-    picked: set[int],
-    chosen: list[Chosen],
-    windows: _Windows,
-    decode_images: bool,
-    bar: Any,
-    rng: np.random.Generator,
-) -> None:
-    """Image shards (unchanged since the sidecars were made: sha256), then each round group's
-    sidecar shards: aligned with their image shard (same keys, same order, but the skipped),
-    decodable, of the group's rounds, and matching their image's CRC-32C. For mixing recipes the
-    images of the windows with a chosen sample are kept while the shard's sidecars are read."""
-    width = windows.width
-    skipped = {s.key for s in manifest.skipped}
-    base = dirname_url(url)
-    counter = {"index": 0}
+@dataclass
+class _Images:
+    """What checking an image shard leaves for its sidecar shards."""
 
-    def shard(i: int, image_info: Any) -> None:
+    part: Part
+    expected: list[str]  # its keys with sidecars, in order
+    crcs: dict[str, int]  # key -> CRC-32C of its image
+    kept: dict[str, bytes]  # the images of samples picked for the teacher check
+    teacher_group: dict[str, int]  # the round group each of those is rechecked in
+    images: dict[str, bytes]  # the images of their pairing windows (mixing recipes)
+
+
+class _Checker:
+    """verify's checks of one data set's shards (the layouts' ``ShardChecks``), filling ``report``.
+
+    Samples are numbered in the order read (``picked`` are the teacher check's); ``chosen``
+    collects what the teacher rechecks, ``windows`` the pairing windows of a mixing recipe.
+    """
+
+    def __init__(
+        self,
+        report: VerifyReport,
+        manifest: Manifest,
+        recipe: Recipe,
+        picked: set[int],
+        rng: np.random.Generator,
+        decode_images: bool,
+        bar: Any,
+    ):
+        self.report, self.manifest, self.recipe, self.picked, self.rng = report, manifest, recipe, picked, rng
+        self.decode_images, self.bar = decode_images, bar
+        self.chosen: list[Chosen] = []
+        self.windows = _Windows(report, recipe)
+        self.index = 0
+        self.seen: dict[str, str] = {}
+
+    def _next(self) -> bool:
+        """Count a sample; whether it is one picked for the teacher check."""
+        picked = self.index in self.picked
+        self.index += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        return picked
+
+    def full_shard(self, part: Part) -> None:
+        """A self-contained shard: every sample's image, label and sidecar (all rounds), keys unique."""
+        name, report = part.info.name, self.report
+
+        def check(key: str, members: dict[str, bytes]) -> None:
+            if key in self.seen:
+                report.problems.append(Problem(name, key, f"key repeats (first in {self.seen[key]})"))
+            self.seen.setdefault(key, name)
+            sidecar, image, errors = _check_sample(key, members, self.manifest, self.recipe, self.decode_images)
+            report.problems.extend(Problem(name, key, e) for e in errors)
+            ok = sidecar is not None and image is not None and not errors
+            wanted = self._next() and ok
+            window = self.windows.add(name, key, image, sidecar if not errors else None, wanted)
+            if wanted:
+                self.chosen.append((name, key, image, sidecar, window))
+
+        report.samples += len(_read_shard(report, name, part.url, part.info, check))
+        self.windows.close()  # the shard's last, shorter window
+
+    def image_shard(self, part: Part, skipped: frozenset[str]) -> _Images:
+        """A plain image shard, unchanged since its sidecars were made (sha256): its images, and
+        their checksums for the sidecars. For mixing recipes the images of the windows with a
+        chosen sample are kept while the shard's sidecars are read."""
+        name, width = part.info.name, self.windows.width
         crcs: dict[str, int] = {}
         kept: dict[str, bytes] = {}
         images: dict[str, bytes] = {}
 
-        def on_image(key: str, members: dict[str, bytes]) -> None:
-            image, errors = _check_image(key, members, decode_images)
+        def check(key: str, members: dict[str, bytes]) -> None:
+            image, errors = _check_image(key, members, self.decode_images)
             if key in skipped:
                 errors = []  # listed by the producer: no sidecar expected
-            report.problems.extend(Problem(image_info.name, key, e) for e in errors)
+            self.report.problems.extend(Problem(name, key, e) for e in errors)
+            wanted = self._next()
             if image is not None:
                 crcs[key] = crc32c(image)
-                if counter["index"] in picked and not errors:
+                if wanted and not errors:
                     kept[key] = image
                 if width:
                     images[key] = image
-            counter["index"] += 1
-            if bar is not None:
-                bar.update(1)
 
-        keys = _read_shard(report, image_info.name, image_info.name, image_info, on_image)
-        report.samples += len(keys)
+        keys = _read_shard(self.report, name, part.url, part.info, check)
+        self.report.samples += len(keys)
         expected = [k for k in keys if k not in skipped]
-        teacher_group = {key: int(rng.integers(len(manifest.round_groups))) for key in kept}
-        needed = {n // width for n, k in enumerate(expected) if k in kept} if width else set()
+        groups = len(self.manifest.round_groups)
+        teacher_group = {key: int(self.rng.integers(groups)) for key in kept}
         if width:  # keep only the images of windows with a chosen sample
-            images = {k: images[k] for n, k in enumerate(expected) if n // width in needed and k in images}
-        for g, group in enumerate(manifest.round_groups):
-            info = group.shards[i]
+            windows = pairing_windows(expected, width)
+            images = {k: images[k] for w in windows if any(k in kept for k in w) for k in w if k in images}
+        return _Images(part, expected, crcs, kept, teacher_group, images)
 
-            def on_sidecar(
-                key: str, members: dict[str, bytes], group: Any = group, g: int = g, name: str = info.name
-            ) -> None:
-                sidecar, errors = _check_sidecar(
-                    members.get(SIDECAR_EXT), manifest, recipe, group.rounds, crcs.get(key)
-                )
-                report.problems.extend(Problem(name, key, e) for e in errors)
-                ok = sidecar is not None and not errors
-                wanted = ok and key in kept and teacher_group[key] == g
-                window = windows.add(name, key, images.get(key), sidecar if ok else None, wanted)
-                if wanted:
-                    chosen.append((name, key, kept[key], sidecar, window))
+    def sidecar_shard(self, part: Part, group: int, images: _Images) -> None:
+        """Round group ``group``'s sidecar shard: aligned with its image shard (same keys, same order,
+        but the skipped), decodable, of the group's rounds, and matching its images' CRC-32C."""
+        name, rounds = part.info.name, self.manifest.round_groups[group].rounds
 
-            side_keys = _read_shard(report, info.name, join_url(base, info.name), info, on_sidecar)
-            windows.close()  # the shard's last, shorter window
-            if side_keys != expected:
-                where = next(
-                    (n for n, (a, b) in enumerate(zip(side_keys, expected)) if a != b),
-                    min(len(side_keys), len(expected)),
-                )
-                report.problems.append(
-                    Problem(
-                        info.name,
-                        None,
-                        f"not aligned with image shard {image_info.name}: keys differ from position {where}",
-                    )
-                )
+        def check(key: str, members: dict[str, bytes]) -> None:
+            raw = members.get(SIDECAR_EXT)
+            sidecar, errors = _check_sidecar(raw, self.manifest, self.recipe, rounds, images.crcs.get(key))
+            self.report.problems.extend(Problem(name, key, e) for e in errors)
+            ok = sidecar is not None and not errors
+            wanted = ok and key in images.kept and images.teacher_group[key] == group
+            window = self.windows.add(name, key, images.images.get(key), sidecar if ok else None, wanted)
+            if wanted:
+                self.chosen.append((name, key, images.kept[key], sidecar, window))
 
-    for i, image_info in enumerate(manifest.image_shards):
-        shard(i, image_info)
+        side_keys = _read_shard(self.report, name, part.url, part.info, check)
+        self.windows.close()  # the shard's last, shorter window
+        if side_keys != images.expected:
+            where = next(
+                (n for n, (a, b) in enumerate(zip(side_keys, images.expected)) if a != b),
+                min(len(side_keys), len(images.expected)),
+            )
+            self.report.problems.append(
+                Problem(
+                    name,
+                    None,
+                    f"not aligned with image shard {images.part.info.name}: keys differ from position {where}",
+                )
+            )

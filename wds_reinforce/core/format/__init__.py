@@ -8,9 +8,6 @@ from wds_reinforce.core.errors import FormatError, VersionError
 from wds_reinforce.core.format.codecs import CODECS, UINT_DTYPES, Codec, uint_width
 from wds_reinforce.core.format.columns import COLUMNS, Column
 from wds_reinforce.core.format.manifest import (
-    LAYOUTS,
-    SELF_CONTAINED,
-    SIDECAR_SETS,
     Manifest,
     RoundGroup,
     ShardInfo,
@@ -52,7 +49,4 @@ __all__ = [
     "RoundGroup",
     "TeacherSet",
     "Manifest",
-    "LAYOUTS",
-    "SELF_CONTAINED",
-    "SIDECAR_SETS",
 ]

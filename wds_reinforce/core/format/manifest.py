@@ -14,19 +14,7 @@ from typing import Any
 from wds_reinforce.core.errors import FormatError, VersionError
 from wds_reinforce.core.format.sidecar import FORMAT_VERSION
 
-__all__ = [
-    "ShardInfo",
-    "SkippedInput",
-    "RoundGroup",
-    "TeacherSet",
-    "Manifest",
-    "LAYOUTS",
-    "SELF_CONTAINED",
-    "SIDECAR_SETS",
-]
-
-SELF_CONTAINED, SIDECAR_SETS = "self-contained", "sidecar-sets"
-LAYOUTS = (SELF_CONTAINED, SIDECAR_SETS)
+__all__ = ["ShardInfo", "SkippedInput", "RoundGroup", "TeacherSet", "Manifest"]
 
 
 @dataclass
@@ -98,42 +86,22 @@ class Manifest:
     split: str = "train"
     name: str = "reinforced"
     format_version: int = FORMAT_VERSION
-    # Sidecar sets (docs/FORMAT.md): the images stay in plain shards elsewhere.
+    # How the set lies in its files (``layouts.LAYOUTS``); sidecar sets (docs/FORMAT.md) keep the
+    # images in plain shards elsewhere.
     layout: str = "self-contained"
     image_shards: list[ShardInfo] = field(default_factory=list)
     round_groups: list[RoundGroup] = field(default_factory=list)
     teacher_sets: list[TeacherSet] = field(default_factory=list)
 
-    @property
-    def sidecar_sets(self) -> bool:
-        """True for the sidecar-set layout (images in ``image_shards``, rounds in ``round_groups``)."""
-        return self.layout == SIDECAR_SETS
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s.samples for s in (self.image_shards if self.sidecar_sets else self.shards))
-
-    @property
-    def group_rounds(self) -> int:
-        """Rounds per sidecar: all of them (self-contained), or one group's."""
-        return self.round_groups[0].rounds if self.sidecar_sets and self.round_groups else self.rounds
-
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
 
-    def timm_info(self) -> dict[str, Any]:
-        """The ``_info.json`` that timm's webdataset reader (``create_dataset("wds/...")``) reads."""
-        split = {
-            "name": self.split,
-            "num_samples": self.num_samples,
-            "filenames": [s.name for s in self.shards],
-            "shard_lengths": [s.samples for s in self.shards],
-        }
-        return {"name": self.name, "num_classes": self.num_classes, "splits": {self.split: split}}
-
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "manifest") -> Manifest:
-        """Parse a manifest, raising FormatError (naming ``source``) for anything unexpected."""
+        """Parse a manifest, raising FormatError (naming ``source``) for anything unexpected.
+
+        The lists a layout needs are checked by the layout (``layouts.parse_manifest``).
+        """
         try:
             raw = json.loads(text)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -163,33 +131,9 @@ class Manifest:
             manifest = cls(**fields)
         except (TypeError, KeyError) as exc:
             raise FormatError(f"manifest fields do not match the schema ({exc})", source) from None
-        if manifest.layout not in LAYOUTS:
-            raise FormatError(f"unknown layout {manifest.layout!r}; this reader knows {list(LAYOUTS)}", source)
-        if manifest.sidecar_sets:
-            _check_groups(manifest, source)
+        if not isinstance(manifest.layout, str):
+            raise FormatError(f"layout must be a string, got {manifest.layout!r}", source)
         for name, typ in (("num_classes", int), ("rounds", int), ("topk", int), ("seed", int)):
             if not isinstance(getattr(manifest, name), typ):
                 raise FormatError(f"{name} must be an integer, got {getattr(manifest, name)!r}", source)
         return manifest
-
-
-def _check_groups(manifest: Manifest, source: str) -> None:
-    """Round groups must tile rounds 0..R-1 in order, all of one size, one shard per image shard."""
-    groups, first = manifest.round_groups, 0
-    if not groups or not manifest.image_shards:
-        raise FormatError("a sidecar-set manifest must list image_shards and round_groups", source)
-    for g in groups:
-        if g.first_round != first or g.rounds != groups[0].rounds or g.rounds < 1:
-            raise FormatError(f"round groups must tile the rounds in equal steps, got one at {g.first_round}", source)
-        if len(g.shards) != len(manifest.image_shards):
-            raise FormatError(
-                f"round group {g.first_round} lists {len(g.shards)} shards "
-                f"for {len(manifest.image_shards)} image shards",
-                source,
-            )
-        first += g.rounds
-    if first != manifest.rounds:
-        raise FormatError(f"round groups hold {first} rounds, the manifest says {manifest.rounds}", source)
-    for t in manifest.teacher_sets:
-        if len(t.groups) > len(groups) or any(len(shards) != len(manifest.image_shards) for shards in t.groups):
-            raise FormatError(f"teacher set {t.name!r} does not match the round groups and image shards", source)

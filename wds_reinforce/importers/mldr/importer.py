@@ -44,9 +44,7 @@ import numpy as np
 
 from wds_reinforce.core.errors import DataError, UsageError
 from wds_reinforce.core.format import (
-    SELF_CONTAINED,
     SIDECAR_EXT,
-    SIDECAR_SETS,
     Manifest,
     RoundGroup,
     ShardInfo,
@@ -73,10 +71,12 @@ from wds_reinforce.importers.mldr.inputs import (
     ShardImages,
     open_images,
 )
-from wds_reinforce.io.storage import LocalOutput, S3Output, open_output
+from wds_reinforce.io.outputs import LocalOutput, S3Output
+from wds_reinforce.io.storage import open_output
+from wds_reinforce.layouts import SELF_CONTAINED, SIDECAR_SETS, group_dir, layout_of, timm_info
 from wds_reinforce.produce.make import dist_env
 from wds_reinforce.produce.self_contained import library_versions, write_tar_file
-from wds_reinforce.produce.sidecar_sets import SIDECAR_JOB_FILE, group_dir
+from wds_reinforce.produce.sidecar_sets import SIDECAR_JOB_FILE
 
 __all__ = [
     "ShardWriter",
@@ -791,7 +791,7 @@ def import_mldr(
     manifest = None
     if rank == 0:
         manifest = job.manifest(job.wait_all())
-        output.write_text("_info.json", json.dumps(manifest.timm_info(), indent=1, sort_keys=True) + "\n")
+        output.write_text("_info.json", json.dumps(timm_info(manifest), indent=1, sort_keys=True) + "\n")
         output.write_text("manifest.json", manifest.to_json())  # last: its presence means every shard is complete
     output.close()
     seconds = time.perf_counter() - start
@@ -810,7 +810,7 @@ def _summary(
     cfg = job.config
     dones = list(markers.values())
     rounds = dones[0]["rounds"] if dones else (job.rounds or cfg.num_samples)
-    samples = manifest.num_samples if manifest else sum(d["shard"]["samples"] for d in dones)
+    samples = layout_of(manifest).num_samples(manifest) if manifest else sum(d["shard"]["samples"] for d in dones)
     side = sum(d["sidecar_bytes"] for d in dones)
     mine = sum(d["shard"]["samples"] for d in dones)
     kept = ""
@@ -847,6 +847,4 @@ def _summary(
 def _output_bytes(manifest: Manifest | None, dones: list[dict[str, Any]]) -> int:
     if manifest is None:  # a rank other than 0: its own files
         return sum(f["bytes"] for d in dones for f in d.get("files", [d["shard"]]))
-    if manifest.sidecar_sets:
-        return sum(s.bytes for g in manifest.round_groups for s in g.shards)
-    return sum(s.bytes for s in manifest.shards)
+    return sum(s.bytes for s in layout_of(manifest).made_files(manifest))
