@@ -9,6 +9,8 @@ each side, as subprocesses in that side's checkout and with that side's tools/*.
                        and rrc+ra/re from the plain shards
   sets_r4, sets_r8     make_shards.py --sidecars-only: a sidecar set of rounds 0-3, then rounds 4-7 added
   sets_t2              make_shards.py --add-teacher t2 on that set
+  sets_mix, _t2        the same for an rrc+mix sidecar set (mixed views for both teachers)
+  verify_*, grid_*     inspect_shards.py: verify's report (with the teacher rerun) and the rounds picture
   mldr_sc, mldr_sets   import_mldr.py: the archive into self-contained shards and into a sidecar set
 
 and compares every file those jobs write (sha256 per relative path, hidden .done/ markers and job
@@ -275,6 +277,7 @@ class Job:
     tool: str  # tools/<tool>
     args: list[str]  # with {out} for the side's output root
     folder: str  # the output folder under {out} it writes and that is compared after it
+    stdout: str | None = None  # a report the tool prints: kept as this file under {out}/{folder}, compared too
 
 
 def jobs(inp: dict[str, str]) -> list[Job]:
@@ -288,6 +291,8 @@ def jobs(inp: dict[str, str]) -> list[Job]:
     add += ["--workers", "0", "--device", "cpu", "--no-progress"]
     mldr = ["--metadata", inp["meta"], "--no-progress"]
     folder = inp["folder"]
+    mix_sets = [*sets[: sets.index("--recipe")], "--recipe", "rrc+mix", *sets[sets.index("--recipe") + 2 :]]
+    inspect = ["--teacher-checkpoint", inp["t1"], "--checks", "8", "--device", "cpu", "--no-progress"]
     return [
         Job("sc", "make_shards.py", ["--source", folder, *sc, "--recipe", "rrc+ra/re", "--out", "{out}/sc"], "sc"),
         Job("mix", "make_shards.py", ["--source", folder, *sc, "--recipe", "rrc+mix", "--out", "{out}/mix"], "mix"),
@@ -300,6 +305,16 @@ def jobs(inp: dict[str, str]) -> list[Job]:
         Job("sets_r4", "make_shards.py", [*sets, "--rounds", "4", "--out", "{out}/sets"], "sets"),
         Job("sets_r8", "make_shards.py", [*sets, "--rounds", "8", "--out", "{out}/sets"], "sets"),
         Job("sets_t2", "make_shards.py", [*add, "--out", "{out}/sets"], "sets"),
+        Job("sets_mix", "make_shards.py", [*mix_sets, "--rounds", "4", "--out", "{out}/sets_mix"], "sets_mix"),
+        Job("sets_mix_t2", "make_shards.py", [*add, "--out", "{out}/sets_mix"], "sets_mix"),
+        *[
+            Job(f"verify_{s}", "inspect_shards.py", [f"{{out}}/{s}", *inspect], "reports", f"verify_{s}.txt")
+            for s in ("sc", "mix", "sets", "sets_mix")
+        ],
+        *[
+            Job(f"grid_{s}", "inspect_shards.py", [f"{{out}}/{s}", "--grid", f"{{out}}/reports/{s}.png"], "reports")
+            for s in ("sc", "mix", "sets", "sets_mix")
+        ],
         Job(
             "mldr_sc",
             "import_mldr.py",
@@ -395,6 +410,10 @@ def run_job(job: Job, sides: tuple[Side, Side], parallel: bool) -> Row:
     if row.error:
         return row
     folders = [s.out / job.folder for s in sides]
+    if job.stdout is not None:  # the report it printed, e.g. verify's
+        for folder, (_, done) in zip(folders, results):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / job.stdout).write_text(done.stdout)
     compare_trees(row, *(tree_digests(f) for f in folders))
     details = [_file_detail(folders[0] / name, folders[1] / name) for name in row.different]
     row.different = [f"{name}: {d}" if d else name for name, d in zip(row.different, details)]
@@ -418,6 +437,9 @@ LOADER_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "sets teacher=0": ("sets", {"keys": DENSE, "teacher": 0}),
     "sets teacher=1": ("sets", {"keys": DENSE, "teacher": 1}),
     "sets teacher=mean": ("sets", {"keys": DENSE, "teacher": "mean"}),
+    "sets sparse p=0.5": ("sets", {"keys": SPARSE, "densify": "sparse", "p": 0.5, "label_smoothing": 0.1}),
+    "sets_mix teacher=mean": ("sets_mix", {"keys": DENSE, "teacher": "mean"}),
+    "sets_mix shuffle=8 p=0.7": ("sets_mix", {"keys": DENSE, "shuffle": 8, "p": 0.7}),
     "mldr_sc p=0.9": ("mldr_sc", {"keys": DENSE, "p": 0.9}),
     "mldr_sets p=0.9": ("mldr_sets", {"keys": DENSE, "p": 0.9}),
 }
