@@ -260,7 +260,7 @@ def their_teacher_pixels(data: bytes, params: list, config: dict) -> torch.Tenso
 def closeness(variant: str, images: int = 12, rounds: int = 100, size: int = 224) -> dict[str, Any]:
     """How far our replay of imported rounds is from their teacher's pixels, on photo-like 500x375 JPEGs."""
     from wds_reinforce.core.augment import replay
-    from wds_reinforce.importers.mldr.convert import MldrConfig, convert_rounds
+    from wds_reinforce.importers.mldr import MldrConfig, convert_rounds
 
     config = config_dict(variant, rounds=rounds, topk=3, size=size, num_classes=3)
     mldr = MldrConfig.from_dict(config)
@@ -343,7 +343,7 @@ def write_metadata(
 
 
 def _bench(args: argparse.Namespace) -> dict[str, Any]:
-    from wds_reinforce.importers.mldr.importer import import_mldr
+    from wds_reinforce.importers.mldr import import_mldr
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -391,7 +391,7 @@ def test_sidecar_sets_mix_the_same_way(produced, tmp_path):
 
     # verify reruns the teacher on mixed rounds of the set; --grid finds the window; a second
     # teacher labels the same mixed views
-    from wds_reinforce.produce.sidecar_sets import add_teacher_set
+    from wds_reinforce.produce.teacher_sets import add_teacher_set
     from wds_reinforce.read.picture import draw_rounds
     from wds_reinforce.read.verify import verify_shards
 
@@ -444,7 +444,7 @@ def _rewrite_shard(out: Path, dest: Path, change) -> None:
     import shutil
 
     from wds_reinforce.core.format import encode_sidecar
-    from wds_reinforce.produce.self_contained import write_tar
+    from wds_reinforce.produce.jobs import write_tar
 
     shutil.copytree(out, dest)
     first = sorted(dest.glob("train-*.tar"))[0]
@@ -523,7 +523,7 @@ def test_grid_draws_a_sample_despite_a_damaged_sidecar_elsewhere(produced, tmp_p
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
     names = [n for n, _ in members if n.endswith(".dr.mp")]
     members = [(n, b"garbage" if n == names[0] else d) for n, d in members]  # window 0's first sidecar
-    from wds_reinforce.produce.self_contained import write_tar
+    from wds_reinforce.produce.jobs import write_tar
 
     with open(first, "wb") as f:
         write_tar(f, iter(members))

@@ -23,15 +23,15 @@ from wds_reinforce import ReinforcedDataset, decode_sidecar
 from wds_reinforce.core.augment import replay
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.core.format import Manifest, Sidecar, crc32c
-from wds_reinforce.importers.mldr.convert import (
+from wds_reinforce.importers.images import FolderImages
+from wds_reinforce.importers.mldr import (
     IndexMismatchError,
     MetadataError,
     MldrConfig,
+    import_mldr,
     load_torch_save,
     restricted_loads,
 )
-from wds_reinforce.importers.mldr.importer import import_mldr
-from wds_reinforce.importers.mldr.inputs import FolderImages
 from wds_reinforce.read.verify import verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,7 +211,7 @@ def test_malicious_pickles_refused(tmp_path, folder):
     buf = io.BytesIO()
     torch.save(np_box, buf, pickle_protocol=4)
     obj = load_torch_save(buf.getvalue(), "0.pth.tar")
-    from wds_reinforce.importers.mldr.convert import convert_rounds
+    from wds_reinforce.importers.mldr import convert_rounds
 
     with pytest.raises(MetadataError, match="crop boxes of type int, got .*numpy"):
         convert_rounds(obj, 0, MldrConfig.from_dict(config), "0.pth.tar")

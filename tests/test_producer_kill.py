@@ -118,7 +118,7 @@ def test_a_worker_says_nothing_when_the_producer_hangs_up_mid_transfer():
     broken connection through sys.excepthook; a producer worker drops exactly that report."""
     code = r'''
 import multiprocessing.resource_sharer as rs, sys
-from wds_reinforce.produce.self_contained import _quiet_hang_ups
+from wds_reinforce.produce.workers import _quiet_hang_ups
 
 _quiet_hang_ups()
 # A function in resource_sharer.py's file that catches and reports as its serve loop does.

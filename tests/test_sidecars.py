@@ -25,8 +25,8 @@ from wds_reinforce.core.errors import DataError, UsageError
 from wds_reinforce.core.format import Manifest, decode_sidecar
 from wds_reinforce.core.schedule import group_for, round_in_group
 from wds_reinforce.layouts import num_samples
+from wds_reinforce.produce.jobs import OtherJobError
 from wds_reinforce.produce.make import make_shards
-from wds_reinforce.produce.self_contained import OtherJobError
 from wds_reinforce.read.dataset import ReinforcedDataset
 from wds_reinforce.read.loader import SkipCounter
 
@@ -145,7 +145,7 @@ def test_adding_rounds_writes_only_new_groups(images, tmp_path):
     for (key, r) in _rows(str(out), range(16)):
         seen[key].add(r)
     assert all(v == set(range(16)) for v in seen.values()) and len(seen) == 9
-    with pytest.raises(OtherJobError, match="another job.s .differing: group_rounds."):
+    with pytest.raises(OtherJobError, match=r"another job \(group_rounds 2 \(the output has 4\)\)"):
         make_shards(pattern, TEACHER, out=str(out), sidecars_only=True, round_group=2, rounds=16, **JOB)
 
 
@@ -265,8 +265,8 @@ def test_inspect_verifies_sidecar_sets_and_reruns_the_teacher(images, tmp_path):
 
 def test_a_second_teacher_adds_targets_only_and_the_loader_uses_one_or_the_mean(images, tmp_path):
     from wds_reinforce.core.targets import densify, mean_topk
-    from wds_reinforce.produce.sidecar_sets import add_teacher_set
     from wds_reinforce.produce.teacher import load_teacher
+    from wds_reinforce.produce.teacher_sets import add_teacher_set
 
     first = load_teacher(TEACHER, num_classes=3, device="cpu")
     second = load_teacher("timm:test_efficientnet", num_classes=3, device="cpu")

@@ -241,20 +241,21 @@ def test_manifest_counts_a_done_marker_only_with_its_shard_intact(source, tmp_pa
     data[600] ^= 0xFF
     (out / "train-000002.tar").write_bytes(bytes(data))
     # As rank 0 under torchrun, waiting for other ranks: their stale markers must not count.
-    job = prepare_job(str(source), TEACHER, out=str(out), **job_args(rounds=1))
+    job = prepare_job(str(source), TEACHER, out=str(out), **job_args(rounds=1)).job
     job.wait_timeout = 0.0
+    parts = ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     with pytest.raises(
         TimeoutError,
-        match=r"expected every shard finished and matching its done marker, got 2 not "
+        match=r"expected every part finished and matching its done marker, got 2 not "
         r".*\['train-000000.tar', 'train-000002.tar'\]",
     ):
-        job._wait_all_done()
+        job.wait_all(parts)
     assert not (out / "manifest.json").exists()
     # Once the shards are back (here: remade by a rerun), the same wait accepts them.
     make_shards(str(source), TEACHER, out=str(out), **job_args(rounds=1))
-    job = prepare_job(str(source), TEACHER, out=str(out), **job_args(rounds=1))
+    job = prepare_job(str(source), TEACHER, out=str(out), **job_args(rounds=1)).job
     job.wait_timeout = 0.0
-    assert [d["shard"]["name"] for d in job._wait_all_done()] == [
+    assert [d["shard"]["name"] for d in job.wait_all(parts).values()] == [
         "train-000000.tar",
         "train-000001.tar",
         "train-000002.tar",

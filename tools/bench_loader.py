@@ -67,7 +67,7 @@ from wds_reinforce.core.augment.randaugment import RANDAUGMENT_SPACE, magnitude_
 from wds_reinforce.core.decode import SourceImage  # noqa: E402
 from wds_reinforce.core.format import Manifest, RoundGroup, ShardInfo, Sidecar, crc32c, encode_sidecar  # noqa: E402
 from wds_reinforce.io.storage import count_reads  # noqa: E402
-from wds_reinforce.produce.self_contained import write_tar  # noqa: E402
+from wds_reinforce.produce.jobs import write_tar  # noqa: E402
 from wds_reinforce.read.dataset import ReinforcedDataset  # noqa: E402
 
 NUM_CLASSES = 1000

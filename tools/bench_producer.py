@@ -49,7 +49,7 @@ def _photo(height: int, width: int, seed: int) -> bytes:
 
 
 def _write_source(folder: str, count: int, height: int, width: int) -> str:
-    from wds_reinforce.produce.self_contained import write_tar
+    from wds_reinforce.produce.jobs import write_tar
 
     path = os.path.join(folder, "source.tar")
     members = []

@@ -44,6 +44,7 @@ from wds_reinforce.core.targets import (
     sparse_one_hot,
     topk,
 )
+from wds_reinforce.core.version import __version__
 from wds_reinforce.io.storage import read_url
 from wds_reinforce.layouts import manifest_url, read_manifest, shard_urls
 from wds_reinforce.read.dataset import ReinforcedDataset
@@ -57,14 +58,12 @@ from wds_reinforce.read.loader import (
     replay_images,
 )
 
-__version__ = "0.1.0"
-
 # Producer API, imported lazily (see the module docstring): name -> submodule.
 _LAZY = {
     "make_shards": "produce.make",
-    "import_mldr": "importers.mldr.importer",
+    "import_mldr": "importers.mldr",
     "prepare_job": "produce.make",
-    "ProducerSummary": "produce.self_contained",
+    "ProducerSummary": "produce.jobs",
     "open_source": "produce.sources",
     "Source": "produce.sources",
     "SourceSample": "produce.sources",

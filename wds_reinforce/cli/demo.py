@@ -195,8 +195,8 @@ def run_demo(
 ) -> Any:
     """Generate, train (cached) and reinforce the demo set; print what was written and what to run next."""
     from wds_reinforce.core.threads import default_threads, default_workers
+    from wds_reinforce.produce.jobs import OtherJobError
     from wds_reinforce.produce.make import make_shards
-    from wds_reinforce.produce.self_contained import OtherJobError
 
     workers = default_workers()
     # The teacher trains alone in this process (all the cores), then runs next to the workers.

@@ -98,7 +98,7 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from wds_reinforce.core.errors import DataError, UsageError
-    from wds_reinforce.importers.mldr.importer import import_mldr
+    from wds_reinforce.importers.mldr import import_mldr
 
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""

@@ -144,7 +144,7 @@ def _add_teacher(args: argparse.Namespace, options: dict[str, Any]) -> int:
     if not options.get("out") or not options.get("teacher"):
         return _fail("expected --out (the sidecar set) and --teacher with --add-teacher")
     from wds_reinforce.core.errors import UsageError
-    from wds_reinforce.produce.sidecar_sets import add_teacher_set
+    from wds_reinforce.produce.teacher_sets import add_teacher_set
 
     try:
         manifest = add_teacher_set(
@@ -285,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from wds_reinforce.core.errors import UsageError
-    from wds_reinforce.produce.make import prepare_job
-    from wds_reinforce.produce.sidecar_sets import prepare_sidecar_job
+    from wds_reinforce.produce.make import prepare_job, prepare_sidecar_job
 
     torch.set_num_threads(threads)
     job = None

@@ -1,7 +1,9 @@
 """Progress reports that read well both on a terminal and in a log file.
 
 On a terminal: a tqdm bar. Elsewhere (a log file, a pipe, a batch job): no carriage-return
-updates, but one line per finished shard with the count, the rate and the time left.
+updates, but one line per finished shard with the count, the rate and the time left. Every job
+that writes shards (the producer's, the importers') reports through ``ShardProgress``; a caller
+that wants the lines itself (a library user, a test) passes ``say``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class ShardProgress:
         stream: where to write (default ``sys.stderr``).
         tty: force the terminal (True) or log (False) form; default: ask ``stream``.
         clock: seconds, for tests.
+        say: where lines go instead of ``stream`` (then never a bar).
+        every: ``note`` writes at most one line per this many seconds (unless forced).
     """
 
     def __init__(
@@ -53,15 +57,19 @@ class ShardProgress:
         stream: TextIO | None = None,
         tty: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
+        say: Callable[[str], None] | None = None,
+        every: float = 10.0,
     ):
         self.items, self.shards, self.desc, self.unit = items, shards, desc, unit
         self.stream = sys.stderr if stream is None else stream
         self.clock = clock
-        self.start = clock()
+        self.start = self._noted = clock()
+        self.every = every
         self.done_items = 0
         self.done_shards = 0
         self.bar = None
-        if _is_tty(self.stream) if tty is None else tty:
+        self._say = say
+        if say is None and (_is_tty(self.stream) if tty is None else tty):
             from tqdm import tqdm
 
             self.bar = tqdm(total=items, unit="img", desc=desc, dynamic_ncols=True, file=self.stream)
@@ -75,7 +83,26 @@ class ShardProgress:
         """Report a finished shard (a line when not on a terminal)."""
         self.done_shards += 1
         if self.bar is None:
-            print(self.line(name), file=self.stream, flush=True)
+            self._write(self.line(name))
+
+    def due(self) -> bool:
+        """Whether a ``note`` would be written now (so that a caller can skip building it)."""
+        return self.clock() - self._noted >= self.every
+
+    def note(self, text: str, force: bool = False) -> None:
+        """A line of its own (at most one per ``every`` seconds unless ``force``): above the bar, or in the log."""
+        if force or self.due():
+            self._noted = self.clock()
+            if self.bar is not None:
+                self.bar.write(text, file=self.stream)
+            else:
+                self._write(text)
+
+    def _write(self, line: str) -> None:
+        if self._say is not None:
+            self._say(line)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def line(self, name: str) -> str:
         elapsed = max(self.clock() - self.start, 1e-9)

@@ -1,9 +1,10 @@
-"""The producer's entry points: check every argument, build a ``writer.ReinforceJob``, run it.
+"""The producer's entry points: check every argument, build the job, run it.
 
-``prepare_job`` fails with a ``UsageError`` before anything is written (a missing or empty
-source, an unknown recipe or teacher, a bad number, top-k above the class count, mismatched
-classes, an unwritable or foreign output); ``make_shards`` then runs the job. Under torchrun
-(RANK / WORLD_SIZE set) each rank makes its share of the shards.
+``prepare_job`` (self-contained shards) and ``prepare_sidecar_job`` (sidecar sets beside plain
+image shards) share one argument surface (``_Settings``) and fail with a ``UsageError`` before
+anything is written: a missing or empty source, an unknown recipe or teacher, a bad number,
+top-k above the class count, mismatched classes, an unwritable or foreign output.
+``make_shards`` runs either. Under torchrun (RANK / WORLD_SIZE set) each rank makes its share.
 """
 
 from __future__ import annotations
@@ -11,37 +12,100 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wds_reinforce.core.augment import Recipe
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.core.threads import default_workers
+from wds_reinforce.io.outputs import Output
 from wds_reinforce.io.storage import open_output
-from wds_reinforce.produce.self_contained import ProducerSummary, ReinforceJob
+from wds_reinforce.produce.jobs import ProducerSummary, dist_env
+from wds_reinforce.produce.self_contained import ReinforceJob
+from wds_reinforce.produce.sidecar_sets import SidecarSetJob, image_shard_urls
 from wds_reinforce.produce.sources import Source, WebDatasetSource, open_source
 from wds_reinforce.produce.teacher import Teacher, load_teacher, parse_teacher_spec
 
-__all__ = ["checked_teacher", "dist_env", "prepare_job", "make_shards"]
+__all__ = ["checked_teacher", "prepare_job", "prepare_sidecar_job", "make_shards"]
 
 
-def dist_env() -> tuple[int, int]:
-    try:
-        rank = int(os.environ.get("RANK", 0))
-        world = int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise UsageError(
-            f"expected integer RANK and WORLD_SIZE, got {os.environ.get('RANK')!r}, {os.environ.get('WORLD_SIZE')!r}"
-        ) from None
-    if not (world >= 1 and 0 <= rank < world):
-        raise UsageError(f"expected 0 <= RANK < WORLD_SIZE, got RANK={rank}, WORLD_SIZE={world}")
-    return rank, world
-
-
-def _positive(name: str, value: Any, minimum: int = 1) -> int:
+def _integer(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UsageError(f"expected {name} an integer >= {minimum}, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What every producer job takes, checked: the numbers, the recipe, the output and the teacher."""
+
+    rounds: int
+    topk: int | None  # None: up to 10, at most the classes
+    batch_size: int
+    workers: int
+    seed: int
+    split: str
+    recipe: Recipe
+    output: Output
+    teacher: Teacher
+    rank: int
+    world: int
+
+    @classmethod
+    def check(
+        cls,
+        check_source: Any,
+        rounds: int,
+        topk: int | None,
+        batch_size: int,
+        workers: int | None,
+        seed: int,
+        split: str,
+        recipe: Any,
+        image_size: Any,
+        decode: str | None,
+        out: Any,
+        teacher: Any,
+        teacher_checkpoint: Any,
+        teacher_num_classes: int | None,
+        pretrained: bool,
+        device: str,
+    ) -> tuple[_Settings, Any]:
+        """The checked settings, and what ``check_source()`` returns (checked after the numbers)."""
+        rounds, batch_size, seed = (
+            _integer("rounds", rounds),
+            _integer("batch_size", batch_size),
+            _integer("seed", seed, 0),
+        )
+        topk = None if topk is None else _integer("topk", topk)
+        workers = default_workers() if workers is None else _integer("workers", workers, 0)  # None: half the cores
+        if not isinstance(split, str) or not split or "." in split or "/" in split:
+            raise UsageError(f"expected split a name without dots or slashes, got {split!r}")
+        rank, world = dist_env()
+        source = check_source()
+        try:
+            rcp = Recipe.from_spec(recipe, size=image_size, decode=decode)
+        except ValueError as exc:
+            raise UsageError(f"bad recipe: {exc}") from None
+        output = open_output(out)
+        tch = checked_teacher(teacher, teacher_checkpoint, teacher_num_classes, pretrained, device)
+        return cls(rounds, topk, batch_size, workers, seed, split, rcp, output, tch, rank, world), source
+
+    def common(self) -> dict[str, Any]:
+        """The job fields every producer job has."""
+        return {
+            "teacher": self.teacher,
+            "recipe": self.recipe,
+            "output": self.output,
+            "rounds": self.rounds,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "workers": self.workers,
+            "rank": self.rank,
+            "world_size": self.world,
+            "split": self.split,
+        }
 
 
 def _load_class_map(class_map: str | Mapping[str, int], source: Source, teacher_classes: int) -> list[int]:
@@ -90,6 +154,33 @@ def checked_teacher(
         raise UsageError(str(exc).splitlines()[0]) from None
 
 
+def _class_names(src: Source, tch: Teacher, class_map: Any) -> tuple[list[str], list[int] | None]:
+    """The data set's classes and, for a teacher over other classes, each one's teacher class id."""
+    if class_map is not None:
+        return list(src.class_names), _load_class_map(class_map, src, tch.num_classes)
+    if isinstance(src, WebDatasetSource) and src.class_names == [str(i) for i in range(len(src.class_names))]:
+        # Class names inferred from labels only: the teacher must cover every label seen.
+        if tch.num_classes < len(src.class_names):
+            raise UsageError(
+                f"expected a teacher with at least {len(src.class_names)} classes for the source's labels, "
+                f"got {tch.num_classes} (pass a class_map to map them)"
+            )
+        return [str(i) for i in range(tch.num_classes)], None
+    if tch.num_classes != src.num_classes:
+        raise UsageError(
+            f"expected a teacher with the source's {src.num_classes} classes, got {tch.num_classes} "
+            f"(pass a class_map from source classes to teacher classes)"
+        )
+    return list(src.class_names), None
+
+
+def _open_source(source: str | Source) -> Source:
+    try:
+        return open_source(source)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def prepare_job(
     source: str | Source,
     teacher: str | Sequence[str] | Teacher,
@@ -113,77 +204,92 @@ def prepare_job(
     split: str = "train",
     shuffle: bool = True,
 ) -> ReinforceJob:
-    """Check every argument and build the job; nothing is written.
+    """Check every argument and build a self-contained job; nothing is written.
 
     Raises:
         UsageError: a missing or empty source, an unknown recipe or teacher, a bad number,
             top-k above the class count, teacher classes that differ from the source's (without
             ``class_map``), an unwritable or foreign ``out``.
     """
-    rounds = _positive("rounds", rounds)
-    k = None if topk is None else _positive("topk", topk)  # None: up to 10, at most the classes
-    shard_size = _positive("shard_size", shard_size)
-    batch_size = _positive("batch_size", batch_size)
-    workers = default_workers() if workers is None else _positive("workers", workers, 0)  # None: half the cores
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"expected seed a non-negative integer, got {seed!r}")
-    if not isinstance(split, str) or not split or "." in split or "/" in split:
-        raise UsageError(f"expected split a name without dots or slashes, got {split!r}")
-    rank, world = dist_env()
-    try:
-        src = open_source(source)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        rcp = Recipe.from_spec(recipe, size=image_size, decode=decode)
-    except ValueError as exc:
-        raise UsageError(f"bad recipe: {exc}") from None
-    output = open_output(out)
-    tch = checked_teacher(teacher, teacher_checkpoint, teacher_num_classes, pretrained, device)
-    cmap = None
-    if class_map is not None:
-        cmap = _load_class_map(class_map, src, tch.num_classes)
-        class_names = list(src.class_names)
-    elif isinstance(src, WebDatasetSource) and src.class_names == [str(i) for i in range(len(src.class_names))]:
-        # Class names inferred from labels only: the teacher must cover every label seen.
-        if tch.num_classes < len(src.class_names):
-            raise UsageError(
-                f"expected a teacher with at least {len(src.class_names)} classes for the source's labels, "
-                f"got {tch.num_classes} (pass a class_map to map them)"
-            )
-        class_names = [str(i) for i in range(tch.num_classes)]
-    else:
-        if tch.num_classes != src.num_classes:
-            raise UsageError(
-                f"expected a teacher with the source's {src.num_classes} classes, got {tch.num_classes} "
-                f"(pass a class_map from source classes to teacher classes)"
-            )
-        class_names = list(src.class_names)
-    if k is None:
-        k = min(10, len(class_names))
+    shard_size = _integer("shard_size", shard_size)
+    settings, src = _Settings.check(
+        lambda: _open_source(source), rounds, topk, batch_size, workers, seed, split, recipe, image_size, decode,
+        out, teacher, teacher_checkpoint, teacher_num_classes, pretrained, device,
+    )  # fmt: skip
+    class_names, cmap = _class_names(src, settings.teacher, class_map)
+    k = min(10, len(class_names)) if settings.topk is None else settings.topk
     if k > len(class_names):
         raise UsageError(f"expected topk <= the {len(class_names)} classes, got {k}")
-    output.check_writable()
+    settings.output.check_writable()
     job = ReinforceJob(
         source=src,
-        teacher=tch,
-        recipe=rcp,
-        output=output,
-        rounds=rounds,
         topk=k,
-        seed=seed,
         shard_size=shard_size,
-        batch_size=batch_size,
-        workers=workers,
         class_names=class_names,
         class_map=cmap,
-        rank=rank,
-        world_size=world,
         progress=progress,
         name=name,
-        split=split,
         shuffle=bool(shuffle),
+        **settings.common(),
     )
+    job.check_existing()
+    return job
+
+
+def prepare_sidecar_job(
+    source: str | Sequence[str],
+    teacher: str | Sequence[str] | Teacher,
+    out: str = "shards/out",
+    *,
+    round_group: int | None = None,
+    recipe: str | Mapping[str, Any] | Recipe = "rrc",
+    image_size: int | Sequence[int] | None = None,
+    decode: str | None = None,
+    rounds: int = 8,
+    topk: int | None = None,
+    batch_size: int = 256,
+    workers: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    teacher_checkpoint: str | Sequence[str | None] | None = None,
+    teacher_num_classes: int | None = None,
+    pretrained: bool = False,
+    progress: bool = True,
+    name: str = "reinforced",
+    split: str = "train",
+    **unused: Any,
+) -> SidecarSetJob:
+    """Check every argument and build a sidecar-set job; nothing is written.
+
+    ``source`` is plain webdataset image shards (a brace pattern or a list; local, http(s), s3);
+    ``round_group`` G rounds go into each group (default: all ``rounds`` in one group), and
+    ``rounds`` must be a multiple of G.
+
+    Raises:
+        UsageError: bad arguments (also a producer option that has no meaning here), before any work.
+    """
+    meaningless = sorted(k for k, v in unused.items() if v not in (None, False) and k not in ("shuffle", "threads"))
+    if meaningless:
+        raise UsageError(f"expected no {', '.join(meaningless)} with sidecar sets (the image shards stay as they are)")
+    group = rounds if round_group is None else round_group
+    if (
+        isinstance(group, bool)
+        or not isinstance(group, int)
+        or group < 1
+        or not isinstance(rounds, int)
+        or rounds % group
+    ):
+        raise UsageError(f"expected round_group a positive divisor of rounds={rounds}, got {group!r}")
+    settings, urls = _Settings.check(
+        lambda: image_shard_urls(source), rounds, topk, batch_size, workers, seed, split, recipe, image_size, decode,
+        out, teacher, teacher_checkpoint, teacher_num_classes, pretrained, device,
+    )  # fmt: skip
+    classes = settings.teacher.num_classes
+    k = min(10, classes) if settings.topk is None else settings.topk
+    if not 1 <= k <= classes:
+        raise UsageError(f"expected topk in [1, {classes}] (the teacher's classes), got {k!r}")
+    settings.output.check_writable()
+    job = SidecarSetJob(image_urls=urls, group_rounds=group, topk=k, progress=progress, name=name, **settings.common())
     job.check_existing()
     return job
 
@@ -194,13 +300,15 @@ def make_shards(
     """Reinforce ``source`` with ``teacher`` into webdataset shards under ``out``.
 
     Args:
-        source: a source spec (see ``wds_reinforce.sources.open_source``) or a ``Source``.
+        source: a source spec (see ``wds_reinforce.produce.sources.open_source``) or a ``Source``;
+            with ``sidecars_only=True``, plain webdataset image shards left where they are.
         teacher: ``"timm:NAME"``, comma-separated or a list for an ensemble, or a ``Teacher``.
         out: a folder or ``s3://bucket/prefix``.
         **kwargs: the other arguments of ``prepare_job`` (recipe, image_size, decode, rounds,
             topk, shard_size, batch_size (images, i.e. samples x rounds, per teacher call),
             workers, seed, device, teacher_checkpoint, teacher_num_classes, pretrained,
-            class_map, progress, name, split, shuffle).
+            class_map, progress, name, split, shuffle), or with ``sidecars_only=True`` those of
+            ``prepare_sidecar_job`` (``round_group``).
 
     Returns:
         A ``ProducerSummary``. Under torchrun (RANK / WORLD_SIZE set) each rank makes shards
@@ -210,8 +318,6 @@ def make_shards(
         UsageError: bad arguments, before any work starts.
     """
     if kwargs.pop("sidecars_only", False):
-        from wds_reinforce.produce.sidecar_sets import prepare_sidecar_job
-
         return prepare_sidecar_job(source, teacher, out, **kwargs).run()
     if kwargs.get("round_group") is not None:
         raise UsageError("expected round_group only with sidecars_only=True")

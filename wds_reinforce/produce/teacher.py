@@ -12,16 +12,19 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from wds_reinforce.core.augment import Recipe, normalize
 from wds_reinforce.core.registry import Registry
+from wds_reinforce.core.targets import topk
 from wds_reinforce.produce.checkpoint import CHECKPOINT_FORMAT
 
-__all__ = ["TEACHERS", "Teacher", "parse_teacher_spec", "load_teacher"]
+__all__ = ["TEACHERS", "Teacher", "parse_teacher_spec", "load_teacher", "TeacherBatcher", "Views"]
 
 # kind -> builder(name, num_classes | None, pretrained) -> torch.nn.Module
 TEACHERS: Registry[Callable[[str, int | None, bool], torch.nn.Module]] = Registry("teacher kind")
@@ -284,3 +287,77 @@ def load_teacher(
 ) -> Teacher:
     """Build a ``Teacher`` from a spec like ``"timm:resnet50,timm:convnext_tiny"``."""
     return Teacher(spec, checkpoints, num_classes=num_classes, pretrained=pretrained, device=device)
+
+
+# ----------------------------------------------------------------------------------------
+# Batching: views of many samples in, each view's top-k back to its sample
+
+
+class Views:
+    """One sample's views awaiting the teacher: (T, 3, H, W) uint8 pixels, and the (T, k) top-k rows
+    that fill in as batches run. ``item`` is the job's own record of the sample."""
+
+    __slots__ = ("images", "idx", "prob", "left", "item")
+
+    def __init__(self, images: torch.Tensor, topk: int, item: Any = None):
+        self.images: torch.Tensor | None = images
+        self.idx = np.zeros((len(images), topk), np.uint32)
+        self.prob = np.zeros((len(images), topk), np.float16)
+        self.left = len(images)
+        self.item = item
+
+
+class TeacherBatcher:
+    """Runs a teacher on the views of many samples, ``batch_size`` views per call, in the order they
+    come; each view's top-k goes back to its sample's ``Views``.
+
+    Batches are whole (``batch_size``) until ``flush``, which runs the rest: a job flushes at
+    the end of each shard, so that a shard's bytes never depend on what was made before it.
+    ``ready()`` hands back, in order, the samples the teacher has seen every view of.
+
+    Args:
+        teacher: the ``Teacher``.
+        topk: classes kept per view.
+        batch_size: views per teacher call.
+        class_map: for a teacher over a larger label space, the teacher's class id of each of the
+            data's classes: probabilities are restricted to those and renormalised.
+    """
+
+    def __init__(self, teacher: Teacher, topk: int, batch_size: int, class_map: Sequence[int] | None = None):
+        self.teacher, self.topk, self.batch_size, self.class_map = teacher, topk, batch_size, class_map
+        self._queue: deque[tuple[Views, int]] = deque()
+        self._pending: deque[Views] = deque()
+        self.views = 0  # views run through the teacher so far
+
+    def add(self, images: torch.Tensor, item: Any = None) -> Views:
+        """Queue one sample's views (T, 3, H, W); full batches run at once."""
+        views = Views(images, self.topk, item)
+        self._pending.append(views)
+        self._queue.extend((views, t) for t in range(len(images)))
+        while len(self._queue) >= self.batch_size:
+            self._run(self.batch_size)
+        return views
+
+    def flush(self) -> None:
+        """Run every queued view (the last batch may be short)."""
+        while self._queue:
+            self._run(min(self.batch_size, len(self._queue)))
+
+    def ready(self) -> Iterator[Views]:
+        """The samples whose every view the teacher has seen, in the order they were added."""
+        while self._pending and self._pending[0].left == 0:
+            yield self._pending.popleft()
+
+    def _run(self, count: int) -> None:
+        batch = [self._queue.popleft() for _ in range(count)]
+        probs = self.teacher.predict(torch.stack([views.images[t] for views, t in batch]))
+        if self.class_map is not None:  # a teacher over a larger label space: keep the data's classes
+            probs = probs[:, list(self.class_map)]
+            probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        idx, prob = topk(probs, self.topk)
+        for row, (views, t) in enumerate(batch):
+            views.idx[t], views.prob[t] = idx[row], prob[row]
+            views.left -= 1
+            if not views.left:
+                views.images = None  # the teacher has seen every view: free the pixels
+        self.views += count

@@ -274,14 +274,18 @@ class Recipe:
             size = op.output_size(size)
         return params
 
-    def sample_rounds(self, seed: int, key: str, rounds: int, source_size: Size) -> dict[str, np.ndarray]:
-        """Parameters of rounds 0..R-1 of one sample as columns: name -> (R, fields) int64."""
-        per_round = [self.sample(round_rng(seed, key, r), source_size) for r in range(rounds)]
-        return (
-            {name: np.stack([p[name] for p in per_round]) for name in self.columns}
-            if rounds
-            else {name: np.zeros((0, 0), np.int64) for name in self.columns}
-        )
+    def sample_rounds(
+        self, seed: int, key: str, rounds: int | Sequence[int], source_size: Size
+    ) -> dict[str, np.ndarray]:
+        """Parameters of some rounds of one sample as columns: name -> (len(rounds), fields) int64.
+
+        ``rounds`` is a count R (rounds 0..R-1) or the round numbers.
+        """
+        numbers = range(rounds) if isinstance(rounds, int) else rounds
+        per_round = [self.sample(round_rng(seed, key, r), source_size) for r in numbers]
+        if not per_round:
+            return {name: np.zeros((0, 0), np.int64) for name in self.columns}
+        return {name: np.stack([p[name] for p in per_round]) for name in self.columns}
 
     def __repr__(self) -> str:
         return (

@@ -1,487 +1,31 @@
-"""Read apple/ml-dr's released reinforcement metadata safely and map it to this package's columns.
+"""One image's rounds of apple/ml-dr's metadata -> this package's sidecar columns.
 
-The paper's authors released ImageNet+ (and CIFAR-100+, Food-101+, Flowers-102+) as a ``.tar.gz``
-holding one file per training image, ``{index}.pth.tar``, and ``config.pth.tar``. ``index`` is the
-image's position in torchvision's ``ImageFolder`` order of the train split. Each image file is
-``torch.save((index, rounds), pickle_protocol=4)`` where ``rounds`` is a list of NS dicts
+Each image file is ``torch.save((index, rounds))`` where ``rounds`` is a list of NS dicts
 ``{"params": [...], "prob": (values, ids)}``: ``params`` holds one entry per random transform in
-their fixed order (``PARAM_TRANSFORMS``), preceded by the mixing partner's index in mixing
-variants; ``values``/``ids`` are the teacher's top-k in argpartition order (not sorted).
-
-Nothing here runs their pickles. ``load_torch_save`` opens torch.save's zip container and
-unpickles ``data.pkl`` with an unpickler that resolves no globals (the standard C unpickler, so
-protocol 4 with FRAME is read; ``torch.load(weights_only=True)`` rejects these files). Any global
-is refused with the file name, except the few names numpy uses for a scalar, which become inert
-placeholders that are themselves refused wherever a value is used: mixing rounds hold CutMix
-boxes as numpy integers, and ``--drop-mixing`` must be able to skip those rounds.
-
-``MldrConfig`` turns their config into the ``Recipe`` that describes their augmentation (their
-RandomErasing fills with 0; their RandAugment magnitudes are torchvision v1's), and
-``convert_rounds`` maps one image's rounds to sidecar columns: RandAugment magnitudes to signed
-bins (a magnitude that is no bin is refused), probabilities sorted descending. ``mldr_import``
-runs the import job.
+their fixed order (``config.PARAM_TRANSFORMS``), preceded by the mixing partner's index in
+mixing variants; ``values``/``ids`` are the teacher's top-k in argpartition order (not sorted).
+``convert_rounds`` maps them to sidecar columns: RandAugment magnitudes to signed bins (a
+magnitude that is no bin is refused), probabilities sorted descending.
 """
 
 from __future__ import annotations
 
 import functools
-import gc
-import io
 import itertools
-import pickle
-import zipfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from wds_reinforce.core.augment import Recipe
 from wds_reinforce.core.augment.randaugment import RANDAUGMENT_SPACE, SIGNED
-from wds_reinforce.core.errors import DataError, UsageError
+from wds_reinforce.core.errors import DataError
 from wds_reinforce.core.format import check_topk
+from wds_reinforce.importers import MetadataError, Rounds
+from wds_reinforce.importers.mldr.config import MIXING, MldrConfig
+from wds_reinforce.importers.mldr.unpickle import Inert
 
-__all__ = [
-    "MetadataError",
-    "IndexMismatchError",
-    "PARAM_TRANSFORMS",
-    "restricted_loads",
-    "load_torch_save",
-    "check_plain",
-    "MldrConfig",
-    "Rounds",
-    "convert_rounds",
-    "v1_magnitudes",
-]
-
-# Their transforms in the order they compose them (dr/transforms.py), and those of them that
-# store parameters, in the order of a round's compressed ``params`` list.
-TRANSFORMS = (
-    "uint8",
-    "resize",
-    "center_crop",
-    "random_crop",
-    "random_resized_crop",
-    "random_horizontal_flip",
-    "rand_augment",
-    "to_tensor",
-    "random_erase",
-    "normalize",
-    "mixup",
-    "cutmix",
-)
-PARAM_TRANSFORMS = (
-    "resize",
-    "random_crop",
-    "random_resized_crop",
-    "random_horizontal_flip",
-    "rand_augment",
-    "random_erase",
-    "mixup",
-    "cutmix",
-)
-_MIXING = ("mixup", "cutmix")
-# Transforms with an effect but no op here yet (CIFAR-100+ resizes to 224 and pads-and-crops).
-_UNSUPPORTED = ("resize", "center_crop", "random_crop")
-# Arguments each supported transform may carry in their config (anything else: refused).
-_ARGS = {
-    "uint8": (),
-    "to_tensor": (),
-    "normalize": ("mean", "std", "inplace"),
-    "random_resized_crop": ("size", "scale", "ratio", "interpolation", "antialias"),
-    "random_horizontal_flip": ("p",),
-    "rand_augment": ("p", "num_ops", "magnitude", "num_magnitude_bins", "interpolation", "fill"),
-    "random_erase": ("p", "scale", "ratio", "value", "inplace"),
-    "mixup": ("alpha", "p", "div_by"),
-    "cutmix": ("alpha", "p"),
-}
-_INTERPOLATIONS = {
-    "nearest": "nearest",
-    0: "nearest",
-    "bilinear": "bilinear",
-    2: "bilinear",
-    "bicubic": "bicubic",
-    3: "bicubic",
-}
-# torchvision's default classes per dataset name of their configs (their data.py).
-_NUM_CLASSES = {"imagenet": 1000, "cifar100": 100, "food101": 101, "flowers102": 102}
-_MAX_PICKLE = 256 << 20  # the largest data.pkl read (8000 rounds of top-10 are ~3 MB)
-_MAX_NODES = 50_000_000  # values visited by check_plain
-
-
-class MetadataError(DataError):
-    """A metadata file that cannot be read, or holds something other than their format's plain values."""
-
-
-class IndexMismatchError(UsageError):
-    """The metadata and the images disagree: a count, an index outside the split, a file missing."""
-
-
-# ----------------------------------------------------------------------------------------
-# Safe unpickling
-
-
-class _Inert:
-    """What one of the few allowed global names becomes: a placeholder that does nothing.
-
-    No module is imported and no attribute looked up: calling it (REDUCE) gives another
-    placeholder, ``__setstate__`` (BUILD) ignores its state, and ``check_plain`` and
-    ``convert_rounds`` refuse it wherever it turns up in data that is used.
-    """
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
-        return _Inert(f"{self.name}(...)")
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
-
-
-# numpy scalars pickle as multiarray.scalar(dtype(...), bytes); their mixing rounds hold some.
-_INERT_NAMES = frozenset(
-    {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
-)
-
-
-class _NoGlobals(pickle.Unpickler):
-    def __init__(self, data: bytes, name: str):
-        super().__init__(io.BytesIO(data))
-        self._name = name
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _INERT_NAMES:
-            return _Inert(f"{module}.{name}")
-        raise MetadataError(
-            f"refused: the pickle needs the global {module}.{name}; their metadata holds only tuples, lists, "
-            "dicts, numbers, strings, booleans and None, and nothing is unpickled beyond that",
-            url=self._name,
-        )
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise MetadataError(
-            "refused: the pickle refers to a persistent object (a tensor storage?); their metadata holds only "
-            "plain values",
-            url=self._name,
-        )
-
-
-# What the C unpickler raises for malformed or hostile input: all of it is bad data here.
-_PICKLE_ERRORS = (
-    pickle.UnpicklingError,
-    EOFError,
-    ValueError,
-    TypeError,
-    AttributeError,
-    IndexError,
-    KeyError,
-    OverflowError,
-    RecursionError,
-)
-
-
-def restricted_loads(data: bytes, name: str) -> Any:
-    """Unpickle ``data`` (any protocol up to 5) resolving no globals; ``name`` is the file, for errors.
-
-    Raises:
-        MetadataError: a global other than numpy's scalar names (which become inert placeholders),
-            a persistent id, or a malformed pickle.
-    """
-    # Tens of thousands of small acyclic containers per file: the cyclic collector would run
-    # many times over them for nothing (a quarter of an import's time).
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        return _NoGlobals(data, name).load()
-    except MetadataError:
-        raise
-    except _PICKLE_ERRORS as exc:
-        raise MetadataError(f"refused: not a readable pickle ({type(exc).__name__}: {exc})", url=name) from None
-    finally:
-        if collecting:
-            gc.enable()
-
-
-def load_torch_save(data: bytes, name: str) -> Any:
-    """The object in a ``torch.save`` file (its zip container's ``data.pkl``), read by ``restricted_loads``.
-
-    Raises:
-        MetadataError: not a torch.save zip container, no single ``*/data.pkl``, or a refused pickle.
-    """
-    if data[:4] != b"PK\x03\x04":
-        raise MetadataError("not a torch.save zip container (torch >= 1.6); other formats are not read", url=name)
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            found = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
-            if len(found) != 1:
-                raise MetadataError(f"expected one */data.pkl in the torch.save container, got {len(found)}", url=name)
-            if found[0].file_size > _MAX_PICKLE:
-                raise MetadataError(f"data.pkl of {found[0].file_size} bytes is over the {_MAX_PICKLE} limit", url=name)
-            raw = zf.read(found[0])
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        if isinstance(exc, MetadataError):
-            raise
-        raise MetadataError(f"not a readable torch.save container ({type(exc).__name__}: {exc})", url=name) from None
-    return restricted_loads(raw, name)
-
-
-_LEAVES = (int, float, str, bool, type(None))
-
-
-def _what(value: Any) -> str:
-    return value.name if isinstance(value, _Inert) else type(value).__name__
-
-
-def check_plain(obj: Any, name: str) -> None:
-    """Raise ``MetadataError`` unless ``obj`` holds only tuples, lists, dicts, numbers, strings, bools, None."""
-    stack, seen, count = [obj], set(), 0
-    while stack:
-        value = stack.pop()
-        count += 1
-        if count > _MAX_NODES:
-            raise MetadataError(f"refused: more than {_MAX_NODES} values", url=name)
-        kind = type(value)
-        if kind in (tuple, list, dict):
-            if id(value) in seen:
-                continue
-            seen.add(id(value))
-            if kind is dict:
-                stack.extend(value.keys())
-                stack.extend(value.values())
-            else:
-                stack.extend(value)
-        elif kind not in _LEAVES:
-            raise MetadataError(f"refused: holds a {_what(value)}, not a plain value", url=name)
-
-
-# ----------------------------------------------------------------------------------------
-# Their config -> our recipe
-
-
-def _args(config: Mapping[str, Any], transform: str, name: str) -> dict[str, Any]:
-    args = config[transform]
-    if not isinstance(args, Mapping):
-        raise UsageError(f"{name}: expected the arguments of {transform!r} as a mapping, got {args!r}")
-    unknown = sorted(set(args) - set(_ARGS[transform]))
-    if unknown:
-        raise UsageError(
-            f"{name}: {transform} has argument(s) {unknown} this importer does not know the meaning of; "
-            f"expected some of {list(_ARGS[transform])}"
-        )
-    return dict(args)
-
-
-def _pair(value: Any, default: tuple[float, float], what: str, name: str) -> list[float]:
-    if value is None:
-        return list(default)
-    try:
-        a, b = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name}: expected {what} as a pair of numbers, got {value!r}") from None
-    return [a, b]
-
-
-def _size(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value, value
-    if isinstance(value, (list, tuple)) and len(value) == 1:
-        return _size(value[0], name)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value):
-        return int(value[0]), int(value[1])
-    raise UsageError(f"{name}: expected random_resized_crop size an int or [height, width], got {value!r}")
-
-
-def _interpolation(value: Any, default: str, what: str, name: str) -> str:
-    if value is None:
-        return default
-    key = value.lower() if isinstance(value, str) else value
-    if key not in _INTERPOLATIONS:
-        raise UsageError(f"{name}: expected {what} interpolation one of nearest, bilinear, bicubic, got {value!r}")
-    return _INTERPOLATIONS[key]
-
-
-def _positive_int(value: Any, what: str, name: str) -> int:
-    if type(value) is not int or value < 1:
-        raise UsageError(f"{name}: expected {what} a positive integer, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class MldrConfig:
-    """Their ``config.pth.tar``, checked, and what it means here.
-
-    Attributes:
-        raw: the config as read (plain values).
-        dataset: their dataset name (``imagenet``, ``cifar100``, ...), or None.
-        num_samples: NS, rounds per image.
-        topk: k, teacher classes kept per round.
-        teachers: the teacher ensemble's member names (timm), possibly empty.
-        num_classes: the teacher's classes, when the config says (else None).
-        transforms: their enabled transforms, name -> arguments, in their composition order.
-        ignored: configured transform names their code does not know (and so never applied).
-    """
-
-    raw: Mapping[str, Any]
-    dataset: str | None
-    num_samples: int
-    topk: int
-    teachers: tuple[str, ...]
-    num_classes: int | None
-    transforms: Mapping[str, Mapping[str, Any]]
-    ignored: tuple[str, ...] = ()
-    layout: tuple[str, ...] = field(default=(), repr=False)
-
-    @classmethod
-    def from_dict(cls, config: Any, name: str = "config.pth.tar") -> MldrConfig:
-        """Check their config and build it; ``UsageError`` (naming ``name``) for anything unexpected."""
-        if not isinstance(config, Mapping) or not isinstance(config.get("reinforce"), Mapping):
-            raise UsageError(f"{name}: expected their config, a dict with a 'reinforce' section")
-        reinforce = config["reinforce"]
-        num_samples = _positive_int(reinforce.get("num_samples"), "reinforce.num_samples", name)
-        topk = _positive_int(reinforce.get("topk"), "reinforce.topk", name)
-        if reinforce.get("compress", True) is not True:
-            raise UsageError(
-                f"{name}: reinforce.compress is off (params stored as dicts); only compressed params are read"
-            )
-        if reinforce.get("joblib", False):
-            raise UsageError(f"{name}: reinforce.joblib is on (files are joblib dumps); only torch.save files are read")
-        augmentation = reinforce.get("image_augmentation")
-        if not isinstance(augmentation, Mapping):
-            raise UsageError(f"{name}: expected reinforce.image_augmentation to be a mapping")
-        enabled = {}
-        for key, args in augmentation.items():
-            args = dict(args) if isinstance(args, Mapping) else args
-            if isinstance(args, dict) and not args.pop("enable", True):
-                continue  # their clean_config drops disabled transforms
-            enabled[key] = args
-        ignored = tuple(sorted(k for k in enabled if k not in TRANSFORMS))
-        transforms = {t: enabled[t] for t in TRANSFORMS if t in enabled}
-        for t in transforms:
-            if t in _UNSUPPORTED:
-                raise UsageError(
-                    f"{name}: their recipe uses {t!r} ({sorted(transforms)}), which has no op here yet: only "
-                    "random_resized_crop, random_horizontal_flip, rand_augment, random_erase (and mixing, "
-                    "dropped) import"
-                )
-            _args(transforms, t, name)
-        if "random_resized_crop" not in transforms:
-            raise UsageError(f"{name}: expected random_resized_crop among their transforms, got {sorted(transforms)}")
-        teacher = config.get("teacher")
-        names = teacher.get("name") if isinstance(teacher, Mapping) else None
-        teachers = tuple(n.strip() for n in names.split(",") if n.strip()) if isinstance(names, str) else ()
-        dataset = config.get("dataset") if isinstance(config.get("dataset"), str) else None
-        num_classes = config.get("num_classes")
-        if type(num_classes) is not int or num_classes < 1:
-            num_classes = _NUM_CLASSES.get(dataset or "")
-        layout = (("id2",) if any(t in transforms for t in _MIXING) else ()) + tuple(
-            t for t in PARAM_TRANSFORMS if t in transforms
-        )
-        built = cls(config, dataset, num_samples, topk, teachers, num_classes, transforms, ignored, layout)
-        built.recipe  # noqa: B018  (builds and checks the recipe now: bad arguments fail before any work)
-        return built
-
-    @property
-    def mixing(self) -> bool:
-        """True for the +M* variants (MixUp / CutMix with a partner image from anywhere in the data)."""
-        return any(t in self.transforms for t in _MIXING)
-
-    @property
-    def variant(self) -> str:
-        """The paper's name of the variant: ``RRC``, ``RRC+RA/RE``, ``RRC+M*``, ``RRC+RA/RE+M*`` (or a mix)."""
-        extra = "/".join(n for t, n in (("rand_augment", "RA"), ("random_erase", "RE")) if t in self.transforms)
-        return "RRC" + (f"+{extra}" if extra else "") + ("+M*" if self.mixing else "")
-
-    def position(self, transform: str) -> int:
-        """Where ``transform``'s entry sits in a round's ``params`` list."""
-        return self.layout.index(transform)
-
-    @functools.cached_property
-    def recipe(self) -> Recipe:
-        """The recipe that describes their augmentation: same ops, arguments and order as theirs."""
-        t, name = self.transforms, "config.pth.tar"
-        rrc = t["random_resized_crop"]
-        if "size" not in rrc:
-            raise UsageError(f"{name}: expected random_resized_crop to have a size")
-        size = _size(rrc["size"], name)
-        ops: list[dict[str, Any]] = [
-            {
-                "op": "rrc",
-                "scale": _pair(rrc.get("scale"), (0.08, 1.0), "random_resized_crop scale", name),
-                "ratio": _pair(rrc.get("ratio"), (3 / 4, 4 / 3), "random_resized_crop ratio", name),
-                "interpolation": _interpolation(rrc.get("interpolation"), "bilinear", "random_resized_crop", name),
-                # They crop a PIL image, whose resize always antialiases.
-                "antialias": True,
-            }
-        ]
-        if "random_horizontal_flip" in t:
-            ops.append({"op": "flip", "p": float(t["random_horizontal_flip"].get("p", 0.5))})
-        if "rand_augment" in t:
-            ra = t["rand_augment"]
-            if float(ra.get("p", 1.0)) != 1.0:
-                raise UsageError(f"{name}: rand_augment p={ra['p']} (skipped rounds) has no counterpart here; only p=1")
-            if ra.get("fill") is not None:
-                raise UsageError(f"{name}: rand_augment fill={ra['fill']!r}; only the default fill (None) imports")
-            ops.append(
-                {
-                    "op": "ra",
-                    "num_ops": ra.get("num_ops", 2),
-                    "magnitude": ra.get("magnitude", 9),
-                    "num_magnitude_bins": ra.get("num_magnitude_bins", 31),
-                    "interpolation": _interpolation(ra.get("interpolation"), "nearest", "rand_augment", name),
-                }
-            )
-        if "random_erase" in t:
-            er = t["random_erase"]
-            ops.append(
-                {
-                    "op": "re",
-                    "p": float(er.get("p", 0.5)),
-                    "scale": _pair(er.get("scale"), (0.02, 0.33), "random_erase scale", name),
-                    "ratio": _pair(er.get("ratio"), (0.3, 3.3), "random_erase ratio", name),
-                    # Their RandomErasing writes zeros into the [0, 1] image before Normalize,
-                    # whatever its configured value: black pixels.
-                    "value": 0,
-                }
-            )
-        # A recorded recipe without a kernel set: torchvision's kernels, the library they used.
-        desc = {"name": f"mldr-{self.variant.lower()}", "size": list(size), "decode": "full", "ops": ops}
-        try:
-            return Recipe.from_dict(desc)
-        except ValueError as exc:
-            raise UsageError(f"{name}: their augmentation does not make a recipe here: {exc}") from None
-
-    def describe(self) -> dict[str, Any]:
-        """What the manifest records about their config."""
-        reinforce = self.raw["reinforce"]
-        return {
-            "dataset": self.dataset,
-            "variant": self.variant,
-            "num_samples": self.num_samples,
-            "topk": self.topk,
-            "teachers": list(self.teachers),
-            "num_classes": self.num_classes,
-            "image_augmentation": _jsonable(reinforce.get("image_augmentation")),
-            "ignored_transforms": list(self.ignored),
-        }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-# ----------------------------------------------------------------------------------------
-# One image's rounds -> sidecar columns
+__all__ = ["convert_rounds", "v1_magnitudes"]
 
 
 @functools.lru_cache(maxsize=16)
@@ -547,27 +91,6 @@ def _ra_bins(ops: np.ndarray, mags: np.ndarray, recipe_ra: Any, size: tuple[int,
     return out
 
 
-@dataclass
-class Rounds:
-    """One image's kept rounds in this package's layout.
-
-    Attributes:
-        idx: (R, k) class ids, uint32, each row by falling probability.
-        prob: (R, k) float16.
-        ops: sidecar column name -> (R, fields) int64.
-        total: rounds in their file (NS).
-    """
-
-    idx: np.ndarray
-    prob: np.ndarray
-    ops: dict[str, np.ndarray]
-    total: int
-
-    @property
-    def kept(self) -> int:
-        return int(self.idx.shape[0])
-
-
 def _entries(params: Sequence[list], pos: int) -> list[Any]:
     return [p[pos] for p in params]
 
@@ -584,7 +107,7 @@ def _flat(values: list[Any], width: int, types: tuple[type, ...], what: str, nam
     if bad:
         raise MetadataError(
             f"expected {what} of type {'/'.join(t.__name__ for t in types)}, got "
-            f"{sorted(k.__name__ if k is not _Inert else 'a numpy value' for k in bad)}",
+            f"{sorted(k.__name__ if k is not Inert else 'a numpy value' for k in bad)}",
             url=name,
         )
     return flat
@@ -643,7 +166,7 @@ def convert_rounds(
         keep = [r for r, p in enumerate(params) if p[0] is None]
         if len(keep) < len(rounds) and not drop_mixing:
             raise MetadataError("holds mixing rounds (a partner image per round): import with drop_mixing", url=name)
-        for pos in (config.position(t) for t in _MIXING if t in config.transforms):
+        for pos in (config.position(t) for t in MIXING if t in config.transforms):
             if any(params[r][pos] is not None for r in keep):
                 raise MetadataError("a round without a mixing partner has MixUp/CutMix parameters", url=name)
     params = [params[r] for r in keep]

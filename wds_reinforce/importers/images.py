@@ -1,26 +1,18 @@
-"""The two inputs of an ml-dr import: the train split indexed as their metadata is, and the metadata stream.
+"""The images another project's reinforcement records describe, indexed the way its records are.
 
-Their metadata names each image by its position in torchvision's ``ImageFolder`` order of the
-train split. ``FolderImages`` lists a folder with torchvision's own ``find_classes`` and
-``make_dataset`` (so the order is theirs by construction); ``ShardImages`` recovers the order
-from plain webdataset shards by a stated rule. ``MetadataSource`` reads their ``.tar.gz`` member
-by member as a stream (never extracted; its sha256 is computed in passing) or its extracted folder.
+Records name each image by its position in some order of the train split. ``FolderImages`` lists
+a folder with torchvision's own ``find_classes`` and ``make_dataset`` (so the order is
+torchvision's ``ImageFolder`` order by construction); ``ShardImages`` recovers the order from
+plain webdataset shards by a stated rule. Both say how output shards are cut from them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import glob
 import hashlib
-import io
 import json
 import os
-import posixpath
-import re
 import tarfile
-import time
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,29 +21,17 @@ import numpy as np
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, UsageError
 from wds_reinforce.core.format import crc32c
-from wds_reinforce.importers.mldr.convert import IndexMismatchError, MetadataError
+from wds_reinforce.importers import IndexMismatchError
 from wds_reinforce.io.shards import IMAGE_EXTS, HashingReader, Span, image_bytes, image_member, samples
-from wds_reinforce.io.tario import TarMember, iter_members
 from wds_reinforce.produce.sources import unique_keys
 
-__all__ = [
-    "CONFIG_NAME",
-    "INDEX_NAME",
-    "IMAGEFOLDER_RULE",
-    "ImageIndex",
-    "FolderImages",
-    "ShardImages",
-    "open_images",
-    "MetadataSource",
-]
+__all__ = ["IMAGEFOLDER_RULE", "ImageIndex", "FolderImages", "ShardImages", "open_images"]
 
 IMAGEFOLDER_RULE = (
     "index = position in torchvision.datasets.ImageFolder order of the train split: class folders sorted by "
     "name (label = position), then within a class the sorted os.walk directories and, in each, the sorted file "
     "names with an extension in torchvision's IMG_EXTENSIONS"
 )
-CONFIG_NAME = "config.pth.tar"
-INDEX_NAME = re.compile(r"(\d+)\.pth\.tar")  # an image's file: {index}.pth.tar
 # The producer's shard order (writer.ReinforceJob): the same seed gives the same shards.
 _ORDER_TAG = 0x5348554646
 _LABEL_MEMBERS = frozenset({"cls", "json"})  # read while listing; images are read when used
@@ -301,98 +281,3 @@ def open_images(spec: str | os.PathLike, rule: str = "imagefolder", keep_keys: b
     if ".tar" in text:
         return ShardImages(text, rule, keep_keys)
     raise UsageError(f"expected the train split as an ImageFolder directory or .tar shards, got {text!r} (not found)")
-
-
-# ----------------------------------------------------------------------------------------
-# The metadata: an archive read as a stream, or its extracted folder
-
-
-class MetadataSource:
-    """Their metadata: a ``.tar``/``.tar.gz`` archive (streamed, never extracted) or its extracted folder.
-
-    ``members()`` yields ``(name, read)`` for every file; ``read()`` is valid until the next one.
-    ``sha256`` is the archive's digest once a stream has been read to the end (None for a folder,
-    which has ``listing_sha256`` over its file names and sizes instead).
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.sha256: str | None = None
-        self.listing_sha256: str | None = None
-        if self.path.is_dir():
-            root = self.path
-            if not (root / CONFIG_NAME).is_file() and not any(INDEX_NAME.fullmatch(n) for n in os.listdir(root)[:1000]):
-                subs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-                if len(subs) == 1:
-                    root = subs[0]  # the extracted archive's own folder (reinforced_data/)
-            self.root: Path | None = root
-            with os.scandir(root) as it:
-                files = sorted((e.name, e.stat().st_size) for e in it if e.is_file() and not e.name.startswith("."))
-            self._files = files
-            h = hashlib.sha256()
-            for name, size in files:
-                h.update(f"{name}\t{size}\n".encode())
-            self.listing_sha256 = h.hexdigest()
-            self.bytes = sum(size for _, size in files)
-        elif self.path.is_file():
-            self.root = None
-            self.bytes = self.path.stat().st_size
-        else:
-            raise UsageError(
-                f"expected their metadata archive (.tar.gz) or its extracted folder, got {str(path)!r} (not found)"
-            )
-
-    @property
-    def is_dir(self) -> bool:
-        return self.root is not None
-
-    def names(self) -> list[str]:
-        """A folder's file names (without reading them)."""
-        return [name for name, _ in self._files]
-
-    def members(self) -> Iterator[tuple[str, Callable[[], bytes]]]:
-        if self.root is not None:
-            root = self.root
-            for name, _ in self._files:
-                yield name, lambda name=name: (root / name).read_bytes()
-            return
-        with open(self.path, "rb", buffering=0) as raw:
-            reader = HashingReader(raw)
-            with self._reading():
-                for member in iter_members(io.BufferedReader(reader, 1 << 20)):
-                    yield member.name, functools.partial(self._read, member)
-                reader.drain()  # the rest (end-of-archive blocks) counts in the digest
-            self.sha256 = reader.hexdigest()
-
-    def _read(self, member: TarMember) -> bytes:
-        with self._reading(member.name):
-            return member.read()
-
-    @contextlib.contextmanager
-    def _reading(self, member: str = "") -> Iterator[None]:
-        """Errors of a damaged archive (cut, bad gzip, bad headers) as ``MetadataError`` naming it."""
-        try:
-            yield
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-            at = f" at {member}" if member else ""
-            raise MetadataError(
-                f"cannot read the archive{at} ({type(exc).__name__}: {exc})", url=str(self.path)
-            ) from None
-
-    def config(self, progress: Callable[[str], None] | None = None) -> tuple[bytes, str]:
-        """``config.pth.tar``'s bytes and name: a folder's file, or the archive streamed until it turns up."""
-        if self.root is not None:
-            path = self.root / CONFIG_NAME
-            if not path.is_file():
-                raise UsageError(f"expected {CONFIG_NAME} in {self.root}, got none")
-            return path.read_bytes(), str(path)
-        start, count = time.monotonic(), 0
-        for name, read in self.members():
-            count += 1
-            if posixpath.basename(name) == CONFIG_NAME:
-                if progress and count > 1:
-                    progress(f"found {name} after {count} members ({time.monotonic() - start:.0f} s)")
-                return read(), f"{self.path}:{name}"
-            if progress and count % 100_000 == 0:
-                progress(f"looking for {CONFIG_NAME} in {self.path}: {count} members read (give --config to skip this)")
-        raise UsageError(f"expected {CONFIG_NAME} in {self.path}, got none among {count} members")
