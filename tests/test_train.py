@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import encode, photo_like
 from tests.producer_data import CLASSES, make_image_folder, make_wds_shard
 from tests.shardmaker import make_shards
-from wds_reinforce.cli.train import lr_factor
+from wds_reinforce.cli.training import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = str(ROOT / "tools" / "train.py")

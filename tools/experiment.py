@@ -79,10 +79,10 @@ def _ensemble_top1(members: list[str], ckpts: list[Path], val: str, size: int) -
     """Top-1 of the (ensemble) teacher on the held-out split, center view as train.py evaluates."""
     import torch
 
-    from wds_reinforce.cli.train import _val_views
+    from wds_reinforce.cli.training import val_views
     from wds_reinforce.produce.teacher import Teacher
 
-    images, labels = _val_views(val, (size, size), 1.0)
+    images, labels = val_views(val, (size, size), 1.0)
     teacher = Teacher([f"timm:{m}" for m in members], [str(c) for c in ckpts], device="auto")
     preds = torch.cat([teacher.predict(images[b : b + 256]).argmax(1) for b in range(0, len(images), 256)])
     return float((preds == labels).float().mean()) * 100

@@ -190,6 +190,23 @@ def _clear_shards(root: Path) -> None:
     shutil.rmtree(root / ".done", ignore_errors=True)
 
 
+def _next_steps(root: Path, log: Any) -> None:
+    """What to run next on the demo's shards."""
+    val = root / "source" / "val"
+    log(
+        "next: train a student on the teacher's soft targets, and the same student on one-hot labels "
+        f"(each {_NEXT_EXPECTED}):"
+    )
+    log(f"  python tools/train.py --data {root} --val {val} --epochs 2")
+    log(f"  python tools/train.py --data {root} --val {val} --epochs 2 --targets labels")
+    log("or read the shards like any webdataset:")
+    log(
+        f'  python -c "import webdataset as wds; '
+        f"s = next(iter(wds.WebDataset('{root}/train-000000.tar', shardshuffle=False)"
+        ".decode())); print(s['__key__'], s['cls'], sorted(s['dr.mp']))\""
+    )
+
+
 def run_demo(
     root: str | os.PathLike = "shards/demo", per_class: int = 400, rounds: int = 8, epochs: int = 12, log: Any = print
 ) -> Any:
@@ -244,17 +261,5 @@ def run_demo(
         summary = make_shards(str(train_root), f"timm:{_MODEL}", out=str(root), **job)
     log(summary.format())
     log(f"demo done in {time.perf_counter() - t0:.0f} s: shards {root}/train-*.tar, manifest {root}/manifest.json")
-    val = root / "source" / "val"
-    log(
-        "next: train a student on the teacher's soft targets, and the same student on one-hot labels "
-        f"(each {_NEXT_EXPECTED}):"
-    )
-    log(f"  python tools/train.py --data {root} --val {val} --epochs 2")
-    log(f"  python tools/train.py --data {root} --val {val} --epochs 2 --targets labels")
-    log("or read the shards like any webdataset:")
-    log(
-        f'  python -c "import webdataset as wds; '
-        f"s = next(iter(wds.WebDataset('{root}/train-000000.tar', shardshuffle=False)"
-        ".decode())); print(s['__key__'], s['cls'], sorted(s['dr.mp']))\""
-    )
+    _next_steps(root, log)
     return summary

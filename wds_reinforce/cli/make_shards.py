@@ -29,7 +29,7 @@ __all__ = ["main", "build_parser"]
 _INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per option, nothing else
     p = argparse.ArgumentParser(
         prog="make_shards.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -232,18 +232,16 @@ def _named_recipe(spec: Any) -> Any:
     return desc
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        from wds_reinforce.cli.demo import run_demo
+class _Refused(Exception):
+    """A bad argument found while reading the command line: its one-line message."""
 
-        try:
-            run_demo()
-        except KeyboardInterrupt:
-            print("make_shards.py: interrupted; rerun the same command to resume", file=sys.stderr)
-            return _INTERRUPTED
-        return 0
-    args = build_parser().parse_args(argv)
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's options: ``--config`` YAML, overridden by the flags given.
+
+    Raises:
+        _Refused: an unreadable or unknown ``--config``.
+    """
     options: dict[str, Any] = {}
     if args.config:
         import yaml
@@ -252,18 +250,43 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.config) as f:
                 loaded = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError) as exc:
-            return _fail(f"expected a readable YAML --config, got {args.config!r} ({exc})")
+            raise _Refused(f"expected a readable YAML --config, got {args.config!r} ({exc})") from None
         if not isinstance(loaded, dict):
-            return _fail(f"expected a YAML mapping in --config, got {type(loaded).__name__}")
+            raise _Refused(f"expected a YAML mapping in --config, got {type(loaded).__name__}")
         loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
         unknown = sorted(set(loaded) - set(_KEYS))
         if unknown:
-            return _fail(f"unknown --config option(s) {unknown}; expected some of {sorted(_KEYS)}")
+            raise _Refused(f"unknown --config option(s) {unknown}; expected some of {sorted(_KEYS)}")
         options.update(loaded)
     for key in _KEYS:
         value = getattr(args, key, None)  # config-only keys (shuffle) have no flag of that name
         if value is not None and value is not False:
             options[key] = value
+    if args.no_shuffle:
+        options["shuffle"] = False
+    return options
+
+
+def _demo() -> int:
+    from wds_reinforce.cli.demo import run_demo
+
+    try:
+        run_demo()
+    except KeyboardInterrupt:
+        print("make_shards.py: interrupted; rerun the same command to resume", file=sys.stderr)
+        return _INTERRUPTED
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        return _demo()
+    args = build_parser().parse_args(argv)
+    try:
+        options = _options(args)
+    except _Refused as exc:
+        return _fail(str(exc))
     if args.add_teacher:
         return _add_teacher(args, options)
     if not options.get("source"):
@@ -274,14 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         return _fail(problem)
     options.setdefault("out", "shards/out")
-    if args.no_shuffle:
-        options["shuffle"] = False
-    progress = not args.no_progress
     # The teacher runs in this process next to the workers (one thread each): share the cores.
     if options.get("workers") is None:
         options["workers"] = default_workers()
     threads = options.pop("threads", None) or default_threads(options["workers"])
+    return _make(options, threads, progress=not args.no_progress)
 
+
+def _make(options: dict[str, Any], threads: int, progress: bool) -> int:
+    """Check the options, run the job, print its summary (Ctrl-C: what was kept)."""
     import torch
 
     from wds_reinforce.core.errors import UsageError

@@ -22,17 +22,15 @@ after every epoch. CPU or GPU; under torchrun it trains with DDP. --save writes 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import sys
 import time
 from typing import Any
 
-from wds_reinforce.core.threads import default_threads, default_workers, describe_defaults
+from wds_reinforce.core.threads import describe_defaults
 
-__all__ = ["build_parser", "main", "lr_factor"]
+__all__ = ["build_parser", "main", "data_kind"]
 
 _PROG = "train.py"
 
@@ -156,146 +154,6 @@ def data_kind(spec: str) -> str:
     return "reinforced"  # missing: reading its manifest says so
 
 
-def lr_factor(step: int, total: int, warmup: float) -> float:
-    """LR multiplier at ``step`` of ``total``: linear warm-up over the first ``warmup`` fraction, then cosine to 0.
-
-    A fraction (not epochs) so that a 1-epoch run decays and a 2-epoch run does not spend half
-    its steps warming up.
-    """
-    warm = int(warmup * total)
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(1, total - warm)))
-
-
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def _val_views(spec: str, recipe_size: tuple[int, int], crop_pct: float) -> tuple[Any, Any]:
-    import torch
-
-    from wds_reinforce.core.augment import Recipe, replay
-    from wds_reinforce.produce.sources import open_source
-
-    source = open_source(spec)
-    view = Recipe([{"op": "center", "crop_pct": crop_pct}], size=recipe_size)
-    images = torch.stack([replay(source[i].data, {}, view) for i in range(len(source))])
-    labels = torch.tensor([source[i].label for i in range(len(source))])
-    return images, labels
-
-
-def evaluate(model: Any, images: Any, labels: Any, mean: Any, std: Any, device: Any) -> float:
-    import torch
-
-    from wds_reinforce.core.augment import normalize
-
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for b in range(0, len(images), 256):
-            x = normalize(images[b : b + 256].to(device), mean, std)
-            correct += int((model(x).argmax(1).cpu() == labels[b : b + 256]).sum())
-    return correct / len(images)
-
-
-def _recipe_label(recipe: Any) -> str:
-    """``rrc(scale 0.08-1) + flip at 64x64 px``: what an arm's augmentation is, in one line."""
-    parts = []
-    for op in recipe.to_dict()["ops"]:
-        if op["op"] in ("rrc", "re") and "scale" in op:
-            parts.append(f"{op['op']}(scale {op['scale'][0]:g}-{op['scale'][1]:g})")
-        else:
-            parts.append(op["op"])
-    h, w = recipe.size
-    return f"{recipe.name}: {' + '.join(parts)} at {h}x{w} px"
-
-
-def _resolve_recipe(spec: str | None, size: int | None, default_size: tuple[int, int] | None) -> Any:
-    """A recipe from a preset, a file, or reinforced shards (theirs), at ``size`` if given."""
-    from wds_reinforce.core.augment import Recipe
-    from wds_reinforce.layouts import manifest_url, read_manifest
-
-    if spec is not None and data_kind(spec) == "reinforced" and (os.path.isdir(spec) or "://" in spec):
-        recipe = Recipe.from_dict(read_manifest(manifest_url(spec)).recipe)
-        recipe.name = f"{recipe.name} (from {spec})"
-        return Recipe.from_spec(recipe, size=size) if size else recipe
-    return Recipe.from_spec(spec or "rrc", size=size or default_size)
-
-
-class _EpochSampler:
-    """This rank's share of a seeded permutation per epoch, as ``epoch * n + index`` (so workers know the epoch)."""
-
-    def __init__(self, n: int, seed: int, rank: int, world: int):
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n // self.world
-
-    def __iter__(self):
-        import numpy as np
-
-        order = np.random.default_rng([self.seed, self.epoch, 0x53414D50]).permutation(self.n)
-        mine = order[self.rank :: self.world][: len(self)]
-        return iter((self.epoch * self.n + mine).tolist())
-
-
-class LabelledImages:
-    """A source (ImageFolder or plain shards) as training samples: fresh augmentations, one-hot targets.
-
-    Item ``epoch * len + i`` is sample i augmented with parameters seeded by (seed, epoch, i).
-    An image that cannot be read or decoded gives None: dropped from its batch, and said once on stderr.
-    """
-
-    def __init__(self, source: Any, recipe: Any, seed: int, num_classes: int, label_smoothing: float):
-        self.source, self.recipe, self.seed = source, recipe, seed
-        self.num_classes, self.label_smoothing = num_classes, label_smoothing
-        self._reported: set[int] = set()  # said once per process, not every epoch
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, item: int) -> Any:
-        import numpy as np
-        import torch
-
-        from wds_reinforce.core.augment import replay
-        from wds_reinforce.core.decode import SourceImage
-        from wds_reinforce.core.errors import DataError
-
-        epoch, index = divmod(item, len(self.source))
-        try:
-            sample = self.source[index]
-            src = SourceImage(sample.data)
-            params = self.recipe.sample(np.random.default_rng([self.seed, epoch, index]), src.size)
-            image = replay(src, params, self.recipe)
-        except (DataError, OSError) as exc:
-            if index not in self._reported:
-                self._reported.add(index)
-                print(f"{_PROG}: skipped sample {self.source.key(index)}: {exc}", file=sys.stderr)
-            return None
-        target = torch.full((self.num_classes,), self.label_smoothing / self.num_classes)
-        target[sample.label] += 1.0 - self.label_smoothing
-        return image, target
-
-
-def _collate(batch: list[Any]) -> Any:
-    import torch.utils.data
-
-    kept = [b for b in batch if b is not None]
-    return torch.utils.data.default_collate(kept) if kept else None
-
-
 def _fail(message: str) -> int:
     print(f"{_PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -314,196 +172,117 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-
-    import numpy as np
     import timm
-    import torch
-    import torch.distributed as dist
 
     if not timm.is_model(args.model):
         return _fail(f"unknown --model {args.model!r}; expected a timm model name (see timm.list_models())")
 
-    from wds_reinforce.core.augment import normalize
+    import torch
+
+    from wds_reinforce.cli import training
     from wds_reinforce.core.format import FormatError
-    from wds_reinforce.core.targets import soft_cross_entropy
-    from wds_reinforce.layouts import layout_of, manifest_url, read_manifest
-    from wds_reinforce.produce.checkpoint import save_checkpoint
-    from wds_reinforce.produce.sources import open_source
-    from wds_reinforce.read.dataset import ReinforcedDataset
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    kind = data_kind(args.data)
-    reinforced = args.targets == "reinforced"
     try:
-        if kind == "reinforced":
-            manifest = read_manifest(manifest_url(args.data))
-            from wds_reinforce.core.augment import Recipe
-
-            recipe = Recipe.from_dict(manifest.recipe)
-            # Labels arm: fresh augmentations (p=0 never uses a stored round); by default the
-            # shards' recipe, so both arms see the same augmentation distribution.
-            fresh = _resolve_recipe(args.recipe, None, recipe.size) if args.recipe else recipe
-            class_names = list(manifest.class_names) or [str(i) for i in range(manifest.num_classes)]
-            layout = layout_of(manifest)  # every worker of every rank needs a shard to read: one of the set's units
-            samples, num_shards = layout.num_samples(manifest), len(layout.units(manifest, ""))
-            source = None
-        else:
-            source = open_source(args.data)
-            recipe = fresh = _resolve_recipe(args.recipe, args.image_size, None)
-            class_names, samples, num_shards = list(source.class_names), len(source), None
-        val = _val_views(args.val, recipe.size, args.eval_crop_pct) if args.val else None
+        data = training.load_data(args, data_kind(args.data))
     except (FileNotFoundError, FormatError, ValueError) as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    num_classes = len(class_names)
-
-    workers = args.workers
-    if workers is None:
-        workers = default_workers()
-        if num_shards is not None:  # every worker of every rank needs a shard
-            workers = min(workers, max(0, num_shards // world))
-    threads = args.threads or default_threads(workers)
+    device = training.device_of(args.device)
+    distributed, rank, world = training.start_distributed(device)
+    workers, threads = training.workers_and_threads(args, data, world)
     torch.set_num_threads(threads)
-
-    device = _device(args.device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    rank = dist.get_rank() if distributed else 0
     torch.manual_seed(args.seed)
-
-    def say(line: str) -> None:
+    if rank == 0:
+        _announce(args, data, workers, threads, device)
+    dataset, sampler, loader = training.loader_for(data, args, rank, world, workers)
+    steps = data.samples // (args.batch_size * world)
+    if steps < 1:
+        return _fail(f"expected at least --batch-size x ranks = {args.batch_size * world} samples, got {data.samples}")
+    trainer = training.Trainer(args, len(data.class_names), device, steps, distributed)
+    start, top1, epoch_seconds = time.perf_counter(), None, []
+    for epoch in range(args.epochs):
+        (sampler if sampler is not None else dataset).set_epoch(epoch)
+        losses, seconds = training.timed(lambda epoch=epoch: trainer.epoch(epoch, loader))
+        epoch_seconds.append(seconds)
+        top1 = trainer.evaluate(data.val)
         if rank == 0:
-            print(line, flush=True)
+            loss = sum(losses) / len(losses) if losses else float("nan")
+            print(
+                f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}"
+                + (f", val top-1 {top1:.2%}" if top1 is not None else "")
+                + f", lr {trainer.lr:.2e} ({seconds:.0f} s; {time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+    if rank == 0:
+        _finish(args, data, trainer, top1, time.perf_counter() - start, epoch_seconds, workers, threads)
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0
 
-    if rank == 0 and not reinforced and kind != "reinforced" and not args.recipe:
+
+def _announce(args: argparse.Namespace, data: Any, workers: int, threads: int, device: Any) -> None:
+    from wds_reinforce.cli.training import recipe_label
+
+    if not data.reinforced and data.manifest is None and not args.recipe:
         print(
-            f"{_PROG}: note: the labels arm uses {_recipe_label(fresh)}; to compare it with reinforced shards, "
+            f"{_PROG}: note: the labels arm uses {recipe_label(data.fresh)}; to compare it with reinforced shards, "
             f"pass --recipe SHARDS to train on their augmentation",
             file=sys.stderr,
         )
-    augmentation = _recipe_label(recipe if reinforced else fresh)
-    say(
-        f"training timm:{args.model} on {samples} samples, {num_classes} classes ({args.targets}), "
-        f"{augmentation}; {workers} workers, {threads} threads, {device.type}"
+    augmentation = recipe_label(data.recipe if data.reinforced else data.fresh)
+    print(
+        f"training timm:{args.model} on {data.samples} samples, {len(data.class_names)} classes ({args.targets}), "
+        f"{augmentation}; {workers} workers, {threads} threads, {device.type}",
+        flush=True,
     )
 
-    if source is None:
-        dataset = ReinforcedDataset(
-            args.data,
-            manifest=manifest,
-            seed=args.seed,
-            p=args.p if reinforced else 0.0,
-            densify=args.densify,
-            label_smoothing=args.label_smoothing,
-            fallback_recipe=fresh,
-            shardshuffle=True,
-            shuffle=1000,
+
+def _finish(
+    args: argparse.Namespace,
+    data: Any,
+    trainer: Any,
+    top1: float | None,
+    seconds: float,
+    epoch_seconds: list[float],
+    workers: int,
+    threads: int,
+) -> None:
+    """Save the checkpoint (``--save``) and print the result (a line, or ``--json``)."""
+    from wds_reinforce.produce.checkpoint import save_checkpoint
+
+    recipe = data.recipe if data.reinforced else data.fresh
+    percent = None if top1 is None else round(100 * top1, 2)
+    if args.save:
+        save_checkpoint(
+            args.save,
+            trainer.model.state_dict(),
+            arch=f"timm:{args.model}",
+            class_names=data.class_names,
+            image_size=data.recipe.size,
+            recipe=recipe.to_dict(),
+            top1=percent,
+            epochs=args.epochs,
+            targets=args.targets,
         )
-        sampler = None
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size, num_workers=workers, persistent_workers=workers > 0, drop_last=True
-        )
-    else:
-        dataset = LabelledImages(source, fresh, args.seed, num_classes, args.label_smoothing)
-        sampler = _EpochSampler(len(source), args.seed, rank, world)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=args.batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            drop_last=True,
-            collate_fn=_collate,
-        )
-    steps_per_epoch = samples // (args.batch_size * world)
-    if steps_per_epoch < 1:
-        return _fail(f"expected at least --batch-size x ranks = {args.batch_size * world} samples, got {samples}")
-    model = timm.create_model(args.model, pretrained=False, num_classes=num_classes).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    cfg = model.pretrained_cfg
-    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    if args.opt == "sgd":
-        opt = torch.optim.SGD(
-            model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True
-        )
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total = args.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, args.warmup))
-    start, step, top1 = time.perf_counter(), 0, None
-    epoch_seconds = []
-    for epoch in range(args.epochs):
-        began = time.perf_counter()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        else:
-            dataset.set_epoch(epoch)
-        train_model.train()
-        losses = []
-        # Under DDP a rank whose shards run out first must not leave the others waiting in an
-        # all-reduce: join() shadows its missing steps.
-        with train_model.join() if distributed else contextlib.nullcontext():
-            for batch in loader:
-                if batch is None:
-                    continue  # every image of the batch unreadable (each said so)
-                images, target = batch
-                if step >= (epoch + 1) * steps_per_epoch:
-                    break  # at most the same iterations per epoch on every rank
-                x = normalize(images.to(device, non_blocking=True), mean, std)
-                loss = soft_cross_entropy(train_model(x), target.to(device, non_blocking=True))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                step += 1
-        epoch_seconds.append(time.perf_counter() - began)
-        top1 = evaluate(model, *val, mean, std, device) if val is not None else None
-        say(
-            f"epoch {epoch + 1}/{args.epochs}: loss {np.mean(losses) if losses else float('nan'):.4f}"
-            + (f", val top-1 {top1:.2%}" if top1 is not None else "")
-            + f", lr {opt.param_groups[0]['lr']:.2e} ({epoch_seconds[-1]:.0f} s; {time.perf_counter() - start:.0f} s)"
-        )
-    seconds = time.perf_counter() - start
-    if rank == 0:
-        if args.save:
-            save_checkpoint(
-                args.save,
-                model.state_dict(),
-                arch=f"timm:{args.model}",
-                class_names=class_names,
-                image_size=recipe.size,
-                recipe=(recipe if reinforced else fresh).to_dict(),
-                top1=None if top1 is None else round(100 * top1, 2),
-                epochs=args.epochs,
-                targets=args.targets,
-            )
-        result = {
-            "model": args.model,
-            "targets": args.targets,
-            "seed": args.seed,
-            "epochs": args.epochs,
-            "steps": step,
-            "batch_size": args.batch_size,
-            "top1": None if top1 is None else round(100 * top1, 2),
-            "train_seconds": round(seconds, 1),
-            "epoch_seconds": [round(s, 1) for s in epoch_seconds],
-            "workers": workers,
-            "threads": threads,
-            "recipe": (recipe if reinforced else fresh).to_dict(),
-            "teacher": [m.get("name") for m in manifest.teacher.get("members", [])] if source is None else [],
-        }
-        final = f"final val top-1 {top1:.2%}" if top1 is not None else "done"
-        print(json.dumps(result) if args.json else f"{final} after {step} steps in {seconds:.0f} s")
-        if args.save:
-            print(f"saved {args.save} (timm:{args.model}, {num_classes} classes, {recipe.size[0]} px)", file=sys.stderr)
-    if distributed:
-        dist.destroy_process_group()
-    return 0
+    result = {
+        "model": args.model,
+        "targets": args.targets,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "steps": trainer.step,
+        "batch_size": args.batch_size,
+        "top1": percent,
+        "train_seconds": round(seconds, 1),
+        "epoch_seconds": [round(s, 1) for s in epoch_seconds],
+        "workers": workers,
+        "threads": threads,
+        "recipe": recipe.to_dict(),
+        "teacher": [m.get("name") for m in data.manifest.teacher.get("members", [])] if data.manifest else [],
+    }
+    final = f"final val top-1 {top1:.2%}" if top1 is not None else "done"
+    print(json.dumps(result) if args.json else f"{final} after {trainer.step} steps in {seconds:.0f} s", flush=True)
+    if args.save:
+        size = data.recipe.size[0]
+        print(f"saved {args.save} (timm:{args.model}, {len(data.class_names)} classes, {size} px)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,6 @@ import numpy as np
 from wds_reinforce.core.errors import DataError, UsageError
 from wds_reinforce.core.format import (
     Manifest,
-    RoundGroup,
-    ShardInfo,
     Sidecar,
     SkippedInput,
     decode_sidecar,
@@ -47,11 +45,11 @@ from wds_reinforce.core.format import (
 )
 from wds_reinforce.core.progress import ShardProgress
 from wds_reinforce.importers import Importer, IndexMismatchError
-from wds_reinforce.importers.images import FolderImages, ImageIndex, ShardImages
+from wds_reinforce.importers.images import FolderImages, ImageIndex
+from wds_reinforce.importers.summary import ImportSummary, summarize
 from wds_reinforce.importers.writers import SelfContainedShards, ShardWriter, SidecarSetShards
 from wds_reinforce.io.outputs import LocalOutput
 from wds_reinforce.io.storage import open_output
-from wds_reinforce.layouts import SIDECAR_SETS, layout_of
 from wds_reinforce.produce.jobs import ShardJob, dist_env, job_digest, library_versions, run
 from wds_reinforce.produce.sidecar_sets import SIDECAR_JOB_FILE
 
@@ -59,51 +57,6 @@ __all__ = ["ImportSummary", "check_settings", "run_import"]
 
 _SPOOL = ".import-spool"
 _RECORD = struct.Struct("<III")  # image index, kept rounds, sidecar length
-
-
-@dataclass
-class ImportSummary:
-    """What an import run did (``made``/``images_per_s`` are this rank's)."""
-
-    out: str
-    variant: str
-    samples: int
-    rounds: int
-    total_rounds: int
-    topk: int
-    shards: int
-    made: int
-    reused: int
-    bytes: int
-    sidecar_bytes_per_round: float
-    metadata_bytes_per_round: float
-    images_per_s: float
-    seconds: float
-    manifest_written: bool
-    kept: str = ""
-    layout: str = "self-contained"
-    groups: int = 1
-    image_shards: int = 0
-
-    def format(self) -> str:
-        lines = [
-            f"imported {self.variant} into {self.out}: {self.samples} images x {self.rounds} rounds (of "
-            f"{self.total_rounds}), top-{self.topk}, {self.shards} shards ({self.made} made, {self.reused} reused), "
-            f"{self.bytes / 1e6:.1f} MB",
-            f"sidecar: {self.sidecar_bytes_per_round:.1f} bytes per round; their metadata: "
-            f"{self.metadata_bytes_per_round:.1f} bytes per round",
-            f"speed: {self.images_per_s:.0f} images/s over {self.seconds:.1f} s",
-        ]
-        if self.layout == SIDECAR_SETS:
-            lines.append(
-                f"sidecar set: {self.groups} round group(s) of {self.rounds // max(self.groups, 1)} rounds beside the "
-                f"{self.image_shards} input shards (images not copied; keep the input shards where they are)"
-            )
-        if self.kept:
-            lines.append(self.kept)
-        if not self.manifest_written:
-            lines.append("manifest: written by rank 0 once every shard is done")
-        return "\n".join(lines)
 
 
 def _positive(name: str, value: Any, minimum: int = 1) -> int:
@@ -170,9 +123,9 @@ class _ImportJob:
         except BaseException:
             self.drop_spool()
             raise
-        if self.writer.layout == SIDECAR_SETS:  # make_shards --sidecars-only then refuses to add its groups here
+        if self.writer.job_file is not None:
             text = json.dumps({"job": self.job.digest, "identity": self.identity}, sort_keys=True) + "\n"
-            self.job.keep_identity(SIDECAR_JOB_FILE, text, replace=False)
+            self.job.keep_identity(self.writer.job_file, text, replace=False)
         for j in shards:
             self.job.done(self.writer.name(j), self._write(j, keep, scan))
             self.progress.update(len(self.shards[j]))
@@ -310,7 +263,7 @@ class _ImportJob:
                     )
                 yield i, sc
 
-        out = self.writer(j, pairs(), rounds)
+        out = self.writer(self.job, j, pairs(), rounds)
         path.unlink(missing_ok=True)
         files = [dataclasses.asdict(f) for f in out.files]
         values = [scan.kept[i] for i in self.shards[j] if i in scan.kept]
@@ -350,7 +303,7 @@ class _ImportJob:
         imported = {
             "index_rule": self.images.rule,
             "images": self.images.spec,
-            "images_copied": self.writer.layout != SIDECAR_SETS,
+            "images_copied": self.writer.copies_images,
             "sha256": digests.pop() if digests else None,
         }
         return Manifest(
@@ -366,26 +319,23 @@ class _ImportJob:
             versions=library_versions(),
             split=self.split,
             name=self.name,
-            **self._layout(dones, rounds_kept),
+            **self.writer.manifest_fields(dones, rounds_kept),
         )
-
-    def _layout(self, dones: list[Mapping[str, Any]], rounds: int) -> dict[str, Any]:
-        if self.writer.layout != SIDECAR_SETS:
-            return {"shards": [ShardInfo(**d["shard"]) for d in dones]}
-        files = [[ShardInfo(**f) for f in d["files"]] for d in dones]
-        G = rounds // len(files[0]) if files else rounds
-        return {
-            "layout": SIDECAR_SETS,
-            "image_shards": [ShardInfo(**d["image"]) for d in dones],
-            "round_groups": [RoundGroup(g * G, G, [shard[g] for shard in files]) for g in range(len(files[0]))],
-        }
 
 
 # ----------------------------------------------------------------------------------------
 # Running an import
 
 
-def _check_classes(importer: Importer, images: ImageIndex) -> None:
+def _check(importer: Importer, images: ImageIndex, rounds: int | None, world: int) -> None:
+    """The rounds to keep and the classes, checked against the records' and the images'."""
+    if rounds is not None and rounds > importer.total_rounds:
+        raise UsageError(f"expected rounds <= their {importer.total_rounds} rounds per image, got {rounds}")
+    if importer.variable and rounds is None and world > 1:
+        raise UsageError(
+            f"{importer.label}: images keep different numbers of rounds, so under torchrun give --rounds R (every "
+            "rank must keep the same number of rounds); a single process finds the most every image has"
+        )
     classes = importer.num_classes
     if isinstance(images, FolderImages) and len(images.class_names) != classes:
         raise UsageError(f"the images have {len(images.class_names)} classes, their teacher {classes}")
@@ -415,7 +365,7 @@ def run_import(
 ) -> ImportSummary:
     """Import ``importer``'s records for ``images`` into ``out`` (see the module docstring).
 
-    ``sidecar_set``: write a sidecar set beside ``images`` (plain shards, ``ShardImages`` with
+    ``sidecar_set``: write a sidecar set beside ``images`` (plain shards: ``ShardImages`` with
     their own keys) instead of self-contained shards. The other arguments are ``import_mldr``'s.
 
     Raises:
@@ -424,79 +374,31 @@ def run_import(
         MetadataError: a record that is refused or does not fit its image.
     """
     rank, world = dist_env()
-    if rounds is not None and rounds > importer.total_rounds:
-        raise UsageError(f"expected rounds <= their {importer.total_rounds} rounds per image, got {rounds}")
-    if importer.variable and rounds is None and world > 1:
-        raise UsageError(
-            f"{importer.label}: images keep different numbers of rounds, so under torchrun give --rounds R (every "
-            "rank must keep the same number of rounds); a single process finds the most every image has"
-        )
-    _check_classes(importer, images)
+    _check(importer, images, rounds, world)
     output = open_output(out)
     output.check_writable()
+    writer: ShardWriter = (
+        SidecarSetShards(images, split, group_rounds) if sidecar_set else SelfContainedShards(images, split)
+    )
     ident = {"images": images.digest(), **importer.identity(), "recipe": importer.recipe.to_dict(), "rounds": rounds}
-    ident.update(shard_size=shard_size, seed=seed, shuffle=shuffle, split=split)
-    if sidecar_set:  # (self-contained imports keep the identity they had before sidecar sets)
-        ident.update(layout=SIDECAR_SETS, group_rounds=group_rounds)
+    ident.update(shard_size=shard_size, seed=seed, shuffle=shuffle, split=split, **writer.identity)
     job = ShardJob(output, job_digest(ident), rank, world)
     if wait_timeout is not None:
         job.wait_timeout = wait_timeout
-    if sidecar_set and isinstance(images, ShardImages):
-        writer: ShardWriter = SidecarSetShards(job, images, split, group_rounds)
-        shards = images.input_shards()  # one sidecar shard per image shard, empty ones too
-    else:
-        writer = SelfContainedShards(job, images, split)
-        shards = images.shards(shard_size, seed, shuffle)
+    shards = writer.shards(shard_size, seed, shuffle)
     if spool is None:
         base = Path(out) if isinstance(output, LocalOutput) else output.staging()
         spool = Path(base) / _SPOOL / f"rank-{rank:05d}"
     job.refuse_other_job([writer.name(j) for j in range(len(shards))], ident, SIDECAR_JOB_FILE)
     mine = job.mine(len(shards))
-    say = ShardProgress(
-        sum(len(shards[j]) for j in mine), len(mine), "import", "images", say=progress or _quiet, every=progress_every
-    )
+    images_made = sum(len(shards[j]) for j in mine)
+    say = ShardProgress(images_made, len(mine), "import", "images", say=progress or _quiet, every=progress_every)
     maker = _ImportJob(
         importer, images, writer, shards, job, ident, rounds, group_rounds, Path(spool), say, seed, split, name
     )
     result = run(job, maker, len(shards), info=True, say=say.note)
-    return _summary(maker, result)
+    return summarize(maker, result)
 
 
 def _quiet(line: str) -> None:
     pass
-
-
-def _summary(maker: _ImportJob, result: Any) -> ImportSummary:
-    importer, job = maker.importer, maker.job
-    mine = [job.markers[p] for j in job.mine(len(maker.shards)) for p in maker.parts(j) if p in job.markers]
-    rounds = mine[0]["rounds"] if mine else (maker.rounds or importer.total_rounds)
-    manifest = result.manifest
-    samples = layout_of(manifest).num_samples(manifest) if manifest else sum(m["shard"]["samples"] for m in mine)
-    if manifest is not None:
-        written = sum(s.bytes for s in layout_of(manifest).made_files(manifest))
-    else:  # a rank other than 0: its own files
-        written = sum(f["bytes"] for m in mine for f in m.get("files", [m["shard"]]))
-    stats = [m["kept"] for m in mine if m["kept"]["images"]]
-    low, high = min((s["min"] for s in stats), default=0), max((s["max"] for s in stats), default=0)
-    return ImportSummary(
-        out=job.output.url,
-        variant=importer.label,
-        samples=samples,
-        rounds=rounds,
-        total_rounds=importer.total_rounds,
-        topk=importer.topk,
-        shards=len(maker.shards),
-        made=result.made,
-        reused=result.reused,
-        bytes=written,
-        sidecar_bytes_per_round=sum(m["sidecar_bytes"] for m in mine)
-        / max(sum(m["shard"]["samples"] for m in mine) * rounds, 1),
-        metadata_bytes_per_round=importer.bytes / max(len(maker.images) * importer.total_rounds, 1),
-        images_per_s=result.rate,
-        seconds=result.seconds,
-        manifest_written=manifest is not None,
-        kept=importer.kept_note(rounds, low, high),
-        layout=maker.writer.layout,
-        groups=len(mine[0]["files"]) if mine and "files" in mine[0] else 1,
-        image_shards=len(maker.shards),
-    )

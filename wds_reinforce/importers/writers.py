@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from wds_reinforce.core.format import SIDECAR_EXT, ShardInfo, Sidecar, crc32c, encode_sidecar
+from wds_reinforce.core.format import SIDECAR_EXT, RoundGroup, ShardInfo, Sidecar, crc32c, encode_sidecar
 from wds_reinforce.importers.images import ImageIndex, ShardImages
 from wds_reinforce.layouts import SELF_CONTAINED, SIDECAR_SETS, group_dir
 from wds_reinforce.produce.jobs import ShardJob
+from wds_reinforce.produce.sidecar_sets import SIDECAR_JOB_FILE
 
 __all__ = ["ShardOutput", "ShardWriter", "SelfContainedShards", "SidecarSetShards"]
 
@@ -36,28 +37,52 @@ class ShardWriter(Protocol):
     """Writes shard ``j`` from ``(image index, sidecar)`` pairs in shard order, each with ``rounds`` rounds.
 
     ``name(j)`` names the shard in progress lines and its done marker. The sidecars carry no
-    ``image_crc``; a writer sets it for the image they describe. ``layout`` is the manifest's.
+    ``image_crc``; a writer sets it for the image they describe. ``layout`` is the manifest's;
+    ``copies_images`` whether the images are copied in; ``job_file`` the job file to keep beside
+    the output (or None); ``identity`` what the writer adds to the job's identity.
     """
 
     layout: str
+    copies_images: bool
+    job_file: str | None
+    identity: dict[str, Any]
 
     def name(self, j: int) -> str: ...
 
-    def __call__(self, j: int, pairs: Iterable[tuple[int, Sidecar]], rounds: int) -> ShardOutput: ...
+    def shards(self, shard_size: int, seed: int, shuffle: bool) -> list[list[int]]:
+        """The image indices of each output shard, in shard order."""
+
+    def __call__(self, job: ShardJob, j: int, pairs: Iterable[tuple[int, Sidecar]], rounds: int) -> ShardOutput: ...
+
+    def manifest_fields(self, dones: list[Mapping[str, Any]], rounds: int) -> dict[str, Any]:
+        """The manifest's layout fields, from every shard's done marker."""
+
+    def note(self, groups: int, rounds: int, shards: int) -> str:
+        """A summary line on where the output lies (or "")."""
 
 
 class SelfContainedShards:
     """Self-contained shards: each sample's image bytes (copied), label and sidecar, as the producer writes them."""
 
-    layout = SELF_CONTAINED
+    layout, copies_images, job_file = SELF_CONTAINED, True, None
+    identity: dict[str, Any] = {}  # (self-contained imports keep the identity they had before sidecar sets)
 
-    def __init__(self, job: ShardJob, images: ImageIndex, split: str = "train"):
-        self.job, self.images, self.split = job, images, split
+    def __init__(self, images: ImageIndex, split: str = "train"):
+        self.images, self.split = images, split
 
     def name(self, j: int) -> str:
         return f"{self.split}-{j:06d}.tar"
 
-    def __call__(self, j: int, pairs: Iterable[tuple[int, Sidecar]], rounds: int) -> ShardOutput:
+    def shards(self, shard_size: int, seed: int, shuffle: bool) -> list[list[int]]:
+        return self.images.shards(shard_size, seed, shuffle)
+
+    def manifest_fields(self, dones: list[Mapping[str, Any]], rounds: int) -> dict[str, Any]:
+        return {"shards": [ShardInfo(**d["shard"]) for d in dones]}
+
+    def note(self, groups: int, rounds: int, shards: int) -> str:
+        return ""
+
+    def __call__(self, job: ShardJob, j: int, pairs: Iterable[tuple[int, Sidecar]], rounds: int) -> ShardOutput:
         keys: list[str] = []
         sidecar_bytes = 0
 
@@ -72,7 +97,7 @@ class SelfContainedShards:
                 yield f"{key}.cls", str(self.images.labels[i]).encode()
                 yield f"{key}.{SIDECAR_EXT}", side
 
-        info = self.job.write_tar(self.name(j), members(), keys)
+        info = job.write_tar(self.name(j), members(), keys)
         return ShardOutput([info], sidecar_bytes)
 
 
@@ -85,19 +110,39 @@ class SidecarSetShards:
     with the CRC-32C of its image; the input shard is read once for those and its sha256.
     """
 
-    layout = SIDECAR_SETS
+    layout, copies_images = SIDECAR_SETS, False
+    job_file = SIDECAR_JOB_FILE  # make_shards --sidecars-only then refuses to add its groups here
 
-    def __init__(self, job: ShardJob, images: ShardImages, split: str = "train", group_rounds: int | None = None):
-        self.job, self.images, self.split, self.group_rounds = job, images, split, group_rounds
+    def __init__(self, images: ShardImages, split: str = "train", group_rounds: int | None = None):
+        self.images, self.split, self.group_rounds = images, split, group_rounds
         self._shards = images.input_shards()
+        self.identity = {"layout": SIDECAR_SETS, "group_rounds": group_rounds}
 
     def name(self, j: int) -> str:
         return f"{self.split}-{j:06d}.tar"
 
+    def shards(self, shard_size: int, seed: int, shuffle: bool) -> list[list[int]]:
+        return self._shards  # one sidecar shard per image shard, empty ones too
+
+    def manifest_fields(self, dones: list[Mapping[str, Any]], rounds: int) -> dict[str, Any]:
+        files = [[ShardInfo(**f) for f in d["files"]] for d in dones]
+        G = rounds // len(files[0]) if files else rounds
+        return {
+            "layout": SIDECAR_SETS,
+            "image_shards": [ShardInfo(**d["image"]) for d in dones],
+            "round_groups": [RoundGroup(g * G, G, [shard[g] for shard in files]) for g in range(len(files[0]))],
+        }
+
+    def note(self, groups: int, rounds: int, shards: int) -> str:
+        return (
+            f"sidecar set: {groups} round group(s) of {rounds // max(groups, 1)} rounds beside the {shards} input "
+            "shards (images not copied; keep the input shards where they are)"
+        )
+
     def groups(self, rounds: int) -> int:
         return rounds // (self.group_rounds or rounds)
 
-    def __call__(self, j: int, pairs: Iterable[tuple[int, Sidecar]], rounds: int) -> ShardOutput:
+    def __call__(self, job: ShardJob, j: int, pairs: Iterable[tuple[int, Sidecar]], rounds: int) -> ShardOutput:
         G = self.group_rounds or rounds
         crcs, size, sha = self.images.read_shard(j)
         every = [self.images.keys[i] for i in self._shards[j]]
@@ -120,5 +165,5 @@ class SidecarSetShards:
                     yield f"{self.images.keys[i]}.{SIDECAR_EXT}", data
 
             name = f"{group_dir(g * G, G)}/{self.split}-{j:06d}.tar"
-            files.append(self.job.write_tar(name, members(), keys))
+            files.append(job.write_tar(name, members(), keys))
         return ShardOutput(files, sidecar_bytes, image)

@@ -208,7 +208,7 @@ class TarMember:
         return f"TarMember({self.name!r}, size={self.size})"
 
 
-def iter_members(fileobj: Any) -> Iterator[TarMember]:
+def iter_members(fileobj: Any) -> Iterator[TarMember]:  # long: one pass over headers, the loader's hot loop
     """The regular members of a tar stream, in order.
 
     A member is yielded once its header is read, before its data (``TarMember.read``), so a

@@ -214,7 +214,7 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
             library version would replay differently. FileNotFoundError: no manifest.
     """
 
-    def __init__(
+    def __init__(  # long: its keyword arguments, each passed on once
         self,
         source: str | Sequence[str],
         *,

@@ -87,6 +87,84 @@ def _joined(key: str, sample: dict) -> Sidecar:
     )
 
 
+class _Sheet:
+    """The picture being drawn: a title, then one tile per round (or, mixing, a row of three per round)."""
+
+    def __init__(self, recipe: Recipe, rounds: int, columns: int):
+        from PIL import Image, ImageDraw
+
+        # Small tiles (CIFAR's 32 px) are unreadable as they are: enlarge them, nearest, to ~128 px.
+        self.zoom = max(1, -(-128 // max(recipe.size)))
+        self.h, self.w = recipe.size[0] * self.zoom, recipe.size[1] * self.zoom
+        self.tile_w, self.text_h = max(self.w, 150), 3 * 14 + 18
+        self.columns = columns
+        rows = -(-rounds // columns) if recipe.mix is None else rounds
+        self.canvas = Image.new("RGB", (columns * self.tile_w, 34 + rows * (self.h + self.text_h)), "white")
+        self.draw = ImageDraw.Draw(self.canvas)
+
+    def paste(self, pixels: torch.Tensor, x: int, y: int) -> None:
+        from PIL import Image
+
+        tile = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
+        self.canvas.paste(tile.resize((self.w, self.h), Image.NEAREST) if self.zoom > 1 else tile, (x, y))
+
+    def text(self, x: int, y: int, text: str, fill: str = "gray") -> None:
+        self.draw.text((x, y), text, fill=fill)
+
+    def top3(self, x: int, y: int, sidecar: Sidecar, r: int, names: list[str]) -> None:
+        """The stored top-3 of round r under the tile at (x, y)."""
+        for i in range(min(3, sidecar.topk)):
+            c = int(sidecar.idx[r, i])
+            label = names[c] if c < len(names) else f"class {c}"
+            self.text(x + 2, y + self.h + 16 + 14 * i, f"{label[:18]} {float(sidecar.prob[r, i]):.2f}", "black")
+
+
+def _title(
+    manifest: Manifest, members: dict, key: str, rounds: int, stored: int, recipe: Recipe, zoom: int
+) -> list[str]:
+    """The picture's two title lines: the sample and its true label; the recipe and size."""
+    names = manifest.class_names
+    try:
+        true = int(members.get("cls", b"").decode().strip())
+        label = f"label {names[true] if 0 <= true < len(names) else true}"
+    except ValueError:
+        label = "no label"
+    # A recipe file is named by its file when made by make_shards.py; otherwise "custom": list its ops.
+    name = manifest.recipe.get("name") or "custom"
+    if name == "custom":
+        name = "custom " + " + ".join(str(op.get("op")) for op in manifest.recipe.get("ops", []))
+    size = "x".join(str(v) for v in recipe.size)
+    return [
+        f"{key}: {label}; {rounds} of {stored} rounds, teacher's top-3 under each",
+        f"recipe {name} at {size} px" + (f", shown x{zoom}" if zoom > 1 else ""),
+    ]
+
+
+def _mixed_round(sheet: _Sheet, src: SourceImage, sidecar: Sidecar, r: int, recipe: Recipe, window: list) -> None:
+    """Row r of a mixing recipe's picture: own view | partner's view | what the teacher saw."""
+    y, tile_w, h = 34 + r * (sheet.h + sheet.text_h), sheet.tile_w, sheet.h
+    pairs = [((image_member(m) or (None, None))[1], sc) for _, m, sc in window]
+    view, other = replay(src, sidecar.round_params(r), recipe), None
+    try:
+        other = partner_view(sidecar, r, recipe, pairs)
+    except FormatError as exc:
+        sheet.text(tile_w + 2, y + h + 2, str(exc)[:40], "red")
+    mixed = view if other is None else recipe.mix.apply(view, other, mix_row(sidecar.ops, r))
+    sheet.paste(view, 0, y)
+    sheet.text(2, y + h + 2, f"round {r}: own view")
+    partner = int(sidecar.ops["mixp"][r][0]) - 1
+    if other is not None:
+        sheet.paste(other, tile_w, y)
+        what = mix_kind(mix_row(sidecar.ops, r))
+        weight = int(sidecar.ops["mixl"][r][0]) / WEIGHT_SCALE
+        sheet.text(tile_w + 2, y + h + 2, f"partner {window[partner][0][:16]}")
+        sheet.text(tile_w + 2, y + h + 16, f"{what}" + (f", weight {weight:.2f}" if weight else ""))
+    elif partner < 0:
+        sheet.text(tile_w + 2, y + h + 2, "not mixed")
+    sheet.paste(mixed, 2 * tile_w, y)
+    sheet.text(2 * tile_w + 2, y + h + 2, "the teacher saw")
+
+
 def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int = 16, columns: int = 4) -> str:
     """Draw one sample's replayed rounds with the stored top-3 under each; return the key drawn.
 
@@ -102,75 +180,24 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
         max_rounds: draw at most this many rounds.
         columns: tiles per row.
     """
-    from PIL import Image, ImageDraw
-
     url = manifest_url(location)
     manifest = read_manifest(url)
     recipe = Recipe.from_dict(manifest.recipe)
     width = recipe.mix.window if recipe.mix is not None else 1
     (key, members, sidecar), window = _find_sample(url, manifest, key, max_rounds, width)
-    image = image_bytes(members)
-    src = SourceImage(image)
-    names = manifest.class_names
+    src = SourceImage(image_bytes(members))
     n = min(sidecar.rounds, max_rounds)
-    if recipe.mix is not None:
-        columns = 3
-    # Small tiles (CIFAR's 32 px) are unreadable as they are: enlarge them, nearest, to ~128 px.
-    zoom = max(1, -(-128 // max(recipe.size)))
-    h, w = recipe.size[0] * zoom, recipe.size[1] * zoom
-    tile_w, text_h = max(w, 150), 3 * 14 + 18
-    rows = -(-n // columns) if recipe.mix is None else n
-    canvas = Image.new("RGB", (columns * tile_w, 34 + rows * (h + text_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    try:
-        true = int(members.get("cls", b"").decode().strip())
-        label = f"label {names[true] if 0 <= true < len(names) else true}"
-    except ValueError:
-        label = "no label"
-    # A recipe file is named by its file when made by make_shards.py; otherwise "custom": list its ops.
-    name = manifest.recipe.get("name") or "custom"
-    if name == "custom":
-        name = "custom " + " + ".join(str(op.get("op")) for op in manifest.recipe.get("ops", []))
-    size = "x".join(str(v) for v in recipe.size)
-    draw.text((4, 4), f"{key}: {label}; {n} of {sidecar.rounds} rounds, teacher's top-3 under each", fill="black")
-    draw.text((4, 18), f"recipe {name} at {size} px" + (f", shown x{zoom}" if zoom > 1 else ""), fill="black")
-
-    def paste(pixels: torch.Tensor, x: int, y: int) -> None:
-        tile = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
-        canvas.paste(tile.resize((w, h), Image.NEAREST) if zoom > 1 else tile, (x, y))
-
-    pairs = [((image_member(m) or (None, None))[1], sc) for _, m, sc in window]
+    sheet = _Sheet(recipe, n, 3 if recipe.mix is not None else columns)
+    for line, text in enumerate(_title(manifest, members, key, n, sidecar.rounds, recipe, sheet.zoom)):
+        sheet.text(4, 4 + 14 * line, text, "black")
     for r in range(n):
         if recipe.mix is None:
-            x, y = (r % columns) * tile_w, 34 + (r // columns) * (h + text_h)
-            paste(replay(src, sidecar.round_params(r), recipe), x, y)
-            draw.text((x + 2, y + h + 2), f"round {r}", fill="gray")
-        else:  # own view | partner's view | what the teacher saw, its top-3 under the last
-            y = 34 + r * (h + text_h)
-            view, other = replay(src, sidecar.round_params(r), recipe), None
-            try:
-                other = partner_view(sidecar, r, recipe, pairs)
-            except FormatError as exc:
-                draw.text((tile_w + 2, y + h + 2), str(exc)[:40], fill="red")
-            mixed = view if other is None else recipe.mix.apply(view, other, mix_row(sidecar.ops, r))
-            paste(view, 0, y)
-            draw.text((2, y + h + 2), f"round {r}: own view", fill="gray")
-            partner = int(sidecar.ops["mixp"][r][0]) - 1
-            if other is not None:
-                paste(other, tile_w, y)
-                what = mix_kind(mix_row(sidecar.ops, r))
-                weight = int(sidecar.ops["mixl"][r][0]) / WEIGHT_SCALE
-                draw.text((tile_w + 2, y + h + 2), f"partner {window[partner][0][:16]}", fill="gray")
-                detail = f"{what}" + (f", weight {weight:.2f}" if weight else "")
-                draw.text((tile_w + 2, y + h + 16), detail, fill="gray")
-            elif partner < 0:
-                draw.text((tile_w + 2, y + h + 2), "not mixed", fill="gray")
-            paste(mixed, 2 * tile_w, y)
-            x = 2 * tile_w
-            draw.text((x + 2, y + h + 2), "the teacher saw", fill="gray")
-        for i in range(min(3, sidecar.topk)):
-            c = int(sidecar.idx[r, i])
-            label = names[c] if c < len(names) else f"class {c}"
-            draw.text((x + 2, y + h + 16 + 14 * i), f"{label[:18]} {float(sidecar.prob[r, i]):.2f}", fill="black")
-    canvas.save(out)
+            x, y = (r % sheet.columns) * sheet.tile_w, 34 + (r // sheet.columns) * (sheet.h + sheet.text_h)
+            sheet.paste(replay(src, sidecar.round_params(r), recipe), x, y)
+            sheet.text(x + 2, y + sheet.h + 2, f"round {r}")
+        else:
+            x, y = 2 * sheet.tile_w, 34 + r * (sheet.h + sheet.text_h)
+            _mixed_round(sheet, src, sidecar, r, recipe, window)
+        sheet.top3(x, y, sidecar, r, manifest.class_names)
+    sheet.canvas.save(out)
     return key

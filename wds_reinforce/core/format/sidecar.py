@@ -200,6 +200,21 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
         FormatError: not msgpack, too large, an unknown format version, a missing or
             mistyped field, or array lengths that disagree with the rounds and top-k.
     """
+    body = _body(data, key)
+    rounds, topk = body["n"], body["k"]
+    image_crc, window = body.get("ic"), body.get("mw")
+    return Sidecar(
+        fingerprint=body["fp"],
+        idx=_class_ids(body, rounds, topk, key),
+        prob=np.frombuffer(body["prob"], "<f2").reshape(rounds, topk),
+        ops=_op_columns(body["ops"], rounds, key),
+        image_crc=None if image_crc is None else int.from_bytes(image_crc, "little"),
+        window_crc=None if window is None else int.from_bytes(window, "little"),
+    )
+
+
+def _body(data: bytes, key: str | None) -> dict[str, Any]:
+    """The sidecar's msgpack map, its version, integrity, fields and their types and sizes checked."""
     if len(data) > MAX_SIDECAR_BYTES:
         raise FormatError(f"sidecar of {len(data)} bytes exceeds the {MAX_SIDECAR_BYTES}-byte limit", key)
     try:
@@ -225,25 +240,30 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
     missing = [name for name in _REQUIRED if name not in body]
     if missing:
         raise FormatError(f"sidecar lacks field(s) {missing}", key)
-    image_crc, window = body.get("ic"), body.get("mw")
-    for name, value in (("image checksum 'ic'", image_crc), ("window checksum 'mw'", window)):
+    for name, value in (("image checksum 'ic'", body.get("ic")), ("window checksum 'mw'", body.get("mw"))):
         if value is not None and not (isinstance(value, bytes) and len(value) == 4):
             raise FormatError(f"{name} must be 4 bytes", key)
-    rounds, topk, id_width = body["n"], body["k"], body["cw"]
+    rounds, topk = body["n"], body["k"]
     if not (isinstance(rounds, int) and 1 <= rounds <= _MAX_ROUNDS):
         raise FormatError(f"rounds 'n' must be an integer in [1, {_MAX_ROUNDS}], got {rounds!r}", key)
     if not (isinstance(topk, int) and 1 <= topk <= _MAX_TOPK):
         raise FormatError(f"top-k 'k' must be an integer in [1, {_MAX_TOPK}], got {topk!r}", key)
-    if id_width not in _ID_DTYPES:
-        raise FormatError(f"class id width 'cw' must be 2 or 4, got {id_width!r}", key)
+    if body["cw"] not in _ID_DTYPES:
+        raise FormatError(f"class id width 'cw' must be 2 or 4, got {body['cw']!r}", key)
     for name in ("fp", "cls", "idx", "prob"):
         if not isinstance(body[name], bytes):
             raise FormatError(f"field {name!r} must be bytes, got {type(body[name]).__name__}", key)
     if len(body["fp"]) != FINGERPRINT_BYTES:
         raise FormatError(f"fingerprint must be {FINGERPRINT_BYTES} bytes, got {len(body['fp'])}", key)
-    count = rounds * topk
-    if len(body["prob"]) != 2 * count:
-        raise FormatError(f"'prob' has {len(body['prob'])} bytes, expected {2 * count} for {rounds}x{topk}", key)
+    if len(body["prob"]) != 2 * rounds * topk:
+        expected = 2 * rounds * topk
+        raise FormatError(f"'prob' has {len(body['prob'])} bytes, expected {expected} for {rounds}x{topk}", key)
+    return body
+
+
+def _class_ids(body: Mapping[str, Any], rounds: int, topk: int, key: str | None) -> np.ndarray:
+    """The (rounds, topk) class ids: dictionary codes into ``cls``, or the ids themselves."""
+    id_width, count = body["cw"], rounds * topk
     if len(body["cls"]) % id_width:
         raise FormatError(f"'cls' length {len(body['cls'])} is not a multiple of {id_width}", key)
     cls = np.frombuffer(body["cls"], _ID_DTYPES[id_width])
@@ -254,12 +274,14 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
     if cls.size == 0:  # ids stored directly
         if code_width != id_width:
             raise FormatError(f"'idx' holds ids directly but has {code_width}-byte values, not {id_width}", key)
-        idx = codes.reshape(rounds, topk)
-    elif int(codes.max()) >= cls.size:
+        return codes.reshape(rounds, topk)
+    if int(codes.max()) >= cls.size:
         raise FormatError(f"'idx' refers past the {cls.size} distinct class ids in 'cls'", key)
-    else:
-        idx = cls[codes].reshape(rounds, topk)
-    ops_raw = body["ops"]
+    return cls[codes].reshape(rounds, topk)
+
+
+def _op_columns(ops_raw: Any, rounds: int, key: str | None) -> dict[str, np.ndarray]:
+    """The op columns, each decoded by its layout in the format's column table."""
     if not isinstance(ops_raw, dict):
         raise FormatError(f"'ops' must be a map, got {type(ops_raw).__name__}", key)
     ops = {}
@@ -269,11 +291,4 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
         except ValueError:
             raise FormatError(f"unknown op column {name!r}; this reader knows {COLUMNS.names()}", key) from None
         ops[name] = column.decode(raw, rounds, key)
-    return Sidecar(
-        fingerprint=body["fp"],
-        idx=idx,
-        prob=np.frombuffer(body["prob"], "<f2").reshape(rounds, topk),
-        ops=ops,
-        image_crc=None if image_crc is None else int.from_bytes(image_crc, "little"),
-        window_crc=None if window is None else int.from_bytes(window, "little"),
-    )
+    return ops

@@ -141,6 +141,19 @@ def convert_rounds(
         MetadataError: anything that is not exactly their format, a crop box that does not fit
             the image, a RandAugment magnitude that is no bin.
     """
+    rounds = _rounds(obj, index, config, name)
+    params, probs = _kept(rounds, config, name, drop_mixing)
+    ops = {}
+    for transform, convert in _COLUMNS.items():
+        if transform in config.transforms:
+            column, values = convert(_entries(params, config.position(transform)), config, name, image_size)
+            ops[column] = values
+    idx, prob = _topk(probs, config, name)
+    return Rounds(idx, prob, {c: ops[c] for c in config.recipe.columns}, total=len(rounds))
+
+
+def _rounds(obj: Any, index: int, config: MldrConfig, name: str) -> list[dict]:
+    """The file's rounds, each a dict of ``params`` (a list of the config's layout) and ``prob``."""
     if type(obj) not in (tuple, list) or len(obj) != 2:
         raise MetadataError(f"expected (index, rounds), got {_short(obj)}", url=name)
     got, rounds = obj
@@ -151,16 +164,21 @@ def convert_rounds(
         raise MetadataError(
             f"expected a list of {config.num_samples} rounds (reinforce.num_samples), got {n}", url=name
         )
+    width = len(config.layout)
     for r, rnd in enumerate(rounds):
         if type(rnd) is not dict or len(rnd) != 2 or "params" not in rnd or "prob" not in rnd:
             raise MetadataError(f"round {r}: expected a dict with 'params' and 'prob', got {_short(rnd)}", url=name)
-    width = len(config.layout)
-    params = [rnd["params"] for rnd in rounds]
-    for r, p in enumerate(params):
-        if type(p) is not list or len(p) != width:
+        if type(rnd["params"]) is not list or len(rnd["params"]) != width:
             raise MetadataError(
-                f"round {r}: expected params as a list of {width} ({config.layout}), got {_short(p)}", url=name
+                f"round {r}: expected params as a list of {width} ({config.layout}), got {_short(rnd['params'])}",
+                url=name,
             )
+    return rounds
+
+
+def _kept(rounds: list[dict], config: MldrConfig, name: str, drop_mixing: bool) -> tuple[list[list], list[Any]]:
+    """The params and probs of the rounds kept: all, or (mixing variants) those without a partner."""
+    params = [rnd["params"] for rnd in rounds]
     keep = range(len(rounds))
     if config.mixing:
         keep = [r for r, p in enumerate(params) if p[0] is None]
@@ -169,14 +187,12 @@ def convert_rounds(
         for pos in (config.position(t) for t in MIXING if t in config.transforms):
             if any(params[r][pos] is not None for r in keep):
                 raise MetadataError("a round without a mixing partner has MixUp/CutMix parameters", url=name)
-    params = [params[r] for r in keep]
-    probs = [rounds[r]["prob"] for r in keep]
-    recipe, out_size = config.recipe, config.recipe.size
-    ops: dict[str, np.ndarray] = {}
-    rows = len(params)
+    return [params[r] for r in keep], [rounds[r]["prob"] for r in keep]
 
-    box = np.array(_flat(_entries(params, config.position("random_resized_crop")), 4, (int,), "crop boxes", name))
-    box = box.reshape(rows, 4).astype(np.int64)
+
+def _crop_boxes(entries: list[Any], config: MldrConfig, name: str, image_size: Any) -> tuple[str, np.ndarray]:
+    rows = len(entries)
+    box = np.array(_flat(entries, 4, (int,), "crop boxes", name)).reshape(rows, 4).astype(np.int64)
     if rows:
         top, left, h, w = box.T
         bad = (h < 1) | (w < 1) | (top < 0) | (left < 0)
@@ -186,44 +202,58 @@ def convert_rounds(
             r = int(np.argmax(bad))
             where = f" the {image_size[0]}x{image_size[1]} image" if image_size else " an image"
             raise MetadataError(f"round {r}: crop box {box[r].tolist()} does not fit{where}", url=name)
-    ops["rrc"] = box
-    if "random_horizontal_flip" in config.transforms:
-        flips = _entries(params, config.position("random_horizontal_flip"))
-        if set(map(type, flips)) - {bool}:
-            raise MetadataError("expected flips as booleans", url=name)
-        ops["flip"] = np.array(flips, np.int64).reshape(rows, 1)
-    if "rand_augment" in config.transforms:
-        op = next(o for o in recipe.ops if o.name == "ra")
-        pairs = _entries(params, config.position("rand_augment"))
-        if any(p is None for p in pairs):
-            raise MetadataError("a round without RandAugment parameters, though their p is 1", url=name)
-        flat_pairs = _flat(pairs, op.num_ops, (tuple, list), "RandAugment ops", name)
-        flat = _flat(flat_pairs, 2, (int, float), "RandAugment (op, magnitude) pairs", name)
-        ids, mags = flat[0::2], flat[1::2]
-        if set(map(type, ids)) - {int} or set(map(type, mags)) - {float}:
-            raise MetadataError("expected RandAugment pairs of (int op index, float magnitude)", url=name)
-        ids_arr = np.array(ids, np.int64).reshape(rows, op.num_ops)
-        mags_arr = np.array(mags, np.float64).reshape(rows, op.num_ops)
-        ops["ra"] = _ra_bins(ids_arr, mags_arr, op, out_size, name)
-    if "random_erase" in config.transforms:
-        erases = _entries(params, config.position("random_erase"))
-        present = [r for r, e in enumerate(erases) if e is not None]
-        rows_re = np.zeros((rows, 4), np.int64)
-        if present:
-            got_re = np.array(_flat([erases[r] for r in present], 4, (int,), "erase boxes", name), np.int64)
-            got_re = got_re.reshape(len(present), 4)
-            # Their forward skips a box whose top is -1; zeros are "not applied" here.
-            got_re[got_re[:, 0] == -1] = 0
-            top, left, h, w = got_re.T
-            bad = (top < 0) | (left < 0) | (h < 0) | (w < 0) | (top + h > out_size[0]) | (left + w > out_size[1])
-            if bad.any():
-                r = present[int(np.argmax(bad))]
-                raise MetadataError(f"round {r}: erase box {list(erases[r])} does not fit {out_size}", url=name)
-            rows_re[present] = got_re
-        ops["re"] = rows_re
-    ops = {c: ops[c] for c in recipe.columns}
+    return "rrc", box
 
-    k = config.topk
+
+def _flips(entries: list[Any], config: MldrConfig, name: str, image_size: Any) -> tuple[str, np.ndarray]:
+    if set(map(type, entries)) - {bool}:
+        raise MetadataError("expected flips as booleans", url=name)
+    return "flip", np.array(entries, np.int64).reshape(len(entries), 1)
+
+
+def _randaugment(entries: list[Any], config: MldrConfig, name: str, image_size: Any) -> tuple[str, np.ndarray]:
+    op, rows = next(o for o in config.recipe.ops if o.name == "ra"), len(entries)
+    if any(p is None for p in entries):
+        raise MetadataError("a round without RandAugment parameters, though their p is 1", url=name)
+    flat_pairs = _flat(entries, op.num_ops, (tuple, list), "RandAugment ops", name)
+    flat = _flat(flat_pairs, 2, (int, float), "RandAugment (op, magnitude) pairs", name)
+    ids, mags = flat[0::2], flat[1::2]
+    if set(map(type, ids)) - {int} or set(map(type, mags)) - {float}:
+        raise MetadataError("expected RandAugment pairs of (int op index, float magnitude)", url=name)
+    ids_arr = np.array(ids, np.int64).reshape(rows, op.num_ops)
+    mags_arr = np.array(mags, np.float64).reshape(rows, op.num_ops)
+    return "ra", _ra_bins(ids_arr, mags_arr, op, config.recipe.size, name)
+
+
+def _erase_boxes(entries: list[Any], config: MldrConfig, name: str, image_size: Any) -> tuple[str, np.ndarray]:
+    out_size = config.recipe.size
+    present = [r for r, e in enumerate(entries) if e is not None]
+    boxes = np.zeros((len(entries), 4), np.int64)
+    if present:
+        got = np.array(_flat([entries[r] for r in present], 4, (int,), "erase boxes", name), np.int64)
+        got = got.reshape(len(present), 4)
+        got[got[:, 0] == -1] = 0  # their forward skips a box whose top is -1; zeros are "not applied" here
+        top, left, h, w = got.T
+        bad = (top < 0) | (left < 0) | (h < 0) | (w < 0) | (top + h > out_size[0]) | (left + w > out_size[1])
+        if bad.any():
+            r = present[int(np.argmax(bad))]
+            raise MetadataError(f"round {r}: erase box {list(entries[r])} does not fit {out_size}", url=name)
+        boxes[present] = got
+    return "re", boxes
+
+
+# Their transforms that store parameters -> (our column, its rows), in their params order.
+_COLUMNS = {
+    "random_resized_crop": _crop_boxes,
+    "random_horizontal_flip": _flips,
+    "rand_augment": _randaugment,
+    "random_erase": _erase_boxes,
+}
+
+
+def _topk(probs: list[Any], config: MldrConfig, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Their (values, ids) of each round as (R, k) rows by falling probability (ties by class id)."""
+    k, rows = config.topk, len(probs)
     for r, p in enumerate(probs):
         if type(p) not in (tuple, list) or len(p) != 2:
             raise MetadataError(f"round {r}: expected prob as (values, ids), got {_short(p)}", url=name)
@@ -244,4 +274,4 @@ def convert_rounds(
         check_topk(idx, prob, config.num_classes)
     except DataError as exc:
         raise MetadataError(exc.message, url=name) from None
-    return Rounds(idx, prob, ops, total=len(rounds))
+    return idx, prob

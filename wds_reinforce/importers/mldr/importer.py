@@ -174,8 +174,10 @@ class MldrImporter:
         )
 
 
-def _config(meta: MetadataSource, config: str | os.PathLike | None, progress: Any) -> tuple[MldrConfig, str]:
-    """Their config: the file given, or the archive's own (found by streaming it)."""
+def _importer(
+    meta: MetadataSource, config: str | os.PathLike | None, drop_mixing: bool, progress: Any, classes: int
+) -> MldrImporter:
+    """The importer of their metadata: its config (the file given, or the archive's own), checked."""
     if config is not None:
         if not os.path.isfile(config):
             raise UsageError(f"expected their {CONFIG_NAME} file, got {str(config)!r} (not found)")
@@ -183,12 +185,21 @@ def _config(meta: MetadataSource, config: str | os.PathLike | None, progress: An
     else:
         data, where = meta.config(progress)
     try:
-        return load_config(data, where), where
+        cfg = load_config(data, where)
     except MetadataError as exc:
         raise UsageError(str(exc)) from None
+    if cfg.mixing and not drop_mixing:
+        raise UsageError(
+            f"{where}: {cfg.variant} is a mixing variant: each mixed round needs a partner image from anywhere in the "
+            "data set, which a stream cannot fetch; rerun with --drop-mixing to import only its rounds without a "
+            "partner (about a quarter of them with MixUp and CutMix at p=0.5)"
+        )
+    if cfg.num_classes is None:  # their config does not say: the split's classes (ids are checked against them)
+        cfg = dataclasses.replace(cfg, num_classes=classes)
+    return MldrImporter(meta, cfg, drop_mixing, str(config) if config is not None else "")
 
 
-def import_mldr(
+def import_mldr(  # long: its arguments and their documentation; the body is short
     metadata: str | os.PathLike,
     images: str | os.PathLike,
     out: str | os.PathLike,
@@ -244,17 +255,7 @@ def import_mldr(
     index = open_images(images, index_rule, keep_keys=sidecar_set)
     if group_rounds is not None and not sidecar_set:
         raise UsageError("expected group_rounds only for a sidecar set (webdataset shards as images, no copy_images)")
-    meta = MetadataSource(metadata)
-    cfg, where = _config(meta, config, progress)
-    if cfg.mixing and not drop_mixing:
-        raise UsageError(
-            f"{where}: {cfg.variant} is a mixing variant: each mixed round needs a partner image from anywhere in the "
-            "data set, which a stream cannot fetch; rerun with --drop-mixing to import only its rounds without a "
-            "partner (about a quarter of them with MixUp and CutMix at p=0.5)"
-        )
-    if cfg.num_classes is None:  # their config does not say: the split's classes (ids are checked against them)
-        cfg = dataclasses.replace(cfg, num_classes=len(index.class_names))
-    importer = MldrImporter(meta, cfg, drop_mixing, str(config) if config is not None else "")
+    importer = _importer(MetadataSource(metadata), config, drop_mixing, progress, len(index.class_names))
     return run_import(
         importer,
         index,
