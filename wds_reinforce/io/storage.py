@@ -175,7 +175,6 @@ class ReadCount:
 
     def __init__(self) -> None:
         self.bytes = 0
-        self.opened: list[str] = []
 
 
 _COUNTERS: list[ReadCount] = []

@@ -99,9 +99,6 @@ class Source:
         for i in range(start, min(stop, len(self))):
             yield self[i]
 
-    def describe(self) -> dict:
-        return {"spec": self.spec, "samples": len(self), "num_classes": self.num_classes}
-
     def index_digest(self) -> str:
         """16 hex digits over the ordered keys and labels: changes when the listing changes.
 

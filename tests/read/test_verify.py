@@ -104,7 +104,7 @@ def _inspect(*args):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     tool = str(root / "tools" / "inspect_shards.py")
     return subprocess.run([sys.executable, tool, *args], capture_output=True, text=True, cwd=root)
 

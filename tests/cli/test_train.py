@@ -13,7 +13,7 @@ from tests.producer_data import CLASSES, make_image_folder, make_wds_shard
 from tests.shardmaker import make_shards
 from wds_reinforce.cli.training import lr_factor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = str(ROOT / "tools" / "train.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -13,7 +13,7 @@ from PIL import Image
 from tests.producer_data import TEACHER, job_args, make_image_folder
 from wds_reinforce.produce.make import make_shards
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import inspect_shards as cli  # noqa: E402
 
 torch.set_num_threads(1)

@@ -34,7 +34,7 @@ from wds_reinforce.importers.mldr import (
 )
 from wds_reinforce.read.verify import verify_shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZES = [[(60, 80), (70, 50), (90, 90)], [(64, 64), (80, 100)], [(100, 70), (66, 77), (50, 120)]]
 SIZE = 64
 

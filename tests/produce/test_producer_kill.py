@@ -19,7 +19,7 @@ import pytest
 
 from tests.producer_data import cli_args, make_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKERS_DEADLINE_S = 60.0  # to start: python, torch and timm imports, the teacher
 GONE_DEADLINE_S = 2.0  # after the kill; the kernel signals at once, a poll loop took up to 5 s
 

@@ -343,7 +343,7 @@ def test_train_sizes_its_workers_from_the_sets_image_shards(sets):
 
     from wds_reinforce.core.threads import default_workers
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, str(root / "tools" / "train.py"), "--data", str(sets), "--epochs", "1", "--batch-size", "3"]
     out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True, cwd=root, env=os.environ)
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -17,11 +17,11 @@ from tests.producer_data import TEACHER, cli_args, job_args, make_image_folder, 
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.produce.make import make_shards, prepare_job
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import make_shards as cli  # noqa: E402
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = str(ROOT / "tools" / "make_shards.py")
 
 

@@ -31,7 +31,7 @@ from wds_reinforce.core.format import (
 from wds_reinforce.layouts import num_samples, timm_info
 
 FP = bytes(range(8))
-FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
+FORMAT_MD = Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md"
 
 
 def _column_values(draw, name: str, rounds: int) -> np.ndarray:
