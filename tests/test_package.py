@@ -78,3 +78,28 @@ def test_imports_point_one_way_and_never_in_a_circle():
         ready = {m for m, ts in graph.items() if m not in done and ts <= done}
         assert ready, f"an import cycle among {sorted(set(graph) - done)}"
         done |= ready
+
+
+def test_the_readme_architecture_lists_every_module():
+    """The README's tree names every module of the package (one line each), and nothing that is not there."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    block = text[text.index("## Architecture") :].split("```")[1]
+    listed, stack = set(), []
+    for line in block.splitlines():
+        match = re.match(r"^( *)(\S+)", line)
+        if not match or not (match.group(2).endswith("/") or match.group(2).endswith(".py")):
+            continue  # a continuation of the line above
+        depth = len(match.group(1)) // 2
+        stack[depth:] = [match.group(2)]
+        if match.group(2).endswith(".py") and stack[0] == "wds_reinforce/":
+            listed.add("".join(stack))
+    modules = {
+        str(p.relative_to(root))
+        for p in (root / "wds_reinforce").rglob("*.py")
+        if p.name != "__init__.py" or p.parent.name in ("wds_reinforce", "importers")
+    }
+    assert listed == modules, f"missing: {sorted(modules - listed)}; not in the code: {sorted(listed - modules)}"
