@@ -15,6 +15,7 @@ import sys
 import tarfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import boto3
 import pytest
@@ -162,6 +163,15 @@ def test_the_scheme_table_says_what_can_be_written(tmp_path):
     ]
     local = open_output(f"file:{tmp_path}")
     assert isinstance(local, LocalOutput) and local.root == tmp_path  # file: names a local folder
+    assert open_output(f"file://{tmp_path}").root == tmp_path  # file:///abs
+    # a colon in a folder name is no scheme unless the scheme is known or followed by //
+    assert [storage.scheme_of(u) for u in ("out:v2", "run:2/x", "gs://b/k", "c:\\data")] == [
+        "file",
+        "file",
+        "gs",
+        "file",
+    ]
+    assert open_output("out:v2").root == Path("out:v2")
     with pytest.raises(UsageError, match=r"a URL of s3://, got 'http://h/out' \(http:// cannot be written\)"):
         open_output("http://h/out")
     with pytest.raises(UsageError, match="pipe:// cannot be written"):

@@ -8,22 +8,29 @@ plain webdataset shards by a stated rule. Both say how output shards are cut fro
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import os
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
-
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, UsageError
 from wds_reinforce.core.format import crc32c
 from wds_reinforce.importers import IndexMismatchError
-from wds_reinforce.io.shards import IMAGE_EXTS, HashingReader, Span, image_bytes, image_member, samples
-from wds_reinforce.produce.sources import unique_keys
+from wds_reinforce.io.shards import (
+    IMAGE_EXTS,
+    LABEL_EXTS,
+    HashingReader,
+    Span,
+    image_bytes,
+    image_ext,
+    image_member,
+    local_shards,
+    sample_label,
+    samples,
+)
+from wds_reinforce.produce.sources import sample_order, unique_keys
 
 __all__ = ["IMAGEFOLDER_RULE", "ImageIndex", "FolderImages", "ShardImages", "open_images"]
 
@@ -32,15 +39,7 @@ IMAGEFOLDER_RULE = (
     "name (label = position), then within a class the sorted os.walk directories and, in each, the sorted file "
     "names with an extension in torchvision's IMG_EXTENSIONS"
 )
-# The producer's shard order (writer.ReinforceJob): the same seed gives the same shards.
-_ORDER_TAG = 0x5348554646
-_LABEL_MEMBERS = frozenset({"cls", "json"})  # read while listing; images are read when used
 _HEAD = 1 << 16  # bytes read for an image's header (the whole file if that is not enough)
-
-
-def _ext_of(path: str) -> str:
-    ext = path.rsplit(".", 1)[-1].lower()
-    return "jpg" if ext == "jpeg" else ext
 
 
 def _image_size(read: Callable[[int | None], bytes]) -> tuple[int, int]:
@@ -54,11 +53,11 @@ def _image_size(read: Callable[[int | None], bytes]) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------
-# The images, indexed the way their metadata is
+# The images, indexed the way their records are
 
 
 class ImageIndex:
-    """The train split, indexed as their metadata is: image ``i`` is their ``{i}.pth.tar``.
+    """The train split, indexed as an importer's records are: image ``i`` is the record of index ``i``.
 
     Subclasses fill ``keys``, ``labels``, ``exts``, ``class_names``, ``spec``, ``rule`` and
     implement ``read`` and ``shards``.
@@ -121,7 +120,7 @@ class FolderImages(ImageIndex):
         self.class_names = list(classes)
         self._files = [os.path.relpath(path, root) for path, _ in samples]
         self.labels = [int(label) for _, label in samples]
-        self.exts = [_ext_of(f) for f in self._files]
+        self.exts = [image_ext(f) for f in self._files]
         unreadable = [f for f, e in zip(self._files, self.exts) if e not in IMAGE_EXTS]
         if unreadable:
             raise UsageError(
@@ -139,7 +138,7 @@ class FolderImages(ImageIndex):
 
     def shards(self, shard_size: int, seed: int, shuffle: bool) -> list[list[int]]:
         n = len(self)
-        order = np.random.default_rng([seed, _ORDER_TAG]).permutation(n) if shuffle else np.arange(n)
+        order = sample_order(n, seed, shuffle)  # the producer's: the same seed gives the same shards
         return [order[s : s + shard_size].tolist() for s in range(0, n, shard_size)]
 
 
@@ -159,13 +158,9 @@ class ShardImages(ImageIndex):
     """
 
     def __init__(self, pattern: str, rule: str = "imagefolder", keep_keys: bool = False):
-        import braceexpand
-
         if rule not in ("imagefolder", "key"):
             raise UsageError(f"expected index rule 'imagefolder' or 'key', got {rule!r}")
-        paths: list[str] = []
-        for part in braceexpand.braceexpand(pattern):
-            paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
+        paths = local_shards(pattern)
         missing = [p for p in paths if not os.path.isfile(p)]
         if not paths or missing:
             raise UsageError(
@@ -218,20 +213,15 @@ class ShardImages(ImageIndex):
         """(raw key, image ext, data offset, size, label) per sample, grouped as the loader groups them."""
         try:
             with open(path, "rb") as f:
-                for sample in samples(f, path, read=_LABEL_MEMBERS.__contains__):
+                for sample in samples(f, path, read=LABEL_EXTS.__contains__):
                     key, image = sample["__key__"], image_member(sample)
                     if image is None or not isinstance(image[1], Span):
                         raise UsageError(f"sample {key!r} in {path} has no image member ({'/'.join(IMAGE_EXTS)})")
-                    label = None
-                    if "cls" in sample:
-                        text = sample["cls"].decode("ascii", "replace").strip()
-                        label = int(text) if text.isdigit() else None
-                    elif "json" in sample:
-                        meta = json.loads(sample["json"] or b"null")
-                        label = meta.get("label") if isinstance(meta, dict) else None
-                    if type(label) is not int:
-                        raise UsageError(f"sample {key!r} in {path} has no integer label (cls member or json 'label')")
-                    yield key, _ext_of(image[0]), image[1].offset, image[1].size, label
+                    try:
+                        label = sample_label(sample)
+                    except ValueError as exc:
+                        raise UsageError(f"sample {key!r} in {path} has no integer label: {exc}") from None
+                    yield key, image_ext(image[0]), image[1].offset, image[1].size, label
         except (tarfile.TarError, OSError, ValueError) as exc:
             if isinstance(exc, UsageError):
                 raise

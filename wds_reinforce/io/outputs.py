@@ -15,11 +15,12 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.io.remote import s3_client, s3_location
 
-__all__ = ["Output", "LocalOutput", "S3Output", "S3Writer", "fsync_rename", "sha256_file"]
+__all__ = ["Output", "LocalOutput", "S3Output", "S3Writer", "local_path", "fsync_rename", "sha256_file"]
 
 
 class Output(Protocol):
@@ -72,14 +73,16 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def local_path(url: str) -> str:
+    """The file system path of a local location: a path, or a ``file:`` URL (``file:///abs``, ``file:rel``)."""
+    return urlparse(url).path if url.startswith("file:") else url
+
+
 class LocalOutput:
     """A local output folder: files are staged in it and renamed into place."""
 
     def __init__(self, root: str | os.PathLike):
-        path = str(root)
-        if path.startswith("file:"):  # file:/abs/path or file:///abs/path
-            path = "/" + path[len("file:") :].lstrip("/") if path[len("file:") :].startswith("/") else path[5:]
-        self.root = Path(path)
+        self.root = Path(local_path(str(root)))
         self.url = str(root)
 
     def check_writable(self) -> None:

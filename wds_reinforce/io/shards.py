@@ -10,8 +10,10 @@ members sharing a key form a sample, the key ending at the basename's first dot
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
+import json
 import re
 import tarfile
 from collections.abc import Callable, Iterator, Mapping
@@ -20,11 +22,12 @@ from typing import Any
 
 from webdataset.tariterators import base_plus_ext
 
-from wds_reinforce.core.errors import DataError, FormatError
+from wds_reinforce.core.errors import DataError, FormatError, error_text
 from wds_reinforce.io.tario import iter_members
 
 __all__ = [
     "IMAGE_EXTS",
+    "LABEL_EXTS",
     "Span",
     "ShardCut",
     "HashingReader",
@@ -32,10 +35,15 @@ __all__ = [
     "image_member",
     "image_bytes",
     "members_of",
+    "image_ext",
+    "sample_label",
+    "local_shards",
 ]
 
 # A sample's image is its first member with one of these extensions, in this order.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# A plain webdataset sample's label members (``sample_label``): read while listing, images later
+LABEL_EXTS = frozenset({"cls", "json"})
 
 # webdataset's metadata members, which it skips
 _META = re.compile(r"__[^/]*__($|/)")
@@ -73,12 +81,6 @@ class ShardCut(DataError):
         super().__init__(message, key, url)
 
 
-def _cause(exc: BaseException) -> str:
-    text = str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return f"{type(exc).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', first)}"
-
-
 def samples(stream: Any, url: str | None = None, read: Callable[[str], bool] | None = None) -> Iterator[dict]:
     """The complete samples of one tar stream: ``{"__key__", "__url__", ext: bytes, ...}``.
 
@@ -88,13 +90,14 @@ def samples(stream: Any, url: str | None = None, read: Callable[[str], bool] | N
     Args:
         stream: a readable file object (read forward only; never closed here).
         url: the shard's URL, set as ``__url__`` and in errors.
-        read: which extensions to read; the others become a ``Span`` (uncompressed files only,
-            else not read at all). Default: read every member.
+        read: which extensions to read; the others become a ``Span`` (uncompressed shards
+            only). Default: read every member.
 
     Raises:
         FormatError: a sample that repeats an extension.
         ShardCut: the stream breaks after its first member (see ``ShardCut``).
-        tarfile.ReadError, OSError: the stream is not a tar file, or breaks before any member.
+        tarfile.ReadError, OSError: the stream is not a tar file, or breaks before any member;
+            or it is compressed and ``read`` leaves members to be read in place later.
     """
     sample: dict | None = None
     complete, reading, after = 0, None, ""
@@ -114,18 +117,22 @@ def samples(stream: Any, url: str | None = None, read: Callable[[str], bool] | N
                 sample = {"__key__": key, "__url__": url}
             ext = ext.lower()
             if ext in sample:
-                raise FormatError(f"member {member.name!r} repeats extension {ext!r} of sample {key!r}", url=url)
+                raise FormatError(f"member {member.name!r} repeats extension {ext!r}", key, url)
             if read is None or read(ext):
                 reading = member.name
                 sample[ext] = member.read()
                 reading = None
-            elif member.offset is not None:
+            elif member.offset is None:  # a compressed stream: nothing to read in place later
+                break
+            else:
                 sample[ext] = Span(member.offset, member.size)
             after = member.name
         except _STREAM_ERRORS as exc:
             if sample is None:
                 raise
-            raise ShardCut(_cause(exc), sample["__key__"], sample, complete, reading, after, url) from exc
+            raise ShardCut(error_text(exc), sample["__key__"], sample, complete, reading, after, url) from exc
+    if member is not None:
+        raise tarfile.ReadError("a compressed shard, whose members cannot be read in place; expected a plain .tar")
     if sample is not None:
         yield sample  # iter_members ended at the end-of-archive marker: the shard is whole
 
@@ -169,6 +176,9 @@ class HashingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return False  # a skip by seeking would leave bytes out of the hash
+
     def readinto(self, buffer: Any) -> int:
         if self._readinto is not None:
             n = self._readinto(buffer) or 0
@@ -188,3 +198,46 @@ class HashingReader(io.RawIOBase):
         """Read (and hash) the rest of the stream."""
         while self.read(1 << 20):
             pass
+
+
+def image_ext(name: str) -> str:
+    """An image file's or member's extension as shards store it: lower case, ``jpeg`` as ``jpg``."""
+    ext = name.rsplit(".", 1)[-1].lower()
+    return "jpg" if ext == "jpeg" else ext
+
+
+def sample_label(sample: Mapping[str, Any]) -> int:
+    """A plain webdataset sample's class: its ``cls`` member (an integer as text), else ``json["label"]``.
+
+    Raises:
+        ValueError: what is wrong with the label, for the caller to say where.
+    """
+    if "cls" in sample:
+        text = sample["cls"].decode("ascii", "replace").strip()
+        try:
+            label = int(text)
+        except ValueError:
+            raise ValueError(f"cls {text[:20]!r} is not an integer") from None
+    elif "json" in sample:
+        try:
+            meta = json.loads(sample["json"] or b"null")
+        except ValueError as exc:
+            raise ValueError(f"its json member is not JSON ({exc})") from None
+        label = meta.get("label") if isinstance(meta, dict) else None
+        if type(label) is not int:
+            raise ValueError("its json member has no integer 'label'")
+    else:
+        raise ValueError("it has no 'cls' member or json 'label'")
+    if label < 0:
+        raise ValueError(f"label {label} is negative")
+    return label
+
+
+def local_shards(pattern: str) -> list[str]:
+    """The local paths a shard pattern names: braces expanded, then each glob matched (sorted)."""
+    import braceexpand
+
+    paths: list[str] = []
+    for part in braceexpand.braceexpand(pattern):
+        paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
+    return paths

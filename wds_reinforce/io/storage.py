@@ -120,11 +120,17 @@ del _scheme
 
 
 def scheme_of(url: str) -> str:
-    """The scheme of ``url``: ``file`` for a local path or ``file:`` URL."""
-    scheme, sep, _ = url.partition(":")
-    if not sep or os.sep in scheme or "/" in scheme or len(scheme) < 2:  # a path (or a Windows drive letter)
+    """The scheme of ``url``: ``file`` for a local path or ``file:`` URL.
+
+    A prefix is a scheme when it is known (ours or webdataset's) or followed by ``//``; anything
+    else is a path, such as ``out:v2`` or a Windows drive letter.
+    """
+    scheme, sep, rest = url.partition(":")
+    scheme = scheme.lower()
+    if not sep or len(scheme) < 2 or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
         return "file"
-    return scheme.lower()
+    known = scheme in SCHEMES or scheme in _gopen_schemes
+    return scheme if known or rest.startswith("//") else "file"
 
 
 def register_url_schemes(force: bool = False) -> None:

@@ -180,7 +180,8 @@ def _pax(data: bytes) -> dict[str, str]:
 class TarMember:
     """A regular member: its ``name`` and ``size`` are known; ``read()`` its data before the next member.
 
-    ``offset`` is where its data starts in the file, for an uncompressed stream (None in a
+    ``offset`` is where its data starts, in bytes from where the stream stood when iteration
+    began (a file's start, for a file opened afresh), for an uncompressed stream (None in a
     compressed one), so that a listing can read it again later.
     """
 

@@ -11,7 +11,6 @@ a tar path or brace pattern (webdataset shards), or ``NAME:ROOT`` for a register
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -26,10 +25,21 @@ import numpy as np
 
 from wds_reinforce.core.errors import DataError
 from wds_reinforce.core.registry import Registry
-from wds_reinforce.io.shards import IMAGE_EXTS, Span, image_member, members_of, samples
+from wds_reinforce.io.shards import (
+    IMAGE_EXTS,
+    LABEL_EXTS,
+    Span,
+    image_ext,
+    image_member,
+    local_shards,
+    members_of,
+    sample_label,
+    samples,
+)
 
 __all__ = [
     "SOURCES",
+    "sample_order",
     "SourceSample",
     "SourceSampleError",
     "unique_keys",
@@ -41,7 +51,6 @@ __all__ = [
     "sanitize_key",
 ]
 
-_LABEL_MEMBERS = frozenset({"cls", "json"})  # read while listing shards; images are read when used
 # ustar names hold 100 bytes; a key plus ".dr.mp" must fit, with room to spare.
 _MAX_KEY = 80
 
@@ -123,6 +132,14 @@ def sanitize_key(text: str) -> str:
     return key
 
 
+_ORDER_TAG = 0x5348554646  # "SHUFF": the shard order's stream, apart from the augmentation seeds
+
+
+def sample_order(n: int, seed: int, shuffle: bool = True) -> np.ndarray:
+    """The order in which a job writes a source's ``n`` samples into shards: seeded, or as listed."""
+    return np.random.default_rng([seed, _ORDER_TAG]).permutation(n) if shuffle else np.arange(n)
+
+
 def unique_keys(raw: Sequence[str]) -> list[str]:
     """Sanitised keys, made unique deterministically (in order) with a numeric suffix."""
     seen: set[str] = set()
@@ -136,11 +153,6 @@ def unique_keys(raw: Sequence[str]) -> list[str]:
         seen.add(key)
         out.append(key)
     return out
-
-
-def _ext_of(path: str) -> str:
-    ext = path.rsplit(".", 1)[-1].lower()
-    return "jpg" if ext == "jpeg" else ext
 
 
 # ----------------------------------------------------------------------------------------
@@ -179,21 +191,11 @@ class ImageFolderSource(Source):
     def __getitem__(self, index: int) -> SourceSample:
         rel = self._files[index]
         data = (self._root / rel).read_bytes()
-        return SourceSample(self._keys[index], data, self._labels[index], _ext_of(rel))
+        return SourceSample(self._keys[index], data, self._labels[index], image_ext(rel))
 
 
 # ----------------------------------------------------------------------------------------
 # webdataset shards
-
-
-def _expand_shards(pattern: str) -> list[str]:
-    import braceexpand
-
-    paths: list[str] = []
-    for part in braceexpand.braceexpand(pattern):
-        matched = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
-        paths.extend(matched)
-    return paths
 
 
 class WebDatasetSource(Source):
@@ -209,7 +211,7 @@ class WebDatasetSource(Source):
 
     def __init__(self, pattern: str):
         self.spec = pattern
-        paths = _expand_shards(pattern)
+        paths = local_shards(pattern)
         missing = [p for p in paths if not os.path.isfile(p)]
         if not paths or missing:
             raise ValueError(
@@ -234,7 +236,7 @@ class WebDatasetSource(Source):
                         entries.append((si, -1, 0, "", raw_key))
                     else:
                         label = self._label(path, sample)
-                        entries.append((si, image[1].offset, image[1].size, _ext_of(image[0]), raw_key))
+                        entries.append((si, image[1].offset, image[1].size, image_ext(image[0]), raw_key))
                     labels.append(label)
             except (tarfile.TarError, OSError) as exc:
                 raise ValueError(f"expected webdataset .tar shards, got {path}: {type(exc).__name__}: {exc}") from None
@@ -252,28 +254,19 @@ class WebDatasetSource(Source):
     def _scan(path: str) -> Iterator[dict]:
         """Each sample's label members (``cls``, ``json``) and where its other members lie (``Span``)."""
         with open(path, "rb") as f:
-            yield from samples(f, path, read=_LABEL_MEMBERS.__contains__)
+            yield from samples(f, path, read=LABEL_EXTS.__contains__)
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         return Span(offset, size).read(self._paths[shard])
 
     @staticmethod
     def _label(path: str, sample: dict) -> int:
-        key = sample["__key__"]
-        if "cls" in sample:
-            text = sample["cls"].decode("ascii", "replace").strip()
-            try:
-                return int(text)
-            except ValueError:
-                raise ValueError(f"expected an integer label in {path}, got cls {text!r} (sample {key!r})") from None
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"])
-            except ValueError as exc:
-                raise ValueError(f"expected a JSON member in {path}, got {exc} (sample {key!r})") from None
-            if isinstance(meta, dict) and isinstance(meta.get("label"), int):
-                return meta["label"]
-        raise ValueError(f"expected a 'cls' member or json 'label' for every sample in {path}")
+        try:
+            return sample_label(sample)
+        except ValueError as exc:
+            raise ValueError(
+                f"expected an integer label for every sample in {path}, got sample {sample['__key__']!r}: {exc}"
+            ) from None
 
     @staticmethod
     def _class_names(first: str, labels: list[int]) -> list[str]:
@@ -359,7 +352,7 @@ class TorchvisionSource(Source):
             Image.fromarray(self._arrays[index]).save(buf, "PNG", compress_level=6)
             return SourceSample(self._keys[index], buf.getvalue(), self._labels[index], "png")
         path = self._files[index]
-        return SourceSample(self._keys[index], path.read_bytes(), self._labels[index], _ext_of(path.name))
+        return SourceSample(self._keys[index], path.read_bytes(), self._labels[index], image_ext(path.name))
 
 
 for _name in ("cifar100", "flowers102", "food101"):
