@@ -4,7 +4,7 @@ Reinforced shards keep the original image bytes and add, per sample, a msgpack s
 every round's augmentation parameters and the teacher's sparse (top-k) outputs.
 
 ``import wds_reinforce`` loads the format, augmentations, targets and the streaming loader
-(``storage`` registers an ``s3://`` scheme in webdataset). The producer's names (``make_shards``,
+(``io.storage`` puts its URL schemes, ``s3://`` among them, in webdataset's table). The producer's names (``make_shards``,
 ``load_teacher``, ...) load on first use, so a training job never imports teacher code.
 """
 
@@ -63,7 +63,7 @@ _LAZY = {
     "make_shards": "produce.make",
     "import_mldr": "importers.mldr",
     "prepare_job": "produce.make",
-    "ProducerSummary": "produce.jobs",
+    "ProducerSummary": "produce.teacher_job",
     "open_source": "produce.sources",
     "Source": "produce.sources",
     "SourceSample": "produce.sources",

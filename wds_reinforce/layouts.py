@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from wds_reinforce.core.errors import FormatError, UsageError
-from wds_reinforce.core.format import SIDECAR_EXT, Manifest, ShardInfo, TeacherSet
+from wds_reinforce.core.format import SIDECAR_EXT, Manifest, RoundGroup, ShardInfo, TeacherSet
 from wds_reinforce.core.registry import Registry
 from wds_reinforce.core.schedule import group_for
 from wds_reinforce.io.shards import samples
@@ -48,6 +48,9 @@ __all__ = [
     "shard_urls",
     "read_unit",
     "group_dir",
+    "group_rows",
+    "group_shard_name",
+    "sidecar_set_fields",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -87,6 +90,24 @@ def shard_urls(manifest_location: str, manifest: Manifest) -> list[str]:
 def group_dir(first_round: int, rounds: int) -> str:
     """The folder of a sidecar set's round group holding rounds ``[first_round, first_round + rounds)``."""
     return f"rounds-{first_round:05d}-{first_round + rounds - 1:05d}"
+
+
+def group_rows(g: int, group_rounds: int) -> slice:
+    """The rounds (sidecar rows) of a sidecar set's round group ``g`` of ``group_rounds`` rounds each."""
+    return slice(g * group_rounds, (g + 1) * group_rounds)
+
+
+def group_shard_name(g: int, group_rounds: int, split: str, i: int) -> str:
+    """Round group ``g``'s sidecar shard for image shard ``i``, in the set's folder."""
+    return f"{group_dir(g * group_rounds, group_rounds)}/{split}-{i:06d}.tar"
+
+
+def sidecar_set_fields(
+    image_shards: Sequence[ShardInfo], group_rounds: int, group_shards: Sequence[Sequence[ShardInfo]]
+) -> dict[str, Any]:
+    """A sidecar set's own manifest fields: its image shards and round groups (``group_shards[g][i]``)."""
+    groups = [RoundGroup(g * group_rounds, group_rounds, list(shards)) for g, shards in enumerate(group_shards)]
+    return {"layout": SIDECAR_SETS, "image_shards": list(image_shards), "round_groups": groups}
 
 
 # ----------------------------------------------------------------------------------------
@@ -179,6 +200,7 @@ class Layout:
     """One way a set lies in its files; see the module docstring. Stateless: one instance per layout."""
 
     name: ClassVar[str]
+    teacher_sets: ClassVar[bool] = False  # whether other teachers' targets can lie beside it (add_teacher_set)
 
     def check(self, manifest: Manifest, source: str) -> None:
         """Raise ``FormatError`` (naming ``source``) unless the manifest's lists fit this layout."""
@@ -282,6 +304,7 @@ class _SelfContained(Layout):
 
 class _SidecarSets(Layout):
     name = SIDECAR_SETS
+    teacher_sets = True
 
     def check(self, manifest: Manifest, source: str) -> None:
         """Round groups must tile rounds 0..R-1 in order, all of one size, one shard per image shard."""

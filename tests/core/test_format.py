@@ -84,6 +84,20 @@ def test_sidecar_round_trip(sc: Sidecar):
     assert encode_sidecar(out) == data
 
 
+@settings(max_examples=50, deadline=None)
+@given(sidecars(), st.data())
+def test_a_round_group_is_the_sidecar_of_its_rows(sc: Sidecar, data):
+    sc = dataclasses.replace(sc, image_crc=7, window_crc=9)
+    start = data.draw(st.integers(0, sc.rounds - 1))
+    stop = data.draw(st.integers(start + 1, sc.rounds))
+    part = decode_sidecar(encode_sidecar(sc.select(slice(start, stop))))
+    assert part.rounds == stop - start and (part.image_crc, part.window_crc) == (7, 9)
+    for r in range(start, stop):  # each row keeps its parameters and targets
+        assert np.array_equal(part.idx[r - start], sc.idx[r])
+        assert part.prob[r - start].tobytes() == sc.prob[r].tobytes()
+        assert all(np.array_equal(part.round_params(r - start)[c], v) for c, v in sc.round_params(r).items())
+
+
 def _half(bits: int) -> float:
     """The half float with these bits; 0 for NaN (any other half float round-trips)."""
     value = float(np.uint16(bits).view(np.float16))

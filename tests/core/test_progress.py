@@ -26,6 +26,20 @@ def test_a_log_gets_one_line_per_shard_with_count_rate_and_eta():
     assert "\r" not in log.getvalue()
 
 
+def test_a_restart_counts_only_what_is_left():
+    now = [0.0]
+    log = io.StringIO()
+    progress = ShardProgress(3000, 3, stream=log, clock=lambda: now[0])
+    now[0] += 50.0  # finding the finished shards
+    progress.restart(1000, 1)  # two of the three were kept
+    progress.update(1000)
+    now[0] += 10.0
+    progress.shard_done("train-000002.tar")
+    assert log.getvalue().splitlines() == [
+        "reinforce: shard 1/1 done (train-000002.tar); 1000/1000 samples (100 %), 100.0 samples/s, elapsed 10s, ETA 0s"
+    ]
+
+
 def test_a_terminal_gets_a_bar_and_no_lines():
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -143,7 +143,7 @@ def test_import_round_trip(tmp_path, folder, variant):
     if variant != "rrc":
         ops = {op["op"]: op for op in manifest["recipe"]["ops"]}
         assert ops["re"]["value"] == [0] and ops["ra"]["magnitude"] == 9 and "kernels" not in manifest["recipe"]
-    assert not (tmp_path / "out" / ".mldr-spool").exists()
+    assert not (tmp_path / "out" / ".import-spool").exists()
 
 
 def test_folder_metadata_gives_the_same_shards(tmp_path, folder):
@@ -248,9 +248,9 @@ def test_index_mismatch_is_an_error_before_output(tmp_path, folder, case):
     if case == "extra image":
         make_folder(tmp_path / "extra", [[(60, 60)]])
         os.replace(tmp_path / "extra" / "c0" / "img_000.jpg", folder / "c2" / "img_009.jpg")
-        error, match = IndexMismatchError, rf"{n} image files for the {n + 1} images.*none for index {n} .*img_009"
+        error, match = IndexMismatchError, rf"{n} image records for the {n + 1} images.*none for index {n} .*img_009"
     elif case == "missing file":
-        error, match = IndexMismatchError, r"7 image files for the 8 images.*none for index 4 \(expected 4\.pth\.tar"
+        error, match = IndexMismatchError, r"7 image records for the 8 images.*none for index 4 \(expected 4\.pth\.tar"
     elif case == "wrong index inside":
         error, match = MetadataError, r"2\.pth\.tar: holds index 5, but its name says 2"
     else:
@@ -409,7 +409,7 @@ def test_plain_shards_get_a_sidecar_set(tmp_path, folder, variant, group_rounds)
     for g in manifest.round_groups:  # sidecar shard j: input shard j's keys in its order
         assert [_tar_keys(out / s.name) for s in g.shards] == [_tar_keys(p) for p in plain]
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert not [p for p in files if p.suffix in (".jpg", ".png")] and not (out / ".mldr-spool").exists()
+    assert not [p for p in files if p.suffix in (".jpg", ".png")] and not (out / ".import-spool").exists()
     for path in (p for p in files if p.suffix == ".tar"):  # no copy of an image or label anywhere
         with tarfile.open(path) as tar:
             assert all(name.endswith(".dr.mp") for name in tar.getnames()), path
@@ -499,7 +499,7 @@ def test_sidecar_set_image_not_covered_is_an_error_before_output(tmp_path, folde
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(
-        IndexMismatchError, match=r"8 image files for the 9 images.*none for index 8 .*plain-1\.tar:c2/zzz"
+        IndexMismatchError, match=r"8 image records for the 9 images.*none for index 8 .*plain-1\.tar:c2/zzz"
     ):
         import_mldr(tmp_path / "meta.tar.gz", pattern, tmp_path / "out")
     assert not list((tmp_path / "out").glob("**/*.tar")) and not (tmp_path / "out" / "manifest.json").exists()
@@ -586,7 +586,7 @@ def test_damaged_archive_is_an_error_before_output(tmp_path, folder):
     (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(MetadataError, match=r"cut\.tar\.gz: cannot read the archive"):
         import_mldr(tmp_path / "cut.tar.gz", folder, tmp_path / "out", config=tmp_path / "config.pth.tar")
-    assert not list((tmp_path / "out").glob("**/*.tar")) and not (tmp_path / "out" / ".mldr-spool").exists()
+    assert not list((tmp_path / "out").glob("**/*.tar")) and not (tmp_path / "out" / ".import-spool").exists()
 
 
 def test_replay_is_close_to_their_teacher_pixels():

@@ -108,7 +108,7 @@ def make_demo_images(root: str | os.PathLike, per_class: int, seed: int = 0, siz
 
 
 def _load_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from wds_reinforce.core.augment import SourceImage
+    from wds_reinforce.core.decode import SourceImage
     from wds_reinforce.produce.sources import ImageFolderSource
 
     src = ImageFolderSource(root)

@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Any
 
+from wds_reinforce.core.errors import UsageError, check_int
 from wds_reinforce.core.threads import default_threads, default_workers, describe_defaults
 
 __all__ = ["main", "build_parser"]
@@ -143,7 +144,6 @@ _KEYS = {
 def _add_teacher(args: argparse.Namespace, options: dict[str, Any]) -> int:
     if not options.get("out") or not options.get("teacher"):
         return _fail("expected --out (the sidecar set) and --teacher with --add-teacher")
-    from wds_reinforce.core.errors import UsageError
     from wds_reinforce.produce.teacher_sets import add_teacher_set
 
     try:
@@ -172,13 +172,13 @@ def _fail(message: str) -> int:
 
 def _cheap_checks(options: dict[str, Any]) -> str | None:
     """A complaint about an argument that needs no torch, or None (the producer checks the rest)."""
-    for name, minimum in (("rounds", 1), ("topk", 1), ("shard_size", 1), ("batch_size", 1), ("workers", 0)):
-        value = options.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-            return f"expected {name} an integer >= {minimum}, got {value!r}"
-    threads = options.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        return f"expected threads an integer >= 1, got {threads!r}"
+    numbers = (("rounds", 1), ("topk", 1), ("shard_size", 1), ("batch_size", 1), ("workers", 0), ("threads", 1))
+    try:
+        for name, minimum in numbers:
+            if options.get(name) is not None:
+                check_int(name, options[name], minimum)
+    except UsageError as exc:
+        return str(exc)
     source = options.get("source")
     if isinstance(source, str) and "://" not in source and not _is_registered_spec(source):
         pattern = source.split("{", 1)[0] if ".tar" in source else source
@@ -308,7 +308,6 @@ def _make(options: dict[str, Any], threads: int, progress: bool) -> int:
     """Check the options, run the job, print its summary (Ctrl-C: what was kept)."""
     import torch
 
-    from wds_reinforce.core.errors import UsageError
     from wds_reinforce.produce.make import prepare_job, prepare_sidecar_job
 
     torch.set_num_threads(threads)

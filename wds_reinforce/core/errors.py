@@ -2,7 +2,7 @@
 
 ``DataError`` and its subclasses mean the bytes are wrong: a sidecar that does not decode, an
 image that cannot be decoded, a shard that is short or missing. A ``handler=`` such as
-``loader.SkipCounter`` may skip the samples they cost and go on. ``UsageError`` means the
+``read.options.SkipCounter`` may skip the samples they cost and go on. ``UsageError`` means the
 caller is wrong (a bad argument, a recipe this version cannot replay): skipping would hide it,
 so no handler ever does. Anything else (``TypeError``, ``RuntimeError`` from a kernel, ...) is
 a bug and propagates as it is.
@@ -15,6 +15,7 @@ This module is the bottom of the import graph: it imports nothing from the packa
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "SampleError",
     "MismatchError",
     "UsageError",
+    "check_int",
+    "check_split",
+    "error_text",
 ]
 
 
@@ -103,3 +107,28 @@ class MismatchError(SampleError):
 
 class UsageError(ValueError):
     """A bad argument or setting, found before any work starts; never skipped by a handler."""
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value``, an integer (not a bool) of at least ``minimum``; else a ``UsageError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"expected {name} an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_split(split: Any) -> str:
+    """``split``, a name that can begin shard names (``SPLIT-000000.tar``): no dots or slashes."""
+    if not isinstance(split, str) or not split or "." in split or "/" in split:
+        raise UsageError(f"expected split a name without dots or slashes, got {split!r}")
+    return split
+
+
+def error_text(exc: BaseException, whole: bool = False) -> str:
+    """An error as reports and manifests show it, ``Type: message``: the message's first line
+    unless ``whole``, and no object addresses (which would differ between runs)."""
+    if whole:
+        text = str(exc)
+    else:
+        text = str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
+        text = text.splitlines()[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', text)}"

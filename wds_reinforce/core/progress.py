@@ -72,7 +72,14 @@ class ShardProgress:
         if say is None and (_is_tty(self.stream) if tty is None else tty):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=items, unit="img", desc=desc, dynamic_ncols=True, file=self.stream)
+            self.bar = tqdm(total=items, unit=unit, desc=desc, dynamic_ncols=True, file=self.stream)
+
+    def restart(self, items: int, shards: int) -> None:
+        """Count afresh from now: ``items`` and ``shards`` are what is left to make (after reuse)."""
+        self.items, self.shards, self.done_items, self.done_shards = items, shards, 0, 0
+        self.start = self.clock()
+        if self.bar is not None:
+            self.bar.reset(total=items)
 
     def update(self, n: int = 1) -> None:
         self.done_items += n

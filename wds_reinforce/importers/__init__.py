@@ -1,8 +1,9 @@
 """Importing another project's released reinforcements: the seam an importer plugs into.
 
 Such a release holds, per training image, its rounds (augmentation parameters and the teacher's
-top-k), keyed by the image's position in some order of the train split. An importer is one
-module (``mldr`` for apple/ml-dr's ImageNet+ and friends) that supplies an ``Importer``: its
+top-k), keyed by the image's position in some order of the train split. An importer is a
+module or package (``mldr`` for apple/ml-dr's ImageNet+ and friends: ``mldr.importer``, with its
+reading and conversion helpers beside it) that supplies an ``Importer``: its
 records as a stream, which image each one is (its index), and how one record becomes this
 package's ``Rounds``. The shared import job (``job.run_import``) does the rest: it indexes the
 images (``images``), checks that records and images agree, converts this rank's records into a

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from wds_reinforce.core.errors import DataError, UsageError
+from wds_reinforce.core.errors import DataError, UsageError, check_int, check_split
 from wds_reinforce.core.format import (
     Manifest,
     Sidecar,
@@ -59,23 +59,16 @@ _SPOOL = ".import-spool"
 _RECORD = struct.Struct("<III")  # image index, kept rounds, sidecar length
 
 
-def _positive(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"expected {name} an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def check_settings(
     shard_size: int, rounds: int | None, seed: int, split: str, group_rounds: int | None
 ) -> tuple[int, int | None, int | None]:
     """(shard_size, rounds, group_rounds), checked before anything is read."""
-    shard_size = _positive("shard_size", shard_size)
-    rounds = None if rounds is None else _positive("rounds", rounds)
-    _positive("seed", seed, 0)
-    if not isinstance(split, str) or not split or "." in split or "/" in split:
-        raise UsageError(f"expected split a name without dots or slashes, got {split!r}")
+    shard_size = check_int("shard_size", shard_size)
+    rounds = None if rounds is None else check_int("rounds", rounds)
+    check_int("seed", seed, 0)
+    check_split(split)
     if group_rounds is not None:
-        group_rounds = _positive("group_rounds", group_rounds)
+        group_rounds = check_int("group_rounds", group_rounds)
         if rounds is not None and rounds % group_rounds:
             raise UsageError(f"expected group_rounds a divisor of rounds={rounds}, got {group_rounds}")
     return shard_size, rounds, group_rounds
@@ -117,6 +110,7 @@ class _ImportJob:
 
     def make(self, todo: list[tuple[int, list[str]]]) -> int:
         shards = [j for j, _ in todo]
+        self.progress.restart(sum(len(self.shards[j]) for j in shards), len(shards))
         try:
             scan = self._scan(shards)
             keep = self._keep(scan)
@@ -125,7 +119,7 @@ class _ImportJob:
             raise
         if self.writer.job_file is not None:
             text = json.dumps({"job": self.job.digest, "identity": self.identity}, sort_keys=True) + "\n"
-            self.job.keep_identity(self.writer.job_file, text, replace=False)
+            self.job.keep_identity(self.writer.job_file, text, decides=True)
         for j in shards:
             self.job.done(self.writer.name(j), self._write(j, keep, scan))
             self.progress.update(len(self.shards[j]))
@@ -145,15 +139,15 @@ class _ImportJob:
         i = self.importer.index_of(name)
         if i is not None and i >= len(self.images):
             raise IndexMismatchError(
-                f"metadata file {name} has index {i}, outside the {len(self.images)} images of {self.images.spec} "
-                "(not the split, or not all of it, that the metadata was made for)"
+                f"record {name} has index {i}, outside the {len(self.images)} images of {self.images.spec} "
+                "(not the split, or not all of it, that the records were made for)"
             )
         return i
 
     def _missing(self, seen: np.ndarray, files: int) -> IndexMismatchError:
         i, n = int(np.argmin(seen)), len(self.images)
         return IndexMismatchError(
-            f"the metadata has {files} image files for the {n} images of {self.images.spec}; none for index {i} "
+            f"the records hold {files} image records for the {n} images of {self.images.spec}; none for index {i} "
             f"(expected {self.importer.record_name(i)}, image {self.images.where(i)})"
         )
 
@@ -168,7 +162,7 @@ class _ImportJob:
             if i is None:
                 continue
             if seen[i]:
-                raise IndexMismatchError(f"two metadata files for index {i}: {name} repeats it")
+                raise IndexMismatchError(f"two records for index {i}: {name} repeats it")
             seen[i] = True
         if not seen.all():
             raise self._missing(seen, int(seen.sum()))
@@ -190,16 +184,16 @@ class _ImportJob:
             if i is None:
                 continue
             if seen[i]:
-                raise IndexMismatchError(f"two metadata files for index {i}: {name} repeats it")
+                raise IndexMismatchError(f"two records for index {i}: {name} repeats it")
             seen[i], files = True, files + 1
             if shard_of[i] >= 0:
                 self._convert(scan, int(shard_of[i]), i, name, read)
             if self.progress.due():
                 rate = files / max(time.monotonic() - start, 1e-9)
-                self.progress.note(f"metadata: {files}/{n} files read, {scan.converted} converted ({rate:.0f} files/s)")
+                self.progress.note(f"records: {files}/{n} read, {scan.converted} converted ({rate:.0f} records/s)")
         if not seen.all() or files != n:
             raise self._missing(seen, files)
-        self.progress.note(f"metadata: all {n} files read and checked, {scan.converted} converted", force=True)
+        self.progress.note(f"records: all {n} read and checked, {scan.converted} converted", force=True)
         return scan
 
     def _convert(self, scan: _Scan, j: int, i: int, name: str, read: Callable[[], bytes]) -> None:
@@ -257,11 +251,7 @@ class _ImportJob:
                 if i not in records:
                     continue  # skipped: an unreadable image
                 sc = decode_sidecar(records[i])
-                if sc.rounds != rounds:
-                    sc = Sidecar(
-                        sc.fingerprint, sc.idx[:rounds], sc.prob[:rounds], {c: v[:rounds] for c, v in sc.ops.items()}
-                    )
-                yield i, sc
+                yield i, sc.select(slice(rounds)) if sc.rounds != rounds else sc
 
         out = self.writer(self.job, j, pairs(), rounds)
         path.unlink(missing_ok=True)
@@ -387,7 +377,7 @@ def run_import(
         job.wait_timeout = wait_timeout
     shards = writer.shards(shard_size, seed, shuffle)
     if spool is None:
-        base = Path(out) if isinstance(output, LocalOutput) else output.staging()
+        base = output.root if isinstance(output, LocalOutput) else output.staging()
         spool = Path(base) / _SPOOL / f"rank-{rank:05d}"
     job.refuse_other_job([writer.name(j) for j in range(len(shards))], ident, SIDECAR_JOB_FILE)
     mine = job.mine(len(shards))

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from wds_reinforce.core.format import SIDECAR_EXT, RoundGroup, ShardInfo, Sidecar, crc32c, encode_sidecar
+from wds_reinforce.core.format import SIDECAR_EXT, ShardInfo, Sidecar, crc32c, encode_sidecar
 from wds_reinforce.importers.images import ImageIndex, ShardImages
-from wds_reinforce.layouts import SELF_CONTAINED, SIDECAR_SETS, group_dir
+from wds_reinforce.layouts import SELF_CONTAINED, SIDECAR_SETS, group_rows, group_shard_name, sidecar_set_fields
 from wds_reinforce.produce.jobs import ShardJob
 from wds_reinforce.produce.sidecar_sets import SIDECAR_JOB_FILE
 
@@ -65,10 +65,13 @@ class SelfContainedShards:
     """Self-contained shards: each sample's image bytes (copied), label and sidecar, as the producer writes them."""
 
     layout, copies_images, job_file = SELF_CONTAINED, True, None
-    identity: dict[str, Any] = {}  # (self-contained imports keep the identity they had before sidecar sets)
 
     def __init__(self, images: ImageIndex, split: str = "train"):
         self.images, self.split = images, split
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {}  # self-contained imports keep the identity they had before sidecar sets
 
     def name(self, j: int) -> str:
         return f"{self.split}-{j:06d}.tar"
@@ -125,13 +128,10 @@ class SidecarSetShards:
         return self._shards  # one sidecar shard per image shard, empty ones too
 
     def manifest_fields(self, dones: list[Mapping[str, Any]], rounds: int) -> dict[str, Any]:
-        files = [[ShardInfo(**f) for f in d["files"]] for d in dones]
-        G = rounds // len(files[0]) if files else rounds
-        return {
-            "layout": SIDECAR_SETS,
-            "image_shards": [ShardInfo(**d["image"]) for d in dones],
-            "round_groups": [RoundGroup(g * G, G, [shard[g] for shard in files]) for g in range(len(files[0]))],
-        }
+        files = [[ShardInfo(**f) for f in d["files"]] for d in dones]  # [image shard][group]
+        groups = len(files[0]) if files else 0
+        by_group = [[shard[g] for shard in files] for g in range(groups)]
+        return sidecar_set_fields([ShardInfo(**d["image"]) for d in dones], rounds // max(groups, 1), by_group)
 
     def note(self, groups: int, rounds: int, shards: int) -> str:
         return (
@@ -151,19 +151,16 @@ class SidecarSetShards:
         image = ShardInfo(os.path.abspath(self.images.paths[j]), len(every), size, sha, first, last)
         items = list(pairs)
         files, sidecar_bytes = [], 0
+
+        def members(rows: slice, keys: list[str]) -> Iterator[tuple[str, bytes]]:
+            nonlocal sidecar_bytes
+            for i, sc in items:
+                data = encode_sidecar(dataclasses.replace(sc.select(rows), image_crc=crcs[i]))
+                keys.append(self.images.keys[i])
+                sidecar_bytes += len(data)
+                yield f"{self.images.keys[i]}.{SIDECAR_EXT}", data
+
         for g in range(self.groups(rounds)):
-            rows = slice(g * G, (g + 1) * G)
             keys: list[str] = []
-
-            def members(rows: slice = rows, keys: list[str] = keys) -> Iterator[tuple[str, bytes]]:
-                nonlocal sidecar_bytes
-                for i, sc in items:
-                    ops = {c: v[rows] for c, v in sc.ops.items()}
-                    data = encode_sidecar(Sidecar(sc.fingerprint, sc.idx[rows], sc.prob[rows], ops, crcs[i]))
-                    keys.append(self.images.keys[i])
-                    sidecar_bytes += len(data)
-                    yield f"{self.images.keys[i]}.{SIDECAR_EXT}", data
-
-            name = f"{group_dir(g * G, G)}/{self.split}-{j:06d}.tar"
-            files.append(job.write_tar(name, members(), keys))
+            files.append(job.write_tar(group_shard_name(g, G, self.split, j), members(group_rows(g, G), keys), keys))
         return ShardOutput(files, sidecar_bytes, image)

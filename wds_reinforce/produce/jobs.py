@@ -26,7 +26,6 @@ import io
 import json
 import os
 import platform
-import re
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,13 +35,12 @@ from typing import Any, Protocol
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.core.format import Manifest, ShardInfo
 from wds_reinforce.io.outputs import Output, sha256_file
-from wds_reinforce.layouts import INFO_NAME, MANIFEST_NAME, layout_of, timm_info
+from wds_reinforce.layouts import INFO_NAME, MANIFEST_NAME, timm_info
 
 __all__ = [
     "DONE_DIR",
     "TAR_MTIME",
     "OtherJobError",
-    "ProducerSummary",
     "ShardJob",
     "Maker",
     "JobRun",
@@ -51,7 +49,6 @@ __all__ = [
     "job_digest",
     "describe_differences",
     "library_versions",
-    "error_reason",
     "write_tar",
 ]
 
@@ -159,6 +156,11 @@ class ShardJob:
             return None
         return marker if isinstance(marker, dict) else None
 
+    def marked(self, part: str) -> bool:
+        """Whether ``part`` has this job's done marker (its files not hashed: a quick count)."""
+        marker = self.read_marker(part)
+        return marker is not None and marker.get("job") == self.digest
+
     def finished(self, part: str) -> dict[str, Any] | None:
         """This job's marker of ``part`` when every file it records is in place and intact."""
         marker = self.read_marker(part)
@@ -200,32 +202,35 @@ class ShardJob:
 
     # -- identity
 
-    def keep_identity(self, name: str, text: str, replace: bool = True) -> None:
-        """Rank 0 writes the job file ``name`` (what the job is, for a refused other job to be told
-        what differs); without ``replace`` only where there is none yet."""
-        if self.rank == 0 and (replace or self.output.read_text(name) is None):
+    def keep_identity(self, name: str, text: str, decides: bool) -> None:
+        """Rank 0 writes the job file ``name``: what the job is, for a refused other job to be told
+        what differs. One that ``decides`` names the output's job: it is written once, before any
+        part, and never replaced; otherwise each run rewrites it and the done markers decide."""
+        if self.rank == 0 and (not decides or self.output.read_text(name) is None):
             self.output.write_text(name, text)
 
     def refuse_other_job(
-        self, parts: Iterable[str], identity: Mapping[str, Any], job_file: str | None = None, what: str = "shards"
+        self,
+        parts: Iterable[str],
+        identity: Mapping[str, Any],
+        job_file: str | None = None,
+        what: str = "shards",
+        file_decides: bool = True,
     ) -> None:
         """Raise ``OtherJobError`` if the output holds another job's files, before any work.
 
-        The first done marker found among ``parts`` says whose they are; without one, the job file
-        does. The message says what differs, from the job file when it describes that job.
+        A job file written once, before any part (``file_decides``), names the output's job;
+        otherwise (or without one) the first done marker found among ``parts`` does. The message
+        says what differs, from the job file when it describes that job.
         """
         stored = self._stored_identity(job_file)
-        other = None
-        for part in parts:
-            marker = self.read_marker(part)
-            if marker is not None:
-                other = marker.get("job")
-                break
+        if stored is not None and file_decides:
+            other = stored[0]
         else:
-            other = stored[0] if stored is not None else self.digest
+            other = next((m.get("job") for m in map(self.read_marker, parts) if m is not None), self.digest)
         if other == self.digest:
             return
-        differs = "source, teacher, recipe or settings differ"
+        differs = "its inputs or settings differ"
         if stored is not None and stored[0] == other and isinstance(stored[1], Mapping):
             differs = describe_differences(stored[1], identity)
         raise OtherJobError(
@@ -407,61 +412,3 @@ def library_versions() -> dict[str, str]:
         "simplejpeg": simplejpeg.__version__,
         "opencv": cv2.__version__,
     }
-
-
-def error_reason(exc: BaseException) -> str:
-    """A skipped input's reason: the error's type and message, the same on every run."""
-    # Object addresses in messages would make the manifest differ between runs.
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
-
-
-@dataclass
-class ProducerSummary:
-    """What a job did (this rank's share for ``made``/``reused``/``images_per_s``)."""
-
-    out: str
-    samples: int
-    skipped: int
-    rounds: int
-    shards: int
-    made: int
-    reused: int
-    bytes: int
-    sidecar_bytes_per_round: float
-    images_per_s: float
-    seconds: float
-    manifest_written: bool
-
-    @classmethod
-    def of(cls, job: ShardJob, result: JobRun, rounds: int, sidecar_bytes: int | None = None) -> ProducerSummary:
-        """The summary of a job's run; ``sidecar_bytes`` defaults to all the bytes the set's job wrote."""
-        manifest = result.manifest
-        layout = layout_of(manifest) if manifest is not None else None
-        samples = layout.num_samples(manifest) if layout is not None else 0
-        written = sum(s.bytes for s in layout.made_files(manifest)) if layout is not None else 0
-        side = written if sidecar_bytes is None else sidecar_bytes
-        return cls(
-            out=job.output.url,
-            samples=samples,
-            skipped=len(manifest.skipped) if manifest is not None else 0,
-            rounds=rounds,
-            shards=result.parts,
-            made=result.made,
-            reused=result.reused,
-            bytes=written,
-            sidecar_bytes_per_round=side / max(samples * rounds, 1),
-            images_per_s=result.rate,
-            seconds=result.seconds,
-            manifest_written=manifest is not None,
-        )
-
-    def format(self) -> str:
-        lines = [
-            f"wrote {self.out}: {self.samples} samples x {self.rounds} rounds in {self.shards} shards "
-            f"({self.made} made, {self.reused} reused), {self.bytes / 1e6:.1f} MB",
-            f"sidecar: {self.sidecar_bytes_per_round:.1f} bytes per round; skipped inputs: {self.skipped}",
-            f"throughput: {self.images_per_s:.1f} images x rounds / s over {self.seconds:.1f} s"
-            if self.made
-            else "throughput: nothing to make, every shard was verified (sha256) and reused",
-        ]
-        return "\n".join(lines)

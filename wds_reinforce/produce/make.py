@@ -11,34 +11,33 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wds_reinforce.core.augment import Recipe
-from wds_reinforce.core.errors import UsageError
+from wds_reinforce.core.errors import UsageError, check_int, check_split
 from wds_reinforce.core.threads import default_workers
 from wds_reinforce.io.outputs import Output
 from wds_reinforce.io.storage import open_output
-from wds_reinforce.produce.jobs import ProducerSummary, dist_env
+from wds_reinforce.produce.jobs import dist_env
 from wds_reinforce.produce.self_contained import ReinforceJob
 from wds_reinforce.produce.sidecar_sets import SidecarSetJob, image_shard_urls
 from wds_reinforce.produce.sources import Source, WebDatasetSource, open_source
 from wds_reinforce.produce.teacher import Teacher, load_teacher, parse_teacher_spec
+from wds_reinforce.produce.teacher_job import ProducerSummary
 
 __all__ = ["checked_teacher", "prepare_job", "prepare_sidecar_job", "make_shards"]
 
 
-def _integer(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"expected {name} an integer >= {minimum}, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class _Settings:
-    """What every producer job takes, checked: the numbers, the recipe, the output and the teacher."""
+    """What every producer job takes, checked: the numbers, the recipe, the output and the teacher.
+
+    ``check`` is the one place these arguments are named, defaulted and checked;
+    ``prepare_job`` and ``prepare_sidecar_job`` pass their ``**settings`` to it.
+    """
 
     rounds: int
     topk: int | None  # None: up to 10, at most the classes
@@ -51,37 +50,40 @@ class _Settings:
     teacher: Teacher
     rank: int
     world: int
+    progress: bool
+    name: str
 
     @classmethod
-    def check(
+    def check(  # long: every setting's name and default, once; each is checked in a line or two
         cls,
-        check_source: Any,
-        rounds: int,
-        topk: int | None,
-        batch_size: int,
-        workers: int | None,
-        seed: int,
-        split: str,
-        recipe: Any,
-        image_size: Any,
-        decode: str | None,
-        out: Any,
-        teacher: Any,
-        teacher_checkpoint: Any,
-        teacher_num_classes: int | None,
-        pretrained: bool,
-        device: str,
+        check_source: Callable[[], Any],
+        teacher: str | Sequence[str] | Teacher,
+        out: str = "shards/out",
+        recipe: str | Mapping[str, Any] | Recipe = "rrc",
+        image_size: int | Sequence[int] | None = None,
+        decode: str | None = None,
+        rounds: int = 8,
+        topk: int | None = None,
+        batch_size: int = 256,
+        workers: int | None = None,
+        seed: int = 0,
+        device: str = "auto",
+        teacher_checkpoint: str | Sequence[str | None] | None = None,
+        teacher_num_classes: int | None = None,
+        pretrained: bool = False,
+        progress: bool = True,
+        name: str = "reinforced",
+        split: str = "train",
     ) -> tuple[_Settings, Any]:
         """The checked settings, and what ``check_source()`` returns (checked after the numbers)."""
         rounds, batch_size, seed = (
-            _integer("rounds", rounds),
-            _integer("batch_size", batch_size),
-            _integer("seed", seed, 0),
+            check_int("rounds", rounds),
+            check_int("batch_size", batch_size),
+            check_int("seed", seed, 0),
         )
-        topk = None if topk is None else _integer("topk", topk)
-        workers = default_workers() if workers is None else _integer("workers", workers, 0)  # None: half the cores
-        if not isinstance(split, str) or not split or "." in split or "/" in split:
-            raise UsageError(f"expected split a name without dots or slashes, got {split!r}")
+        topk = None if topk is None else check_int("topk", topk)
+        workers = default_workers() if workers is None else check_int("workers", workers, 0)  # None: half the cores
+        check_split(split)
         rank, world = dist_env()
         source = check_source()
         try:
@@ -90,20 +92,24 @@ class _Settings:
             raise UsageError(f"bad recipe: {exc}") from None
         output = open_output(out)
         tch = checked_teacher(teacher, teacher_checkpoint, teacher_num_classes, pretrained, device)
-        return cls(rounds, topk, batch_size, workers, seed, split, rcp, output, tch, rank, world), source
+        settings = cls(rounds, topk, batch_size, workers, seed, split, rcp, output, tch, rank, world, progress, name)
+        return settings, source
 
-    def common(self) -> dict[str, Any]:
-        """The job fields every producer job has."""
+    def common(self, topk: int) -> dict[str, Any]:
+        """The fields every producer job has (``teacher_job.TeacherJob``), with the top-k settled."""
         return {
             "teacher": self.teacher,
             "recipe": self.recipe,
             "output": self.output,
             "rounds": self.rounds,
+            "topk": topk,
             "seed": self.seed,
             "batch_size": self.batch_size,
             "workers": self.workers,
             "rank": self.rank,
             "world_size": self.world,
+            "progress": self.progress,
+            "name": self.name,
             "split": self.split,
         }
 
@@ -185,55 +191,44 @@ def prepare_job(
     source: str | Source,
     teacher: str | Sequence[str] | Teacher,
     out: str = "shards/out",
-    recipe: str | Mapping[str, Any] | Recipe = "rrc",
-    image_size: int | Sequence[int] | None = None,
-    decode: str | None = None,
-    rounds: int = 8,
-    topk: int | None = None,
+    *,
     shard_size: int = 1000,
-    batch_size: int = 256,
-    workers: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    teacher_checkpoint: str | Sequence[str | None] | None = None,
-    teacher_num_classes: int | None = None,
-    pretrained: bool = False,
     class_map: str | Mapping[str, int] | None = None,
-    progress: bool = True,
-    name: str = "reinforced",
-    split: str = "train",
     shuffle: bool = True,
+    **settings: Any,
 ) -> ReinforceJob:
     """Check every argument and build a self-contained job; nothing is written.
+
+    ``settings`` are the producer's (recipe, image_size, decode, rounds, topk, batch_size,
+    workers, seed, device, teacher_checkpoint, teacher_num_classes, pretrained, progress, name,
+    split; see ``make_shards``).
 
     Raises:
         UsageError: a missing or empty source, an unknown recipe or teacher, a bad number,
             top-k above the class count, teacher classes that differ from the source's (without
             ``class_map``), an unwritable or foreign ``out``.
     """
-    shard_size = _integer("shard_size", shard_size)
-    settings, src = _Settings.check(
-        lambda: _open_source(source), rounds, topk, batch_size, workers, seed, split, recipe, image_size, decode,
-        out, teacher, teacher_checkpoint, teacher_num_classes, pretrained, device,
-    )  # fmt: skip
-    class_names, cmap = _class_names(src, settings.teacher, class_map)
-    k = min(10, len(class_names)) if settings.topk is None else settings.topk
+    shard_size = check_int("shard_size", shard_size)
+    checked, src = _Settings.check(lambda: _open_source(source), teacher, out, **settings)
+    class_names, cmap = _class_names(src, checked.teacher, class_map)
+    k = min(10, len(class_names)) if checked.topk is None else checked.topk
     if k > len(class_names):
         raise UsageError(f"expected topk <= the {len(class_names)} classes, got {k}")
-    settings.output.check_writable()
+    checked.output.check_writable()
     job = ReinforceJob(
         source=src,
-        topk=k,
         shard_size=shard_size,
         class_names=class_names,
         class_map=cmap,
-        progress=progress,
-        name=name,
         shuffle=bool(shuffle),
-        **settings.common(),
+        **checked.common(k),
     )
     job.check_existing()
     return job
+
+
+# Options that mean something for self-contained shards only (the image shards of a sidecar set stay as they are)
+_SELF_CONTAINED_ONLY = ("shard_size", "class_map")
 
 
 def prepare_sidecar_job(
@@ -242,54 +237,33 @@ def prepare_sidecar_job(
     out: str = "shards/out",
     *,
     round_group: int | None = None,
-    recipe: str | Mapping[str, Any] | Recipe = "rrc",
-    image_size: int | Sequence[int] | None = None,
-    decode: str | None = None,
-    rounds: int = 8,
-    topk: int | None = None,
-    batch_size: int = 256,
-    workers: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    teacher_checkpoint: str | Sequence[str | None] | None = None,
-    teacher_num_classes: int | None = None,
-    pretrained: bool = False,
-    progress: bool = True,
-    name: str = "reinforced",
-    split: str = "train",
-    **unused: Any,
+    **settings: Any,
 ) -> SidecarSetJob:
     """Check every argument and build a sidecar-set job; nothing is written.
 
     ``source`` is plain webdataset image shards (a brace pattern or a list; local, http(s), s3);
     ``round_group`` G rounds go into each group (default: all ``rounds`` in one group), and
-    ``rounds`` must be a multiple of G.
+    ``rounds`` must be a multiple of G. ``settings`` are the producer's, as for ``prepare_job``.
 
     Raises:
         UsageError: bad arguments (also a producer option that has no meaning here), before any work.
     """
-    meaningless = sorted(k for k, v in unused.items() if v not in (None, False) and k not in ("shuffle", "threads"))
+    meaningless = sorted(k for k in _SELF_CONTAINED_ONLY if settings.pop(k, None) not in (None, False))
+    for k in ("shuffle", "threads"):  # a choice the image shards already made; the caller's thread count
+        settings.pop(k, None)
     if meaningless:
         raise UsageError(f"expected no {', '.join(meaningless)} with sidecar sets (the image shards stay as they are)")
+    rounds = check_int("rounds", settings.get("rounds", 8))
     group = rounds if round_group is None else round_group
-    if (
-        isinstance(group, bool)
-        or not isinstance(group, int)
-        or group < 1
-        or not isinstance(rounds, int)
-        or rounds % group
-    ):
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or rounds % group:
         raise UsageError(f"expected round_group a positive divisor of rounds={rounds}, got {group!r}")
-    settings, urls = _Settings.check(
-        lambda: image_shard_urls(source), rounds, topk, batch_size, workers, seed, split, recipe, image_size, decode,
-        out, teacher, teacher_checkpoint, teacher_num_classes, pretrained, device,
-    )  # fmt: skip
-    classes = settings.teacher.num_classes
-    k = min(10, classes) if settings.topk is None else settings.topk
+    checked, urls = _Settings.check(lambda: image_shard_urls(source), teacher, out, **settings)
+    classes = checked.teacher.num_classes
+    k = min(10, classes) if checked.topk is None else checked.topk
     if not 1 <= k <= classes:
         raise UsageError(f"expected topk in [1, {classes}] (the teacher's classes), got {k!r}")
-    settings.output.check_writable()
-    job = SidecarSetJob(image_urls=urls, group_rounds=group, topk=k, progress=progress, name=name, **settings.common())
+    checked.output.check_writable()
+    job = SidecarSetJob(image_urls=urls, group_rounds=group, **checked.common(k))
     job.check_existing()
     return job
 

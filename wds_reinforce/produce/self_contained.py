@@ -17,34 +17,25 @@ import dataclasses
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from wds_reinforce.core.augment import Recipe
-from wds_reinforce.core.errors import DataError
+from wds_reinforce.core.errors import DataError, error_text
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, encode_sidecar
 from wds_reinforce.core.progress import ShardProgress
 from wds_reinforce.core.schedule import pairing_windows
-from wds_reinforce.io.outputs import Output
-from wds_reinforce.produce.jobs import (
-    DONE_DIR,
-    ProducerSummary,
-    ShardJob,
-    error_reason,
-    job_digest,
-    library_versions,
-    run,
-)
-from wds_reinforce.produce.sources import Source, SourceSample, SourceSampleError
-from wds_reinforce.produce.teacher import Teacher, TeacherBatcher
+from wds_reinforce.produce.jobs import DONE_DIR, library_versions, run
+from wds_reinforce.produce.sources import Source, SourceSample, SourceSampleError, sample_order
+from wds_reinforce.produce.teacher import TeacherBatcher
+from wds_reinforce.produce.teacher_job import ProducerSummary, TeacherJob
 from wds_reinforce.produce.workers import mix_items, replay_rounds, worker_loader
 
 __all__ = ["ReinforceJob", "ReplayDataset", "IDENTITY_FILE"]
 
 IDENTITY_FILE = f"{DONE_DIR}/job.identity"  # the job's identity (JSON), for a refused other job's message
-_ORDER_TAG = 0x5348554646  # "SHUFF": the shard order's stream, apart from the augmentation seeds
 
 
 class ReplayDataset(torch.utils.data.Dataset):
@@ -64,42 +55,34 @@ class ReplayDataset(torch.utils.data.Dataset):
             return {"key": exc.key, "sample": SourceSample(exc.key, b"", -1, ""), "error": exc.reason}
         except OSError as exc:  # listed, then unreadable or gone (deleted, permissions, I/O error)
             key = self.source.key(index)
-            return {"key": key, "sample": SourceSample(key, b"", -1, ""), "error": error_reason(exc)}
+            return {"key": key, "sample": SourceSample(key, b"", -1, ""), "error": error_text(exc, whole=True)}
         try:
             params, pixels = replay_rounds(sample.data, sample.key, range(self.rounds), self.recipe, self.seed)
         except (DataError, OSError) as exc:
-            return {"key": sample.key, "sample": sample, "error": error_reason(exc)}
+            return {"key": sample.key, "sample": sample, "error": error_text(exc, whole=True)}
         return {"key": sample.key, "sample": sample, "error": None, "params": params, "images": pixels}
 
 
 @dataclass
-class ReinforceJob:
+class ReinforceJob(TeacherJob):
     """A checked self-contained producer job (see ``make.prepare_job``); ``run()`` makes this rank's shards."""
 
+    job_file: ClassVar[str] = IDENTITY_FILE
+    job_file_decides: ClassVar[bool] = False  # rewritten by each run; the shards' markers decide
     source: Source
-    teacher: Teacher
-    recipe: Recipe
-    output: Output
-    rounds: int
-    topk: int
-    seed: int
     shard_size: int
-    batch_size: int
-    workers: int
     class_names: list[str]
     class_map: list[int] | None
-    rank: int = 0
-    world_size: int = 1
-    progress: bool = True
-    name: str = "reinforced"
-    split: str = "train"
     shuffle: bool = True
     _order: np.ndarray | None = field(default=None, init=False, repr=False)
-    _job: ShardJob | None = field(default=None, init=False, repr=False)
 
     @property
     def num_shards(self) -> int:
         return -(-len(self.source) // self.shard_size)
+
+    @property
+    def units(self) -> int:
+        return self.num_shards
 
     def shard_name(self, j: int) -> str:
         return f"{self.split}-{j:06d}.tar"
@@ -126,29 +109,10 @@ class ReinforceJob:
             "shuffle": self.shuffle,
         }
 
-    @property
-    def job(self) -> ShardJob:
-        if self._job is None:
-            self._job = ShardJob(self.output, job_digest(self.identity()), self.rank, self.world_size)
-        return self._job
-
-    @property
-    def digest(self) -> str:
-        return self.job.digest
-
-    def check_existing(self) -> None:
-        """Refuse to mix shards of a different job into one output (before any work)."""
-        parts = [self.shard_name(j) for j in range(self.num_shards)]
-        self.job.refuse_other_job(parts, self.identity(), IDENTITY_FILE)
-
-    def finished_shards(self) -> int:
-        """Shards of this job finished in the output (what an interrupted run keeps)."""
-        return sum(self.job.finished(self.shard_name(j)) is not None for j in range(self.num_shards))
-
     def run(self) -> ProducerSummary:
         """Make this rank's unfinished shards; rank 0 then waits for all and writes the manifest."""
         self.job.output.staging()
-        self.job.keep_identity(IDENTITY_FILE, json.dumps(self.identity(), sort_keys=True) + "\n")
+        self.job.keep_identity(self.job_file, json.dumps(self.identity(), sort_keys=True) + "\n", self.job_file_decides)
         result = run(self.job, self, self.num_shards, info=True)
         side = sum(m.get("sidecar_bytes", 0) for m in result.markers.values())
         return ProducerSummary.of(self.job, result, self.rounds, sidecar_bytes=side)
@@ -164,7 +128,7 @@ class ReinforceJob:
         if not self.shuffle:
             return positions
         if self._order is None:
-            self._order = np.random.default_rng([self.seed, _ORDER_TAG]).permutation(len(self.source))
+            self._order = sample_order(len(self.source), self.seed)
         return self._order[positions.start : positions.stop].tolist()
 
     def make(self, todo: list[tuple[int, list[str]]]) -> int:
@@ -210,7 +174,7 @@ class ReinforceJob:
             # Mixing recipes pair the samples of each window of W written samples: the window is
             # complete before its views (mixed) go to the teacher. The teacher's batches are the
             # same either way: the queue's order does not change, only when it fills.
-            width = self.recipe.mix.window if self.recipe.mix is not None else 1
+            width = self.recipe.pairing_window
             for window in pairing_windows(good(), width):
                 if self.recipe.mix is not None:
                     mix_items(window, self.recipe, self.seed, range(self.rounds))

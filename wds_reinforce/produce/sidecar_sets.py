@@ -20,18 +20,17 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import braceexpand
 import torch
 
 from wds_reinforce.core.augment import Recipe
-from wds_reinforce.core.errors import DataError, FormatError, UsageError
+from wds_reinforce.core.errors import DataError, FormatError, UsageError, error_text
 from wds_reinforce.core.format import (
     SIDECAR_EXT,
     Manifest,
-    RoundGroup,
     ShardInfo,
     Sidecar,
     SkippedInput,
@@ -40,20 +39,17 @@ from wds_reinforce.core.format import (
 )
 from wds_reinforce.core.progress import ShardProgress
 from wds_reinforce.core.schedule import WindowCutter
-from wds_reinforce.io.outputs import Output
+from wds_reinforce.io.outputs import local_path
 from wds_reinforce.io.shards import HashingReader, image_bytes, samples
 from wds_reinforce.io.storage import open_url
-from wds_reinforce.layouts import SIDECAR_SETS, group_dir
+from wds_reinforce.layouts import SIDECAR_SETS, group_rows, group_shard_name, sidecar_set_fields
 from wds_reinforce.produce.jobs import (
     DONE_DIR,
-    ProducerSummary,
-    ShardJob,
-    error_reason,
-    job_digest,
     library_versions,
     run,
 )
-from wds_reinforce.produce.teacher import Teacher, TeacherBatcher
+from wds_reinforce.produce.teacher import TeacherBatcher
+from wds_reinforce.produce.teacher_job import ProducerSummary, TeacherJob
 from wds_reinforce.produce.workers import mix_items, replay_rounds, worker_loader
 
 __all__ = ["SidecarSetJob", "SIDECAR_JOB_FILE", "image_shard_urls"]
@@ -77,7 +73,7 @@ def image_shard_urls(spec: str | Sequence[str]) -> list[str]:
         if "://" in url:
             out.append(url)
             continue
-        path = url[len("file:") :] if url.startswith("file:") else url
+        path = local_path(url)
         if not os.path.isfile(path):
             raise UsageError(f"expected existing image shards, got {url!r} (not found)")
         out.append(os.path.abspath(path))
@@ -118,34 +114,27 @@ class _ShardReplay(torch.utils.data.IterableDataset):
         try:
             params, pixels = replay_rounds(data, key, rounds, self.recipe, self.seed)
         except DataError as exc:
-            return {"shard": i, "key": key, "error": error_reason(exc)}
+            return {"shard": i, "key": key, "error": error_text(exc, whole=True)}
         return {"shard": i, "key": key, "error": None, "params": params, "images": pixels, "crc": crc32c(data)}
 
 
 @dataclass
-class SidecarSetJob:
+class SidecarSetJob(TeacherJob):
     """A checked sidecar-set job (``make.prepare_sidecar_job``); ``run()`` makes this rank's sidecar shards."""
 
+    job_file: ClassVar[str] = SIDECAR_JOB_FILE
+    job_file_decides: ClassVar[bool] = True  # written once: names the sets' job
+    what: ClassVar[str] = "sidecar shards"
     image_urls: list[str]
-    teacher: Teacher
-    recipe: Recipe
-    output: Output
-    rounds: int
     group_rounds: int
-    topk: int
-    seed: int
-    batch_size: int
-    workers: int
-    rank: int = 0
-    world_size: int = 1
-    progress: bool = True
-    name: str = "reinforced"
-    split: str = "train"
-    _job: ShardJob | None = field(default=None, init=False, repr=False)
 
     @property
     def groups(self) -> int:
         return self.rounds // self.group_rounds
+
+    @property
+    def units(self) -> int:
+        return len(self.image_urls)
 
     def identity(self) -> dict[str, Any]:
         """What decides every group's bytes; not ``rounds``, so that rounds can be added later."""
@@ -160,33 +149,14 @@ class SidecarSetJob:
             "batch_size": self.batch_size,
         }
 
-    @property
-    def job(self) -> ShardJob:
-        if self._job is None:
-            self._job = ShardJob(self.output, job_digest(self.identity()), self.rank, self.world_size)
-        return self._job
-
-    @property
-    def digest(self) -> str:
-        return self.job.digest
-
     def sidecar_name(self, g: int, i: int) -> str:
-        return f"{group_dir(g * self.group_rounds, self.group_rounds)}/{self.split}-{i:06d}.tar"
-
-    def check_existing(self) -> None:
-        """Refuse to add to an output that holds another job's sidecar sets (before any work)."""
-        parts = [part for i in range(len(self.image_urls)) for part in self.parts(i)]
-        self.job.refuse_other_job(parts, self.identity(), SIDECAR_JOB_FILE, what="sidecar shards")
-
-    def finished_shards(self) -> int:
-        """Sidecar shards of this job that are finished and intact (what an interrupted run keeps)."""
-        return sum(self.job.finished(p) is not None for i in range(len(self.image_urls)) for p in self.parts(i))
+        return group_shard_name(g, self.group_rounds, self.split, i)
 
     def run(self) -> ProducerSummary:
         """Make this rank's missing (group, shard) sidecar shards; rank 0 then writes the manifest."""
         self.job.output.staging()
         identity = json.dumps({"job": self.digest, "identity": self.identity()}, sort_keys=True)
-        self.job.keep_identity(SIDECAR_JOB_FILE, identity, replace=False)
+        self.job.keep_identity(self.job_file, identity, self.job_file_decides)
         return ProducerSummary.of(self.job, run(self.job, self, len(self.image_urls)), self.rounds)
 
     # -- the Maker
@@ -205,7 +175,7 @@ class SidecarSetJob:
             if self.progress and self.rank == 0
             else None
         )
-        width = self.recipe.mix.window if self.recipe.mix is not None else 1
+        width = self.recipe.pairing_window
         state: dict[int, dict[str, Any]] = {}  # workers take whole shards, but their items interleave
         views = 0
         try:
@@ -238,21 +208,17 @@ class SidecarSetJob:
         if self.recipe.mix is not None and window:
             mix_items(window, self.recipe, self.seed, rounds)
         for item in window:
-            item["views"] = batcher.add(item.pop("images"), item)  # the batcher holds the pixels until seen
+            item["views"] = batcher.add(item.pop("images"))  # the batcher holds the pixels until seen
 
     def _write_shard(self, i: int, groups: list[int], made: list[dict[str, Any]], image: ShardInfo) -> None:
         G = self.group_rounds
         skipped = [dataclasses.asdict(SkippedInput(s["key"], s["error"])) for s in made if s["error"] is not None]
         done = [s for s in made if s["error"] is None]
-        for n, g in enumerate(groups):
-            rows = slice(n * G, (n + 1) * G)
-            members = []
-            for s in done:
-                views, cols = s["views"], {c: v[rows] for c, v in s["params"].items()}
-                sidecar = Sidecar(
-                    self.recipe.fingerprint, views.idx[rows], views.prob[rows], cols, s["crc"], s.get("window")
-                )
-                members.append((f"{s['key']}.{SIDECAR_EXT}", encode_sidecar(sidecar)))
+        fp = self.recipe.fingerprint
+        sidecars = [Sidecar(fp, s["views"].idx, s["views"].prob, s["params"], s["crc"], s.get("window")) for s in done]
+        for n, g in enumerate(groups):  # this run's rounds hold groups ``groups``, in order
+            rows = group_rows(n, G)
+            members = [(f"{s['key']}.{SIDECAR_EXT}", encode_sidecar(sc.select(rows))) for s, sc in zip(done, sidecars)]
             name = self.sidecar_name(g, i)
             info = self.job.write_tar(name, iter(members), [s["key"] for s in done])
             payload = {"shard": dataclasses.asdict(info), "image": dataclasses.asdict(image), "skipped": skipped}
@@ -269,13 +235,8 @@ class SidecarSetJob:
                         "differs): its sidecars no longer describe it; use a new output folder",
                         url=self.image_urls[i],
                     )
-        groups = [
-            RoundGroup(
-                g * self.group_rounds,
-                self.group_rounds,
-                [ShardInfo(**markers[self.sidecar_name(g, i)]["shard"]) for i in range(n)],
-            )
-            for g in range(self.groups)
+        by_group = [
+            [ShardInfo(**markers[self.sidecar_name(g, i)]["shard"]) for i in range(n)] for g in range(self.groups)
         ]
         return Manifest(
             recipe=self.recipe.to_dict(),
@@ -290,7 +251,5 @@ class SidecarSetJob:
             versions=library_versions(),
             split=self.split,
             name=self.name,
-            layout=SIDECAR_SETS,
-            image_shards=images,
-            round_groups=groups,
+            **sidecar_set_fields(images, self.group_rounds, by_group),
         )

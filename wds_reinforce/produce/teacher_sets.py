@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +21,12 @@ import torch
 
 from wds_reinforce.core.augment import Recipe, replay
 from wds_reinforce.core.augment.mixing import mixed_views
-from wds_reinforce.core.errors import DataError, UsageError
+from wds_reinforce.core.decode import SourceImage
+from wds_reinforce.core.errors import DataError, UsageError, check_int
 from wds_reinforce.core.format import (
     SIDECAR_EXT,
     Manifest,
+    RoundGroup,
     ShardInfo,
     Sidecar,
     TeacherSet,
@@ -36,7 +38,7 @@ from wds_reinforce.core.progress import ShardProgress
 from wds_reinforce.core.schedule import pairing_windows
 from wds_reinforce.io.shards import image_bytes
 from wds_reinforce.io.storage import open_output
-from wds_reinforce.layouts import MANIFEST_NAME, SIDECAR_SETS, Part, parse_manifest, read_unit
+from wds_reinforce.layouts import MANIFEST_NAME, Part, layout_of, parse_manifest, read_unit
 from wds_reinforce.produce.jobs import ShardJob, dist_env, run
 from wds_reinforce.produce.teacher import Teacher, TeacherBatcher
 
@@ -84,35 +86,40 @@ class _TeacherSetJob:
 
     def _make(self, i: int, g: int) -> int:
         """Round group g's targets of image shard i: replay its stored rounds, run the teacher, write."""
-        group, base = self.current.round_groups[g], self.job.output.url.rstrip("/")
+        group = self.current.round_groups[g]
+        batcher = TeacherBatcher(self.teacher, self.current.topk, self.batch_size)
+        # The teacher sees each round as it was stored: mixed within its pairing window, where the recipe mixes.
+        for window in pairing_windows(self._replayed(i, group), self.recipe.pairing_window):
+            views = [pixels for _, _, pixels in window]
+            if self.recipe.mix is not None:
+                views = mixed_views(views, [sidecar.ops for _, sidecar, _ in window])
+            for (key, sidecar, _), pixels in zip(window, views):
+                batcher.add(pixels, (key, sidecar))
+        batcher.flush()
+        seen = list(batcher.ready())
+        members = [(f"{v.item[0]}.{SIDECAR_EXT}", encode_targets(v.item[1], v.idx, v.prob)) for v in seen]
+        name = self.target_name(g, i)
+        info = self.job.write_tar(name, iter(members), [v.item[0] for v in seen])
+        self.job.done(name, {"shard": dataclasses.asdict(info)})
+        return batcher.views
+
+    def _replayed(self, i: int, group: RoundGroup) -> Iterator[tuple[str, Sidecar, torch.Tensor]]:
+        """Image shard i's samples with their params sidecar of ``group``, and their views of its rounds."""
+        base = self.job.output.url.rstrip("/")
         skipped = frozenset(s.key for s in self.current.skipped)
         params = Part(f"{base}/{group.shards[i].name}")
-        made: list[tuple[str, Sidecar, torch.Tensor]] = []
         for sample in read_unit(Part(self.current.image_shards[i].name), [params], skipped):
             key = sample["__key__"]
             sidecar = _params_sidecar(sample[SIDECAR_EXT], self.current, group.rounds, key)
             data = image_bytes(sample)
             if sidecar.image_crc is not None and crc32c(data) != sidecar.image_crc:
                 raise DataError("image bytes do not match the sidecar's checksum", key)
-            pixels = torch.stack([replay(data, sidecar.round_params(r), self.recipe) for r in range(group.rounds)])
-            made.append((key, sidecar, pixels))
-        if self.recipe.mix is not None:  # the teacher sees each round as mixed within its pairing window
-            mixed = []
-            for window in pairing_windows(made, self.recipe.mix.window):
-                views = mixed_views([px for _, _, px in window], [sc.ops for _, sc, _ in window])
-                mixed += [(key, sc, px) for (key, sc, _), px in zip(window, views)]
-            made = mixed
-        batcher = TeacherBatcher(self.teacher, self.current.topk, self.batch_size)
-        views = [batcher.add(pixels) for _, _, pixels in made]
-        batcher.flush()
-        members = [
-            (f"{key}.{SIDECAR_EXT}", encode_targets(sidecar, seen.idx, seen.prob))
-            for (key, sidecar, _), seen in zip(made, views)
-        ]
-        name = self.target_name(g, i)
-        info = self.job.write_tar(name, iter(members), [key for key, _, _ in made])
-        self.job.done(name, {"shard": dataclasses.asdict(info)})
-        return batcher.views
+            src = SourceImage(data)  # decoded once for all the group's rounds
+            yield (
+                key,
+                sidecar,
+                torch.stack([replay(src, sidecar.round_params(r), self.recipe) for r in range(group.rounds)]),
+            )
 
     def manifest(self, markers: Mapping[str, Mapping[str, Any]]) -> Manifest:
         manifest, groups = self.current, range(len(self.current.round_groups))
@@ -167,14 +174,13 @@ def add_teacher_set(
 
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise UsageError(f"expected a teacher set name without slashes, got {name!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"expected batch_size an integer >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     output = open_output(location)
     text = output.read_text(MANIFEST_NAME)
     if text is None:
         raise UsageError(f"expected a sidecar set at {location!r}, found no {MANIFEST_NAME}")
     manifest = parse_manifest(text, f"{location}/{MANIFEST_NAME}")
-    if manifest.layout != SIDECAR_SETS:
+    if not layout_of(manifest).teacher_sets:
         raise UsageError(f"expected a sidecar set at {location!r}, got a {manifest.layout} data set")
     tch = checked_teacher(teacher, teacher_checkpoint, teacher_num_classes, pretrained, device)
     if tch.num_classes != manifest.num_classes:

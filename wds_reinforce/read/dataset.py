@@ -1,9 +1,9 @@
 """``ReinforcedDataset``: reinforced shards from a manifest, as a webdataset pipeline of tuples.
 
-It resolves the shard URLs and manifest (``storage``), lists the shards (shuffled per epoch the
+It resolves the shard URLs and manifest (``layouts``, ``io.storage``), lists the shards (shuffled per epoch the
 same way on every rank), splits them by node and worker, reads each shard's samples (counting
 every lost sample against the manifest), optionally shuffles samples, and runs the loader's
-``reinforce`` stage (see ``loader``).
+``reinforce`` stage (see ``read.loader``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import contextlib
 import functools
 import os
 import random
-import re
 import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -26,7 +25,7 @@ from webdataset.shardlists import ResampledShards, expand_urls, split_by_node, s
 from webdataset.utils import pytorch_worker_info
 
 from wds_reinforce.core.augment import IMAGENET_MEAN, IMAGENET_STD, Recipe
-from wds_reinforce.core.errors import DataError, FormatError, SampleError, UsageError
+from wds_reinforce.core.errors import DataError, FormatError, SampleError, UsageError, error_text
 from wds_reinforce.core.format import Manifest
 from wds_reinforce.core.schedule import SharedEpoch
 from wds_reinforce.io.storage import check_settings, dirname_url, join_url
@@ -73,8 +72,8 @@ def _resolve_manifest(
     return urls, read_manifest(where), where
 
 
-# What reading a missing, cut or damaged shard raises (tarfile, the URL openers, webdataset's
-# key grouping); anything else is a bug and propagates.
+# What reading a missing, cut or damaged shard raises besides DataError (tario's tarfile errors,
+# the URL openers' OSError and EOFError, ValueError from webdataset); anything else is a bug.
 _SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
 
 
@@ -111,7 +110,7 @@ def _read_shards(
         except DataError as exc:
             cause, error = exc.message, exc
         except _SHARD_ERRORS as exc:
-            cause, error = f"{type(exc).__name__}: {_first_line(exc)}", exc
+            cause, error = error_text(exc), exc
         if cause is None and (want is None or count == want):
             continue
         if want is None:
@@ -126,11 +125,6 @@ def _read_shards(
         err.__cause__ = error
         if not handler(err):
             return
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", text.splitlines()[0] if text else type(exc).__name__)
 
 
 class _ShardList(torch.utils.data.IterableDataset):
@@ -228,7 +222,7 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         shardshuffle: bool = False,
-        shuffle: int = 0,
+        shuffle: int | bool = 0,
         resampled: bool = False,
         nodesplitter: Callable | None = split_by_node,
         workersplitter: Callable | None = split_by_worker,

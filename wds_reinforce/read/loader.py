@@ -1,24 +1,24 @@
 """Streaming reader of reinforced shards: webdataset stages and a ``ReinforcedDataset``.
 
-Each sample goes through one per-sample function, ``reinforce_sample``: decode and check the
+Each sample goes through one per-sample function, ``steps.reinforce_sample``: decode and check the
 sidecar, choose this epoch's round (or the original image), replay the stored augmentation,
 build the target. It runs in one webdataset-style map stage whose ``handler=`` sees only data
-errors (``errors.DataError``, located with the sample key and shard URL); usage errors and bugs
+errors (``core.errors.DataError``, located with the sample key and shard URL); usage errors and bugs
 propagate. The steps are also available as separate stages for custom pipelines (each curried
 with ``webdataset.filters.pipelinefilter``, so ``stage(**options)`` takes the sample iterator):
 
 ``decode_sidecars`` -> ``pick_rounds`` -> ``replay_images`` -> ``make_targets``
 
-(per-shard sample counts are checked where shards are read: ``dataset``)
+(per-shard sample counts are checked where shards are read: ``read.dataset``)
 
-A mixing recipe (``Recipe.mix``, see ``mixing``) is reinforced a pairing window at a time
-(``_reinforce_windows``): the ``reinforce`` stage cuts the stream into windows of W consecutive
-samples of a shard (``schedule.pairing_windows``), checks each sidecar's window checksum,
+A mixing recipe (``Recipe.mix``, see ``core.augment.mixing``) is reinforced a pairing window at
+a time (``steps.reinforce_windows``): the ``reinforce`` stage cuts the stream into windows of W consecutive
+samples of a shard (``core.schedule.pairing_windows``), checks each sidecar's window checksum,
 replays the window's round of each sample once and mixes it with its partner's view; the
 per-sample steps refuse such recipes.
 Anything that reorders samples (a shuffle buffer) must come after it.
 
-``dataset.ReinforcedDataset`` wires them to a shard list read from the manifest. This module
+``read.dataset.ReinforcedDataset`` wires them to a shard list read from the manifest. This module
 never imports the teacher, and never writes.
 """
 

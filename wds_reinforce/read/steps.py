@@ -21,7 +21,7 @@ from wds_reinforce.core.augment.mixing import check_window, mix_row, window_crc
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, FormatError, MismatchError, UsageError, VersionError
 from wds_reinforce.core.format import FORMAT_VERSION, SIDECAR_EXT, Sidecar, check_topk, crc32c, decode_sidecar
-from wds_reinforce.core.schedule import group_for, original_rng, pairing_windows, round_for, round_in_group
+from wds_reinforce.core.schedule import group_for, original_rng, pairing_windows, round_in_group
 from wds_reinforce.core.targets import dense_row, mean_topk, sparse_one_hot
 from wds_reinforce.io.shards import image_bytes, members_of
 from wds_reinforce.read.options import ReplayPlan
@@ -97,10 +97,7 @@ def choose_round(
     if opts.p < 1.0 and original_rng(opts.seed, key, epoch).random() >= opts.p:
         return -1, -1
     key = schedule_key or key
-    total = plan.total_rounds or rounds
-    if total == rounds:
-        r = round_for(opts.seed, key, epoch, rounds)
-        return r, r
+    total = plan.total_rounds or rounds  # one group of all the rounds: round_for's round, group 0
     r = round_in_group(opts.seed, key, epoch, total, rounds)
     return r, group_for(opts.seed, epoch, total, rounds) * rounds + r
 
@@ -277,7 +274,7 @@ def reinforce_windows(
     state = {"first": True}
     # A window is W samples of one shard by their position in it (``__position__``, set where shards are read).
     url, position = (lambda s: s.get("__url__")), (lambda s: s.get("__position__"))
-    for window in pairing_windows(src, plan.recipe.mix.window, shard_of=url, position_of=position):
+    for window in pairing_windows(src, plan.recipe.pairing_window, shard_of=url, position_of=position):
         for sample, out in zip(window, _mix_window(window, plan, epoch, state)):
             if isinstance(out, DataError):
                 if handler(out.located(sample.get("__key__"), sample.get("__url__"))):

@@ -20,7 +20,7 @@ import torch
 from wds_reinforce.core.augment import Recipe, replay
 from wds_reinforce.core.augment.mixing import check_window, mix_row, window_crc
 from wds_reinforce.core.decode import SourceImage
-from wds_reinforce.core.errors import DecodeError, FormatError
+from wds_reinforce.core.errors import DataError, DecodeError, FormatError
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
 from wds_reinforce.core.schedule import WindowCutter, pairing_windows
 from wds_reinforce.io.shards import IMAGE_EXTS, HashingReader, ShardCut, image_member, samples
@@ -128,17 +128,9 @@ def _check_sample(
     return sidecar, image, errors + side_errors
 
 
-def _read_shard(report: VerifyReport, name: str, url: str, info: Any, on_sample: Any) -> list[str]:
-    """Stream one shard: ``on_sample(key, members)`` per sample; check its bytes, sha256, count and
-    first/last keys against ``info`` (a ``ShardInfo``); return its keys."""
-    report.shards += 1
-    keys: list[str] = []
-    try:
-        stream = open_url(url)
-    except Exception as exc:  # gopen raises several kinds for a missing file or URL
-        report.problems.append(Problem(name, None, f"cannot open: {exc}"))
-        return keys
-    reader = HashingReader(stream)
+def _read_samples(report: VerifyReport, name: str, url: str, reader: Any, keys: list[str], on_sample: Any) -> None:
+    """``on_sample`` for each sample of one shard's stream, its keys into ``keys``; a cut or broken
+    stream, or a sample that repeats a member, becomes a problem and ends the shard."""
     try:
         for sample in samples(reader, url):
             keys.append(sample["__key__"])
@@ -157,12 +149,29 @@ def _read_shard(report: VerifyReport, name: str, url: str, info: Any, on_sample:
                 f"may be incomplete; {exc.complete} complete samples before it"
             )
         report.problems.append(Problem(name, exc.key, message))
+    except DataError as exc:  # a sample that repeats a member: the shard is not one the producer wrote
+        report.problems.append(Problem(name, exc.key, exc.message))
     except (tarfile.TarError, OSError, EOFError) as exc:  # before the first member
         report.problems.append(Problem(name, None, f"unreadable tar: {exc}"))
+
+
+def _read_shard(report: VerifyReport, name: str, url: str, info: Any, on_sample: Any) -> list[str]:
+    """Stream one shard: ``on_sample(key, members)`` per sample; check its bytes, sha256, count and
+    first/last keys against ``info`` (a ``ShardInfo``); return its keys."""
+    report.shards += 1
+    keys: list[str] = []
     try:
-        reader.drain()  # hash the rest, cut or not, so the byte count says how much there is
-    except OSError as exc:
-        report.problems.append(Problem(name, None, f"read failed: {exc}"))
+        stream = open_url(url)
+    except Exception as exc:  # gopen raises several kinds for a missing file or URL
+        report.problems.append(Problem(name, None, f"cannot open: {exc}"))
+        return keys
+    reader = HashingReader(stream)
+    try:
+        _read_samples(report, name, url, reader, keys, on_sample)
+        try:
+            reader.drain()  # hash the rest, cut or not, so the byte count says how much there is
+        except OSError as exc:
+            report.problems.append(Problem(name, None, f"read failed: {exc}"))
     finally:
         stream.close()
     report.bytes += reader.count
@@ -194,7 +203,7 @@ def verify_shards(
 
     Args:
         location: a shard directory or URL prefix holding ``manifest.json``, or the manifest's URL.
-        teacher: a ``wds_reinforce.teacher.Teacher`` to rerun on ``checks`` random (sample, round)
+        teacher: a ``produce.teacher.Teacher`` to rerun on ``checks`` random (sample, round)
             pairs; a stored probability further than ``tolerance`` from the teacher's is a problem.
         checks: how many (sample, round) pairs to replay through the teacher.
         tolerance: largest allowed |stored - teacher| probability (fp16 storage and AMP differ a little).
@@ -250,15 +259,15 @@ class _Windows:
 
     def __init__(self, report: VerifyReport, recipe: Recipe):
         self.report, self.recipe = report, recipe
-        self.width = recipe.mix.window if recipe.mix is not None else 0
+        self.mixing, self.width = recipe.mix is not None, recipe.pairing_window
         self.kept: dict[WindowId, list[tuple[bytes | None, Sidecar | None]]] = {}
-        self._cutter: WindowCutter[tuple[str, bytes | None, Sidecar | None, bool]] = WindowCutter(self.width or 1)
+        self._cutter: WindowCutter[tuple[str, bytes | None, Sidecar | None, bool]] = WindowCutter(self.width)
         self._shard: str | None = None
         self._number = 0
 
     def add(self, shard: str, key: str, image: bytes | None, sidecar: Sidecar | None, wanted: bool) -> WindowId | None:
         """The next sample of ``shard`` (None: an unreadable sidecar); its window's id."""
-        if not self.width:
+        if not self.mixing:
             return None
         if shard != self._shard:
             self.close()
@@ -434,7 +443,7 @@ class _Checker:
         """A plain image shard, unchanged since its sidecars were made (sha256): its images, and
         their checksums for the sidecars. For mixing recipes the images of the windows with a
         chosen sample are kept while the shard's sidecars are read."""
-        name, width = part.info.name, self.windows.width
+        name, mixing, width = part.info.name, self.windows.mixing, self.windows.width
         crcs: dict[str, int] = {}
         kept: dict[str, bytes] = {}
         images: dict[str, bytes] = {}
@@ -449,7 +458,7 @@ class _Checker:
                 crcs[key] = crc32c(image)
                 if wanted and not errors:
                     kept[key] = image
-                if width:
+                if mixing:
                     images[key] = image
 
         keys = _read_shard(self.report, name, part.url, part.info, check)
@@ -457,7 +466,7 @@ class _Checker:
         expected = [k for k in keys if k not in skipped]
         groups = len(self.manifest.round_groups)
         teacher_group = {key: int(self.rng.integers(groups)) for key in kept}
-        if width:  # keep only the images of windows with a chosen sample
+        if mixing:  # keep only the images of windows with a chosen sample
             windows = pairing_windows(expected, width)
             images = {k: images[k] for w in windows if any(k in kept for k in w) for k in w if k in images}
         return _Images(part, expected, crcs, kept, teacher_group, images)

@@ -1,32 +1,25 @@
-"""Augmentations: ops, kernel sets, mixing, recipes and the one ``replay`` both sides call."""
+"""Augmentations: ops, kernel sets, mixing, recipes and the one ``replay`` both sides call.
 
-from wds_reinforce.core.augment.recipe import (
-    CURRENT_KERNELS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    KERNELS,
-    LEGACY_KERNELS,
+``ops`` (sample parameters, check them, apply them), ``randaugment`` (its op table), ``kernels``
+(the pixel code behind the ops, one set per version), ``mixing`` (MixUp/CutMix within pairing
+windows) and ``recipe`` (ops in order, presets, ``replay``).
+"""
+
+from wds_reinforce.core.augment.kernels import CURRENT_KERNELS, KERNELS, LEGACY_KERNELS, Kernels
+from wds_reinforce.core.augment.mixing import Mixing
+from wds_reinforce.core.augment.ops import (
     OPS,
-    RANDAUGMENT_SPACE,
-    RECIPES,
     CenterCrop,
-    DecodeError,
     GeometryOp,
     HorizontalFlip,
-    Kernels,
-    Mixing,
     Op,
     RandAugment,
     RandomErasing,
     RandomResizedCrop,
-    Recipe,
-    SourceImage,
-    key_word,
-    normalize,
     register_op,
-    replay,
-    round_rng,
 )
+from wds_reinforce.core.augment.randaugment import RANDAUGMENT_SPACE
+from wds_reinforce.core.augment.recipe import IMAGENET_MEAN, IMAGENET_STD, RECIPES, Recipe, normalize, replay, round_rng
 
 __all__ = [
     "OPS",
@@ -46,9 +39,6 @@ __all__ = [
     "RandomErasing",
     "Recipe",
     "Mixing",
-    "SourceImage",
-    "DecodeError",
-    "key_word",
     "round_rng",
     "replay",
     "normalize",

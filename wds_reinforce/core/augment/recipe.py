@@ -28,53 +28,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from wds_reinforce.core.augment.kernels import CURRENT_KERNELS, KERNELS, LEGACY_KERNELS, Kernels, kernel_set
+from wds_reinforce.core.augment.kernels import CURRENT_KERNELS, LEGACY_KERNELS, Kernels, kernel_set
 from wds_reinforce.core.augment.mixing import MIX_WIDTHS, Mixing
 from wds_reinforce.core.augment.ops import (
     OPS,
-    CenterCrop,
-    GeometryOp,
-    HorizontalFlip,
     Op,
-    RandAugment,
-    RandomErasing,
-    RandomResizedCrop,
     check_size,
-    register_op,
 )
-from wds_reinforce.core.augment.randaugment import RANDAUGMENT_SPACE
-from wds_reinforce.core.decode import DECODE_MODES, DecodeError, SourceImage, reduced_scale
+from wds_reinforce.core.decode import DECODE_MODES, SourceImage, reduced_scale
 from wds_reinforce.core.errors import FormatError
 from wds_reinforce.core.registry import Registry
 from wds_reinforce.core.schedule import key_word
 
-__all__ = [
-    "OPS",
-    "RECIPES",
-    "RANDAUGMENT_SPACE",
-    "KERNELS",
-    "CURRENT_KERNELS",
-    "LEGACY_KERNELS",
-    "Kernels",
-    "Op",
-    "GeometryOp",
-    "register_op",
-    "RandomResizedCrop",
-    "CenterCrop",
-    "HorizontalFlip",
-    "RandAugment",
-    "RandomErasing",
-    "Recipe",
-    "Mixing",
-    "SourceImage",
-    "DecodeError",
-    "key_word",
-    "round_rng",
-    "replay",
-    "normalize",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-]
+__all__ = ["RECIPES", "Recipe", "round_rng", "replay", "normalize", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -174,6 +140,11 @@ class Recipe:
         desc = {k: v for k, v in self.to_dict().items() if k != "name"}
         canon = json.dumps(desc, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).digest()[:8]
+
+    @property
+    def pairing_window(self) -> int:
+        """Samples per pairing window: the mixing window, or 1 (each sample alone) for a recipe that does not mix."""
+        return self.mix.window if self.mix is not None else 1
 
     @property
     def columns(self) -> list[str]:

@@ -76,6 +76,11 @@ class Sidecar:
         """Op parameters of round ``r``: column name -> 1-D row."""
         return {name: col[r] for name, col in self.ops.items()}
 
+    def select(self, rows: slice) -> Sidecar:
+        """The sidecar of rounds ``rows`` alone (a sidecar set's round group): same image and window."""
+        ops = {name: col[rows] for name, col in self.ops.items()}
+        return Sidecar(self.fingerprint, self.idx[rows], self.prob[rows], ops, self.image_crc, self.window_crc)
+
     def validate(self, num_classes: int | None = None, key: str | None = None) -> None:
         """Deep checks that ``decode_sidecar`` leaves out of the hot path (see ``check_topk``)."""
         check_topk(self.idx, self.prob, num_classes, key)

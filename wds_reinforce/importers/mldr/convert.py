@@ -144,7 +144,7 @@ def convert_rounds(
     rounds = _rounds(obj, index, config, name)
     params, probs = _kept(rounds, config, name, drop_mixing)
     ops = {}
-    for transform, convert in _COLUMNS.items():
+    for transform, convert in _CONVERTERS.items():
         if transform in config.transforms:
             column, values = convert(_entries(params, config.position(transform)), config, name, image_size)
             ops[column] = values
@@ -243,7 +243,7 @@ def _erase_boxes(entries: list[Any], config: MldrConfig, name: str, image_size: 
 
 
 # Their transforms that store parameters -> (our column, its rows), in their params order.
-_COLUMNS = {
+_CONVERTERS = {
     "random_resized_crop": _crop_boxes,
     "random_horizontal_flip": _flips,
     "rand_augment": _randaugment,
