@@ -4,8 +4,9 @@ Reinforced shards keep the original image bytes and add, per sample, a msgpack s
 every round's augmentation parameters and the teacher's sparse (top-k) outputs.
 
 ``import wds_reinforce`` loads the format, augmentations, targets and the streaming loader
-(``io.storage`` puts its URL schemes, ``s3://`` among them, in webdataset's table). The producer's names (``make_shards``,
-``load_teacher``, ...) load on first use, so a training job never imports teacher code.
+(``io.storage`` puts its URL schemes, ``s3://`` among them, in webdataset's table). The
+producer's names (``make_shards``, ``load_teacher``, ...) load on first use, so a training job
+never imports teacher code.
 """
 
 from __future__ import annotations

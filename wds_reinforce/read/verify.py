@@ -128,9 +128,8 @@ def _check_sample(
     return sidecar, image, errors + side_errors
 
 
-def _read_samples(report: VerifyReport, name: str, url: str, reader: Any, keys: list[str], on_sample: Any) -> None:
-    """``on_sample`` for each sample of one shard's stream, its keys into ``keys``; a cut or broken
-    stream, or a sample that repeats a member, becomes a problem and ends the shard."""
+def _read_stream(report: VerifyReport, name: str, url: str, reader: Any, keys: list[str], on_sample: Any) -> None:
+    """Each sample to ``on_sample`` (keys into ``keys``), the rest drained; a cut or bad stream is a problem."""
     try:
         for sample in samples(reader, url):
             keys.append(sample["__key__"])
@@ -153,6 +152,10 @@ def _read_samples(report: VerifyReport, name: str, url: str, reader: Any, keys: 
         report.problems.append(Problem(name, exc.key, exc.message))
     except (tarfile.TarError, OSError, EOFError) as exc:  # before the first member
         report.problems.append(Problem(name, None, f"unreadable tar: {exc}"))
+    try:
+        reader.drain()  # hash the rest, cut or not, so the byte count says how much there is
+    except OSError as exc:
+        report.problems.append(Problem(name, None, f"read failed: {exc}"))
 
 
 def _read_shard(report: VerifyReport, name: str, url: str, info: Any, on_sample: Any) -> list[str]:
@@ -167,11 +170,7 @@ def _read_shard(report: VerifyReport, name: str, url: str, info: Any, on_sample:
         return keys
     reader = HashingReader(stream)
     try:
-        _read_samples(report, name, url, reader, keys, on_sample)
-        try:
-            reader.drain()  # hash the rest, cut or not, so the byte count says how much there is
-        except OSError as exc:
-            report.problems.append(Problem(name, None, f"read failed: {exc}"))
+        _read_stream(report, name, url, reader, keys, on_sample)
     finally:
         stream.close()
     report.bytes += reader.count
@@ -182,11 +181,8 @@ def _read_shard(report: VerifyReport, name: str, url: str, info: Any, on_sample:
     if len(keys) != info.samples:
         report.problems.append(Problem(name, None, f"{len(keys)} samples, the manifest says {info.samples}"))
     elif keys and (keys[0], keys[-1]) != (info.first_key, info.last_key):
-        report.problems.append(
-            Problem(
-                name, None, f"first/last key {keys[0]}/{keys[-1]}, the manifest says {info.first_key}/{info.last_key}"
-            )
-        )
+        said = f"{info.first_key}/{info.last_key}"
+        report.problems.append(Problem(name, None, f"first/last key {keys[0]}/{keys[-1]}, the manifest says {said}"))
     return keys
 
 
