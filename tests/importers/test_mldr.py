@@ -300,8 +300,12 @@ def test_ranks_and_resume_give_the_same_shards(tmp_path, folder, monkeypatch):
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     (tmp_path / "two" / "train-000002.tar").write_bytes(b"torn")
-    summary = import_mldr(tmp_path / "meta.tar.gz", folder, tmp_path / "two", shard_size=2)
+    lines: list[str] = []
+    summary = import_mldr(tmp_path / "meta.tar.gz", folder, tmp_path / "two", shard_size=2, progress=lines.append)
     assert summary.made == 1 and summary.reused == 3
+    # progress counts what is left: one shard of two images, not the three reused
+    done = [line for line in lines if " done (" in line]
+    assert len(done) == 1 and done[0].startswith("import: shard 1/1 done (train-000002.tar); 2/2 images (100 %)")
     assert (tmp_path / "two" / "train-000002.tar").read_bytes() == (tmp_path / "one" / "train-000002.tar").read_bytes()
     with pytest.raises(UsageError, match="another job"):
         import_mldr(tmp_path / "meta.tar.gz", folder, tmp_path / "two", shard_size=3)

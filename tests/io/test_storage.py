@@ -172,6 +172,16 @@ def test_the_scheme_table_says_what_can_be_written(tmp_path):
         "file",
     ]
     assert open_output("out:v2").root == Path("out:v2")
+    assert open_output(f"file:{tmp_path}/run#1").root == tmp_path / "run#1"  # the path as written
+
+
+def test_a_folder_with_a_colon_is_written_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = open_output("out:v2")
+    out.check_writable()
+    out.write_text("manifest.json", "{}")
+    assert (tmp_path / "out:v2" / "manifest.json").read_text() == "{}"
+    assert read_url("out:v2/manifest.json") == b"{}"
     with pytest.raises(UsageError, match=r"a URL of s3://, got 'http://h/out' \(http:// cannot be written\)"):
         open_output("http://h/out")
     with pytest.raises(UsageError, match="pipe:// cannot be written"):

@@ -157,6 +157,12 @@ def test_bad_arguments_fail_before_any_work(images, tmp_path):
         make_shards(str(tmp_path / "nope.tar"), TEACHER, out=str(tmp_path / "o"), sidecars_only=True, **JOB)
     with pytest.raises(UsageError, match="round_group only with sidecars_only"):
         make_shards(pattern, TEACHER, out=str(tmp_path / "o"), round_group=2, **JOB)
+    # an option of self-contained shards, or one no job knows, means nothing for a sidecar set
+    with pytest.raises(UsageError, match=r"expected no roundz, shard_size with sidecar sets"):
+        make_shards(pattern, TEACHER, out=str(tmp_path / "o"), sidecars_only=True, shard_size=5, roundz=2, **JOB)
+    make_job = functools.partial(make_shards, pattern, TEACHER, out=str(tmp_path / "o"), **JOB)
+    with pytest.raises(TypeError, match=r"prepare_job\(\) got an unexpected keyword argument 'roundz'"):
+        make_job(roundz=2)
     assert not (tmp_path / "o").exists()
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
@@ -148,6 +149,8 @@ def test_cifar100_arrays_become_lossless_deterministic_png(tmp_path, monkeypatch
         ("{tmp}/zero.tar", r"expected webdataset \.tar shards, got .*zero\.tar: ReadError: empty file"),
         ("{tmp}/s-{{0..1}}.tar", r"expected webdataset \.tar shards, got .*s-1\.tar: ReadError"),
         ("{tmp}/captions.tar", r"expected webdataset samples with an image member \(jpg/jpeg/png/webp\), got none"),
+        ("{tmp}/gz.tar", r"got .*gz\.tar: ReadError: a compressed shard, whose members cannot be read in place"),
+        ("{tmp}/neg.tar", r"expected an integer label for every sample in .*neg\.tar, got sample 'a': label -1 is neg"),
     ],
 )
 def test_open_source_errors(tmp_path, spec, match):
@@ -157,5 +160,7 @@ def test_open_source_errors(tmp_path, spec, match):
     _tar(tmp_path / "s-0.tar", [("a.jpg", encode(photo_like(32, 32, 0))), ("a.cls", b"0")])
     (tmp_path / "s-1.tar").write_bytes(bytes(range(256)) * 8)
     _tar(tmp_path / "captions.tar", [("a.txt", b"x"), ("a.cls", b"0"), ("b.txt", b"y")])
+    _tar(tmp_path / "neg.tar", [("a.jpg", encode(photo_like(32, 32, 0))), ("a.cls", b"-1")])
+    (tmp_path / "gz.tar").write_bytes(gzip.compress((tmp_path / "s-0.tar").read_bytes()))
     with pytest.raises(ValueError, match=match):
         open_source(spec.format(tmp=tmp_path))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,22 @@ def test_keys_are_split_as_webdataset_splits_them(tmp_path):
     assert report.ok, [str(p) for p in report.problems]
     assert report.samples == 3
     assert draw_rounds(str(made.root), str(tmp_path / "g.png"), key=wds_keys[1]) == wds_keys[1]
+
+
+def test_a_sample_that_repeats_a_member_is_a_problem_of_its_shard(made):
+    path = Path(made.urls[0])
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    key = members[0][0].name.split(".", 1)[0]
+    end = next(i for i, (m, _) in enumerate(members) if not m.name.startswith(f"{key}."))  # its last member + 1
+    members.insert(end, (tarfile.TarInfo(f"{key}.JPG"), b"again"))
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    report = verify_shards(str(made.root))  # reported, not raised
+    assert any(
+        p.shard == "shard-000000.tar" and p.key == key and "repeats extension 'jpg'" in p.message
+        for p in report.problems
+    ), [str(p) for p in report.problems]
+    assert not any(p.shard == "shard-000001.tar" for p in report.problems)

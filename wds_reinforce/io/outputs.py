@@ -15,7 +15,6 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.io.remote import s3_client, s3_location
@@ -74,8 +73,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def local_path(url: str) -> str:
-    """The file system path of a local location: a path, or a ``file:`` URL (``file:///abs``, ``file:rel``)."""
-    return urlparse(url).path if url.startswith("file:") else url
+    """The file system path of a local location: a path, or a ``file:`` URL (``file:///abs``,
+    ``file:/abs``, ``file:rel``); the rest of the URL is the path as written (a ``#`` included)."""
+    if not url.startswith("file:"):
+        return url
+    rest = url[len("file:") :]
+    return "/" + rest.lstrip("/") if rest.startswith("/") else rest
 
 
 class LocalOutput:

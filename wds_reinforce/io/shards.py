@@ -1,5 +1,5 @@
-"""Tar shards as samples: the one grouper of tar members into samples, the hashing reader, and
-which member is a sample's image.
+"""Tar shards as samples: the one grouper of tar members into samples, the hashing reader, which
+member is a sample's image and what its label is, and local shard patterns.
 
 Every reader of shards (the loader, verify, the rounds picture, sidecar sets, the producer's
 sources and the ml-dr import's inputs) groups members here, with webdataset's rule: consecutive
@@ -45,6 +45,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # A plain webdataset sample's label members (``sample_label``): read while listing, images later
 LABEL_EXTS = frozenset({"cls", "json"})
 
+_INTEGER = re.compile(r"-?[0-9]+")
 # webdataset's metadata members, which it skips
 _META = re.compile(r"__[^/]*__($|/)")
 # What a broken or vanished stream raises under the grouper (tario's cuts and damage, the URL readers)
@@ -176,9 +177,6 @@ class HashingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def seekable(self) -> bool:
-        return False  # a skip by seeking would leave bytes out of the hash
-
     def readinto(self, buffer: Any) -> int:
         if self._readinto is not None:
             n = self._readinto(buffer) or 0
@@ -214,10 +212,9 @@ def sample_label(sample: Mapping[str, Any]) -> int:
     """
     if "cls" in sample:
         text = sample["cls"].decode("ascii", "replace").strip()
-        try:
-            label = int(text)
-        except ValueError:
-            raise ValueError(f"cls {text[:20]!r} is not an integer") from None
+        if not _INTEGER.fullmatch(text):  # what int() takes besides: "+3", "1_0", other scripts' digits
+            raise ValueError(f"cls {text[:20]!r} is not an integer")
+        label = int(text)
     elif "json" in sample:
         try:
             meta = json.loads(sample["json"] or b"null")

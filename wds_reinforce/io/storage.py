@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from webdataset.gopen import gopen as _gopen
 from webdataset.gopen import gopen_curl as _gopen_curl
@@ -167,6 +168,8 @@ def open_url(url: str) -> Any:
         UsageError: a URL scheme no handler knows, or a malformed URL.
         OSError: the URL cannot be opened (FileNotFoundError for a missing one).
     """
+    if scheme_of(url) == "file" and urlsplit(url).scheme not in ("", "file"):
+        url = "./" + url  # a relative path such as out:v2/x, whose prefix webdataset would take for a scheme
     try:
         stream = _gopen(url, "rb")
     except ValueError as exc:

@@ -9,6 +9,7 @@ top-k above the class count, mismatched classes, an unwritable or foreign output
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -114,6 +115,16 @@ class _Settings:
         }
 
 
+# The settings ``_Settings.check`` takes by name (``**settings`` of prepare_job and prepare_sidecar_job)
+_SETTINGS = frozenset(inspect.signature(_Settings.check).parameters) - {"check_source", "teacher", "out"}
+
+
+def _refuse_unknown(settings: Mapping[str, Any], function: str) -> None:
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:  # as Python says it for a named parameter
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+
+
 def _load_class_map(class_map: str | Mapping[str, int], source: Source, teacher_classes: int) -> list[int]:
     if isinstance(class_map, (str, os.PathLike)):
         path = Path(class_map)
@@ -208,6 +219,7 @@ def prepare_job(
             top-k above the class count, teacher classes that differ from the source's (without
             ``class_map``), an unwritable or foreign ``out``.
     """
+    _refuse_unknown(settings, "prepare_job")
     shard_size = check_int("shard_size", shard_size)
     checked, src = _Settings.check(lambda: _open_source(source), teacher, out, **settings)
     class_names, cmap = _class_names(src, checked.teacher, class_map)
@@ -227,10 +239,6 @@ def prepare_job(
     return job
 
 
-# Options that mean something for self-contained shards only (the image shards of a sidecar set stay as they are)
-_SELF_CONTAINED_ONLY = ("shard_size", "class_map")
-
-
 def prepare_sidecar_job(
     source: str | Sequence[str],
     teacher: str | Sequence[str] | Teacher,
@@ -248,9 +256,11 @@ def prepare_sidecar_job(
     Raises:
         UsageError: bad arguments (also a producer option that has no meaning here), before any work.
     """
-    meaningless = sorted(k for k in _SELF_CONTAINED_ONLY if settings.pop(k, None) not in (None, False))
     for k in ("shuffle", "threads"):  # a choice the image shards already made; the caller's thread count
         settings.pop(k, None)
+    # Other options (shard_size, class_map) mean something for self-contained shards only
+    unused = {k: settings.pop(k) for k in sorted(set(settings) - _SETTINGS)}
+    meaningless = [k for k, v in unused.items() if v not in (None, False)]
     if meaningless:
         raise UsageError(f"expected no {', '.join(meaningless)} with sidecar sets (the image shards stay as they are)")
     rounds = check_int("rounds", settings.get("rounds", 8))

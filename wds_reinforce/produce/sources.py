@@ -202,7 +202,8 @@ class WebDatasetSource(Source):
     """Existing webdataset tar shards (a path, brace pattern or glob), read in order.
 
     The image is the sample's ``jpg``/``jpeg``/``png``/``webp`` member; the label its ``cls``
-    member, else ``json["label"]``. A sample without an image member stays in the listing
+    member, else ``json["label"]``, an integer >= 0 (``io.shards.sample_label``). Shards are
+    plain (uncompressed) tars: images are read in place when used. A sample without an image member stays in the listing
     (never silently dropped): reading it raises ``SourceSampleError`` and the producer lists it as
     skipped. Keys are the shards' keys (sanitised, made unique). Class
     names come from ``_info.json`` / ``manifest.json`` (``class_names``) beside the first shard
