@@ -106,6 +106,8 @@ def group_for(seed: int, epoch: int, rounds: int, group_rounds: int) -> int:
     """
     groups = _check_groups(rounds, group_rounds)
     cycle, pos = divmod(check_epoch(epoch), rounds)
+    if groups == 1:  # every round in one group (self-contained sets): no hash on the loader's per-sample path
+        return 0
     return _affine(_mix64((seed & _U64) ^ _mix64(cycle ^ _GROUP_TAG)), pos % groups, groups)
 
 
@@ -116,6 +118,8 @@ def round_in_group(seed: int, key: str, epoch: int, rounds: int, group_rounds: i
     With one group (``group_rounds == rounds``) it equals ``round_for(seed, key, epoch, rounds)``.
     """
     groups = _check_groups(rounds, group_rounds)
+    if groups == 1:
+        return round_for(seed, key, epoch, rounds)  # what the line below gives, one divmod sooner
     cycle, pos = divmod(check_epoch(epoch), rounds)
     return round_for(seed, key, cycle * group_rounds + pos // groups, group_rounds)
 
