@@ -72,7 +72,10 @@ def make_shards(
     image_hw: tuple[int, int] = (48, 64),
     mutate: Mutate | None = None,
     record_pixels: bool = True,
+    bound: bool = True,
 ) -> Made:
+    """``bound``: sidecars record their place and label checksum, as the producer writes them
+    (False: as sidecars written before those fields)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_spec(recipe, size=size, decode=decode)
@@ -91,12 +94,14 @@ def make_shards(
                 label = int(rng.integers(num_classes))
                 cols = recipe.sample_rounds(seed, key, rounds, SourceImage(jpg).size)
                 idx, prob = fake_topk(rng, rounds, topk, num_classes)
-                sidecar = Sidecar(recipe.fingerprint, idx, prob, cols, crc32c(jpg))
+                cls = str(label).encode()
+                where = {"place": (s, i), "label_crc": crc32c(cls)} if bound else {}
+                sidecar = Sidecar(recipe.fingerprint, idx, prob, cols, crc32c(jpg), **where)
                 if record_pixels:
                     src = SourceImage(jpg)
                     for r in range(rounds):
                         made.pixels[(key, r)] = replay(src, {c: v[r] for c, v in cols.items()}, recipe)
-                members = {"jpg": jpg, "cls": str(label).encode(), "dr.mp": encode_sidecar(sidecar)}
+                members = {"jpg": jpg, "cls": cls, "dr.mp": encode_sidecar(sidecar)}
                 for ext, data in members.items():
                     data = mutate(key, ext, data) if mutate else data
                     if data is not None:  # a mutation may drop the member

@@ -131,11 +131,14 @@ class Unit:
         images: the shard holding the images (self-contained: also labels and sidecars).
         groups: per round group, its aligned sidecar shards; empty for self-contained shards.
         samples: the samples with sidecars the manifest promises (None: not listed, not counted).
+        index: the shard's index in the manifest's list (``shards``, or ``image_shards`` for sidecar
+            sets), which its sidecars record as their place (None: not listed).
     """
 
     images: Part
     groups: tuple[tuple[Part, ...], ...] = ()
     samples: int | None = None
+    index: int | None = None
 
     def sidecars(self, group: int) -> tuple[Part, ...]:
         """The sidecar shards to read in lockstep with the images in an epoch of round group ``group``."""
@@ -287,15 +290,18 @@ class _SelfContained(Layout):
     def units(self, manifest: Manifest, base: str, teacher: int | str = 0) -> list[Unit]:
         if teacher != 0:
             raise UsageError(f"expected teacher=0 for a self-contained data set (one teacher), got {teacher!r}")
-        return [Unit(Part(join_url(base, s.name), s), (), s.samples) for s in manifest.shards]
+        return [Unit(Part(join_url(base, s.name), s), (), s.samples, j) for j, s in enumerate(manifest.shards)]
 
     def select(self, units: Sequence[Unit], urls: Sequence[str]) -> list[Unit]:
         # Shards are read where the user says (a mirror, say); those the manifest lists (matched by
         # their trailing path) are counted against it, others are read uncounted.
         out = []
         for url in urls:
-            listed = next((u.images.info for u in units if _listed(url, u.images.info.name)), None)
-            out.append(Unit(Part(url, listed), (), listed.samples if listed is not None else None))
+            unit = next((u for u in units if _listed(url, u.images.info.name)), None)
+            if unit is None:
+                out.append(Unit(Part(url)))
+            else:
+                out.append(Unit(Part(url, unit.images.info), (), unit.samples, unit.index))
         return out
 
     def verify(self, manifest: Manifest, unit: Unit, checks: ShardChecks) -> None:
@@ -349,6 +355,7 @@ class _SidecarSets(Layout):
                     for n, g in enumerate(manifest.round_groups)
                 ),
                 manifest.round_groups[0].shards[i].samples,  # the image shard's samples with sidecars
+                i,
             )
             for i, image in enumerate(manifest.image_shards)
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import tarfile
 from collections import Counter
@@ -329,6 +330,34 @@ def test_a_lost_sample_is_caught_by_the_window_check(produced, positions):
     # window of the shard is shifted and lost too.
     assert counter.count == (WINDOW - 1 if positions else n - 1)
     assert len(got) + counter.count == n - 1
+
+
+def test_a_sample_missing_from_a_shard_costs_only_its_own_window(produced, tmp_path):
+    """The reader cuts windows by the position each sidecar records, not by counting arrivals."""
+    import shutil
+
+    _, out, _ = produced
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    first = sorted(copy.glob("train-*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    keys = list(dict.fromkeys(name.split(".")[0] for name, _ in members))
+    gone = keys[1]  # position 1: in the first window, which is followed by another one
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            if name.split(".")[0] != gone:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    first.write_bytes(buf.getvalue())
+    assert len(keys) > WINDOW + 1
+    counter = SkipCounter()
+    got = [k for (k,) in ReinforcedDataset(str(copy) + "/", keys=("__key__",), handler=counter)]
+    every = [k for (k,) in ReinforcedDataset(str(out) + "/", keys=("__key__",))]
+    assert got == [k for k in every if k not in keys[:WINDOW]]  # the later windows all survive
+    assert counter.samples == WINDOW, counter.last  # the lost sample and its window's others, no more
 
 
 def test_a_damaged_partner_image_is_named_as_the_partner(produced, tmp_path):

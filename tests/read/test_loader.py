@@ -7,6 +7,7 @@ moto S3) listen on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import threading
@@ -21,7 +22,7 @@ import webdataset as wds
 from tests.shardmaker import make_shards
 from wds_reinforce.core.augment import Recipe, normalize
 from wds_reinforce.core.errors import DataError, MismatchError, UsageError
-from wds_reinforce.core.format import FormatError, Manifest, Sidecar, decode_sidecar, encode_sidecar
+from wds_reinforce.core.format import FormatError, Manifest, decode_sidecar, encode_sidecar
 from wds_reinforce.core.schedule import round_for
 from wds_reinforce.core.targets import densify, one_hot
 from wds_reinforce.layouts import read_manifest
@@ -353,7 +354,7 @@ def _flip_all_prob_high_bytes(data: bytes) -> bytes:
 def _drop_column(data: bytes, name: str) -> bytes:
     sc = decode_sidecar(data)
     ops = {k: v for k, v in sc.ops.items() if k != name}
-    return encode_sidecar(Sidecar(sc.fingerprint, sc.idx, sc.prob, ops))
+    return encode_sidecar(dataclasses.replace(sc, ops=ops))
 
 
 CORRUPTIONS = {

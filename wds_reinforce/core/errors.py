@@ -38,11 +38,15 @@ class DataError(ValueError):
     Attributes:
         key: the sample key, or None (a shard- or file-level problem).
         url: the shard URL (or file), or None.
-        samples: how many samples the problem cost (a truncated shard can lose several).
+        samples: how many of the data set's samples the problem cost (a truncated shard can lose several).
+        foreign: how many samples it refused that were not the data set's at that place (another
+            shard's, a repeat, one past the shard's end): read, but none of the samples it should hold.
     """
 
-    def __init__(self, message: str, key: str | None = None, url: str | None = None, samples: int = 1):
-        self.key, self.url, self.samples = key, url, samples
+    def __init__(
+        self, message: str, key: str | None = None, url: str | None = None, samples: int = 1, foreign: int = 0
+    ):
+        self.key, self.url, self.samples, self.foreign = key, url, samples, foreign
         self.message = message
         super().__init__(_where(key, url) + message)
 
@@ -52,7 +56,8 @@ class DataError(ValueError):
             return self
         err = type(self).__new__(type(self))
         err.__dict__.update(self.__dict__)
-        DataError.__init__(err, self.message, self.key if self.key is not None else key, self.url or url, self.samples)
+        key = self.key if self.key is not None else key
+        DataError.__init__(err, self.message, key, self.url or url, self.samples, self.foreign)
         # The same story as the original: where it was raised, and what it was raised from.
         err.__traceback__ = self.__traceback__
         err.__context__ = self.__context__

@@ -245,11 +245,15 @@ class ShardImages(ImageIndex):
             out[shard].append(self._position[s])
         return out
 
-    def read_shard(self, s: int) -> tuple[dict[int, int], int, str]:
-        """Input shard ``s`` read once, front to back: (CRC-32C of each image by index, bytes, sha256)."""
+    def read_shard(self, s: int) -> tuple[dict[int, tuple[int, int]], int, str]:
+        """Input shard ``s`` read once, front to back: (CRC-32C of each image and of its ``cls`` member
+        by index, bytes, sha256)."""
         with open(self.paths[s], "rb") as f:
             reader = HashingReader(f)
-            crcs = {i: crc32c(image_bytes(sample)) for i, sample in zip(self.input_shards()[s], samples(reader))}
+            crcs = {
+                i: (crc32c(image_bytes(sample)), crc32c(sample.get("cls") or b""))
+                for i, sample in zip(self.input_shards()[s], samples(reader))
+            }
             reader.drain()
         return crcs, reader.count, reader.hexdigest()
 

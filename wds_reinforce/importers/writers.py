@@ -93,11 +93,13 @@ class SelfContainedShards:
             nonlocal sidecar_bytes
             for i, sidecar in pairs:
                 key, data = self.images.keys[i], self.images.read(i)
-                side = encode_sidecar(dataclasses.replace(sidecar, image_crc=crc32c(data)))
+                label = str(self.images.labels[i]).encode()
+                bound = {"image_crc": crc32c(data), "label_crc": crc32c(label), "place": (j, len(keys))}
+                side = encode_sidecar(dataclasses.replace(sidecar, **bound))
                 keys.append(key)
                 sidecar_bytes += len(side)
                 yield f"{key}.{self.images.exts[i]}", data
-                yield f"{key}.cls", str(self.images.labels[i]).encode()
+                yield f"{key}.cls", label
                 yield f"{key}.{SIDECAR_EXT}", side
 
         info = job.write_tar(self.name(j), members(), keys)
@@ -154,8 +156,10 @@ class SidecarSetShards:
 
         def members(rows: slice, keys: list[str]) -> Iterator[tuple[str, bytes]]:
             nonlocal sidecar_bytes
-            for i, sc in items:
-                data = encode_sidecar(dataclasses.replace(sc.select(rows), image_crc=crcs[i]))
+            for n, (i, sc) in enumerate(items):
+                image_crc, label_crc = crcs[i]
+                bound = {"image_crc": image_crc, "label_crc": label_crc, "place": (j, n)}
+                data = encode_sidecar(dataclasses.replace(sc.select(rows), **bound))
                 keys.append(self.images.keys[i])
                 sidecar_bytes += len(data)
                 yield f"{self.images.keys[i]}.{SIDECAR_EXT}", data

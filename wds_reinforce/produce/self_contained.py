@@ -180,9 +180,9 @@ class ReinforceJob(TeacherJob):
                     mix_items(window, self.recipe, self.seed, range(self.rounds))
                 for item in window:
                     batcher.add(item.pop("images"), item)  # the batcher holds the pixels until seen
-                yield from self._members(batcher, keys, sidecar_bytes)
+                yield from self._members(j, batcher, keys, sidecar_bytes)
             batcher.flush()
-            yield from self._members(batcher, keys, sidecar_bytes)
+            yield from self._members(j, batcher, keys, sidecar_bytes)
 
         info = self.job.write_tar(self.shard_name(j), members(), keys)
         skipped_rows = [dataclasses.asdict(s) for s in skipped]
@@ -191,20 +191,29 @@ class ReinforceJob(TeacherJob):
         return batcher.views
 
     def _members(
-        self, batcher: TeacherBatcher, keys: list[str], sidecar_bytes: list[int]
+        self, j: int, batcher: TeacherBatcher, keys: list[str], sidecar_bytes: list[int]
     ) -> Iterator[tuple[str, bytes]]:
-        """The tar members of the samples the teacher has finished: image (untouched), label, sidecar."""
+        """The tar members of the samples the teacher has finished: image (untouched), label, sidecar
+        (bound to shard ``j`` and the sample's position in it, and covering the image and label)."""
         for views in batcher.ready():
             item = views.item
             sample: SourceSample = item["sample"]
+            label = str(sample.label).encode()
             sidecar = Sidecar(
-                self.recipe.fingerprint, views.idx, views.prob, item["params"], crc32c(sample.data), item.get("window")
+                self.recipe.fingerprint,
+                views.idx,
+                views.prob,
+                item["params"],
+                crc32c(sample.data),
+                item.get("window"),
+                place=(j, len(keys)),
+                label_crc=crc32c(label),
             )
             data = encode_sidecar(sidecar)
             keys.append(sample.key)
             sidecar_bytes[0] += len(data)
             yield f"{sample.key}.{sample.ext}", sample.data
-            yield f"{sample.key}.cls", str(sample.label).encode()
+            yield f"{sample.key}.cls", label
             yield f"{sample.key}.{SIDECAR_EXT}", data
 
     def manifest(self, markers: Mapping[str, Mapping[str, Any]]) -> Manifest:

@@ -115,7 +115,8 @@ class _ShardReplay(torch.utils.data.IterableDataset):
             params, pixels = replay_rounds(data, key, rounds, self.recipe, self.seed)
         except DataError as exc:
             return {"shard": i, "key": key, "error": error_text(exc, whole=True)}
-        return {"shard": i, "key": key, "error": None, "params": params, "images": pixels, "crc": crc32c(data)}
+        crcs = {"crc": crc32c(data), "label_crc": crc32c(sample.get("cls") or b"")}
+        return {"shard": i, "key": key, "error": None, "params": params, "images": pixels, **crcs}
 
 
 @dataclass
@@ -215,7 +216,10 @@ class SidecarSetJob(TeacherJob):
         skipped = [dataclasses.asdict(SkippedInput(s["key"], s["error"])) for s in made if s["error"] is not None]
         done = [s for s in made if s["error"] is None]
         fp = self.recipe.fingerprint
-        sidecars = [Sidecar(fp, s["views"].idx, s["views"].prob, s["params"], s["crc"], s.get("window")) for s in done]
+        sidecars = [
+            Sidecar(fp, s["views"].idx, s["views"].prob, s["params"], s["crc"], s.get("window"), (i, n), s["label_crc"])
+            for n, s in enumerate(done)
+        ]
         for n, g in enumerate(groups):  # this run's rounds hold groups ``groups``, in order
             rows = group_rows(n, G)
             members = [(f"{s['key']}.{SIDECAR_EXT}", encode_sidecar(sc.select(rows))) for s, sc in zip(done, sidecars)]

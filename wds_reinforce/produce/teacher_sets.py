@@ -135,8 +135,10 @@ class _TeacherSetJob:
 
 
 def encode_targets(params: Sidecar, idx: Any, prob: Any) -> bytes:
-    """A targets-only sidecar: the same rounds as ``params`` (fingerprint, image checksum), no op columns."""
-    return encode_sidecar(Sidecar(params.fingerprint, idx, prob, {}, params.image_crc))
+    """A targets-only sidecar: the same rounds as ``params`` (fingerprint, image and label checksums,
+    place), no op columns."""
+    sidecar = Sidecar(params.fingerprint, idx, prob, {}, params.image_crc, None, params.place, params.label_crc)
+    return encode_sidecar(sidecar)
 
 
 def _params_sidecar(raw: bytes | None, manifest: Manifest, rounds: int, key: str) -> Sidecar:

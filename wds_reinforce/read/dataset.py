@@ -9,12 +9,14 @@ every lost sample against the manifest), optionally shuffles samples, and runs t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import random
 import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from webdataset import filters as wds_filters
@@ -31,6 +33,7 @@ from wds_reinforce.core.schedule import SharedEpoch
 from wds_reinforce.io.storage import check_settings, dirname_url, join_url
 from wds_reinforce.layouts import MANIFEST_NAME, Layout, Unit, layout_of, manifest_url, read_manifest, read_unit
 from wds_reinforce.read.loader import LoaderOptions, ReplayPlan, reinforce
+from wds_reinforce.read.places import ShardTally
 
 __all__ = ["ReinforcedDataset", "DEFAULT_SHUFFLE"]
 
@@ -85,46 +88,72 @@ def _read_shards(
     skipped: frozenset[str] = frozenset(),
     check_counts: bool = True,
 ) -> Iterator[dict]:
-    """Shard URLs -> their samples; a shard that cannot be read whole is one ``DataError``.
+    """Shard URLs -> their samples, each checked against its place (``places.ShardTally``).
 
-    The error counts exactly the samples the shard lost against the manifest (a missing, empty
-    or cut shard; a read that failed after the network layer's retries), so ``SkipCounter.samples``
-    is the number of samples the epoch did not yield. Shards the manifest does not list are not
-    counted (``samples=1`` for a failure there). A unit's image shard is read in lockstep with
-    its sidecar shards of this epoch's round group (``group()``, read once per iteration).
+    A sample that is not this shard's at its place is refused (a ``DataError`` counting it as
+    ``foreign``); a shard that cannot be read whole is one ``DataError`` that counts exactly the
+    samples it lost against the manifest (a missing, empty or cut shard; a read that failed after
+    the network layer's retries; positions never seen), so ``SkipCounter.samples`` is the number
+    of samples the epoch did not yield. Shards the manifest does not list are not counted
+    (``samples=1`` for a failure there). A unit's image shard is read in lockstep with its
+    sidecar shards of this epoch's round group (``group()``, read once per iteration).
     """
     g = group()
     for item in src:
         url = item["url"]
         unit = units[url]
-        want, count, cause, error = unit.samples if check_counts else None, 0, None, None
-        try:
-            reader = read_unit(unit.images, unit.sidecars(g), skipped)
-            with contextlib.closing(reader):
-                for sample in reader:
-                    sample["__position__"] = count  # in the shard: mixing recipes' pairing windows count it
-                    count += 1
+        if not check_counts:
+            unit = dataclasses.replace(unit, samples=None)
+        tally, cause, error = ShardTally(unit, url), None, None
+        admitted = _admitted(unit, g, skipped, tally)
+        with contextlib.closing(admitted):
+            while True:  # the handler is called outside the try: what it raises propagates
+                try:
+                    sample, refused = next(admitted, (None, None))
+                except UsageError:
+                    raise  # a malformed URL or setting: never skipped as bad data
+                except DataError as exc:
+                    cause, error = exc.message, exc
+                    break
+                except _SHARD_ERRORS as exc:
+                    cause, error = error_text(exc), exc
+                    break
+                if sample is None:
+                    break
+                if refused is None:
                     yield sample
-        except UsageError:
-            raise  # a malformed URL or setting: never skipped as bad data
-        except DataError as exc:
-            cause, error = exc.message, exc
-        except _SHARD_ERRORS as exc:
-            cause, error = error_text(exc), exc
-        if cause is None and (want is None or count == want):
-            continue
-        if want is None:
-            err = SampleError(f"cannot read the shard: {cause}", url=url)
-        else:
-            what = cause or ("an empty shard" if count == 0 else "the shard is truncated or damaged")
-            err = SampleError(
-                f"expected {want} samples (per the manifest), got {count}: {what}",
-                url=url,
-                samples=max(want - count, 0),
-            )
-        err.__cause__ = error
-        if not handler(err):
+                elif not handler(refused):
+                    return
+        err = _shard_error(unit, url, tally, cause, error)
+        if err is not None and not handler(err):
             return
+
+
+def _admitted(unit: Unit, group: int, skipped: frozenset[str], tally: ShardTally) -> Iterator[tuple[dict, Any]]:
+    """A unit's samples, each with None if it belongs at its place or the error refusing it."""
+    reader = read_unit(unit.images, unit.sidecars(group), skipped)
+    with contextlib.closing(reader):
+        for sample in reader:
+            yield sample, tally.admit(sample)
+
+
+def _shard_error(
+    unit: Unit, url: str, tally: ShardTally, cause: str | None, error: BaseException | None
+) -> SampleError | None:
+    """The shard's error, if it broke or lost samples; named after the file that broke (a sidecar shard's own URL)."""
+    lost = tally.lost()
+    if cause is None and lost == 0:
+        return None
+    where = getattr(error, "url", None) or url
+    if unit.samples is None:
+        err = SampleError(f"cannot read the shard: {cause}", url=where)
+    else:
+        arrived = tally.good + tally.unread
+        what = cause or tally.missing() or ("an empty shard" if arrived == 0 else "the shard is truncated or damaged")
+        message = f"expected {unit.samples} samples (per the manifest), got {arrived}: {what}"
+        err = SampleError(message, url=where, samples=lost)
+    err.__cause__ = error
+    return err
 
 
 class _ShardList(torch.utils.data.IterableDataset):

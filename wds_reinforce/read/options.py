@@ -32,7 +32,9 @@ class SkipCounter:
     It returns True (skip and continue) for ``DataError`` and re-raises everything else: a
     ``UsageError``, ``TypeError`` or ``RuntimeError`` is a bug or a bad argument, not bad data.
     ``count`` is the number of errors handled; ``samples`` adds up ``DataError.samples`` (so a
-    shard truncated by n samples counts n). Counts live in shared memory (one slot per worker,
+    shard truncated by n samples counts n): the data set's samples the epoch did not yield;
+    ``foreign`` adds up ``DataError.foreign``: samples read but refused because they were not
+    the ones their place should hold. Counts live in shared memory (one slot per worker,
     so no locks), and work with forked, spawned and persistent workers; each rank counts its
     own. ``last`` (the last message) is per process.
     """
@@ -41,7 +43,7 @@ class SkipCounter:
 
     def __init__(self, warn: bool = False):
         self.warn = warn
-        self._counts = torch.zeros(self._SLOTS, 2, dtype=torch.int64).share_memory_()
+        self._counts = torch.zeros(self._SLOTS, 3, dtype=torch.int64).share_memory_()
         self.last: str | None = None
 
     def __call__(self, exn: BaseException) -> bool:
@@ -51,6 +53,7 @@ class SkipCounter:
         slot = (info.id + 1) % self._SLOTS if info is not None else 0
         self._counts[slot, 0] += 1
         self._counts[slot, 1] += exn.samples
+        self._counts[slot, 2] += getattr(exn, "foreign", 0)
         self.last = f"{type(exn).__name__}: {exn}"[:1000]
         if self.warn:
             warnings.warn(f"skipping bad data: {self.last}", stacklevel=2)
@@ -63,6 +66,10 @@ class SkipCounter:
     @property
     def samples(self) -> int:
         return int(self._counts[:, 1].sum())
+
+    @property
+    def foreign(self) -> int:
+        return int(self._counts[:, 2].sum())
 
 
 def apply_each(

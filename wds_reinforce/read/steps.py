@@ -60,6 +60,8 @@ def sample_sidecar(sample: dict, plan: ReplayPlan, first: bool) -> Sidecar:
             key,
             url,
         )
+    if sidecar.label_crc is not None and crc32c(sample.get("cls") or b"") != sidecar.label_crc:
+        raise FormatError("the label member 'cls' does not match the sidecar's checksum: the label is damaged")
     if plan.rounds is not None and sidecar.rounds != plan.rounds:
         raise FormatError(f"sidecar has {sidecar.rounds} rounds, the manifest says {plan.rounds}")
     if plan.topk is not None and sidecar.topk != plan.topk:

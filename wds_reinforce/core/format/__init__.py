@@ -24,6 +24,7 @@ from wds_reinforce.core.format.sidecar import (
     crc32c,
     decode_sidecar,
     encode_sidecar,
+    sidecar_place,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "crc32c",
     "encode_sidecar",
     "decode_sidecar",
+    "sidecar_place",
     "ShardInfo",
     "SkippedInput",
     "RoundGroup",

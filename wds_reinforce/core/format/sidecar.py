@@ -8,6 +8,7 @@ docs/FORMAT.md is the normative spec. No I/O: bytes in, bytes out.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "crc32c",
     "encode_sidecar",
     "decode_sidecar",
+    "sidecar_place",
 ]
 
 FORMAT_VERSION = 1
@@ -55,6 +57,12 @@ class Sidecar:
             None in sidecars written before integrity checks (they still read).
         window_crc: for mixing recipes, CRC-32C of the keys of the sample's pairing window
             (``mixing.window_crc``), which the loader checks before mixing; None otherwise.
+        place: (shard, position) the sample was made for: its shard's index in the manifest's
+            list (``image_shards`` for sidecar sets) and its position among that shard's samples
+            with a sidecar. The loader refuses a sample read anywhere else, and counts by it what
+            a shard lost. None in sidecars written before (they read, positions counted).
+        label_crc: CRC-32C of the sample's ``cls`` member (of no bytes when it has none), which
+            the loader checks; None in sidecars written before.
     """
 
     fingerprint: bytes
@@ -63,6 +71,8 @@ class Sidecar:
     ops: Mapping[str, np.ndarray] = field(default_factory=dict)
     image_crc: int | None = None
     window_crc: int | None = None
+    place: tuple[int, int] | None = None
+    label_crc: int | None = None
 
     @property
     def rounds(self) -> int:
@@ -77,9 +87,9 @@ class Sidecar:
         return {name: col[r] for name, col in self.ops.items()}
 
     def select(self, rows: slice) -> Sidecar:
-        """The sidecar of rounds ``rows`` alone (a sidecar set's round group): same image and window."""
+        """The sidecar of rounds ``rows`` alone (a sidecar set's round group): same image, window and place."""
         ops = {name: col[rows] for name, col in self.ops.items()}
-        return Sidecar(self.fingerprint, self.idx[rows], self.prob[rows], ops, self.image_crc, self.window_crc)
+        return dataclasses.replace(self, idx=self.idx[rows], prob=self.prob[rows], ops=ops)
 
     def validate(self, num_classes: int | None = None, key: str | None = None) -> None:
         """Deep checks that ``decode_sidecar`` leaves out of the hot path (see ``check_topk``)."""
@@ -96,6 +106,8 @@ class Sidecar:
             and all(np.array_equal(v, other.ops[k]) for k, v in self.ops.items())
             and self.image_crc == other.image_crc
             and self.window_crc == other.window_crc
+            and self.place == other.place
+            and self.label_crc == other.label_crc
         )
 
 
@@ -168,18 +180,22 @@ def encode_sidecar(sidecar: Sidecar) -> bytes:
         "prob": prob.astype("<f2").tobytes(),
         "ops": ops,
     }
-    if sidecar.image_crc is not None:
-        if not 0 <= sidecar.image_crc <= 0xFFFFFFFF:
-            raise ValueError(f"expected image_crc an unsigned 32-bit int, got {sidecar.image_crc!r}")
-        body["ic"] = int(sidecar.image_crc).to_bytes(4, "little")
-    if sidecar.window_crc is not None:
-        if not 0 <= sidecar.window_crc <= 0xFFFFFFFF:
-            raise ValueError(f"expected window_crc an unsigned 32-bit int, got {sidecar.window_crc!r}")
-        body["mw"] = int(sidecar.window_crc).to_bytes(4, "little")
+    for name, value in (("ic", sidecar.image_crc), ("mw", sidecar.window_crc), ("lc", sidecar.label_crc)):
+        if value is not None:
+            body[name] = _u32_bytes(name, value)
+    if sidecar.place is not None:
+        shard, position = sidecar.place
+        body["at"] = _u32_bytes("place shard", shard) + _u32_bytes("place position", position)
     body["ck"] = b"\0\0\0\0"  # the last entry: a fixed 9-byte tail whose value covers all bytes before it
     data = bytearray(msgpack.packb(body, use_bin_type=True))
     data[-4:] = _crc32c(memoryview(data)[:-_CK_TAIL]).to_bytes(4, "little")
     return bytes(data)
+
+
+def _u32_bytes(name: str, value: int) -> bytes:
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"expected {name} an unsigned 32-bit int, got {value!r}")
+    return int(value).to_bytes(4, "little")
 
 
 # The fields of every v1 sidecar; a sidecar with any other field is one written with the
@@ -187,6 +203,8 @@ def encode_sidecar(sidecar: Sidecar) -> bytes:
 _REQUIRED = ("v", "fp", "n", "k", "cw", "cls", "idx", "prob", "ops")
 _CK_TAG = b"\xa2ck\xc4\x04"  # msgpack: the str "ck", then a bin of 4 bytes
 _CK_TAIL = len(_CK_TAG) + 4
+# The optional fixed-size fields: image, window and label checksums, and the sample's place.
+_SIZED = {"ic": 4, "mw": 4, "lc": 4, "at": 8}
 
 
 def _check_integrity(data: bytes, body: Mapping[str, Any], key: str | None) -> None:
@@ -207,7 +225,7 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
     """
     body = _body(data, key)
     rounds, topk = body["n"], body["k"]
-    image_crc, window = body.get("ic"), body.get("mw")
+    image_crc, window, label, place = body.get("ic"), body.get("mw"), body.get("lc"), body.get("at")
     return Sidecar(
         fingerprint=body["fp"],
         idx=_class_ids(body, rounds, topk, key),
@@ -215,7 +233,26 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
         ops=_op_columns(body["ops"], rounds, key),
         image_crc=None if image_crc is None else int.from_bytes(image_crc, "little"),
         window_crc=None if window is None else int.from_bytes(window, "little"),
+        place=None if place is None else _place(place),
+        label_crc=None if label is None else int.from_bytes(label, "little"),
     )
+
+
+def _place(raw: bytes) -> tuple[int, int]:
+    return int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
+
+
+def sidecar_place(data: bytes, key: str | None = None) -> tuple[int, int] | None:
+    """The (shard, position) a sidecar was made for, its integrity checked; None if it records none.
+
+    Cheaper than ``decode_sidecar`` (no arrays): the loader reads it in shard order, before any
+    shuffle, to bind each sample to its place.
+
+    Raises:
+        FormatError: what ``decode_sidecar`` would refuse about the map, its version or checksum.
+    """
+    place = _body(data, key).get("at")
+    return None if place is None else _place(place)
 
 
 def _body(data: bytes, key: str | None) -> dict[str, Any]:
@@ -245,9 +282,10 @@ def _body(data: bytes, key: str | None) -> dict[str, Any]:
     missing = [name for name in _REQUIRED if name not in body]
     if missing:
         raise FormatError(f"sidecar lacks field(s) {missing}", key)
-    for name, value in (("image checksum 'ic'", body.get("ic")), ("window checksum 'mw'", body.get("mw"))):
-        if value is not None and not (isinstance(value, bytes) and len(value) == 4):
-            raise FormatError(f"{name} must be 4 bytes", key)
+    for name, size in _SIZED.items():
+        value = body.get(name)
+        if value is not None and not (isinstance(value, bytes) and len(value) == size):
+            raise FormatError(f"field {name!r} must be {size} bytes", key)
     rounds, topk = body["n"], body["k"]
     if not (isinstance(rounds, int) and 1 <= rounds <= _MAX_ROUNDS):
         raise FormatError(f"rounds 'n' must be an integer in [1, {_MAX_ROUNDS}], got {rounds!r}", key)
