@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from wds_reinforce.core.errors import UsageError, check_int
+from wds_reinforce.core.errors import DataError, UsageError, check_int
 from wds_reinforce.core.threads import default_threads, default_workers, describe_defaults
 
 __all__ = ["main", "build_parser"]
@@ -158,7 +158,7 @@ def _add_teacher(args: argparse.Namespace, options: dict[str, Any]) -> int:
             pretrained=bool(options.get("pretrained")),
             progress=not args.no_progress,
         )
-    except UsageError as exc:
+    except (UsageError, DataError) as exc:  # DataError: e.g. an image shard changed since the set was made
         return _fail(str(exc))
     names = [t.name for t in manifest.teacher_sets]
     print(f"{options['out']}: teacher sets {names} beside the manifest's own teacher (use teacher=k or 'mean')")
@@ -329,6 +329,8 @@ def _make(options: dict[str, Any], threads: int, progress: bool) -> int:
         except UsageError as exc:
             return _fail(str(exc))
         summary = job.run()
+    except DataError as exc:  # e.g. an image shard changed since a sidecar set was made from it
+        return _fail(str(exc))
     except KeyboardInterrupt:
         kept = job.finished_shards() if job is not None else 0
         print(f"make_shards.py: interrupted; rerun the same command to resume, {kept} shards kept", file=sys.stderr)

@@ -12,6 +12,11 @@ the new groups: existing sidecar shards are verified and never rewritten, and th
 replaced last. Work is partitioned by image shard (rank r takes shards ``i % world == r``), with
 the shared job's lifecycle (``jobs``); another teacher's targets for the stored rounds are added
 by ``teacher_sets``.
+
+Adding to a set (rounds, a teacher) first reads every image shard that files were made from and
+refuses, before anything is written, if one's sha256 changed since (``check_image_shards``). Every
+rank checks every such shard, not only its own: otherwise one rank could write new groups while
+another refuses. Reading the images once costs far less than running the teacher on them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import braceexpand
@@ -52,7 +58,7 @@ from wds_reinforce.produce.teacher import TeacherBatcher
 from wds_reinforce.produce.teacher_job import ProducerSummary, TeacherJob
 from wds_reinforce.produce.workers import mix_items, replay_rounds, worker_loader
 
-__all__ = ["SidecarSetJob", "SIDECAR_JOB_FILE", "image_shard_urls"]
+__all__ = ["SidecarSetJob", "SIDECAR_JOB_FILE", "MadeFrom", "check_image_shards", "image_shard_urls"]
 
 SIDECAR_JOB_FILE = f"{DONE_DIR}/sidecar-job.json"  # the job's identity, written before any shard
 
@@ -78,6 +84,56 @@ def image_shard_urls(spec: str | Sequence[str]) -> list[str]:
             raise UsageError(f"expected existing image shards, got {url!r} (not found)")
         out.append(os.path.abspath(path))
     return out
+
+
+@dataclass(frozen=True)
+class MadeFrom:
+    """An image shard as the files made from it recorded it."""
+
+    url: str  # as the manifest lists it
+    sha256: str
+    samples: int
+    folder: str  # the first folder (round group) made from these bytes
+
+
+def _changed(made: MadeFrom, now: str) -> DataError:
+    return DataError(
+        f"image shard changed since {made.folder} was made from it (sha256 {made.sha256[:12]}..., now "
+        f"{now[:12]}...): its sidecars no longer describe it; remake the sidecar set in a new output folder",
+        url=made.url,
+        samples=made.samples,
+    )
+
+
+def _image_sha256(url: str) -> str:
+    try:
+        with open_url(url) as raw:
+            stream = HashingReader(raw)
+            stream.drain()
+    except OSError as exc:
+        raise DataError(
+            f"cannot read the image shard the set was made from ({type(exc).__name__}: {exc})", url=url
+        ) from exc
+    return stream.hexdigest()
+
+
+def check_image_shards(made: Sequence[MadeFrom], threads: int = 1) -> None:
+    """Read (streaming, ``threads`` at a time) and hash each image shard in ``made`` once; refuse one
+    whose sha256 is not what the files made from it recorded.
+
+    Raises:
+        DataError: the first such shard in ``made``'s order (or one that cannot be read), naming
+            its URL and the folder made from it; ``samples`` is its count.
+    """
+    urls = list(dict.fromkeys(m.url for m in made))
+    pool = ThreadPoolExecutor(max(1, min(threads, len(urls))), thread_name_prefix="image-check")
+    try:
+        now = dict(zip(urls, pool.map(_image_sha256, urls)))
+    finally:
+        pool.shutdown(cancel_futures=True)  # a refusal need not wait for the other shards
+    for m in made:
+        if now[m.url] != m.sha256:
+            raise _changed(m, now[m.url])
 
 
 class _ShardReplay(torch.utils.data.IterableDataset):
@@ -128,6 +184,8 @@ class SidecarSetJob(TeacherJob):
     what: ClassVar[str] = "sidecar shards"
     image_urls: list[str]
     group_rounds: int
+    # image shard i -> what its finished groups were made from (``check_images``)
+    _made_from: dict[int, list[MadeFrom]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def groups(self) -> int:
@@ -154,11 +212,37 @@ class SidecarSetJob(TeacherJob):
         return group_shard_name(g, self.group_rounds, self.split, i)
 
     def run(self) -> ProducerSummary:
-        """Make this rank's missing (group, shard) sidecar shards; rank 0 then writes the manifest."""
+        """Make this rank's missing (group, shard) sidecar shards; rank 0 then writes the manifest.
+
+        Raises:
+            DataError: an image shard changed since groups were made from it; nothing written.
+        """
+        self.check_images()
         self.job.output.staging()
         identity = json.dumps({"job": self.digest, "identity": self.identity()}, sort_keys=True)
         self.job.keep_identity(self.job_file, identity, self.job_file_decides)
         return ProducerSummary.of(self.job, run(self.job, self, len(self.image_urls)), self.rounds)
+
+    def check_images(self) -> None:
+        """Refuse, before anything is written, to add groups beside groups made from other image bytes.
+
+        Every image shard with finished groups (any rank's) is read once when any group is to be
+        made; nothing to make, nothing read.
+        """
+        self._made_from, missing = {}, False
+        for i, url in enumerate(self.image_urls):
+            for g in range(self.groups):
+                name = self.sidecar_name(g, i)
+                marker = self.job.finished(name)
+                if marker is None:
+                    missing = True
+                    continue
+                known = self._made_from.setdefault(i, [])
+                image = marker["image"]
+                if all(m.sha256 != image["sha256"] for m in known):
+                    known.append(MadeFrom(url, image["sha256"], image["samples"], os.path.dirname(name)))
+        if missing:
+            check_image_shards([m for i in sorted(self._made_from) for m in self._made_from[i]], self.workers)
 
     # -- the Maker
 
@@ -212,6 +296,9 @@ class SidecarSetJob(TeacherJob):
             item["views"] = batcher.add(item.pop("images"))  # the batcher holds the pixels until seen
 
     def _write_shard(self, i: int, groups: list[int], made: list[dict[str, Any]], image: ShardInfo) -> None:
+        for known in self._made_from.get(i, []):  # changed while this run read it
+            if known.sha256 != image.sha256:
+                raise _changed(known, image.sha256)
         G = self.group_rounds
         skipped = [dataclasses.asdict(SkippedInput(s["key"], s["error"])) for s in made if s["error"] is not None]
         done = [s for s in made if s["error"] is None]
@@ -233,12 +320,10 @@ class SidecarSetJob(TeacherJob):
         images = [ShardInfo(**markers[self.sidecar_name(0, i)]["image"]) for i in range(n)]
         for g in range(self.groups):
             for i in range(n):
-                if markers[self.sidecar_name(g, i)]["image"]["sha256"] != images[i].sha256:
-                    raise DataError(
-                        f"image shard {self.image_urls[i]} changed since round group {g} was made (sha256 "
-                        "differs): its sidecars no longer describe it; use a new output folder",
-                        url=self.image_urls[i],
-                    )
+                sha = markers[self.sidecar_name(g, i)]["image"]["sha256"]
+                if sha != images[i].sha256:  # another rank's groups, made from bytes read at another time
+                    first = os.path.dirname(self.sidecar_name(0, i))
+                    raise _changed(MadeFrom(self.image_urls[i], images[i].sha256, images[i].samples, first), sha)
         by_group = [
             [ShardInfo(**markers[self.sidecar_name(g, i)]["shard"]) for i in range(n)] for g in range(self.groups)
         ]

@@ -4,8 +4,9 @@ The stored parameters of every round are replayed on the image shards (mixed wit
 pairing windows, as the first teacher saw them) and the new teacher's top-k (the set's k) is
 written as targets-only sidecars (no op columns) under ``teachers/{name}/``, aligned with the
 params shards; the manifest gains a ``TeacherSet`` and is replaced last. Resumable and
-torchrun-partitioned by image shard, with the shared job's lifecycle (``jobs``). The loader then
-takes ``teacher=k`` or ``teacher="mean"``.
+torchrun-partitioned by image shard, with the shared job's lifecycle (``jobs``). Before anything
+is written, every rank reads every image shard once and refuses if one changed since the set was
+made (``sidecar_sets.check_image_shards``). The loader then takes ``teacher=k`` or ``teacher="mean"``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,10 +38,12 @@ from wds_reinforce.core.format import (
 )
 from wds_reinforce.core.progress import ShardProgress
 from wds_reinforce.core.schedule import pairing_windows
+from wds_reinforce.core.threads import default_workers
 from wds_reinforce.io.shards import image_bytes
 from wds_reinforce.io.storage import open_output
 from wds_reinforce.layouts import MANIFEST_NAME, Part, layout_of, parse_manifest, read_unit
 from wds_reinforce.produce.jobs import ShardJob, dist_env, run
+from wds_reinforce.produce.sidecar_sets import MadeFrom, check_image_shards
 from wds_reinforce.produce.teacher import Teacher, TeacherBatcher
 
 __all__ = ["add_teacher_set"]
@@ -121,6 +125,19 @@ class _TeacherSetJob:
                 torch.stack([replay(src, sidecar.round_params(r), self.recipe) for r in range(group.rounds)]),
             )
 
+    def check_images(self) -> None:
+        """Refuse, before anything is written, when an image shard changed since the set was made from
+        it (every rank reads every image shard once, when any targets shard is to be made)."""
+        units = range(len(self.current.image_shards))
+        if all(self.job.finished(part) is not None for i in units for part in self.parts(i)):
+            return
+        first = self.current.round_groups[0].shards
+        made = [
+            MadeFrom(s.name, s.sha256, s.samples, os.path.dirname(first[i].name))
+            for i, s in enumerate(self.current.image_shards)
+        ]
+        check_image_shards(made, default_workers())
+
     def manifest(self, markers: Mapping[str, Mapping[str, Any]]) -> Manifest:
         manifest, groups = self.current, range(len(self.current.round_groups))
         desc = self.teacher.describe(self.recipe)
@@ -171,6 +188,7 @@ def add_teacher_set(
     Raises:
         UsageError: not a sidecar set, a name in use by another teacher, a teacher whose classes
             differ from the set's, bad numbers; before any work.
+        DataError: an image shard changed since the set was made from it; nothing written.
     """
     from wds_reinforce.produce.make import checked_teacher
 
@@ -196,5 +214,6 @@ def add_teacher_set(
     # The set's identity: this teacher's targets for the rounds of this recipe (fingerprint).
     digest = hashlib.sha256(json.dumps([name, desc, manifest.fingerprint], sort_keys=True).encode()).hexdigest()[:16]
     maker = _TeacherSetJob(ShardJob(output, digest, rank, world), manifest, recipe, tch, name, batch_size, progress)
+    maker.check_images()
     result = run(maker.job, maker, len(manifest.image_shards))
     return result.manifest or manifest
