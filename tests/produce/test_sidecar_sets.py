@@ -10,6 +10,7 @@ import functools
 import hashlib
 import http.server
 import io
+import shutil
 import tarfile
 import threading
 from collections import defaultdict
@@ -354,3 +355,21 @@ def test_train_sizes_its_workers_from_the_sets_image_shards(sets):
     out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True, cwd=root, env=os.environ)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["workers"] == min(default_workers(), 3) and result["steps"] == 9 // 3
+
+
+def test_sidecars_record_their_image_shards_place_and_a_cut_sidecar_shard_is_named_as_itself(sets, tmp_path):
+    manifest = Manifest.from_json((sets / "manifest.json").read_text())
+    with tarfile.open(sets / "rounds-00000-00003/train-000001.tar") as tar:
+        places = [decode_sidecar(tar.extractfile(m).read()).place for m in tar]
+    assert places == [(1, n) for n in range(len(places))]  # image shard 1, positions among its sidecars
+    copy = tmp_path / "copy"
+    shutil.copytree(sets, copy)
+    for group in ("rounds-00000-00003", "rounds-00004-00007"):  # whichever group the epoch reads
+        side = copy / group / "train-000001.tar"
+        data = side.read_bytes()
+        side.write_bytes(data[: data.index(b"img1_1.dr.mp") + 600])  # inside the second sample's sidecar
+    counter = SkipCounter()
+    keys = [k for (k,) in ReinforcedDataset(str(copy) + "/", keys=("__key__",), handler=counter)]
+    assert counter.count == 1 and "rounds-0000" in counter.last and "/train-000001.tar: " in counter.last
+    assert "images-000001.tar" not in counter.last, counter.last
+    assert counter.samples == manifest.image_shards[1].samples - sum(k.startswith("img1_") for k in keys)

@@ -272,3 +272,13 @@ def test_a_sample_that_repeats_a_member_is_a_problem_of_its_shard(made):
         for p in report.problems
     ), [str(p) for p in report.problems]
     assert not any(p.shard == "shard-000001.tar" for p in report.problems)
+
+
+def test_a_label_that_does_not_match_its_sidecars_checksum_is_a_problem(tmp_path):
+    def relabel(key, ext, data):  # another valid label: only the checksum can tell
+        return (b"8" if data == b"9" else b"9") if (key, ext) == ("s00_0002", "cls") else data
+
+    made = make_shards(tmp_path / "ds", num_shards=1, per_shard=4, record_pixels=False, mutate=relabel)
+    report = verify_shards(str(made.root))
+    problems = [(p.key, p.message) for p in report.problems if "label" in p.message]
+    assert problems == [("s00_0002", "the label member 'cls' does not match the sidecar's checksum")]

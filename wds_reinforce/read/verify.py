@@ -125,6 +125,8 @@ def _check_sample(
         errors.append(f"label {label[:20]!r} is not an integer")
     crc = crc32c(image) if image is not None else None
     sidecar, side_errors = _check_sidecar(members.get(SIDECAR_EXT), manifest, recipe, manifest.rounds, crc)
+    if sidecar is not None and sidecar.label_crc not in (None, crc32c(label or b"")):
+        side_errors.append("the label member 'cls' does not match the sidecar's checksum")
     return sidecar, image, errors + side_errors
 
 
