@@ -17,6 +17,7 @@ interleaved, the median of --repeats passes over all images):
   <recipe>         ReinforcedDataset over that preset's shards, uint8 (kernel set 2)
   <recipe>@k1      the same recipe with kernel set 1 (torchvision's tensor kernels; shards made before sets)
   rrc_no_antialias the rrc preset with antialias: false (OpenCV's bilinear resize throughout)
+  rrc_unbound      the rrc preset's shards with sidecars written before places and label checksums
 
 DataLoader (--workers workers, batch --batch-size, wall clock, median of --dl-repeats measurements
 of at least 256 images each, after a warm-up pass): plain_v1, plain_v1_rare, plain_v2, rrc, rrc+ra/re.
@@ -24,7 +25,9 @@ of at least 256 images each, after a warm-up pass): plain_v1, plain_v1_rare, pla
 "ratios" names each comparison: rrc_vs_decode (the fastest decoder), rrc_vs_decode_pil, rrc_vs_v1,
 rrc_vs_v2, rarerc_vs_v1_rare, rarerc_vs_v2_rare, center_vs_v1_center, dl_* for the DataLoader
 figures, and mix_cost_rrc / mix_cost_rarerc: time per image of rrc+mix / rrc and rrc+ra/re+mix /
-rrc+ra/re (mixing's cost; "mixing_bytes_per_round" its sidecar bytes); "targets" says which of
+rrc+ra/re (mixing's cost; "mixing_bytes_per_round" its sidecar bytes), binding_cost_rrc: time per
+image of rrc / rrc_unbound, and binding_share_rrc: "binding_us_per_sample" (the place and label checks
+alone) as a share of rrc's time per image; "targets" says which of
 the issue's targets a run meets. "ops_ms" is the cost of each op
 on a 224x224 uint8 image with kernel set 1, kernel set 2 and Pillow (Pillow's without the
 array <-> Image conversion a tensor pipeline adds, ~0.05 ms).
@@ -66,9 +69,12 @@ from wds_reinforce.core.augment.mixing import window_crc  # noqa: E402
 from wds_reinforce.core.augment.randaugment import RANDAUGMENT_SPACE, magnitude_of  # noqa: E402
 from wds_reinforce.core.decode import SourceImage  # noqa: E402
 from wds_reinforce.core.format import Manifest, RoundGroup, ShardInfo, Sidecar, crc32c, encode_sidecar  # noqa: E402
+from wds_reinforce.io.shards import samples  # noqa: E402
 from wds_reinforce.io.storage import count_reads  # noqa: E402
+from wds_reinforce.layouts import Part, Unit, read_manifest  # noqa: E402
 from wds_reinforce.produce.jobs import write_tar  # noqa: E402
 from wds_reinforce.read.dataset import ReinforcedDataset  # noqa: E402
+from wds_reinforce.read.places import ShardTally  # noqa: E402
 
 NUM_CLASSES = 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -114,7 +120,11 @@ def make_bench_shards(
                     idx = np.stack([rng.choice(NUM_CLASSES, topk, replace=False) for _ in range(rounds)])
                     prob = rng.dirichlet(np.ones(topk) * 0.3, size=rounds) * 0.9
                     prob = -np.sort(-prob.astype(np.float16), axis=1)
-                    sidecar = Sidecar(recipe.fingerprint, idx, prob, cols, crc32c(jpegs[i]), window)
+                    # bound as the producer writes them: place and label checksum (not for rrc_unbound)
+                    bound = kind != "rrc_unbound"
+                    place = (s, keys.index(key)) if bound else None
+                    label = crc32c(str(i % NUM_CLASSES).encode()) if bound else None
+                    sidecar = Sidecar(recipe.fingerprint, idx, prob, cols, crc32c(jpegs[i]), window, place, label)
                     data = encode_sidecar(sidecar)
                     sidecar_bytes[kind].append(len(data))
                     members.append((f"{key}.dr.mp", data))
@@ -339,6 +349,7 @@ def run(
         no_aa = Recipe.from_spec("rrc", size=size).to_dict()
         no_aa["ops"][0]["antialias"] = False
         recipes["rrc_no_antialias"] = Recipe.from_spec(no_aa)
+    recipes["rrc_unbound"] = recipes["rrc"]  # sidecars without place and label checksum: the binding's cost
     with tempfile.TemporaryDirectory() as tmp:
         made = make_bench_shards(Path(tmp), images, shards, rounds, topk, quality, recipes)
         plain = made["plain"]
@@ -375,6 +386,7 @@ def run(
         decode = max(per_core[k] for k in per_core if k.startswith("decode_"))
         per_core["decode"] = decode
         result["per_core_img_s"] = {k: round(v, 1) for k, v in per_core.items()}
+        result["binding_us_per_sample"] = round(binding_us(made["reinforced"]["rrc"], repeats), 2)
 
         dl_arms = {
             "plain_v1": lambda: plain_v1(plain, size),
@@ -401,6 +413,10 @@ def run(
         # Costs (time per image), mixing vs the same recipe without: the issue's <= 1.15.
         "mix_cost_rrc": pc["rrc"] / pc["rrc+mix"],
         "mix_cost_rarerc": pc["rrc+ra/re"] / pc["rrc+ra/re+mix"],
+        # The binding (place and label checks): whole loader, bound vs unbound shards; and its
+        # own time per sample against rrc's time per sample (the issue's < 2 %).
+        "binding_cost_rrc": pc["rrc_unbound"] / pc["rrc"],
+        "binding_share_rrc": result["binding_us_per_sample"] * pc["rrc"] / 1e6,
     }
     if legacy:
         ratios.update(
@@ -420,10 +436,31 @@ def run(
         "dl_rrc_vs_v1>=1.8": ratios["dl_rrc_vs_v1"] >= 1.8,
         "mix_cost_rrc<=1.15": ratios["mix_cost_rrc"] <= 1.15,
         "mix_cost_rarerc<=1.15": ratios["mix_cost_rarerc"] <= 1.15,
+        "binding_share_rrc<0.02": ratios["binding_share_rrc"] < 0.02,
     }
     if ops:
         result["ops_ms"] = op_costs(repeats=3 if repeats < 5 else 5)
     return result
+
+
+def binding_us(folder: str, repeats: int) -> float:
+    """Process CPU µs per sample of the binding checks alone, on a reinforced set's first shard:
+    ``ShardTally.admit`` (the sidecar's place, read under its checksum) and the label's CRC-32C."""
+    manifest = read_manifest(f"{folder}/manifest.json")
+    url = f"{folder}/{manifest.shards[0].name}"
+    with open(url, "rb") as f:
+        rows = list(samples(f, url))
+    unit = Unit(Part(url, manifest.shards[0]), (), len(rows), 0)
+    times = []
+    for _ in range(max(repeats, 3)):
+        start = time.process_time()
+        for _ in range(20):
+            tally = ShardTally(unit, url)
+            for sample in rows:
+                assert tally.admit(sample) is None
+                crc32c(sample["cls"])
+        times.append((time.process_time() - start) / (20 * len(rows)))
+    return statistics.median(times) * 1e6
 
 
 def _info(name, data, keys):
