@@ -97,12 +97,13 @@ def _check_sidecar(
             errors.append(
                 f"recipe fingerprint {sidecar.fingerprint.hex()} differs from the manifest's {fingerprint.hex()}"
             )
-        if (sidecar.rounds, sidecar.topk) != (rounds, manifest.topk):
+        if sidecar.rounds not in (rounds, 0 if recipe.mix is None else rounds) or sidecar.topk != manifest.topk:
             errors.append(
                 f"sidecar has {sidecar.rounds} rounds of top-{sidecar.topk}, "
                 f"the manifest says {rounds} of top-{manifest.topk}"
             )
-        recipe.check_columns(sidecar.ops)
+        if sidecar.rounds:  # none: the sample's original image every epoch, nothing to replay
+            recipe.check_columns(sidecar.ops)
         if image_crc is not None and sidecar.image_crc is not None and image_crc != sidecar.image_crc:
             errors.append("image bytes do not match the sidecar's checksum: the image member is damaged")
     except ValueError as exc:  # FormatError, or columns that do not fit the recipe
@@ -339,6 +340,7 @@ def _check_teacher(
     rng: np.random.Generator,
     windows: Mapping[WindowId, Sequence[tuple[bytes | None, Sidecar | None]]],
 ) -> None:
+    chosen = [c for c in chosen if c[3].rounds]  # a sample without rounds has no teacher view to check
     rounds = [int(rng.integers(c[3].rounds)) for c in chosen]
     views, kept = [], []
     for (shard, key, image, sc, window), r in zip(chosen, rounds):
