@@ -255,6 +255,28 @@ def test_ids_are_stored_directly_when_a_dictionary_does_not_pay():
         assert decode_sidecar(encode_sidecar(sc)) == sc
 
 
+def test_a_sidecar_without_rounds_round_trips():
+    """n = 0: a sample imported without rounds keeps its top-k width, checksums and (empty) columns."""
+    ops = {name: np.zeros((0, COLUMNS.get(name).width or 4), np.int64) for name in sorted(COLUMNS)}
+    sc = Sidecar(FP, np.zeros((0, 5), np.uint32), np.zeros((0, 5), np.float16), ops, image_crc=7, window_crc=9)
+    data = encode_sidecar(sc)
+    body = msgpack.unpackb(data)
+    assert (body["n"], body["k"], body["cls"], body["idx"], body["prob"]) == (0, 5, b"", b"", b"")
+    assert body["ops"] == {name: b"" for name in COLUMNS}
+    out = decode_sidecar(data, key="k")
+    assert (out.rounds, out.topk, out.image_crc, out.window_crc, out.fingerprint) == (0, 5, 7, 9, FP)
+    assert out.idx.shape == out.prob.shape == (0, 5)
+    for name in COLUMNS:  # a width the bytes cannot give (RandAugment's pairs) is 0
+        assert out.ops[name].shape == (0, COLUMNS.get(name).width or 0), name
+    assert encode_sidecar(out) == data  # and stable under re-encoding
+    assert out.select(slice(0, 3)) == out  # a round group of it has none either
+    out.validate(num_classes=10)
+    for name in sorted(CODECS.names()):  # every codec: zero rows are zero bytes, and back
+        codec = CODECS.get(name)()
+        assert codec.encode(np.zeros((0, 3), np.int64), 0) == b""
+        assert codec.decode(b"", 0, 3).shape == (0, 3)
+
+
 def _mutate(sc: Sidecar, **changes) -> bytes:
     """``sc`` with fields changed or removed, re-sealed with a valid checksum (so that the
     structural check under test is what refuses it, as a writer's bug would be refused)."""
@@ -278,7 +300,10 @@ def _mutate(sc: Sidecar, **changes) -> bytes:
         ({"v": None}, "unknown sidecar format version None"),
         ({"prob": None}, r"lacks field\(s\) \['prob'\]"),
         ({"n": -1}, "rounds 'n' must be an integer"),
-        ({"n": 0}, "rounds 'n' must be an integer in \\[1, 65535\\], got 0"),
+        ({"n": 65536}, "rounds 'n' must be an integer in \\[0, 65535\\], got 65536"),
+        ({"n": 0}, "'prob' has 24 bytes, expected 0 for 0x3"),
+        ({"n": 0, "prob": b""}, "a sidecar without rounds has class ids in 'cls' or 'idx'"),
+        ({"n": 0, "prob": b"", "cls": b"", "idx": b"", "ops": {"ra": b"\0\0"}}, "'ra' has 2 bytes, but there are no"),
         ({"k": "3"}, "top-k 'k' must be an integer"),
         ({"cw": 3}, "class id width 'cw' must be 2 or 4"),
         ({"fp": b"123"}, "fingerprint must be 8 bytes"),

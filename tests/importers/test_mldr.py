@@ -193,7 +193,10 @@ def test_malicious_pickles_refused(tmp_path, folder):
     evil = b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00cos\nsystem\n(V" + f"touch {marker}".encode() + b"\ntR."
     config = config_dict("rrc", rounds=4, topk=2, size=SIZE)
     write_metadata(tmp_path / "meta.tar.gz", folder, config, edit=lambda i, obj: _zip(evil, "3.pth") if i == 3 else obj)
-    with pytest.raises(MetadataError, match=r"3\.pth\.tar: refused: the pickle needs the global os\.system"):
+    with pytest.raises(
+        MetadataError,
+        match=r"meta\.tar\.gz: reinforced_data/3\.pth\.tar: refused: the pickle needs the global os\.system",
+    ):
         import_mldr(tmp_path / "meta.tar.gz", folder, tmp_path / "out")
     assert not marker.exists()
     assert not list((tmp_path / "out").glob("*.tar")) and not (tmp_path / "out" / "manifest.json").exists()
@@ -250,12 +253,18 @@ def test_index_mismatch_is_an_error_before_output(tmp_path, folder, case):
         os.replace(tmp_path / "extra" / "c0" / "img_000.jpg", folder / "c2" / "img_009.jpg")
         error, match = IndexMismatchError, rf"{n} image records for the {n + 1} images.*none for index {n} .*img_009"
     elif case == "missing file":
-        error, match = IndexMismatchError, r"7 image records for the 8 images.*none for index 4 \(expected 4\.pth\.tar"
+        error, match = (
+            IndexMismatchError,
+            r"7 image records for the 8 images.*none for index 4 \(expected 4\.pth\.tar in .*meta\.tar\.gz",
+        )
     elif case == "wrong index inside":
-        error, match = MetadataError, r"2\.pth\.tar: holds index 5, but its name says 2"
+        error, match = MetadataError, r"meta\.tar\.gz: reinforced_data/2\.pth\.tar: holds index 5, but its name says 2"
     else:
         (folder / "c2" / "img_002.jpg").unlink()
-        error, match = IndexMismatchError, r"reinforced_data/7\.pth\.tar has index 7, outside the 7 images"
+        error, match = (
+            IndexMismatchError,
+            r"meta\.tar\.gz: reinforced_data/7\.pth\.tar has index 7, outside the 7 images",
+        )
     with pytest.raises(error, match=match):
         import_mldr(tmp_path / "meta.tar.gz", folder, tmp_path / "out", shard_size=2)
     assert not list((tmp_path / "out").glob("**/*.tar")) and not (tmp_path / "out" / "manifest.json").exists()
@@ -270,7 +279,7 @@ def test_bad_magnitude_and_crop_refused(tmp_path, folder):
         return obj
 
     write_metadata(tmp_path / "meta.tar.gz", folder, config, edit=bad_magnitude)
-    with pytest.raises(MetadataError, match=r"1\.pth\.tar: round 2: RandAugment Rotate magnitude 12\.5 is none of"):
+    with pytest.raises(MetadataError, match=r"meta\.tar\.gz: reinforced_data/1\.pth\.tar: round 2: RandAugment Rotate"):
         import_mldr(tmp_path / "meta.tar.gz", folder, tmp_path / "out")
 
     def bad_crop(i, obj):
@@ -577,7 +586,9 @@ def test_config_given_skips_the_search_and_must_match(tmp_path, folder):
     import_mldr(tmp_path / "meta.tar.gz", folder, out, config=tmp_path / "config.pth.tar", progress=lines.append)
     assert not any("found" in line for line in lines) and (out / "manifest.json").exists()
     torch.save(dict(config, batch_size=64), tmp_path / "other.pth.tar")
-    with pytest.raises(UsageError, match=r"other\.pth\.tar differs from the metadata's own reinforced_data/config"):
+    with pytest.raises(
+        UsageError, match=r"other\.pth\.tar differs from the metadata's own .*meta\.tar\.gz: reinforced_data/config"
+    ):
         import_mldr(tmp_path / "meta.tar.gz", folder, tmp_path / "o2", config=tmp_path / "other.pth.tar")
 
 

@@ -10,16 +10,27 @@ members with their data whole.
 
 from __future__ import annotations
 
+import functools
+import gzip
+import http.server
 import io
 import random
 import tarfile
+import threading
+import tracemalloc
+from pathlib import Path
 
 import pytest
 import webdataset as wds
 
 from tests.shardmaker import make_shards
+from wds_reinforce.core.errors import DataError, FormatError
+from wds_reinforce.io.shards import HashingReader, ShardCut
 from wds_reinforce.io.shards import samples as _shard_samples
-from wds_reinforce.io.tario import BLOCK, iter_members
+from wds_reinforce.io.storage import open_url
+from wds_reinforce.io.tario import BLOCK, MAX_MEMBER_BYTES, iter_members
+from wds_reinforce.read.dataset import ReinforcedDataset
+from wds_reinforce.read.options import SkipCounter
 
 SEED = 20261123
 
@@ -195,3 +206,124 @@ def test_shard_samples_equal_webdataset_s(tmp_path):
                 k: v for k, v in b.items() if not k.startswith("__")
             }
             assert a["__key__"] == b["__key__"] and a["__url__"] == url
+
+
+# ----------------------------------------------------------------------------------------
+# Sizes claimed by headers: checked before anything is allocated
+
+
+def _claim(data: bytes, member: str, size: int) -> bytes:
+    """``data`` with ``member``'s header claiming ``size`` bytes in GNU base-256 (checksum redone)."""
+    out = bytearray(data)
+    at = out.index(member.encode() + b"\0")
+    assert at % BLOCK == 0
+    out[at + 124 : at + 136] = b"\x80" + size.to_bytes(11, "big")
+    out[at + 148 : at + 156] = b" " * 8
+    out[at + 148 : at + 156] = b"%06o\0 " % sum(out[at : at + BLOCK])
+    return bytes(out)
+
+
+def _keys_of(stream, url: str = "x.tar") -> list[str]:
+    return [s["__key__"] for s in _shard_samples(stream, url)]
+
+
+def test_a_header_claiming_a_terabyte_is_a_format_error_not_a_memory_error(tmp_path):
+    made = make_shards(tmp_path, rounds=2, num_shards=1, record_pixels=False)
+    path = Path(made.urls[0])
+    data = _claim(path.read_bytes(), "s00_0001.jpg", 1 << 40)
+    at = data.index(b"s00_0001.jpg\0")
+    info = tarfile.TarInfo.frombuf(data[at : at + BLOCK], "utf-8", "surrogateescape")  # a valid header
+    assert (info.name, info.size) == ("s00_0001.jpg", 1 << 40)
+    path.write_bytes(data)
+    match = rf"member 's00_0001.jpg' claims {1 << 40} bytes, over the {MAX_MEMBER_BYTES}-byte limit"
+    with open(path, "rb") as f, pytest.raises(FormatError, match=match):  # a local file
+        _keys_of(f)
+    for stream in (_Trickle(data, 4096), io.BytesIO(gzip.compress(data))):  # unknown size; compressed
+        with pytest.raises(FormatError, match=match):
+            _keys_of(stream)
+
+
+class _Served:
+    """``root`` over HTTP on 127.0.0.1 (Content-Length announced), for a ``with`` block."""
+
+    def __init__(self, root: Path):
+        handler = functools.partial(_QuietHandler, directory=str(root))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_a_header_claiming_more_than_the_shard_holds_is_a_cut_found_unread(tmp_path, monkeypatch):
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1")
+    made = make_shards(tmp_path, rounds=2, num_shards=1, record_pixels=False)
+    path = Path(made.urls[0])
+    claimed = 200 << 20  # under the cap, far over the shard
+    path.write_bytes(_claim(path.read_bytes(), "s00_0002.jpg", claimed))
+    left = path.stat().st_size - path.read_bytes().index(b"s00_0002.jpg\0") - BLOCK
+    match = rf"inside member 's00_0002.jpg', which claims {claimed} bytes where {left} are left: it is cut"
+    tracemalloc.start()
+    try:
+        with open(path, "rb") as f, pytest.raises(ShardCut, match=match) as info:
+            _keys_of(f)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak  # nothing of the claimed size was allocated
+    assert (info.value.key, info.value.member, info.value.complete) == ("s00_0002", "s00_0002.jpg", 2)
+    with open(path, "rb") as f, pytest.raises(tarfile.ReadError, match=match):  # passed over: the same cut
+        [m.name for m in iter_members(f)]
+    with _Served(tmp_path) as base:  # a remote reader's announced size, through a hashing wrapper too
+        for wrap in (lambda s: s, HashingReader):
+            stream = open_url(f"{base}/{path.name}")
+            assert stream.size == path.stat().st_size
+            with stream, pytest.raises(ShardCut, match=match):
+                _keys_of(wrap(stream))
+
+
+def test_a_member_passed_over_in_a_compressed_stream_is_read_in_pieces():
+    big = bytes(64 << 20)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in (("a.bin", big), ("b.txt", b"after")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tracemalloc.start()
+    try:
+        got = [(m.name, m.read() if m.name == "b.txt" else None) for m in iter_members(io.BytesIO(buf.getvalue()))]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == [("a.bin", None), ("b.txt", b"after")]
+    assert peak < 16 << 20, peak  # never the 64 MiB member whole
+
+
+def test_the_loader_counts_a_shard_with_a_huge_member_header_exactly(tmp_path):
+    made = make_shards(tmp_path / "src", rounds=2, num_shards=3, record_pixels=False)
+    for url in made.urls:
+        data = Path(url).read_bytes()
+        if url.endswith("shard-000001.tar"):
+            data = _claim(data, "s01_0002.jpg", 1 << 40)  # the third sample's image
+        (tmp_path / Path(url).name).write_bytes(data)
+    (tmp_path / "manifest.json").write_text(made.manifest.to_json())
+    with pytest.raises(DataError, match=r"shard-000001.tar: expected 3 samples \(per the manifest\), got 1: member"):
+        list(ReinforcedDataset(str(tmp_path), keys=("__key__",)))
+    counter = SkipCounter()
+    rows = [k for (k,) in ReinforcedDataset(str(tmp_path), keys=("__key__",), handler=counter)]
+    # The sample before the damaged header is never known whole (as at a cut): it is lost too.
+    lost = {"s01_0001", "s01_0002"}
+    assert rows == [k for k in made.keys if k not in lost]
+    assert (counter.count, counter.samples) == (1, len(lost)), counter.last
+    assert "claims 1099511627776 bytes" in counter.last

@@ -6,7 +6,9 @@
    every record's index is checked against the images (range, duplicates, missing records), and
    the records of this rank's unfinished shards are converted by the importer, checked against
    their image's size, and kept in a local spool as sidecars (no pickle); an index mismatch is an
-   error before any shard exists;
+   error before any shard exists. An image that keeps no round (a mixing variant's image whose
+   rounds all have a partner) gets a sidecar of none: the loader gives it its original image and
+   label every epoch;
 3. each unfinished shard is written from the spool by a ``writers.ShardWriter`` (self-contained
    shards with the images copied in, or a sidecar set beside plain input shards), with a done
    marker recording every file's sha256;
@@ -204,25 +206,24 @@ class _ImportJob:
             return
         rounds = self.importer.convert(read, i, name, size)
         scan.kept[i] = rounds.kept
-        data = b""
-        if rounds.kept:
-            data = encode_sidecar(Sidecar(self.importer.recipe.fingerprint, rounds.idx, rounds.prob, rounds.ops))
+        data = encode_sidecar(Sidecar(self.importer.recipe.fingerprint, rounds.idx, rounds.prob, rounds.ops))
         with open(self.spool / f"{j:06d}", "ab") as f:
             f.write(_RECORD.pack(i, rounds.kept, len(data)) + data)
         scan.converted += 1
 
     def _keep(self, scan: _Scan) -> int:
-        """The rounds to keep of every image: as asked, as a resumed run chose, or all (the most every image has)."""
+        """The rounds to keep of every image: as asked, as a resumed run chose, or all (the most every
+        image with any has). An image that keeps none is imported without rounds."""
         known = {m["rounds"] for m in self.job.markers.values()}
         if self.rounds is not None:
             keep = self.rounds
         elif known:
             keep = known.pop()  # a resumed run keeps what the first one chose
         elif self.importer.variable:
-            keep = min(scan.kept.values(), default=self.importer.total_rounds)
+            keep = min((v for v in scan.kept.values() if v), default=0 if scan.kept else self.importer.total_rounds)
         else:
             keep = self.importer.total_rounds
-        short = sorted((v, i) for i, v in scan.kept.items() if v < max(keep, 1))
+        short = sorted((v, i) for i, v in scan.kept.items() if 0 < v < keep or not keep)
         if short:
             v, i = short[0]
             raise UsageError(self.importer.too_few(self.images.where(i), i, v, keep))
@@ -269,6 +270,7 @@ class _ImportJob:
                 "min": min(values, default=0),
                 "max": max(values, default=0),
                 "sum": sum(values),
+                "none": values.count(0),  # imported without rounds
             },
         }
         if out.image is not None:
@@ -295,6 +297,7 @@ class _ImportJob:
             "images": self.images.spec,
             "images_copied": self.writer.copies_images,
             "sha256": digests.pop() if digests else None,
+            "images_without_rounds": sum(d["kept"].get("none", 0) for d in dones),
         }
         return Manifest(
             recipe=recipe.to_dict(),

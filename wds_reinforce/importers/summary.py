@@ -34,6 +34,7 @@ class ImportSummary:
     groups: int = 1
     image_shards: int = 0
     note: str = ""  # where the output lies (a sidecar set beside the input shards)
+    without_rounds: int = 0  # images that kept no round, imported without any
 
     def format(self) -> str:
         lines = [
@@ -48,6 +49,11 @@ class ImportSummary:
             lines.append(self.note)
         if self.kept:
             lines.append(self.kept)
+        if self.without_rounds:
+            lines.append(
+                f"{self.without_rounds} image(s) kept no round: imported without rounds (the loader gives them their "
+                "original image and label every epoch)"
+            )
         if not self.manifest_written:
             lines.append("manifest: written by rank 0 once every shard is done")
         return "\n".join(lines)
@@ -67,6 +73,10 @@ def summarize(maker: Any, result: Any) -> ImportSummary:
     stats = [m["kept"] for m in mine if m["kept"]["images"]]
     low, high = min((s["min"] for s in stats), default=0), max((s["max"] for s in stats), default=0)
     groups = len(mine[0]["files"]) if mine and "files" in mine[0] else 1
+    if manifest is not None:  # every shard's count; otherwise this rank's
+        without = int(manifest.teacher.get("imported", {}).get("images_without_rounds", 0))
+    else:
+        without = sum(m["kept"].get("none", 0) for m in mine)
     return ImportSummary(
         out=job.output.url,
         variant=importer.label,
@@ -89,4 +99,5 @@ def summarize(maker: Any, result: Any) -> ImportSummary:
         groups=groups,
         image_shards=len(maker.shards),
         note=maker.writer.note(groups, rounds, len(maker.shards)),
+        without_rounds=without,
     )

@@ -34,7 +34,8 @@ class ShardOutput:
 
 
 class ShardWriter(Protocol):
-    """Writes shard ``j`` from ``(image index, sidecar)`` pairs in shard order, each with ``rounds`` rounds.
+    """Writes shard ``j`` from ``(image index, sidecar)`` pairs in shard order, each with ``rounds`` rounds
+    (or none: an image imported without rounds).
 
     ``name(j)`` names the shard in progress lines and its done marker. The sidecars carry no
     ``image_crc``; a writer sets it for the image they describe. ``layout`` is the manifest's;

@@ -10,7 +10,11 @@ as ``tarfile``'s ``r|*`` does, and read to their end so that their checksum is c
 
 Unlike ``tarfile``, which stops quietly at a missing or damaged header, a stream that does not
 end with the end-of-archive marker (a zero block) raises: a cut shard is never mistaken for a
-short one.
+short one. A header's size is checked before anything is allocated for its data: a size over
+``MAX_MEMBER_BYTES`` (or negative) is a ``FormatError`` naming the member, never a
+``MemoryError``; one over what the stream still holds, where its size is known (a local file; a
+remote reader's ``size``), is a cut found before reading. Data passed over in a stream that
+cannot seek is read in pieces.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["iter_members", "TarMember", "BLOCK"]
+from wds_reinforce.core.errors import FormatError
+
+__all__ = ["iter_members", "TarMember", "BLOCK", "MAX_MEMBER_BYTES"]
 
 BLOCK = 512
+# The most a member (or a long-name or pax header) may claim: real members are images and sidecars.
+MAX_MEMBER_BYTES = 1 << 30
+_SKIP_CHUNK = 1 << 20  # data passed over in a stream that cannot seek is read in pieces of this size
 _ZERO = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")  # regular, old regular, contiguous (tarfile's REGULAR_TYPES less sparse)
 _GNU = (b"L", b"K", b"S")  # GNU long name, long link, sparse: their headers have no ustar prefix
@@ -52,21 +61,26 @@ class _Stream:
     """Exact reads from a file object whose ``read`` may return less than asked (a raw stream).
 
     ``pos`` counts the bytes consumed. A seekable file (a local, uncompressed shard) is skipped
-    over by seeking, so listing its members reads only their headers.
+    over by seeking, so listing its members reads only their headers. ``size`` is the bytes the
+    stream holds from where it stood at the start, where known (None: unknown).
     """
 
-    __slots__ = ("read_", "readinto_", "pos", "_seek", "_size")
+    __slots__ = ("read_", "readinto_", "pos", "size", "_seek", "_size")
 
     def __init__(self, fileobj: Any, seekable: bool = False):
         self.read_ = fileobj.read
         self.readinto_ = getattr(fileobj, "readinto", None)
         self._seek, self._size = None, 0
         self.pos = 0
+        self.size: int | None = None
         if seekable and getattr(fileobj, "seekable", lambda: False)():
             start = fileobj.tell()
             self._size = fileobj.seek(0, 2) - start
             fileobj.seek(start)
             self._seek = fileobj.seek
+            self.size = self._size
+        elif seekable:
+            self.size = _announced(fileobj)
 
     def read(self, size: int) -> bytes:
         """``size`` bytes, fewer only at the end of the stream."""
@@ -87,7 +101,12 @@ class _Stream:
     def skip(self, size: int) -> bool:
         """Pass over ``size`` bytes; False if the stream ends first."""
         if self._seek is None:
-            return len(self.read(size)) == size
+            while size > 0:  # in pieces: a member passed over is never held whole
+                step = min(size, _SKIP_CHUNK)
+                if len(self.read(step)) < step:
+                    return False
+                size -= step
+            return True
         step = min(size, self._size - self.pos)
         self._seek(step, 1)
         self.pos += step
@@ -107,6 +126,32 @@ class _Stream:
             got += n
         self.pos += got
         return got
+
+
+def _announced(fileobj: Any) -> int | None:
+    """The bytes left in a stream that says its size and offset (``remote.ResumableReader``), seen
+    through wrappers that pass reads straight through and name what they wrap ``stream``
+    (``shards.HashingReader``, the read counter of ``storage.open_url``); None when unknown."""
+    for _ in range(4):
+        size, offset = getattr(fileobj, "size", None), getattr(fileobj, "offset", None)
+        if type(size) is int and type(offset) is int:
+            return size - offset
+        fileobj = getattr(fileobj, "stream", None)
+        if fileobj is None:
+            break
+    return None
+
+
+def _check_size(name: str, size: int) -> None:
+    """Raise ``FormatError`` for a size no member may claim (the header is damaged or hostile)."""
+    if size < 0:
+        raise FormatError(f"member {name!r} has a negative size ({size}): its header is damaged")
+    if size > MAX_MEMBER_BYTES:
+        raise FormatError(f"member {name!r} claims {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit of a member")
+
+
+def _cut_inside(name: str, size: int, left: int) -> tarfile.ReadError:
+    return _cut(f"inside member {name!r}, which claims {size} bytes where {left} are left")
 
 
 class _Prefixed:
@@ -182,13 +227,15 @@ class TarMember:
 
     ``offset`` is where its data starts, in bytes from where the stream stood when iteration
     began (a file's start, for a file opened afresh), for an uncompressed stream (None in a
-    compressed one), so that a listing can read it again later.
+    compressed one), so that a listing can read it again later. ``left``: the bytes the stream
+    holds after its header, where known (a member claiming more is cut, and not read).
     """
 
-    __slots__ = ("name", "size", "offset", "_stream", "_data")
+    __slots__ = ("name", "size", "offset", "_stream", "_data", "_left")
 
-    def __init__(self, name: str, size: int, stream: _Stream, offset: int | None = None):
+    def __init__(self, name: str, size: int, stream: _Stream, offset: int | None = None, left: int | None = None):
         self.name, self.size, self.offset, self._stream, self._data = name, size, offset, stream, None
+        self._left = left
 
     def read(self) -> bytes:
         """The member's data (read once, then kept).
@@ -199,6 +246,8 @@ class TarMember:
         if self._data is None:
             if self._stream is None:
                 raise tarfile.ReadError(f"member {self.name!r} was passed over: read it before the next one")
+            if self._left is not None and self.size > self._left:
+                raise _cut_inside(self.name, self.size, self._left)  # known before a byte is allocated
             data = self._stream.read(self.size)
             if len(data) < self.size:
                 raise _cut("inside a member")
@@ -221,6 +270,8 @@ def iter_members(fileobj: Any) -> Iterator[TarMember]:  # long: one pass over he
     Raises:
         tarfile.ReadError: an empty stream, a header with a bad checksum, or a stream that ends
             inside a header or member, or without the end-of-archive marker.
+        FormatError: a header whose size is negative or over ``MAX_MEMBER_BYTES`` (before
+            anything is read or allocated for it).
     """
     stream = _Stream(fileobj, seekable=True)
     buf = bytearray(2 * BLOCK)  # the padding of the member before (< one block) and a header
@@ -229,8 +280,9 @@ def iter_members(fileobj: Any) -> Iterator[TarMember]:  # long: one pass over he
     if got == 0:
         raise tarfile.ReadError("empty file")
     opener = _opener(bytes(view[:got]))
+    limit = stream.size  # bytes from the start, where known: a member claiming more is cut
     if opener is not None:
-        stream = _Stream(_Decompressed(opener(_Prefixed(bytes(view[:got]), fileobj))))
+        stream, limit = _Stream(_Decompressed(opener(_Prefixed(bytes(view[:got]), fileobj)))), None
         got = stream.fill(view[:BLOCK])
     header = view[:got]
     long_name: str | None = None
@@ -258,7 +310,11 @@ def iter_members(fileobj: Any) -> Iterator[TarMember]:  # long: one pass over he
             except ValueError:
                 raise tarfile.ReadError(f"invalid pax size {pax['size']!r}") from None
         skip = size + (-size) % BLOCK  # bytes before the next header
+        left = None if limit is None else limit - stream.pos
         if kind in _META:
+            _check_size(_text(block[0:100]), size)
+            if left is not None and size > left:
+                raise _cut_inside(_text(block[0:100]), size, left)
             data = stream.read(skip)
             if len(data) < skip:
                 raise _cut("inside a member")
@@ -280,13 +336,16 @@ def iter_members(fileobj: Any) -> Iterator[TarMember]:  # long: one pass over he
                 if prefix and kind not in _GNU:
                     name = prefix + "/" + name
             long_name, local = None, {}
+            _check_size(name, size)
             if kind in _REGULAR and not (kind == b"\0" and name.endswith("/")):
-                member = TarMember(name, size, stream, stream.pos if opener is None else None)
+                member = TarMember(name, size, stream, stream.pos if opener is None else None, left)
                 yield member
                 member._stream = None  # no reads past this point
                 if member._data is not None:
                     skip -= size  # the padding is left
             if skip > BLOCK:  # data passed over
+                if left is not None and size > left:
+                    raise _cut_inside(name, size, left)
                 if not stream.skip(skip):
                     raise _cut("inside a member")
                 skip = 0

@@ -62,11 +62,13 @@ def sample_sidecar(sample: dict, plan: ReplayPlan, first: bool) -> Sidecar:
         )
     if sidecar.label_crc is not None and crc32c(sample.get("cls") or b"") != sidecar.label_crc:
         raise FormatError("the label member 'cls' does not match the sidecar's checksum: the label is damaged")
-    if plan.rounds is not None and sidecar.rounds != plan.rounds:
+    if plan.rounds is not None and sidecar.rounds not in (plan.rounds, 0):  # 0: the original image every epoch
         raise FormatError(f"sidecar has {sidecar.rounds} rounds, the manifest says {plan.rounds}")
+    if not sidecar.rounds and plan.recipe is not None and plan.recipe.mix is not None:
+        raise FormatError("sidecar has no rounds, which a mixing recipe's pairing window cannot do without")
     if plan.topk is not None and sidecar.topk != plan.topk:
         raise FormatError(f"sidecar has top-{sidecar.topk}, the manifest says top-{plan.topk}")
-    if plan.recipe is not None:
+    if plan.recipe is not None and sidecar.rounds:  # no rounds: no parameters to replay
         plan.recipe.check_columns(sidecar.ops)
     extras = []
     for n in itertools.count(1):
@@ -90,13 +92,14 @@ def choose_round(
 ) -> tuple[int, int]:
     """(row in the sidecar, round of the data set) this epoch, or (-1, -1) for the original image.
 
-    The coin has probability 1 - p. With sidecar sets the sidecar holds this epoch's round
+    The coin has probability 1 - p; a sidecar of no ``rounds`` gives the original image every
+    epoch. With sidecar sets the sidecar holds this epoch's round
     group (``schedule.group_for``) and the row is the sample's round within it. The round is
     scheduled by ``schedule_key`` (default ``key``): mixing recipes give every sample of a
     pairing window its first key, so the whole window plays one round; the coin stays per sample.
     """
     opts = plan.options
-    if opts.p < 1.0 and original_rng(opts.seed, key, epoch).random() >= opts.p:
+    if not rounds or opts.p < 1.0 and original_rng(opts.seed, key, epoch).random() >= opts.p:
         return -1, -1
     key = schedule_key or key
     total = plan.total_rounds or rounds  # one group of all the rounds: round_for's round, group 0

@@ -2,9 +2,9 @@
 
 ``verify_shards`` streams every shard once: byte count and sha256 against the manifest, sample
 count and first/last key, unique keys, every sidecar decoded and validated (all rounds, top-k,
-fingerprint, class ids), every label parsed and every image decoded. With a teacher it also
-replays random (sample, round) pairs and compares the teacher's outputs with the stored ones
-(``teacher_view``: mixed where the recipe mixes). The rounds picture is ``picture.draw_rounds``.
+fingerprint, class ids, image and label checksums), every label parsed and image decoded. With a
+teacher it replays random (sample, round) pairs and compares its outputs with the stored ones
+(``teacher_view``: mixed where the recipe mixes).
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.shard}" + (f" key {self.key}" if self.key else "")
-        return f"{where}: {self.message}"
+        return f"{self.shard}" + (f" key {self.key}" if self.key else "") + f": {self.message}"
 
 
 @dataclass
@@ -88,21 +87,21 @@ def _check_sidecar(
     """Decode and check one sidecar of ``rounds`` rounds; ``image_crc`` is its image's CRC-32C if known."""
     if raw is None:
         return None, [f"no {SIDECAR_EXT} member"]
-    fingerprint = bytes.fromhex(manifest.fingerprint)
     errors = []
     try:
         sidecar = decode_sidecar(raw)
         sidecar.validate(manifest.num_classes)
-        if sidecar.fingerprint != fingerprint:
+        if sidecar.fingerprint != bytes.fromhex(manifest.fingerprint):
             errors.append(
-                f"recipe fingerprint {sidecar.fingerprint.hex()} differs from the manifest's {fingerprint.hex()}"
+                f"recipe fingerprint {sidecar.fingerprint.hex()} differs from the manifest's {manifest.fingerprint}"
             )
-        if (sidecar.rounds, sidecar.topk) != (rounds, manifest.topk):
+        if sidecar.rounds not in (rounds, 0 if recipe.mix is None else rounds) or sidecar.topk != manifest.topk:
             errors.append(
                 f"sidecar has {sidecar.rounds} rounds of top-{sidecar.topk}, "
                 f"the manifest says {rounds} of top-{manifest.topk}"
             )
-        recipe.check_columns(sidecar.ops)
+        if sidecar.rounds:  # none: the sample's original image every epoch, nothing to replay
+            recipe.check_columns(sidecar.ops)
         if image_crc is not None and sidecar.image_crc is not None and image_crc != sidecar.image_crc:
             errors.append("image bytes do not match the sidecar's checksum: the image member is damaged")
     except ValueError as exc:  # FormatError, or columns that do not fit the recipe
@@ -126,7 +125,7 @@ def _check_sample(
     crc = crc32c(image) if image is not None else None
     sidecar, side_errors = _check_sidecar(members.get(SIDECAR_EXT), manifest, recipe, manifest.rounds, crc)
     if sidecar is not None and sidecar.label_crc not in (None, crc32c(label or b"")):
-        side_errors.append("the label member 'cls' does not match the sidecar's checksum")
+        errors.append("the label member 'cls' does not match the sidecar's checksum")
     return sidecar, image, errors + side_errors
 
 
@@ -341,6 +340,7 @@ def _check_teacher(
     rng: np.random.Generator,
     windows: Mapping[WindowId, Sequence[tuple[bytes | None, Sidecar | None]]],
 ) -> None:
+    chosen = [c for c in chosen if c[3].rounds]  # a sample without rounds has no teacher view to check
     rounds = [int(rng.integers(c[3].rounds)) for c in chosen]
     views, kept = [], []
     for (shard, key, image, sc, window), r in zip(chosen, rounds):

@@ -154,6 +154,10 @@ class _Fixed(Codec):
     def decode(
         self, raw: bytes, rounds: int, fields: int | None, key: str | None = None, label: str = "column"
     ) -> np.ndarray:
+        if rounds == 0:  # no rows: no bytes, and a width that the length cannot give is 0
+            if raw:
+                raise FormatError(f"{label} has {len(raw)} bytes, but there are no rounds", key)
+            return np.zeros((0, fields or 0), self.dtype)
         per_row = len(raw) / (rounds * self.dtype.itemsize)
         width = int(per_row) if fields is None else fields
         if per_row != width:

@@ -152,15 +152,15 @@ def encode_sidecar(sidecar: Sidecar) -> bytes:
     prob = np.asarray(sidecar.prob)
     if idx.ndim != 2 or prob.shape != idx.shape:
         raise ValueError(f"expected idx and prob of one shape (R, k), got {idx.shape} and {prob.shape}")
-    rounds, topk = idx.shape
-    if not (1 <= rounds <= _MAX_ROUNDS and 1 <= topk <= _MAX_TOPK):
-        raise ValueError(f"expected 1 to {_MAX_ROUNDS} rounds and top-k of 1 to {_MAX_TOPK}, got {rounds}, {topk}")
+    rounds, topk = idx.shape  # 0 rounds: a sample without any (its original image and label every epoch)
+    if not (0 <= rounds <= _MAX_ROUNDS and 1 <= topk <= _MAX_TOPK):
+        raise ValueError(f"expected 0 to {_MAX_ROUNDS} rounds and top-k of 1 to {_MAX_TOPK}, got {rounds}, {topk}")
     if len(sidecar.fingerprint) != FINGERPRINT_BYTES:
         raise ValueError(f"expected a {FINGERPRINT_BYTES}-byte fingerprint, got {len(sidecar.fingerprint)}")
-    if idx.min() < 0 or idx.max() > 0xFFFFFFFF:
+    if idx.size and (idx.min() < 0 or idx.max() > 0xFFFFFFFF):
         raise ValueError("expected class ids within [0, 2**32)")
     cls, codes = np.unique(idx, return_inverse=True)
-    id_width = 2 if cls[-1] <= 0xFFFF else 4
+    id_width = 2 if not cls.size or cls[-1] <= 0xFFFF else 4
     code_width = uint_width(np.asarray([cls.size - 1]))
     if cls.size * id_width + idx.size * code_width >= idx.size * id_width:
         cls, codes, code_width = cls[:0], idx, id_width
@@ -287,8 +287,8 @@ def _body(data: bytes, key: str | None) -> dict[str, Any]:
         if value is not None and not (isinstance(value, bytes) and len(value) == size):
             raise FormatError(f"field {name!r} must be {size} bytes", key)
     rounds, topk = body["n"], body["k"]
-    if not (isinstance(rounds, int) and 1 <= rounds <= _MAX_ROUNDS):
-        raise FormatError(f"rounds 'n' must be an integer in [1, {_MAX_ROUNDS}], got {rounds!r}", key)
+    if not (isinstance(rounds, int) and 0 <= rounds <= _MAX_ROUNDS):
+        raise FormatError(f"rounds 'n' must be an integer in [0, {_MAX_ROUNDS}], got {rounds!r}", key)
     if not (isinstance(topk, int) and 1 <= topk <= _MAX_TOPK):
         raise FormatError(f"top-k 'k' must be an integer in [1, {_MAX_TOPK}], got {topk!r}", key)
     if body["cw"] not in _ID_DTYPES:
@@ -310,6 +310,10 @@ def _class_ids(body: Mapping[str, Any], rounds: int, topk: int, key: str | None)
     if len(body["cls"]) % id_width:
         raise FormatError(f"'cls' length {len(body['cls'])} is not a multiple of {id_width}", key)
     cls = np.frombuffer(body["cls"], _ID_DTYPES[id_width])
+    if count == 0:  # no rounds: no ids
+        if cls.size or body["idx"]:
+            raise FormatError("a sidecar without rounds has class ids in 'cls' or 'idx'", key)
+        return cls.reshape(0, topk)
     code_width = len(body["idx"]) // count
     if code_width not in UINT_DTYPES or code_width * count != len(body["idx"]):
         raise FormatError(f"'idx' has {len(body['idx'])} bytes, expected {count} codes of 1, 2 or 4 bytes", key)

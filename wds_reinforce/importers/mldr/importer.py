@@ -95,11 +95,14 @@ class MldrImporter:
             "drop_mixing": self.drop_mixing,
         }
 
+    # Record names are ``meta.where``'s (``ARCHIVE: MEMBER`` or the file's path), so that every
+    # message naming a record says where it is.
+
     def listing(self) -> list[str] | None:
-        return self.meta.names() if self.meta.is_dir else None
+        return [self.meta.where(name) for name in self.meta.names()] if self.meta.is_dir else None
 
     def index_of(self, name: str) -> int | None:
-        base = posixpath.basename(name)
+        base = posixpath.basename(name.removeprefix(self.meta.where("")))
         if base == CONFIG_NAME:
             return None
         m = INDEX_NAME.fullmatch(base)
@@ -110,22 +113,25 @@ class MldrImporter:
         return int(m.group(1))
 
     def record_name(self, index: int) -> str:
-        return f"{index}.pth.tar" + (f" in {self.meta.root}" if self.meta.is_dir else "")
+        return f"{index}.pth.tar in {self.meta.root if self.meta.is_dir else self.meta.path}"
 
     def stream(self) -> Iterator[tuple[str, Callable[[], bytes]]]:
         for name, read in self.meta.members():
+            where = self.meta.where(name)
             if posixpath.basename(name) == CONFIG_NAME:
-                if self.config_source and dict(load_config(read(), name).raw) != dict(self.config.raw):
-                    raise UsageError(f"{self.config_source} differs from the metadata's own {name}")
+                if self.config_source and dict(load_config(read(), where).raw) != dict(self.config.raw):
+                    raise UsageError(f"{self.config_source} differs from the metadata's own {where}")
                 continue
-            yield name, read
+            yield where, read
 
     def convert(self, read: Callable[[], bytes], index: int, name: str, size: tuple[int, int]) -> Rounds:
         return convert_rounds(load_torch_save(read(), name), index, self.config, name, size, self.drop_mixing)
 
     def too_few(self, where: str, index: int, kept: int, keep: int) -> str:
-        return f"image {where} ({index}.pth.tar) has {kept} rounds without a mixing partner, " + (
-            f"fewer than the {keep} to keep of every image (--rounds)" if keep >= 1 else "nothing to import"
+        return f"image {where} ({self.record_name(index)}) has {kept} rounds without a mixing partner, " + (
+            f"fewer than the {keep} to keep of every image (--rounds)"
+            if keep >= 1
+            else "and neither has any other image: nothing to import"
         )
 
     def teacher(self, rounds_kept: int, kept: Mapping[str, float], imported: Mapping[str, Any]) -> dict[str, Any]:
@@ -135,11 +141,13 @@ class MldrImporter:
             **cfg.describe(),
             "rounds_kept": rounds_kept,
             "mixing": (
-                "dropped: the first rounds_kept rounds without a mixing partner of each image are kept"
+                "dropped: the first rounds_kept rounds without a mixing partner of each image are kept; an image "
+                "without any has none (images_without_rounds), and the loader gives it its original image and label"
                 if cfg.mixing
                 else "none"
             ),
             "non_mixing_rounds": dict(kept),
+            "images_without_rounds": imported["images_without_rounds"],
             "index_rule": imported["index_rule"],
             "images": imported["images"],
             "images_copied": imported["images_copied"],

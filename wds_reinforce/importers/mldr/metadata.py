@@ -1,7 +1,9 @@
 """apple/ml-dr's metadata as a stream: their ``.tar.gz`` read member by member, or its extracted folder.
 
 The archive is never extracted and its sha256 is computed in passing; ``config()`` finds their
-``config.pth.tar`` in it (or in the folder).
+``config.pth.tar`` in it (or in the folder). A file's size is checked before it is read (an
+archive member's from its tar header), and messages name a member with its archive
+(``where``: ``ARCHIVE: reinforced_data/5.pth.tar``).
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from wds_reinforce.core.errors import UsageError
+from wds_reinforce.core.errors import FormatError, UsageError
 from wds_reinforce.importers import MetadataError
+from wds_reinforce.importers.mldr.unpickle import MAX_PICKLE_BYTES
 from wds_reinforce.io.shards import HashingReader
 from wds_reinforce.io.tario import TarMember, iter_members
 
-__all__ = ["CONFIG_NAME", "INDEX_NAME", "MetadataSource"]
+__all__ = ["CONFIG_NAME", "INDEX_NAME", "MAX_FILE_BYTES", "MetadataSource"]
 
 CONFIG_NAME = "config.pth.tar"
 INDEX_NAME = re.compile(r"(\d+)\.pth\.tar")  # an image's file: {index}.pth.tar
+# The largest file read: a torch.save container around a data.pkl up to unpickle's limit (their
+# files are a few MB). A larger one is refused from its size, before a byte of it is read.
+MAX_FILE_BYTES = MAX_PICKLE_BYTES + (1 << 20)
 
 
 class MetadataSource:
@@ -73,11 +79,15 @@ class MetadataSource:
         """A folder's file names (without reading them)."""
         return [name for name, _ in self._files]
 
+    def where(self, name: str) -> str:
+        """A member or file as messages name it: ``ARCHIVE: MEMBER``, or the folder's file path."""
+        return f"{self.path}: {name}" if self.root is None else os.path.join(self.root, name)
+
     def members(self) -> Iterator[tuple[str, Callable[[], bytes]]]:
+        """``(name, read)`` of every member or file; ``read()`` refuses one over ``MAX_FILE_BYTES`` unread."""
         if self.root is not None:
-            root = self.root
             for name, _ in self._files:
-                yield name, lambda name=name: (root / name).read_bytes()
+                yield name, functools.partial(self._read_file, name)
             return
         with open(self.path, "rb", buffering=0) as raw:
             reader = HashingReader(raw)
@@ -88,15 +98,29 @@ class MetadataSource:
             self.sha256 = reader.hexdigest()
 
     def _read(self, member: TarMember) -> bytes:
+        self._check_size(member.name, member.size)
         with self._reading(member.name):
             return member.read()
+
+    def _read_file(self, name: str) -> bytes:
+        with open(os.path.join(self.root, name), "rb") as f:
+            self._check_size(name, os.fstat(f.fileno()).st_size)
+            return f.read()
+
+    def _check_size(self, name: str, size: int) -> None:
+        if size > MAX_FILE_BYTES:
+            raise MetadataError(
+                f"refused unread: {size} bytes, over the {MAX_FILE_BYTES}-byte limit of a metadata file "
+                "(theirs are a few MB)",
+                url=self.where(name),
+            )
 
     @contextlib.contextmanager
     def _reading(self, member: str = "") -> Iterator[None]:
         """Errors of a damaged archive (cut, bad gzip, bad headers) as ``MetadataError`` naming it."""
         try:
             yield
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        except (tarfile.TarError, EOFError, zlib.error, OSError, FormatError) as exc:  # FormatError: tario's size check
             at = f" at {member}" if member else ""
             raise MetadataError(
                 f"cannot read the archive{at} ({type(exc).__name__}: {exc})", url=str(self.path)
@@ -115,7 +139,7 @@ class MetadataSource:
             if posixpath.basename(name) == CONFIG_NAME:
                 if progress and count > 1:
                     progress(f"found {name} after {count} members ({time.monotonic() - start:.0f} s)")
-                return read(), f"{self.path}:{name}"
+                return read(), self.where(name)
             if progress and count % 100_000 == 0:
                 progress(f"looking for {CONFIG_NAME} in {self.path}: {count} members read (give --config to skip this)")
         raise UsageError(f"expected {CONFIG_NAME} in {self.path}, got none among {count} members")

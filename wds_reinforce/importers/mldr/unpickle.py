@@ -19,9 +19,9 @@ from typing import Any
 
 from wds_reinforce.importers import MetadataError
 
-__all__ = ["restricted_loads", "load_torch_save", "check_plain", "Inert"]
+__all__ = ["restricted_loads", "load_torch_save", "check_plain", "Inert", "MAX_PICKLE_BYTES"]
 
-_MAX_PICKLE = 256 << 20  # the largest data.pkl read (8000 rounds of top-10 are ~3 MB)
+MAX_PICKLE_BYTES = 256 << 20  # the largest data.pkl read (8000 rounds of top-10 are ~3 MB)
 _MAX_NODES = 50_000_000  # values visited by check_plain
 
 
@@ -125,8 +125,9 @@ def load_torch_save(data: bytes, name: str) -> Any:
             found = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
             if len(found) != 1:
                 raise MetadataError(f"expected one */data.pkl in the torch.save container, got {len(found)}", url=name)
-            if found[0].file_size > _MAX_PICKLE:
-                raise MetadataError(f"data.pkl of {found[0].file_size} bytes is over the {_MAX_PICKLE} limit", url=name)
+            if found[0].file_size > MAX_PICKLE_BYTES:
+                size = found[0].file_size
+                raise MetadataError(f"data.pkl of {size} bytes is over the {MAX_PICKLE_BYTES} limit", url=name)
             raw = zf.read(found[0])
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
         if isinstance(exc, MetadataError):
