@@ -3,6 +3,8 @@ every epoch, as an original-image epoch does; verify accepts it; a mixing recipe
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +25,7 @@ BARE = "s01_0001"  # the sample whose sidecar keeps no round
 
 
 def _none_kept(sc: Sidecar) -> Sidecar:
-    return Sidecar(sc.fingerprint, sc.idx[:0], sc.prob[:0], {c: v[:0] for c, v in sc.ops.items()}, sc.image_crc)
+    return dataclasses.replace(sc, idx=sc.idx[:0], prob=sc.prob[:0], ops={c: v[:0] for c, v in sc.ops.items()})
 
 
 def _bare(key: str, ext: str, data: bytes) -> bytes:
@@ -62,10 +64,12 @@ def test_other_round_counts_and_a_mixing_recipe_are_still_refused(tmp_path):
     made = make_shards(tmp_path, rounds=3, num_shards=1, record_pixels=False)
     sc = made.sidecars[made.keys[0]]
     plan = ReplayPlan(LoaderOptions(), recipe=made.recipe, rounds=3, topk=3)
-    two = Sidecar(sc.fingerprint, sc.idx[:2], sc.prob[:2], {c: v[:2] for c, v in sc.ops.items()}, sc.image_crc)
+    two = dataclasses.replace(sc, idx=sc.idx[:2], prob=sc.prob[:2], ops={c: v[:2] for c, v in sc.ops.items()})
+    label = str(made.labels[made.keys[0]]).encode()  # the sidecars cover it
     with pytest.raises(FormatError, match="sidecar has 2 rounds, the manifest says 3"):
-        sample_sidecar({"__key__": "k", "dr.mp": encode_sidecar(two)}, plan, first=False)
-    assert sample_sidecar({"__key__": "k", "dr.mp": encode_sidecar(_none_kept(sc))}, plan, first=False).rounds == 0
+        sample_sidecar({"__key__": "k", "cls": label, "dr.mp": encode_sidecar(two)}, plan, first=False)
+    bare = {"__key__": "k", "cls": label, "dr.mp": encode_sidecar(_none_kept(sc))}
+    assert sample_sidecar(bare, plan, first=False).rounds == 0
     mixing = Recipe.from_spec("rrc+mix", size=made.recipe.size)
     bare = Sidecar(mixing.fingerprint, np.zeros((0, 3), np.uint16), np.zeros((0, 3), np.float16), {}, 1, 2)
     plan = ReplayPlan(LoaderOptions(), recipe=mixing, fingerprint=mixing.fingerprint, rounds=3, topk=3)
