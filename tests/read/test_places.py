@@ -196,3 +196,14 @@ def test_a_resume_that_gets_another_objects_bytes_yields_nothing_foreign(made, m
     assert rows == [k for k in made.keys if k not in ("s01_0001", "s01_0002")]  # nothing of shard 2's twice
     assert counter.samples == 2, counter.last  # exactly shard 1's two samples after the cut
     assert counter.foreign >= 1, counter.last  # shard 2's spliced samples, refused
+
+
+def test_sidecars_written_before_places_are_still_checked_by_key(unbound, tmp_path):
+    root = _copy(unbound, tmp_path / "copy")
+    shutil.copy(root / "shard-000002.tar", root / "shard-000001.tar")  # its first key is not the manifest's
+    own = _samples(root / "shard-000003.tar")
+    (root / "shard-000003.tar").write_bytes(_tar([own[0], own[1], own[0], own[2]]))  # a key again
+    rows, counter = _read(str(root))
+    assert rows == [k for k in unbound.keys if not k.startswith("s01_")]
+    assert (counter.samples, counter.foreign) == (3, 4), counter.last
+    assert "its key comes again" in counter.last

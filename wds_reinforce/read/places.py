@@ -8,7 +8,9 @@ before or out of order, or one past the shard's count is refused as *foreign* (r
 the sample its place should hold); a position skipped is a sample lost. So a shard swapped for
 another, an object overwritten mid-epoch or a resume that splices in other bytes yields nothing
 that is not the shard's own, and the losses are counted exactly. Sidecars written before places
-existed are counted by arrival, as they always were (and samples past the count are refused).
+existed are counted by arrival, checked as far as the manifest allows: a key seen before in the
+shard, one past the shard's count, and (self-contained shards) a first key other than the
+manifest's ``first_key`` are refused.
 The position also cuts the pairing windows of mixing recipes, so a lost sample costs only its
 own window.
 """
@@ -35,6 +37,10 @@ class ShardTally:
 
     def __init__(self, unit: Unit, url: str):
         self.index, self.want, self.url = unit.index, unit.samples, url
+        info = unit.images.info
+        self._first_key = info.first_key if info is not None and not unit.groups and unit.samples else None
+        self._keys: set[str] = set()  # of a shard without places: the keys admitted
+        self._alien: str | None = None  # its first key, when it is not the manifest's
         self.good = self.unread = 0
         self._next = 0  # the lowest position still expected
         self._placed: bool | None = None  # whether the shard's sidecars record places (its first readable one says)
@@ -49,6 +55,7 @@ class ShardTally:
             raw = None
         if raw is None:  # missing or damaged: the reinforce stage refuses it and counts it
             self.unread += 1
+            self._keys.add(sample.get("__key__"))  # it arrived: a later first-key check would misjudge
             sample["__position__"] = self._next
             return None
         if self._placed is None:
@@ -57,6 +64,9 @@ class ShardTally:
             which = "records no place" if place is None else "records a place"
             return self._foreign(sample, f"its sidecar {which}, unlike the shard's first sample's")
         if place is None:
+            refused = self._unplaced(sample.get("__key__"))
+            if refused:
+                return self._foreign(sample, refused)
             position = self._next
         else:
             shard, position = place
@@ -70,6 +80,17 @@ class ShardTally:
             self._gaps.append((self._next, position - 1))
         sample["__position__"], self._next = position, position + 1
         self.good += 1
+        return None
+
+    def _unplaced(self, key: str) -> str | None:
+        """Why a sample of a shard without places does not belong, or None."""
+        if self._alien is None and self._first_key is not None and not self._keys and key != self._first_key:
+            self._alien = key
+        if self._alien is not None:
+            return f"the shard begins with {self._alien!r}, not the manifest's first key {self._first_key!r}"
+        if key in self._keys:
+            return "its key comes again"
+        self._keys.add(key)
         return None
 
     def lost(self) -> int:
