@@ -1,19 +1,35 @@
 """Remote reads that survive transient faults: the S3 client, HTTP and S3 streams, retries.
 
 ``ResumableReader`` is a stream over an ``http(s)://`` or ``s3://`` object that survives
-connection resets, 5xx, S3 throttling and a body shorter than its Content-Length by retrying
-with exponential backoff and resuming with a ranged request where it stopped, so a fault never
-changes the bytes read. ``s3_client`` is the one place that builds an S3 client: boto3's
-standard credential chain and region, with the endpoint from ``AWS_ENDPOINT_URL_S3`` or
-``AWS_ENDPOINT_URL`` when set (MinIO, Ceph, moto, ...). ``storage`` is the public door to these.
+connection resets, 5xx, S3 throttling, a body shorter than its Content-Length and a response
+too slow to be worth waiting for, by retrying with exponential backoff and resuming with a
+ranged request where it stopped, so a fault never changes the bytes read; and that gives up
+(``NetworkReadError``) rather than wait forever. ``s3_client`` is the one place that builds an
+S3 client: boto3's standard credential chain and region, with the endpoint from
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (MinIO, Ceph, moto, ...). ``storage``
+is the public door to these; ``retry`` holds the policy.
 
-Retry policy (read from the environment each time a stream is opened):
+Retry policy (read from the environment each time a stream is opened; ``storage.check_settings``
+checks it):
 
 - ``WDS_REINFORCE_RETRIES`` (default 5): retries allowed in a row without getting a byte further;
   any progress starts the count again, so a long shard survives any number of spaced-out faults.
 - ``WDS_REINFORCE_BACKOFF`` (0.5 s): the first wait, doubled at each retry in a row ...
 - ``WDS_REINFORCE_BACKOFF_MAX`` (8 s): ... up to this (each wait is jittered to 50-100 %).
-- ``WDS_REINFORCE_TIMEOUT`` (60 s): HTTP socket timeout (connect and each read); a stall is a fault.
+- ``WDS_REINFORCE_TIMEOUT`` (30 s): socket timeout (connect, and each read), HTTP and S3; a
+  silence that long is a fault.
+- ``WDS_REINFORCE_SPEED_LIMIT`` (1000 bytes/s) and ``WDS_REINFORCE_SPEED_TIME`` (30 s): a
+  response that brings fewer than SPEED_LIMIT bytes/s averaged over SPEED_TIME seconds is a
+  fault (retried, resumed), as curl's ``--speed-limit``/``--speed-time``; 0 bytes/s: no limit.
+- ``WDS_REINFORCE_STALL_LIMIT`` (90 s): the bound per object read. A read that goes this long
+  without good progress (SPEED_LIMIT x SPEED_TIME bytes, 30 kB by default), across retries and
+  backoff, gives up, even with retries left; a socket wait under way ends first, so a dead or
+  trickling server is given up on within STALL_LIMIT + TIMEOUT (2 minutes by default). Only time
+  inside the reader counts, never a consumer's pause between two reads.
+
+Both HTTP and S3 bodies are read one socket read at a time, so the clock is checked as bytes
+arrive. S3 reads use a client of their own settings (the timeout; botocore's retries off: the
+reader's are the ones that count).
 """
 
 from __future__ import annotations
@@ -22,7 +38,6 @@ import http.client
 import io
 import logging
 import os
-import random
 import re
 import ssl
 import time
@@ -33,12 +48,27 @@ from typing import Any
 from urllib.parse import urlparse
 
 from wds_reinforce.core.errors import UsageError
+from wds_reinforce.io.retry import (
+    BACKOFF,
+    BACKOFF_MAX,
+    RETRIES,
+    SPEED_LIMIT,
+    SPEED_TIME,
+    STALL_LIMIT,
+    TIMEOUT,
+    NetworkReadError,
+    Pace,
+    RetryPolicy,
+)
 
 __all__ = [
     "RETRIES",
     "BACKOFF",
     "BACKOFF_MAX",
     "TIMEOUT",
+    "SPEED_LIMIT",
+    "SPEED_TIME",
+    "STALL_LIMIT",
     "RetryPolicy",
     "NetworkReadError",
     "ObjectChangedError",
@@ -55,19 +85,28 @@ _log = logging.getLogger(__name__)
 # S3 client
 
 
-_S3_CLIENTS: dict[tuple[int, str | None], Any] = {}
+_S3_CLIENTS: dict[tuple[int, str | None, float | None], Any] = {}
 
 
-def s3_client() -> Any:
-    """The process's boto3 S3 client (one per process and endpoint: clients are not fork-safe)."""
+def s3_client(timeout: float | None = None) -> Any:
+    """The process's boto3 S3 client (one per process and endpoint: clients are not fork-safe).
+
+    With ``timeout``: the readers' client, with that connect and read timeout and botocore's own
+    retries off (a ``ResumableReader`` retries, within its bound; botocore's would multiply it).
+    """
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    slot = (os.getpid(), endpoint)
+    slot = (os.getpid(), endpoint, timeout)
     client = _S3_CLIENTS.get(slot)
     if client is None:
         import boto3
+        from botocore.config import Config
 
-        client = boto3.session.Session().client("s3", endpoint_url=endpoint)
-        _S3_CLIENTS.clear()
+        config = None
+        if timeout is not None:
+            config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1})
+        client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+        for other in [key for key in _S3_CLIENTS if key[:2] != slot[:2]]:
+            del _S3_CLIENTS[other]
         _S3_CLIENTS[slot] = client
     return client
 
@@ -81,74 +120,9 @@ def s3_location(url: str) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------------------
-# Resumable reading: retry policy, errors, the reader and its two sources (HTTP, S3)
-
-RETRIES = 5
-BACKOFF = 0.5
-BACKOFF_MAX = 8.0
-TIMEOUT = 60.0
+# Resumable reading: errors, the reader and its two sources (HTTP, S3)
 
 _CHUNK = 1 << 20
-_JITTER = random.Random()  # private: backoff jitter must not touch (or depend on) the global RNG
-
-
-def _env_number(name: str, default: float, kind: type, minimum: float) -> Any:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
-    if value is None or not value >= minimum:  # (NaN too)
-        word = "an integer" if kind is int else "a number"
-        raise UsageError(f"expected {name} to be {word} >= {minimum}, got {raw!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How a ``ResumableReader`` retries: ``retries`` in a row without progress, then it gives up.
-
-    Attributes:
-        retries: retries allowed in a row without a byte of progress (0: fail at the first fault).
-        backoff: seconds before the first retry, doubled for each further retry in a row.
-        backoff_max: cap on one wait, in seconds.
-        timeout: HTTP socket timeout in seconds (connect, and each read).
-    """
-
-    retries: int = RETRIES
-    backoff: float = BACKOFF
-    backoff_max: float = BACKOFF_MAX
-    timeout: float = TIMEOUT
-
-    @classmethod
-    def from_env(cls) -> RetryPolicy:
-        """The module defaults, overridden by ``WDS_REINFORCE_{RETRIES,BACKOFF,BACKOFF_MAX,TIMEOUT}``."""
-        return cls(
-            retries=_env_number("WDS_REINFORCE_RETRIES", RETRIES, int, 0),
-            backoff=_env_number("WDS_REINFORCE_BACKOFF", BACKOFF, float, 0.0),
-            backoff_max=_env_number("WDS_REINFORCE_BACKOFF_MAX", BACKOFF_MAX, float, 0.0),
-            timeout=_env_number("WDS_REINFORCE_TIMEOUT", TIMEOUT, float, 0.001),
-        )
-
-    def delay(self, failure: int) -> float:
-        """Seconds to wait before retry number ``failure`` (1-based) of a streak: jittered to 50-100 %."""
-        base = min(self.backoff * 2.0 ** min(failure - 1, 62), self.backoff_max)
-        return base * (0.5 + 0.5 * _JITTER.random())
-
-
-class NetworkReadError(OSError):
-    """A network read that still failed after the allowed retries.
-
-    Attributes:
-        url: the URL; offset: the byte it stopped at; attempts: requests tried in the last streak;
-        cause: the last fault, as text (the exception itself is ``__cause__``).
-    """
-
-    def __init__(self, message: str, url: str = "", offset: int = 0, attempts: int = 0, cause: str = ""):
-        super().__init__(message)  # one argument: picklable, and what DataLoader's re-raise passes
-        self.url, self.offset, self.attempts, self.cause = url, offset, attempts, cause
 
 
 class ObjectChangedError(OSError):
@@ -161,7 +135,7 @@ class _Transient(Exception):
 
 @dataclass
 class _Opened:
-    body: Any  # has read(n) -> bytes, close()
+    body: Any  # has read1(n) -> bytes (one socket read at most), close()
     start: int  # the object offset of the body's first byte (0 when the server ignored Range)
     total: int | None  # the object's size, when the response says
     version: str | None  # ETag or Last-Modified, to notice an object replaced mid-read
@@ -175,14 +149,17 @@ class ResumableReader(io.RawIOBase):
     """A read-only stream over one URL that retries transient faults and resumes where it stopped.
 
     The first request is made here, so a missing object raises ``FileNotFoundError`` at open.
-    A fault (an error while opening or reading, or a body that ends before the size the server
-    announced) closes the response, waits (``RetryPolicy.delay``) and re-requests the rest with a
-    ranged request from the current offset; a server that answers a ranged request with the
-    whole object has the already-read prefix skipped. The bytes returned are always exactly the
-    object's. ``read(n)`` hands the response's own ``read(n)`` result straight through.
+    A fault (an error while opening or reading, a body that ends before the size the server
+    announced, or a response slower than the policy's speed limit) closes the response, waits
+    (``RetryPolicy.delay``) and re-requests the rest with a ranged request from the current
+    offset; a server that answers a ranged request with the whole object has the already-read
+    prefix skipped. The bytes returned are always exactly the object's. ``read(n)`` returns
+    ``n`` bytes unless the object ends first, taken one socket read at a time so that the
+    policy's clock (``retry.Pace``) is checked as bytes arrive.
 
     Raises (from ``read``):
-        NetworkReadError: ``policy.retries`` retries in a row made no progress.
+        NetworkReadError: ``policy.retries`` retries in a row made no progress, or the read went
+            ``policy.stall_limit`` seconds without good progress.
         ObjectChangedError: the object changed between two requests.
     """
 
@@ -191,8 +168,9 @@ class ResumableReader(io.RawIOBase):
         self.url: str = source.url
         self.faults = 0  # transient faults recovered from (or not) so far
         self._source = source
-        self._errors: tuple[type[BaseException], ...] = tuple(source.read_errors)  # of a body's read()
+        self._errors: tuple[type[BaseException], ...] = tuple(source.read_errors)  # of a body's read1()
         self._policy = policy if policy is not None else RetryPolicy.from_env()
+        self._pace = Pace(self._policy)
         self._pos = 0
         self._end: int | None = None
         self._version: str | None = None
@@ -201,7 +179,7 @@ class ResumableReader(io.RawIOBase):
 
     @property
     def offset(self) -> int:
-        """Bytes returned so far."""
+        """Bytes received so far (all returned, unless a read raised)."""
         return self._pos
 
     @property
@@ -215,18 +193,6 @@ class ResumableReader(io.RawIOBase):
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
             return self.readall()
-        body = self._body
-        if body is not None:
-            try:
-                data = body.read(size)
-            except self._errors as exc:
-                return self._fill(size, exc)
-            if data or not size:
-                self._pos += len(data)
-                return data
-            if self._end is None or self._pos >= self._end:
-                return b""
-            return self._fill(size, self._short())
         if self.closed:
             raise ValueError(f"read of closed stream {self.url}")
         return self._fill(size)
@@ -253,7 +219,7 @@ class ResumableReader(io.RawIOBase):
         return f"<{self.url} at byte {self._pos}>"
 
     def _short(self) -> _Transient:
-        return _Transient(f"the response ended at byte {self._pos} of {self._end} (announced size) without an error")
+        return _Transient("the response ended before its announced size, without an error")
 
     def _drop_body(self) -> None:
         body, self._body = self._body, None
@@ -263,65 +229,104 @@ class ResumableReader(io.RawIOBase):
             except Exception:  # closing a broken connection may raise; it is being dropped anyway
                 pass
 
-    def _fill(self, size: int, fault: BaseException | None = None) -> bytes:
-        """Read up to ``size`` bytes through a fresh request (at the first call, or after ``fault``)."""
-        failures = 0
+    def _fill(self, size: int) -> bytes:
+        """Up to ``size`` bytes (fewer only at the end), through fresh requests after faults; the
+        reader's clock runs only in here."""
+        self._pace.enter()
+        try:
+            pieces: list[bytes] = []
+            self._retrying(size, pieces)
+        finally:
+            self._pace.leave()
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _retrying(self, size: int, pieces: list[bytes]) -> None:
+        """Append the bytes to ``pieces``; on a fault, back off and resume (or give up)."""
+        failures, streak_at = 0, self._pos
         while True:
-            if fault is not None:
-                failures += 1
-                self.faults += 1
-                self._drop_body()
-                cause = _describe(fault)
-                if failures > self._policy.retries:
-                    real = fault.__cause__ if isinstance(fault, _Transient) and fault.__cause__ else fault
-                    of = f" of {self._end}" if self._end is not None else ""
-                    raise NetworkReadError(
-                        f"cannot read {self.url} at byte {self._pos}{of} after {failures} attempts: {cause}",
-                        self.url,
-                        self._pos,
-                        failures,
-                        cause,
-                    ) from real
-                wait = self._policy.delay(failures)
-                _log.warning(
-                    "%s: %s at byte %d; retry %d of %d in %.2f s",
-                    self.url,
-                    cause,
-                    self._pos,
-                    failures,
-                    self._policy.retries,
-                    wait,
-                )
-                time.sleep(wait)
-            if self._body is None:
-                try:
-                    self._body = self._open()
-                except _Transient as exc:
-                    fault = exc
-                    continue
             try:
-                data = self._body.read(size) if size else b""
-            except self._errors as exc:
+                if self._body is None:
+                    self._body = self._open()
+                if self._pull(size - sum(map(len, pieces)), pieces):
+                    return
+                fault: BaseException = self._short()
+            except _Transient as exc:
                 fault = exc
-                continue
-            if data or not size:
-                self._pos += len(data)
-                return data
-            if self._end is None or self._pos >= self._end:
-                return b""
-            fault = self._short()
+            except self._errors as exc:
+                if self._body is None:
+                    raise  # from the source's open: not worth retrying (missing, forbidden, changed)
+                fault = exc
+            self.faults += 1
+            self._drop_body()
+            failures = failures + 1 if self._pos == streak_at else 1  # any progress starts a new streak
+            streak_at = self._pos
+            wait = self._policy.delay(failures)
+            if failures > self._policy.retries or self._pace.overdue(wait):
+                raise self._give_up(fault, failures)
+            of = f" of {self._end}" if self._end is not None else ""
+            _log.warning(
+                "%s at byte %d%s: %s; retry %d of %d in %.2f s",
+                self.url,
+                self._pos,
+                of,
+                _describe(fault),
+                failures,
+                self._policy.retries,
+                wait,
+            )
+            time.sleep(wait)
+
+    def _pull(self, size: int, pieces: list[bytes]) -> bool:
+        """Append up to ``size`` bytes of the open body to ``pieces``, one socket read at a time.
+
+        True when done: ``size`` bytes, or the object's end; False when the body ended short.
+        Raises ``_Transient`` for a response too slow or a read past its bound.
+        """
+        while size > 0:
+            data = self._body.read1(size)
+            if not data:
+                return self._end is None or self._pos >= self._end
+            self._pos += len(data)
+            size -= len(data)
+            pieces.append(data)
+            self._pace_check(len(data))
+        return True
+
+    def _pace_check(self, arrived: int) -> None:
+        slow = self._pace.arrived(arrived)
+        if slow is None and self._pace.overdue():
+            slow = f"no good progress for {self._pace.stalled():.1f} s"
+        if slow is not None:
+            raise _Transient(slow)
+
+    def _give_up(self, fault: BaseException, failures: int) -> NetworkReadError:
+        cause = _describe(fault)
+        real = fault.__cause__ if isinstance(fault, _Transient) and fault.__cause__ else fault
+        of = f" of {self._end}" if self._end is not None else ""
+        why = f"after {failures} attempts"
+        if failures <= self._policy.retries:  # the bound ended it: attempts that each made a little progress
+            why = (
+                f"after {self._pace.stalled():.1f} s without good progress (the bound:"
+                f" WDS_REINFORCE_STALL_LIMIT={self._policy.stall_limit:g} s)"
+            )
+        error = NetworkReadError(
+            f"cannot read {self.url} at byte {self._pos}{of} {why}: {cause}", self.url, self._pos, failures, cause
+        )
+        error.__cause__ = real
+        return error
 
     def _open(self) -> Any:
         """A response body positioned at ``self._pos``: raises ``_Transient`` for faults worth retrying."""
         if self._end is not None and self._pos >= self._end:
             return io.BytesIO()  # nothing left to ask for
+        self._pace.attempt()
         opened = self._source.open(self._pos, self._version)
         try:
             self._check(opened)
             skip = self._pos - opened.start  # a server that ignores Range resends what we already have
             while skip:
                 try:
-                    data = opened.body.read(min(skip, _CHUNK))
+                    data = opened.body.read1(min(skip, _CHUNK))
                 except self._errors as exc:
                     raise _Transient(_describe(exc)) from exc
                 if not data:
@@ -330,6 +335,7 @@ class ResumableReader(io.RawIOBase):
                         " (the server ignored Range)"
                     )
                 skip -= len(data)
+                self._pace_check(len(data))
         except BaseException:
             opened.body.close()
             raise
@@ -424,13 +430,13 @@ _S3_MISSING = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
 
 
 class _S3Source:
-    """GET (ranged from the current offset, ``IfMatch`` the first ETag) through ``s3_client()``."""
+    """GET (ranged from the current offset, ``IfMatch`` the first ETag) through ``s3_client(timeout)``."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, timeout: float):
         import botocore.exceptions as be
         import urllib3.exceptions
 
-        self.url = url
+        self.url, self.timeout = url, timeout
         self.bucket, self.key = s3_location(url)
         self.read_errors = (
             OSError,
@@ -449,7 +455,7 @@ class _S3Source:
         if version:
             args["IfMatch"] = version
         try:
-            response = s3_client().get_object(**args)
+            response = s3_client(self.timeout).get_object(**args)
         except self._client_error as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))
@@ -472,7 +478,9 @@ class _S3Source:
         if found:
             start, total = int(found.group(1)), found.group(3)
             total = int(total) if total != "*" else None
-        return _Opened(response["Body"], start, total, response.get("ETag"))
+        body = response["Body"]
+        body = getattr(body, "_raw_stream", body)  # urllib3's response: read1(), one socket read at a time
+        return _Opened(body, start, total, response.get("ETag"))
 
 
 def open_http(url: str) -> ResumableReader:
@@ -483,4 +491,5 @@ def open_http(url: str) -> ResumableReader:
 
 def open_s3(url: str) -> ResumableReader:
     """A resumable stream over an ``s3://bucket/key`` object (the first request is made here)."""
-    return ResumableReader(_S3Source(url))
+    policy = RetryPolicy.from_env()
+    return ResumableReader(_S3Source(url, policy.timeout), policy)

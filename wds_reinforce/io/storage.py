@@ -229,7 +229,8 @@ def read_url(url: str) -> bytes:
 
     Raises:
         FileNotFoundError: the URL cannot be read (missing, refused for good, an HTTP error).
-        NetworkReadError: a transient fault that outlasted the retries (an ``OSError``).
+        NetworkReadError: a transient fault that outlasted the retries, or a read that went too long
+            without good progress (an ``OSError``; see ``remote`` for the bound).
         ObjectChangedError: the object changed while being read (an ``OSError``).
     """
     try:
