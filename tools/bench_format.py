@@ -46,7 +46,9 @@ def bench(recipe_name: str, rounds: int, topk: int, samples: int, classes: int, 
     for i in range(samples):
         idx, prob = simulated_topk(rng, rounds, topk, classes)
         ops = recipe.sample_rounds(seed, f"sample_{i:06d}", rounds, (375, 500))
-        sidecars.append(Sidecar(recipe.fingerprint, idx, prob, ops))
+        # as the producer writes them: image and label checksums, and the sample's place
+        checks = {"image_crc": int(rng.integers(2**32)), "label_crc": int(rng.integers(2**32)), "place": (i // 1000, i % 1000)}
+        sidecars.append(Sidecar(recipe.fingerprint, idx, prob, ops, **checks))
     t0 = time.perf_counter()
     blobs = [encode_sidecar(sc) for sc in sidecars]
     t1 = time.perf_counter()
