@@ -95,7 +95,7 @@ def make_shards(
                 cols = recipe.sample_rounds(seed, key, rounds, SourceImage(jpg).size)
                 idx, prob = fake_topk(rng, rounds, topk, num_classes)
                 cls = str(label).encode()
-                where = {"place": (s, i), "label_crc": crc32c(cls)} if bound else {}
+                where = {"place": (s, i, 0), "label_crc": crc32c(cls)} if bound else {}
                 sidecar = Sidecar(recipe.fingerprint, idx, prob, cols, crc32c(jpg), **where)
                 if record_pixels:
                     src = SourceImage(jpg)
@@ -124,6 +124,7 @@ def make_shards(
         seed=seed,
         shards=shards,
         name="tiny",
+        places=bound,
     )
     (root / "manifest.json").write_text(made.manifest.to_json())
     (root / "_info.json").write_text(json.dumps(timm_info(made.manifest)))

@@ -47,7 +47,8 @@ def bench(recipe_name: str, rounds: int, topk: int, samples: int, classes: int, 
         idx, prob = simulated_topk(rng, rounds, topk, classes)
         ops = recipe.sample_rounds(seed, f"sample_{i:06d}", rounds, (375, 500))
         # as the producer writes them: image and label checksums, and the sample's place
-        checks = {"image_crc": int(rng.integers(2**32)), "label_crc": int(rng.integers(2**32)), "place": (i // 1000, i % 1000)}
+        crcs = rng.integers(2**32, size=2).tolist()
+        checks = {"image_crc": crcs[0], "label_crc": crcs[1], "place": (i // 1000, i % 1000, 0)}
         sidecars.append(Sidecar(recipe.fingerprint, idx, prob, ops, **checks))
     t0 = time.perf_counter()
     blobs = [encode_sidecar(sc) for sc in sidecars]

@@ -124,8 +124,10 @@ def _image_shards(files: list[Path], root: Path) -> str:
 
 
 def _unbind(data: Data, dest: Path) -> Data:
-    """A copy whose sidecars are re-encoded as written before places; nothing else is updated."""
+    """A copy whose sidecars are re-encoded, and manifest rewritten, as before places; nothing else changes."""
     shutil.copytree(data.root, dest, copy_function=shutil.copyfile)
+    manifest = Manifest.from_json((dest / "manifest.json").read_text())
+    (dest / "manifest.json").write_text(dataclasses.replace(manifest, places=False).to_json())
     for name in data.shards:
         samples = _samples(dest / name)
         for members in samples:

@@ -18,6 +18,7 @@ any URL and checks it against its layout.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -133,12 +134,14 @@ class Unit:
         samples: the samples with sidecars the manifest promises (None: not listed, not counted).
         index: the shard's index in the manifest's list (``shards``, or ``image_shards`` for sidecar
             sets), which its sidecars record as their place (None: not listed).
+        placed: whether every sidecar records its place (the manifest's ``places``).
     """
 
     images: Part
     groups: tuple[tuple[Part, ...], ...] = ()
     samples: int | None = None
     index: int | None = None
+    placed: bool = False  # every sidecar records its place (the manifest's ``places``)
 
     def sidecars(self, group: int) -> tuple[Part, ...]:
         """The sidecar shards to read in lockstep with the images in an epoch of round group ``group``."""
@@ -290,7 +293,8 @@ class _SelfContained(Layout):
     def units(self, manifest: Manifest, base: str, teacher: int | str = 0) -> list[Unit]:
         if teacher != 0:
             raise UsageError(f"expected teacher=0 for a self-contained data set (one teacher), got {teacher!r}")
-        return [Unit(Part(join_url(base, s.name), s), (), s.samples, j) for j, s in enumerate(manifest.shards)]
+        placed = manifest.places
+        return [Unit(Part(join_url(base, s.name), s), (), s.samples, j, placed) for j, s in enumerate(manifest.shards)]
 
     def select(self, units: Sequence[Unit], urls: Sequence[str]) -> list[Unit]:
         # Shards are read where the user says (a mirror, say); those the manifest lists (matched by
@@ -301,7 +305,7 @@ class _SelfContained(Layout):
             if unit is None:
                 out.append(Unit(Part(url)))
             else:
-                out.append(Unit(Part(url, unit.images.info), (), unit.samples, unit.index))
+                out.append(dataclasses.replace(unit, images=Part(url, unit.images.info)))
         return out
 
     def verify(self, manifest: Manifest, unit: Unit, checks: ShardChecks) -> None:
@@ -356,6 +360,7 @@ class _SidecarSets(Layout):
                 ),
                 manifest.round_groups[0].shards[i].samples,  # the image shard's samples with sidecars
                 i,
+                manifest.places,
             )
             for i, image in enumerate(manifest.image_shards)
         ]

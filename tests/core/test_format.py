@@ -191,9 +191,9 @@ def test_a_fresh_reader_knows_every_column():
 def test_the_worked_example_of_the_spec():
     """The bytes that docs/FORMAT.md shows are the bytes the writer makes, and they decode back."""
     text = FORMAT_MD.read_text()
-    dump = text[text.index("encodes to these 178 bytes") :].split("```")[1]
+    dump = text[text.index("encodes to these 182 bytes") :].split("```")[1]
     expected = bytes.fromhex("".join(line[6:] for line in dump.strip().splitlines()))
-    assert len(expected) == 178
+    assert len(expected) == 182
     sc = Sidecar(
         bytes.fromhex("551ddeee2dfb6629"),
         np.array([[3, 1], [3, 1], [1, 3]]),
@@ -205,7 +205,7 @@ def test_the_worked_example_of_the_spec():
             "re": np.array([[0, 0, 0, 0], [12, 30, 40, 50], [0, 0, 0, 0]]),
         },
         image_crc=crc32c(b"123456789"),
-        place=(2, 5),
+        place=(2, 5, 0),
         label_crc=crc32c(b"7"),
     )
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value the spec quotes

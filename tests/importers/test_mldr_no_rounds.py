@@ -24,6 +24,8 @@ from wds_reinforce.core.errors import UsageError
 from wds_reinforce.core.format import crc32c
 from wds_reinforce.core.schedule import original_rng
 from wds_reinforce.importers.mldr import MldrConfig, import_mldr
+from wds_reinforce.produce.teacher import load_teacher
+from wds_reinforce.produce.teacher_sets import add_teacher_set
 from wds_reinforce.read.verify import verify_shards
 
 ALL_MIXED = 4  # this image's rounds all get a mixing partner (c1/img_001, a PNG of class 1)
@@ -149,6 +151,16 @@ def test_an_image_with_only_mixed_rounds_gets_sidecars_of_none_in_a_sidecar_set(
     _check_loader(out, index, images, objs, config, keep)
     report = verify_shards(str(out), checks=0)
     assert report.problems == [], report.problems
+
+    # another teacher's targets beside it: none for the image without rounds, its original view still
+    classes = json.loads((out / "manifest.json").read_text())["num_classes"]
+    second = load_teacher("timm:test_resnet", num_classes=classes, device="cpu")
+    add_teacher_set(str(out), second, "second", progress=False)
+    ds = ReinforcedDataset(str(out), teacher=1, keys=("__key__", "round", "teacher_sidecars"))
+    rows = {key: (r, extras) for key, r, extras in ds}
+    assert len(rows) == len(index) and all(len(extras) == 1 for _, extras in rows.values())
+    bare = next(key for key, i in index.items() if i == ALL_MIXED)
+    assert rows[bare][0] == -1 and rows[bare][1][0].rounds == 0 and rows[bare][1][0].place is not None
 
 
 def test_no_image_with_an_unmixed_round_is_still_nothing_to_import(tmp_path, folder):

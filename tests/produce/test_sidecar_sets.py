@@ -361,7 +361,7 @@ def test_sidecars_record_their_image_shards_place_and_a_cut_sidecar_shard_is_nam
     manifest = Manifest.from_json((sets / "manifest.json").read_text())
     with tarfile.open(sets / "rounds-00000-00003/train-000001.tar") as tar:
         places = [decode_sidecar(tar.extractfile(m).read()).place for m in tar]
-    assert places == [(1, n) for n in range(len(places))]  # image shard 1, positions among its sidecars
+    assert places == [(1, n, 0) for n in range(len(places))]  # image shard 1, positions among its sidecars, round 0
     copy = tmp_path / "copy"
     shutil.copytree(sets, copy)
     for group in ("rounds-00000-00003", "rounds-00004-00007"):  # whichever group the epoch reads
@@ -373,3 +373,16 @@ def test_sidecars_record_their_image_shards_place_and_a_cut_sidecar_shard_is_nam
     assert counter.count == 1 and "rounds-0000" in counter.last and "/train-000001.tar: " in counter.last
     assert "images-000001.tar" not in counter.last, counter.last
     assert counter.samples == manifest.image_shards[1].samples - sum(k.startswith("img1_") for k in keys)
+
+
+def test_a_round_groups_sidecar_shard_put_in_another_groups_place_is_refused(sets, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(sets, copy)
+    shutil.copy(copy / "rounds-00000-00003/train-000001.tar", copy / "rounds-00004-00007/train-000001.tar")
+    epoch = next(e for e in range(50) if group_for(0, e, 8, 4) == 1)  # an epoch that reads rounds 4-7
+    counter = SkipCounter()
+    keys = [k for (k,) in ReinforcedDataset(str(copy) + "/", keys=("__key__",), epoch=epoch, handler=counter)]
+    assert not any(k.startswith("img1_") for k in keys) and len(keys) == 6
+    assert (counter.samples, counter.foreign) == (3, 3), counter.last
+    with pytest.raises(DataError, match="img1_0.: .* holds rounds from 0, where this epoch's round group begins at 4"):
+        list(ReinforcedDataset(str(copy) + "/", keys=("__key__",), epoch=epoch))

@@ -98,7 +98,9 @@ def test_extra_and_foreign_samples_are_counted_beside_the_real_losses(made, tmp_
     rows, counter = _read(str(root))
     assert rows == [k for k in made.keys if k != "s01_0001"]
     assert (counter.samples, counter.foreign) == (1, 2), counter.last
-    assert "expected 3 samples (per the manifest), got 2: positions 1 missing" in counter.last
+    assert "expected 3 samples (per the manifest), got 2 (and 2 refused as not its own): positions 1 missing" in (
+        counter.last
+    )
 
 
 def test_a_shard_longer_than_the_manifest_refuses_the_extras(made, unbound, tmp_path):
@@ -207,3 +209,31 @@ def test_sidecars_written_before_places_are_still_checked_by_key(unbound, tmp_pa
     assert rows == [k for k in unbound.keys if not k.startswith("s01_")]
     assert (counter.samples, counter.foreign) == (3, 4), counter.last
     assert "its key comes again" in counter.last
+
+
+def _bare(members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    return [(name, data) for name, data in members if not name.endswith(".dr.mp")]
+
+
+def test_a_sample_without_a_readable_sidecar_is_lost_in_a_gap_and_foreign_past_the_end(made, tmp_path):
+    root = _copy(made, tmp_path / "copy")
+    own, other = _samples(root / "shard-000001.tar"), _samples(root / "shard-000002.tar")
+    damaged = [(n, b"\x8b not a sidecar" if n.endswith(".dr.mp") else d) for n, d in own[1]]
+    # position 1's sidecar damaged (a lost sample, counted once); a bare sample after the last position (foreign)
+    (root / "shard-000001.tar").write_bytes(_tar([own[0], damaged, own[2], _bare(other[0])]))
+    rows, counter = _read(str(root))
+    assert rows == [k for k in made.keys if k != "s01_0001"]
+    assert (counter.samples, counter.foreign) == (1, 1), counter.last
+    assert "s02_0000" in counter.last and "no position is free" in counter.last
+
+
+def test_with_places_in_the_manifest_a_sample_without_one_is_foreign(made, unbound, tmp_path):
+    assert made.manifest.places and not unbound.manifest.places
+    root = _copy(made, tmp_path / "copy")
+    stray = _samples(unbound.root / "shard-000000.tar")[0]  # the same sample, its sidecar written before places
+    own = _samples(root / "shard-000000.tar")
+    (root / "shard-000000.tar").write_bytes(_tar([[(n.replace("s00_0000", "s00_9999"), d) for n, d in stray], *own]))
+    rows, counter = _read(str(root))
+    assert rows == made.keys  # only the stray is refused, not the shard's own samples after it
+    assert (counter.count, counter.samples, counter.foreign) == (1, 0, 1), counter.last
+    assert "records no place" in counter.last

@@ -123,7 +123,7 @@ class _ImportJob:
             text = json.dumps({"job": self.job.digest, "identity": self.identity}, sort_keys=True) + "\n"
             self.job.keep_identity(self.writer.job_file, text, decides=True)
         for j in shards:
-            self.job.done(self.writer.name(j), self._write(j, keep, scan))
+            self.job.done(self.writer.name(j), {**self._write(j, keep, scan), "places": True})
             self.progress.update(len(self.shards[j]))
             self.progress.shard_done(self.writer.name(j))
         self.drop_spool()
@@ -312,6 +312,7 @@ class _ImportJob:
             versions=library_versions(),
             split=self.split,
             name=self.name,
+            places=all(d.get("places", False) for d in dones),  # shards made before places have none
             **self.writer.manifest_fields(dones, rounds_kept),
         )
 

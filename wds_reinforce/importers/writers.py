@@ -95,7 +95,7 @@ class SelfContainedShards:
             for i, sidecar in pairs:
                 key, data = self.images.keys[i], self.images.read(i)
                 label = str(self.images.labels[i]).encode()
-                bound = {"image_crc": crc32c(data), "label_crc": crc32c(label), "place": (j, len(keys))}
+                bound = {"image_crc": crc32c(data), "label_crc": crc32c(label), "place": (j, len(keys), 0)}
                 side = encode_sidecar(dataclasses.replace(sidecar, **bound))
                 keys.append(key)
                 sidecar_bytes += len(side)
@@ -159,8 +159,8 @@ class SidecarSetShards:
             nonlocal sidecar_bytes
             for n, (i, sc) in enumerate(items):
                 image_crc, label_crc = crcs[i]
-                bound = {"image_crc": image_crc, "label_crc": label_crc, "place": (j, n)}
-                data = encode_sidecar(dataclasses.replace(sc.select(rows), **bound))
+                bound = {"image_crc": image_crc, "label_crc": label_crc, "place": (j, n, 0)}
+                data = encode_sidecar(dataclasses.replace(sc, **bound).select(rows))
                 keys.append(self.images.keys[i])
                 sidecar_bytes += len(data)
                 yield f"{self.images.keys[i]}.{SIDECAR_EXT}", data

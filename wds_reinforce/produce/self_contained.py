@@ -187,6 +187,7 @@ class ReinforceJob(TeacherJob):
         info = self.job.write_tar(self.shard_name(j), members(), keys)
         skipped_rows = [dataclasses.asdict(s) for s in skipped]
         payload = {"shard": dataclasses.asdict(info), "skipped": skipped_rows, "sidecar_bytes": sidecar_bytes[0]}
+        payload["places"] = True  # its sidecars record them (shards made before, resumed, do not)
         self.job.done(self.shard_name(j), payload)
         return batcher.views
 
@@ -206,7 +207,7 @@ class ReinforceJob(TeacherJob):
                 item["params"],
                 crc32c(sample.data),
                 item.get("window"),
-                place=(j, len(keys)),
+                place=(j, len(keys), 0),
                 label_crc=crc32c(label),
             )
             data = encode_sidecar(sidecar)
@@ -232,4 +233,5 @@ class ReinforceJob(TeacherJob):
             versions=library_versions(),
             split=self.split,
             name=self.name,
+            places=all(d.get("places", False) for d in dones),
         )

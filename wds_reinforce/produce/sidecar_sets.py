@@ -303,8 +303,18 @@ class SidecarSetJob(TeacherJob):
         skipped = [dataclasses.asdict(SkippedInput(s["key"], s["error"])) for s in made if s["error"] is not None]
         done = [s for s in made if s["error"] is None]
         fp = self.recipe.fingerprint
+        first = groups[0] * G if groups else 0  # the round of row 0: this run's rounds are groups ``groups``
         sidecars = [
-            Sidecar(fp, s["views"].idx, s["views"].prob, s["params"], s["crc"], s.get("window"), (i, n), s["label_crc"])
+            Sidecar(
+                fp,
+                s["views"].idx,
+                s["views"].prob,
+                s["params"],
+                s["crc"],
+                s.get("window"),
+                place=(i, n, first),
+                label_crc=s["label_crc"],
+            )  # fmt: skip
             for n, s in enumerate(done)
         ]
         for n, g in enumerate(groups):  # this run's rounds hold groups ``groups``, in order
@@ -313,6 +323,7 @@ class SidecarSetJob(TeacherJob):
             name = self.sidecar_name(g, i)
             info = self.job.write_tar(name, iter(members), [s["key"] for s in done])
             payload = {"shard": dataclasses.asdict(info), "image": dataclasses.asdict(image), "skipped": skipped}
+            payload["places"] = True  # its sidecars record them (groups made before do not)
             self.job.done(name, payload)
 
     def manifest(self, markers: Mapping[str, Mapping[str, Any]]) -> Manifest:
@@ -340,5 +351,8 @@ class SidecarSetJob(TeacherJob):
             versions=library_versions(),
             split=self.split,
             name=self.name,
+            places=all(
+                markers[self.sidecar_name(g, i)].get("places", False) for g in range(self.groups) for i in range(n)
+            ),
             **sidecar_set_fields(images, self.group_rounds, by_group),
         )

@@ -119,11 +119,9 @@ class _TeacherSetJob:
             if sidecar.image_crc is not None and crc32c(data) != sidecar.image_crc:
                 raise DataError("image bytes do not match the sidecar's checksum", key)
             src = SourceImage(data)  # decoded once for all the group's rounds
-            yield (
-                key,
-                sidecar,
-                torch.stack([replay(src, sidecar.round_params(r), self.recipe) for r in range(group.rounds)]),
-            )
+            views = [replay(src, sidecar.round_params(r), self.recipe) for r in range(sidecar.rounds)]
+            # no rounds (an image imported without one): no view for the teacher, a targets sidecar of none
+            yield key, sidecar, torch.stack(views) if views else torch.empty(0, 3, *self.recipe.size, dtype=torch.uint8)
 
     def check_images(self) -> None:
         """Refuse, before anything is written, when an image shard changed since the set was made from
@@ -163,8 +161,10 @@ def _params_sidecar(raw: bytes | None, manifest: Manifest, rounds: int, key: str
     if raw is None:
         raise DataError(f"no {SIDECAR_EXT} member", key)
     sidecar = decode_sidecar(raw, key)
-    if sidecar.fingerprint.hex() != manifest.fingerprint or (sidecar.rounds, sidecar.topk) != (rounds, manifest.topk):
-        raise DataError("sidecar does not match the manifest (fingerprint, rounds or top-k)", key)
+    if sidecar.fingerprint.hex() != manifest.fingerprint or sidecar.rounds not in (rounds, 0):  # 0: none kept
+        raise DataError("sidecar does not match the manifest (fingerprint or rounds)", key)
+    if sidecar.topk != manifest.topk:
+        raise DataError("sidecar does not match the manifest (top-k)", key)
     return sidecar
 
 

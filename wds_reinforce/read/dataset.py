@@ -87,6 +87,7 @@ def _read_shards(
     group: Callable[[], int],
     skipped: frozenset[str] = frozenset(),
     check_counts: bool = True,
+    group_rounds: int = 0,
 ) -> Iterator[dict]:
     """Shard URLs -> their samples, each checked against its place (``places.ShardTally``).
 
@@ -96,7 +97,8 @@ def _read_shards(
     the network layer's retries; positions never seen), so ``SkipCounter.samples`` is the number
     of samples the epoch did not yield. Shards the manifest does not list are not counted
     (``samples=1`` for a failure there). A unit's image shard is read in lockstep with its
-    sidecar shards of this epoch's round group (``group()``, read once per iteration).
+    sidecar shards of this epoch's round group (``group()``, read once per iteration), whose
+    first round is ``group() * group_rounds``.
     """
     g = group()
     for item in src:
@@ -104,7 +106,7 @@ def _read_shards(
         unit = units[url]
         if not check_counts:
             unit = dataclasses.replace(unit, samples=None)
-        tally, cause, error = ShardTally(unit, url), None, None
+        tally, cause, error = ShardTally(unit, url, g * group_rounds), None, None
         admitted = _admitted(unit, g, skipped, tally)
         with contextlib.closing(admitted):
             while True:  # the handler is called outside the try: what it raises propagates
@@ -134,7 +136,8 @@ def _admitted(unit: Unit, group: int, skipped: frozenset[str], tally: ShardTally
     reader = read_unit(unit.images, unit.sidecars(group), skipped)
     with contextlib.closing(reader):
         for sample in reader:
-            yield sample, tally.admit(sample)
+            yield from tally.admit(sample)
+    yield from tally.finish()
 
 
 def _shard_error(
@@ -150,7 +153,8 @@ def _shard_error(
     else:
         arrived = tally.good + tally.unread
         what = cause or tally.missing() or ("an empty shard" if arrived == 0 else "the shard is truncated or damaged")
-        message = f"expected {unit.samples} samples (per the manifest), got {arrived}: {what}"
+        refused = f" (and {tally.foreign} refused as not its own)" if tally.foreign else ""
+        message = f"expected {unit.samples} samples (per the manifest), got {arrived}{refused}: {what}"
         err = SampleError(message, url=where, samples=lost)
     err.__cause__ = error
     return err
@@ -289,6 +293,7 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
                 group=functools.partial(_epoch_group, self.layout, self.manifest, seed, self.epoch),
                 skipped=self.layout.skipped(self.manifest),
                 check_counts=check_counts,
+                group_rounds=self.layout.group_rounds(self.manifest),
             )
         )
         shuffler = wds_filters.pipelinefilter(_shuffle_samples)(bufsize=shuffle, seed=seed, epoch=self.epoch)

@@ -92,6 +92,8 @@ class Manifest:
     image_shards: list[ShardInfo] = field(default_factory=list)
     round_groups: list[RoundGroup] = field(default_factory=list)
     teacher_sets: list[TeacherSet] = field(default_factory=list)
+    # Every sidecar records its place (docs/FORMAT.md, "Integrity"): one without is refused.
+    places: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"

@@ -57,10 +57,11 @@ class Sidecar:
             None in sidecars written before integrity checks (they still read).
         window_crc: for mixing recipes, CRC-32C of the keys of the sample's pairing window
             (``mixing.window_crc``), which the loader checks before mixing; None otherwise.
-        place: (shard, position) the sample was made for: its shard's index in the manifest's
-            list (``image_shards`` for sidecar sets) and its position among that shard's samples
-            with a sidecar. The loader refuses a sample read anywhere else, and counts by it what
-            a shard lost. None in sidecars written before (they read, positions counted).
+        place: (shard, position, first round) the sample was made for: its shard's index in the
+            manifest's list (``image_shards`` for sidecar sets), its position among that shard's
+            samples with a sidecar, and the data set's round of row 0 (a round group's first; 0
+            for all the rounds). The loader refuses a sample read anywhere else, and counts by
+            it what a shard lost. None in sidecars written before (they read, positions counted).
         label_crc: CRC-32C of the sample's ``cls`` member (of no bytes when it has none), which
             the loader checks; None in sidecars written before.
     """
@@ -71,7 +72,7 @@ class Sidecar:
     ops: Mapping[str, np.ndarray] = field(default_factory=dict)
     image_crc: int | None = None
     window_crc: int | None = None
-    place: tuple[int, int] | None = None
+    place: tuple[int, int, int] | None = None
     label_crc: int | None = None
 
     @property
@@ -87,9 +88,13 @@ class Sidecar:
         return {name: col[r] for name, col in self.ops.items()}
 
     def select(self, rows: slice) -> Sidecar:
-        """The sidecar of rounds ``rows`` alone (a sidecar set's round group): same image, window and place."""
+        """The sidecar of rounds ``rows`` alone (a sidecar set's round group, ``rows.start`` its first
+        round): the same image, window, label and place, the place's first round moved to the group's."""
         ops = {name: col[rows] for name, col in self.ops.items()}
-        return dataclasses.replace(self, idx=self.idx[rows], prob=self.prob[rows], ops=ops)
+        place = self.place
+        if place is not None:  # rows are a group's: ``schedule.group_rows``, a non-negative slice
+            place = (place[0], place[1], place[2] + (rows.start or 0))
+        return dataclasses.replace(self, idx=self.idx[rows], prob=self.prob[rows], ops=ops, place=place)
 
     def validate(self, num_classes: int | None = None, key: str | None = None) -> None:
         """Deep checks that ``decode_sidecar`` leaves out of the hot path (see ``check_topk``)."""
@@ -184,8 +189,9 @@ def encode_sidecar(sidecar: Sidecar) -> bytes:
         if value is not None:
             body[name] = _u32_bytes(name, value)
     if sidecar.place is not None:
-        shard, position = sidecar.place
-        body["at"] = _u32_bytes("place shard", shard) + _u32_bytes("place position", position)
+        body["at"] = b"".join(
+            _u32_bytes(f"place {n}", v) for n, v in zip(("shard", "position", "round"), sidecar.place)
+        )
     body["ck"] = b"\0\0\0\0"  # the last entry: a fixed 9-byte tail whose value covers all bytes before it
     data = bytearray(msgpack.packb(body, use_bin_type=True))
     data[-4:] = _crc32c(memoryview(data)[:-_CK_TAIL]).to_bytes(4, "little")
@@ -204,7 +210,7 @@ _REQUIRED = ("v", "fp", "n", "k", "cw", "cls", "idx", "prob", "ops")
 _CK_TAG = b"\xa2ck\xc4\x04"  # msgpack: the str "ck", then a bin of 4 bytes
 _CK_TAIL = len(_CK_TAG) + 4
 # The optional fixed-size fields: image, window and label checksums, and the sample's place.
-_SIZED = {"ic": 4, "mw": 4, "lc": 4, "at": 8}
+_SIZED = {"ic": 4, "mw": 4, "lc": 4, "at": 12}
 
 
 def _check_integrity(data: bytes, body: Mapping[str, Any], key: str | None) -> None:
@@ -238,12 +244,13 @@ def decode_sidecar(data: bytes, key: str | None = None) -> Sidecar:
     )
 
 
-def _place(raw: bytes) -> tuple[int, int]:
-    return int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
+def _place(raw: bytes) -> tuple[int, int, int]:
+    shard, position, first = np.frombuffer(raw, "<u4").tolist()
+    return shard, position, first
 
 
-def sidecar_place(data: bytes, key: str | None = None) -> tuple[int, int] | None:
-    """The (shard, position) a sidecar was made for, its integrity checked; None if it records none.
+def sidecar_place(data: bytes, key: str | None = None) -> tuple[int, int, int] | None:
+    """The (shard, position, first round) a sidecar was made for, its integrity checked; None if it records none.
 
     Cheaper than ``decode_sidecar`` (no arrays): the loader reads it in shard order, before any
     shuffle, to bind each sample to its place.
