@@ -327,3 +327,18 @@ def test_the_loader_counts_a_shard_with_a_huge_member_header_exactly(tmp_path):
     assert rows == [k for k in made.keys if k not in lost]
     assert (counter.count, counter.samples) == (1, len(lost)), counter.last
     assert "claims 1099511627776 bytes" in counter.last
+
+
+def test_a_claim_over_a_stream_of_unknown_length_allocates_only_what_arrives(tmp_path):
+    made = make_shards(tmp_path, rounds=2, num_shards=1, record_pixels=False)
+    claimed = 200 << 20  # under the cap, far over the shard; no length to check it against
+    data = _claim(Path(made.urls[0]).read_bytes(), "s00_0002.jpg", claimed)
+    for stream in (HashingReader(_Trickle(data, 1 << 16)), io.BytesIO(gzip.compress(data))):
+        tracemalloc.start()
+        try:
+            with pytest.raises(ShardCut, match="s00_0002.*cut"):
+                _keys_of(stream)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 << 20, peak  # read in pieces, never the claimed size at once

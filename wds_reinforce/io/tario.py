@@ -83,14 +83,16 @@ class _Stream:
             self.size = _announced(fileobj)
 
     def read(self, size: int) -> bytes:
-        """``size`` bytes, fewer only at the end of the stream."""
-        data = self.read_(size)
+        """``size`` bytes, fewer only at the end of the stream. Of a stream of unknown length, in
+        pieces: a header's claim never allocates more than the stream holds."""
+        step = size if self.size is not None else min(size, _SKIP_CHUNK)
+        data = self.read_(step)
         if len(data) == size or not data:
             self.pos += len(data)
             return data
         parts, got = [data], len(data)
         while got < size:
-            more = self.read_(size - got)
+            more = self.read_(min(size - got, step))
             if not more:
                 break
             parts.append(more)
