@@ -236,7 +236,7 @@ class Watch:
 
     def __init__(self, left: Callable[[], float]):
         self.left = left  # seconds until the read is overdue; called from the watchdog thread too
-        self.fired = self.cut = False
+        self.fired = self._cut = False
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._outer: Watch | None = None
@@ -255,7 +255,13 @@ class Watch:
         with self._lock:
             self._sockets.append(sock.dup())
             if self.fired:
-                self.cut = _shut(self._sockets[-1]) or self.cut
+                self._cut = _shut(self._sockets[-1]) or self._cut
+
+    @property
+    def cut(self) -> bool:
+        """Whether a socket was shut down (read once the call it ended has returned: ``fire`` is over by then)."""
+        with self._lock:
+            return self._cut
 
     def release(self) -> None:
         """Stop watching the sockets attached so far (their responses are done with)."""
@@ -266,9 +272,9 @@ class Watch:
 
     def fire(self) -> None:
         with self._lock:
-            self.fired = True
+            self.fired = True  # first: a reader that sees the end of data its shutdown causes sees this too
             for sock in self._sockets:
-                self.cut = _shut(sock) or self.cut
+                self._cut = _shut(sock) or self._cut
 
 
 def _shut(sock: socket.socket) -> bool:
@@ -370,11 +376,11 @@ def connect(address: tuple[str, int], timeout: Any = None, source_address: Any =
                 sock.bind(source_address)
             sock.connect(sockaddr)
             sock.settimeout(timeout)
+            watch_socket(sock)
         except OSError as exc:
             sock.close()
             error = exc
             continue
-        watch_socket(sock)
         return sock
     raise error
 
