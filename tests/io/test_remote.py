@@ -24,7 +24,7 @@ from wds_reinforce.read.dataset import ReinforcedDataset
 from wds_reinforce.read.options import SkipCounter
 
 SPEED_LIMIT, SPEED_TIME, STALL_LIMIT, TIMEOUT = 1000, 0.3, 1.5, 0.5
-BOUND = STALL_LIMIT + TIMEOUT  # what the reader promises; the tests allow 2 s more on a busy machine
+BOUND = STALL_LIMIT + TIMEOUT  # the most the reader promises (about STALL_LIMIT); tests allow 2 s more when busy
 TRICKLE = 0.02  # seconds between two bytes of a trickle: 50 bytes/s, far under the limit
 HEADER_PACE, HANG = 0.2, 8.0  # a header byte (or a 100 Continue) every 0.2 s, well inside TIMEOUT, for 8 s at most
 
