@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import http.server
+import os
 import random
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -22,8 +24,9 @@ from wds_reinforce.read.dataset import ReinforcedDataset
 from wds_reinforce.read.options import SkipCounter
 
 SPEED_LIMIT, SPEED_TIME, STALL_LIMIT, TIMEOUT = 1000, 0.3, 1.5, 0.5
-BOUND = STALL_LIMIT + TIMEOUT  # what the reader promises; the tests allow 2 s more on a busy machine
+BOUND = STALL_LIMIT + TIMEOUT  # the most the reader promises (about STALL_LIMIT); tests allow 2 s more when busy
 TRICKLE = 0.02  # seconds between two bytes of a trickle: 50 bytes/s, far under the limit
+HEADER_PACE, HANG = 0.2, 8.0  # a header byte (or a 100 Continue) every 0.2 s, well inside TIMEOUT, for 8 s at most
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +53,10 @@ class _StallingHandler(http.server.BaseHTTPRequestHandler):
     - ``trickle``: the headers, then one byte every ``TRICKLE`` seconds;
     - ``slow``: ``piece`` bytes every ``TRICKLE`` seconds (fast enough), the connection cut after ``cut`` bytes;
     - ``cut-dead`` / ``cut-trickle``: the first response sends ``cut`` bytes at once, then goes silent (and
-      every later request is ``dead``) or trickles (and every later request is ``trickle``).
+      every later request is ``dead``) or trickles (and every later request is ``trickle``);
+    - ``continue`` / ``headers``: never finishes its headers: a ``100 Continue`` (which http.client skips
+      and reads on) or one more byte of a header line every ``HEADER_PACE`` seconds, for ``HANG`` seconds
+      (so that a reader without a watchdog fails its test rather than hangs it), then closes.
     """
 
     def log_message(self, *args):
@@ -69,6 +75,9 @@ class _StallingHandler(http.server.BaseHTTPRequestHandler):
         if mode == "dead":
             srv.release.wait()
             return
+        if mode in ("continue", "headers"):
+            self._hang(mode)
+            return
         data = srv.files.get(path)
         if data is None:
             self.send_error(404)
@@ -84,6 +93,21 @@ class _StallingHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("ETag", '"v1"')
         self.end_headers()
         self._send(data[start:], mode)
+
+    def _hang(self, mode: str) -> None:
+        first, again = (
+            (b"", b"HTTP/1.1 100 Continue\r\n\r\n") if mode == "continue" else (b"HTTP/1.1 200 OK\r\nX-", b"a")
+        )
+        try:
+            self.wfile.write(first)
+            for _ in range(int(HANG / HEADER_PACE)):
+                self.wfile.write(again)
+                self.wfile.flush()
+                if self.server.release.wait(HEADER_PACE):  # a pace, not a synchronisation: teardown ends it
+                    break
+        except OSError:  # the reader gave up on this response and closed it
+            pass
+        self.close_connection = True
 
     def _send(self, body: bytes, mode: str) -> None:
         srv = self.server
@@ -157,8 +181,30 @@ def _gives_up_within_the_bound(url: str, how: str) -> NetworkReadError:
 def test_a_server_that_never_answers_is_given_up_on_within_the_bound(stalling, how):
     url = stalling.put("manifest.json", b"{}", mode="dead")
     error = _gives_up_within_the_bound(url, how)
-    assert error.offset == 0 and "timed out" in error.cause
+    assert error.offset == 0 and ("timed out" in error.cause or "watchdog" in error.cause)  # the bound ends the last
     assert len(stalling.requests) >= 2  # a silence of TIMEOUT is a fault: retried until the bound
+
+
+@pytest.mark.parametrize("how", ["gopen_http", "read_url"])
+@pytest.mark.parametrize("mode", ["continue", "headers"])
+def test_a_server_that_never_finishes_its_headers_is_given_up_on_within_the_bound(stalling, mode, how):
+    url = stalling.put("a.bin", _payload(1000), mode=mode)
+    error = _gives_up_within_the_bound(url, how)  # each byte came well inside TIMEOUT: only the watchdog ends it
+    assert error.offset == 0 and error.cause.startswith("the watchdog ended a blocked call"), error.cause
+
+
+def test_a_host_with_many_addresses_costs_one_bound_not_one_timeout_each(stalling, monkeypatch):
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    filler = socket.create_connection(listener.getsockname())  # the accept queue is full: a connect now hangs
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *args: real("127.0.0.1", port, *args) * 10)
+    monkeypatch.setenv("no_proxy", "*")
+    try:  # ten addresses x TIMEOUT would be 5 s per attempt
+        error = _gives_up_within_the_bound(f"http://many.invalid:{listener.getsockname()[1]}/a.bin", "gopen_http")
+    finally:
+        filler.close()
+        listener.close()
+    assert error.offset == 0 and "timed out" in error.cause
 
 
 @pytest.mark.parametrize("how", ["gopen_http", "read_url"])
@@ -178,10 +224,35 @@ def test_slow_but_fast_enough_reads_whole_past_the_bound_despite_cuts(stalling):
     url = stalling.put("a.bin", data, mode="slow")
     began = time.monotonic()
     with gopen_http(url) as stream:
-        assert stream.read() == data
-        assert stream.faults == 3  # the cuts, resumed; never abandoned as slow
+        assert stream.read() == data  # whole and in order, however a busy machine paced the responses
+        assert stream.faults >= 3  # the cuts, resumed
     assert time.monotonic() - began > STALL_LIMIT  # longer than the bound: good progress kept it going
-    assert [r for _, r in stalling.requests] == [None, "bytes=4000-", "bytes=8000-", "bytes=12000-"]
+    offsets = [0 if r is None else int(r.removeprefix("bytes=").rstrip("-")) for _, r in stalling.requests]
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] >= 12_000, offsets
+
+
+def test_a_server_under_the_speed_limit_is_given_up_on_within_the_bound_whatever_the_reconnects(stalling):
+    data = _payload(4000)
+    stalling.piece = 8  # 400 bytes/s: each response is dropped as too slow after SPEED_TIME, and the read resumed
+    url = stalling.put("a.bin", data, mode="slow")
+    error = _gives_up_within_the_bound(url, "gopen_http")  # it would take 10 s to read whole
+    assert 0 < error.offset < len(data) and len(stalling.requests) >= 3
+
+
+def test_watched_reads_leave_no_thread_or_socket_behind(stalling):
+    data = _payload(3000)
+    url = stalling.put("a.bin", data)
+
+    def ours() -> list:
+        return [t for t in threading.enumerate() if "process_request_thread" not in t.name]  # not the server's
+
+    assert gopen_http(url).read() == data  # starts the process's one watchdog thread
+    threads, files = ours(), len(os.listdir("/proc/self/fd"))
+    for _ in range(200):
+        with gopen_http(url) as stream:
+            assert b"".join(iter(lambda: stream.read(100), b"")) == data  # 30 watched reads each
+    assert ours() == threads
+    assert len(os.listdir("/proc/self/fd")) < files + 10  # a leak would be hundreds (the server's own are closing)
 
 
 @pytest.fixture
@@ -200,11 +271,11 @@ def s3_at(monkeypatch, stalling):
     return stalling
 
 
-@pytest.mark.parametrize("mode", ["dead", "trickle"])
+@pytest.mark.parametrize("mode", ["dead", "trickle", "continue", "headers"])
 def test_s3_reads_are_bounded_too(s3_at, mode):
     s3_at.put("store/obj.bin", _payload(1000), mode=mode)
     error = _gives_up_within_the_bound("s3://store/obj.bin", "s3")
-    assert (error.offset == 0) == (mode == "dead")
+    assert (error.offset == 0) == (mode != "trickle")
     reader = s3_client(TIMEOUT)
     assert reader is not s3_client() and reader.meta.config.read_timeout == TIMEOUT
     assert reader.meta.config.retries["total_max_attempts"] == 1  # the reader's retries, not botocore's too
@@ -238,7 +309,8 @@ def test_only_time_inside_the_reader_counts():
     now[0] += 6
     assert pace.arrived(10) is not None  # 610 bytes in 11 s of its own time: under 100 bytes/s
     pace.attempt()  # the reader abandoned that response and asks again
-    assert pace.arrived(400) is None and pace.stalled() == 0  # 1000 bytes since the start: good progress
+    assert pace.arrived(400) is None and pace.stalled() == 11  # 1010 bytes in 11 s: still under 100 bytes/s
+    assert pace.arrived(100) is None and pace.stalled() == 0  # 1110 bytes in 11 s: good progress
     now[0] += 61
     assert pace.overdue() and pace.stalled() == 61
 
@@ -255,3 +327,25 @@ def test_bad_settings_are_one_line_usage_errors(monkeypatch, name, value, expect
     monkeypatch.setenv(name, value)
     with pytest.raises(UsageError, match=rf"^expected {name} to be {re.escape(expected)}, got '{value}'$"):
         storage.check_settings()
+
+
+@pytest.mark.parametrize("rate, cut_every, gives_up", [(500, None, True), (999, 10, True), (2000, 10, False)])
+def test_good_progress_is_the_limit_met_on_average_whatever_the_reconnects(rate, cut_every, gives_up):
+    """A read under the limit ends within the bound, however its responses come and go; one above it on
+    average (responses of 10 s at 2000 bytes/s, each cut and followed by 5 s of reconnecting) never does."""
+    now = [0.0]
+    pace = Pace(RetryPolicy(speed_limit=1000, speed_time=30, stall_limit=90), clock=lambda: now[0])
+    pace.enter()
+    pace.attempt()
+    response, drops = 0, 0
+    for _ in range(600):
+        if pace.overdue():
+            break
+        now[0] += 1
+        response += 1
+        if pace.arrived(rate) is not None or response == cut_every:  # too slow, or cut: reconnect
+            drops += 1
+            now[0] += 5 if cut_every else 0
+            pace.attempt()
+            response = 0
+    assert pace.overdue() == gives_up and (now[0] <= 96 if gives_up else now[0] >= 600), (now[0], drops)

@@ -4,32 +4,16 @@
 connection resets, 5xx, S3 throttling, a body shorter than its Content-Length and a response
 too slow to be worth waiting for, by retrying with exponential backoff and resuming with a
 ranged request where it stopped, so a fault never changes the bytes read; and that gives up
-(``NetworkReadError``) rather than wait forever. ``s3_client`` is the one place that builds an
-S3 client: boto3's standard credential chain and region, with the endpoint from
-``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (MinIO, Ceph, moto, ...). ``storage``
-is the public door to these; ``retry`` holds the policy.
+(``NetworkReadError``) rather than wait forever: ``retry`` holds the policy (the
+``WDS_REINFORCE_*`` settings) and the watchdog that ends a socket call blocked past the bound.
+``s3_client`` is the one place that builds an S3 client: boto3's standard credential chain and
+region, with the endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (MinIO,
+Ceph, moto, ...). ``storage`` is the public door to these.
 
-Retry policy (read from the environment each time a stream is opened; ``storage.check_settings``
-checks it):
-
-- ``WDS_REINFORCE_RETRIES`` (default 5): retries allowed in a row without getting a byte further;
-  any progress starts the count again, so a long shard survives any number of spaced-out faults.
-- ``WDS_REINFORCE_BACKOFF`` (0.5 s): the first wait, doubled at each retry in a row ...
-- ``WDS_REINFORCE_BACKOFF_MAX`` (8 s): ... up to this (each wait is jittered to 50-100 %).
-- ``WDS_REINFORCE_TIMEOUT`` (30 s): socket timeout (connect, and each read), HTTP and S3; a
-  silence that long is a fault.
-- ``WDS_REINFORCE_SPEED_LIMIT`` (1000 bytes/s) and ``WDS_REINFORCE_SPEED_TIME`` (30 s): a
-  response that brings fewer than SPEED_LIMIT bytes/s averaged over SPEED_TIME seconds is a
-  fault (retried, resumed), as curl's ``--speed-limit``/``--speed-time``; 0 bytes/s: no limit.
-- ``WDS_REINFORCE_STALL_LIMIT`` (90 s): the bound per object read. A read that goes this long
-  without good progress (SPEED_LIMIT x SPEED_TIME bytes, 30 kB by default), across retries and
-  backoff, gives up, even with retries left; a socket wait under way ends first, so a dead or
-  trickling server is given up on within STALL_LIMIT + TIMEOUT (2 minutes by default). Only time
-  inside the reader counts, never a consumer's pause between two reads.
-
-Both HTTP and S3 bodies are read one socket read at a time, so the clock is checked as bytes
-arrive. S3 reads use a client of their own settings (the timeout; botocore's retries off: the
-reader's are the ones that count).
+S3 reads use a client of their own settings (the timeout; botocore's retries off: the reader's
+count) and take the body from botocore's urllib3 response (``read1``, one socket read at a time:
+urllib3 >= 2.1), past its ``StreamingBody``, so botocore's checks of a response (its length, a
+checksum) are skipped: the reader checks the length, and the shards carry CRCs and a sha256.
 """
 
 from __future__ import annotations
@@ -59,6 +43,9 @@ from wds_reinforce.io.retry import (
     NetworkReadError,
     Pace,
     RetryPolicy,
+    Watch,
+    watch_s3_client,
+    watched_opener,
 )
 
 __all__ = [
@@ -105,6 +92,8 @@ def s3_client(timeout: float | None = None) -> Any:
         if timeout is not None:
             config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1})
         client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+        if timeout is not None:
+            watch_s3_client(client)
         for other in [key for key in _S3_CLIENTS if key[:2] != slot[:2]]:
             del _S3_CLIENTS[other]
         _S3_CLIENTS[slot] = client
@@ -155,7 +144,8 @@ class ResumableReader(io.RawIOBase):
     offset; a server that answers a ranged request with the whole object has the already-read
     prefix skipped. The bytes returned are always exactly the object's. ``read(n)`` returns
     ``n`` bytes unless the object ends first, taken one socket read at a time so that the
-    policy's clock (``retry.Pace``) is checked as bytes arrive.
+    policy's clock (``retry.Pace``) is checked as bytes arrive; a call blocked when the read
+    reaches its bound (connecting, headers, a chunk-size line) is ended by ``retry.Watch``.
 
     Raises (from ``read``):
         NetworkReadError: ``policy.retries`` retries in a row made no progress, or the read went
@@ -171,6 +161,7 @@ class ResumableReader(io.RawIOBase):
         self._errors: tuple[type[BaseException], ...] = tuple(source.read_errors)  # of a body's read1()
         self._policy = policy if policy is not None else RetryPolicy.from_env()
         self._pace = Pace(self._policy)
+        self._watch = Watch(self._pace.left)  # ends a call blocked past the bound (headers, chunk sizes, ...)
         self._pos = 0
         self._end: int | None = None
         self._version: str | None = None
@@ -228,6 +219,7 @@ class ResumableReader(io.RawIOBase):
                 body.close()
             except Exception:  # closing a broken connection may raise; it is being dropped anyway
                 pass
+        self._watch.release()
 
     def _fill(self, size: int) -> bytes:
         """Up to ``size`` bytes (fewer only at the end), through fresh requests after faults; the
@@ -235,7 +227,8 @@ class ResumableReader(io.RawIOBase):
         self._pace.enter()
         try:
             pieces: list[bytes] = []
-            self._retrying(size, pieces)
+            with self._watch:
+                self._retrying(size, pieces)
         finally:
             self._pace.leave()
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -253,15 +246,18 @@ class ResumableReader(io.RawIOBase):
             except _Transient as exc:
                 fault = exc
             except self._errors as exc:
-                if self._body is None:
+                if self._body is None and not self._watch.fired:
                     raise  # from the source's open: not worth retrying (missing, forbidden, changed)
                 fault = exc
+            if self._watch.cut:  # the watchdog ended a blocked call: the read is past its bound
+                ended = _Transient(f"the watchdog ended a blocked call ({_describe(fault)})")
+                ended.__cause__, fault = fault, ended
             self.faults += 1
             self._drop_body()
             failures = failures + 1 if self._pos == streak_at else 1  # any progress starts a new streak
             streak_at = self._pos
             wait = self._policy.delay(failures)
-            if failures > self._policy.retries or self._pace.overdue(wait):
+            if failures > self._policy.retries or self._pace.overdue(wait) or self._watch.fired:
                 raise self._give_up(fault, failures)
             of = f" of {self._end}" if self._end is not None else ""
             _log.warning(
@@ -284,8 +280,8 @@ class ResumableReader(io.RawIOBase):
         """
         while size > 0:
             data = self._body.read1(size)
-            if not data:
-                return self._end is None or self._pos >= self._end
+            if not data:  # the end, unless the watchdog cut the connection
+                return not self._watch.fired and (self._end is None or self._pos >= self._end)
             self._pos += len(data)
             size -= len(data)
             pieces.append(data)
@@ -322,6 +318,8 @@ class ResumableReader(io.RawIOBase):
         self._pace.attempt()
         opened = self._source.open(self._pos, self._version)
         try:
+            if self._watch.fired:  # headers cut short: the response is not to be trusted
+                raise _Transient("the read went past its bound while the request was under way")
             self._check(opened)
             skip = self._pos - opened.start  # a server that ignores Range resends what we already have
             while skip:
@@ -373,13 +371,14 @@ class _HTTPSource:
 
     def __init__(self, url: str, timeout: float):
         self.url, self.timeout = url, timeout
+        self._opener = watched_opener()
 
     def open(self, offset: int, version: str | None) -> _Opened:
         headers = {"User-Agent": "wds_reinforce", "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
-            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
+            response = self._opener.open(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             exc.close()
             status, reason = exc.code, exc.reason

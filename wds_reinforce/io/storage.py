@@ -6,7 +6,7 @@ written, the ``Output`` a job writes to (``outputs``). A new scheme is one entry
 
 - local paths and ``file:`` (webdataset's own reader; ``LocalOutput``);
 - ``http(s)://``: ``remote.ResumableReader`` (retries with backoff and ranged resume, so a
-  transient fault never changes the bytes read; see ``remote`` for the ``WDS_REINFORCE_*``
+  transient fault never changes the bytes read; see ``retry`` for the ``WDS_REINFORCE_*``
   settings); writes stay with webdataset's curl handler (no job output);
 - ``s3://``: the same reader over the one S3 client (``remote.s3_client``); ``S3Output``, and a
   PUT-on-close stream for webdataset writers such as ``wds.ShardWriter``.
@@ -230,7 +230,7 @@ def read_url(url: str) -> bytes:
     Raises:
         FileNotFoundError: the URL cannot be read (missing, refused for good, an HTTP error).
         NetworkReadError: a transient fault that outlasted the retries, or a read that went too long
-            without good progress (an ``OSError``; see ``remote`` for the bound).
+            without good progress (an ``OSError``; see ``retry`` for the bound).
         ObjectChangedError: the object changed while being read (an ``OSError``).
     """
     try:
