@@ -281,6 +281,58 @@ def test_s3_reads_are_bounded_too(s3_at, mode):
     assert reader.meta.config.retries["total_max_attempts"] == 1  # the reader's retries, not botocore's too
 
 
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here (nothing is fetched)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_https_and_s3_over_tls_read_whole_and_a_tls_header_trickle_is_given_up_on(s3_at, tmp_path, monkeypatch):
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    s3_at.socket = context.wrap_socket(s3_at.socket, server_side=True)
+    base = s3_at.base.replace("http://", "https://")
+    for name, value in {"AWS_ENDPOINT_URL": base, "AWS_CA_BUNDLE": str(cert), "SSL_CERT_FILE": str(cert)}.items():
+        monkeypatch.setenv(name, value)
+    data = _payload(50_000)
+    s3_at.put("store/a.bin", data)
+    for _ in range(3):  # a TLS socket is watched through a duplicate of its descriptor
+        assert gopen_s3("s3://store/a.bin").read() == data
+        assert gopen_http(f"{base}/store/a.bin").read() == data
+    s3_at.put("store/h.bin", data, mode="headers")
+    _gives_up_within_the_bound("s3://store/h.bin", "s3")
+
+
 @pytest.mark.parametrize("mode", ["cut-dead", "cut-trickle"])
 def test_a_shard_given_up_on_mid_way_is_counted_as_lost(stalling, tmp_path, mode):
     made = make_shards(tmp_path / "set", num_shards=3, per_shard=4, rounds=2, record_pixels=False)

@@ -305,6 +305,13 @@ def test_a_second_teacher_adds_targets_only_and_the_loader_uses_one_or_the_mean(
         ReinforcedDataset(str(out), teacher=2)
     with pytest.raises(UsageError, match="expected teacher an index >= 0 or 'mean'"):
         ReinforcedDataset(str(out), teacher="mean", densify="sparse")
+    # the teacher set's group 0 targets in group 1's place: the sidecars' places tell them apart
+    teachers = out / "teachers/second"
+    swapped = (teachers / "rounds-00000-00001/train-000000.tar").read_bytes()
+    (teachers / "rounds-00002-00003/train-000000.tar").write_bytes(swapped)
+    epoch = next(e for e in range(50) if group_for(0, e, 4, 2) == 1)
+    with pytest.raises(DataError, match="teacher set 1's sidecar does not hold targets for this sample's stored"):
+        list(ReinforcedDataset(str(out), teacher=1, epoch=epoch, keys=("__key__",)))
 
 
 def _member_bytes(paths) -> int:
@@ -386,3 +393,18 @@ def test_a_round_groups_sidecar_shard_put_in_another_groups_place_is_refused(set
     assert (counter.samples, counter.foreign) == (3, 3), counter.last
     with pytest.raises(DataError, match="img1_0.: .* holds rounds from 0, where this epoch's round group begins at 4"):
         list(ReinforcedDataset(str(copy) + "/", keys=("__key__",), epoch=epoch))
+
+
+def test_groups_remade_out_of_order_are_byte_identical_and_read_in_their_own_place(tmp_path):
+    images = make_image_shards(tmp_path / "images", shards=1)
+    out = tmp_path / "set"
+    job = dict(out=str(out), sidecars_only=True, round_group=2, rounds=6, **JOB)
+    make_shards(str(images[0]), TEACHER, **job)
+    files = sorted(out.glob("rounds-*/*.tar"))
+    before = {f: f.read_bytes() for f in files}
+    files[0].unlink()  # groups 0 and 2 lost: the rerun makes rounds 0-1 and 4-5, not consecutive
+    files[2].unlink()
+    make_shards(str(images[0]), TEACHER, **job)
+    assert {f: f.read_bytes() for f in sorted(out.glob("rounds-*/*.tar"))} == before
+    with tarfile.open(files[2]) as tar:
+        assert {decode_sidecar(tar.extractfile(m).read()).place[2] for m in tar} == {4}

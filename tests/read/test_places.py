@@ -237,3 +237,12 @@ def test_with_places_in_the_manifest_a_sample_without_one_is_foreign(made, unbou
     assert rows == made.keys  # only the stray is refused, not the shard's own samples after it
     assert (counter.count, counter.samples, counter.foreign) == (1, 0, 1), counter.last
     assert "records no place" in counter.last
+
+
+def test_an_unreadable_extra_past_an_old_shards_count_is_foreign(unbound, tmp_path):
+    root = _copy(unbound, tmp_path / "copy")
+    own, other = _samples(root / "shard-000001.tar"), _samples(root / "shard-000002.tar")
+    (root / "shard-000001.tar").write_bytes(_tar([*own, _bare(other[0])]))
+    rows, counter = _read(str(root))
+    assert rows == unbound.keys
+    assert (counter.samples, counter.foreign) == (0, 1), counter.last

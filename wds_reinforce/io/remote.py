@@ -281,7 +281,10 @@ class ResumableReader(io.RawIOBase):
         while size > 0:
             data = self._body.read1(size)
             if not data:  # the end, unless the watchdog cut the connection
-                return not self._watch.fired and (self._end is None or self._pos >= self._end)
+                done = not self._watch.fired and (self._end is None or self._pos >= self._end)
+                if done:
+                    self._watch.release()  # nothing more to watch: let the connection's descriptor go
+                return done
             self._pos += len(data)
             size -= len(data)
             pieces.append(data)

@@ -251,9 +251,10 @@ class Watch:
         _local.watch, self._outer = self._outer, None
 
     def attach(self, sock: socket.socket) -> None:
-        """Watch ``sock`` (its connection: the duplicate stays valid when TLS wraps ``sock``)."""
+        """Watch ``sock`` (its connection, through a duplicate of its descriptor: valid when TLS wraps
+        ``sock``, and a TLS socket itself cannot be ``dup``-ed)."""
         with self._lock:
-            self._sockets.append(sock.dup())
+            self._sockets.append(socket.fromfd(sock.fileno(), sock.family, sock.type))
             if self.fired:
                 self._cut = _shut(self._sockets[-1]) or self._cut
 

@@ -303,7 +303,6 @@ class SidecarSetJob(TeacherJob):
         skipped = [dataclasses.asdict(SkippedInput(s["key"], s["error"])) for s in made if s["error"] is not None]
         done = [s for s in made if s["error"] is None]
         fp = self.recipe.fingerprint
-        first = groups[0] * G if groups else 0  # the round of row 0: this run's rounds are groups ``groups``
         sidecars = [
             Sidecar(
                 fp,
@@ -312,14 +311,20 @@ class SidecarSetJob(TeacherJob):
                 s["params"],
                 s["crc"],
                 s.get("window"),
-                place=(i, n, first),
+                place=(i, n, 0),  # each group's first round is set below
                 label_crc=s["label_crc"],
             )  # fmt: skip
             for n, s in enumerate(done)
         ]
         for n, g in enumerate(groups):  # this run's rounds hold groups ``groups``, in order
             rows = group_rows(n, G)
-            members = [(f"{s['key']}.{SIDECAR_EXT}", encode_sidecar(sc.select(rows))) for s, sc in zip(done, sidecars)]
+            members = [
+                (
+                    f"{s['key']}.{SIDECAR_EXT}",
+                    encode_sidecar(dataclasses.replace(sc.select(rows), place=(i, pos, g * G))),
+                )
+                for pos, (s, sc) in enumerate(zip(done, sidecars))
+            ]
             name = self.sidecar_name(g, i)
             info = self.job.write_tar(name, iter(members), [s["key"] for s in done])
             payload = {"shard": dataclasses.asdict(info), "image": dataclasses.asdict(image), "skipped": skipped}

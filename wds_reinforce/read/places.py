@@ -65,7 +65,7 @@ class ShardTally:
             self._keys.add(sample.get("__key__"))  # it arrived: the first-key check is past
             if self._placed is False:
                 return [self._pass_unread(sample)]
-            self._pending.append(sample)
+            self._pending.append(_stub(sample))  # held light: the reinforce stage refuses it unread
             return []
         out: list[Verdict] = []
         if self._placed is None:
@@ -153,6 +153,8 @@ class ShardTally:
         return out
 
     def _pass_unread(self, sample: dict) -> Verdict:
+        if not self._placed and self.want is not None and self.good + self.unread >= self.want:
+            return sample, self._foreign(sample, f"its sidecar cannot be read, past the {self.want} samples listed")
         sample.setdefault("__position__", self.good + self.unread)  # without places: by arrival
         self.unread += 1
         return sample, None
@@ -161,3 +163,9 @@ class ShardTally:
         self.foreign += 1
         message = f"not this shard's sample at this place: {why}"
         return SampleError(message, sample.get("__key__"), self.url, samples=0, foreign=1)
+
+
+def _stub(sample: dict) -> dict:
+    """A held sample without its members' bytes (names kept for messages), its sidecar bytes kept:
+    what the reinforce stage reads before it refuses a sidecar it cannot decode."""
+    return {k: v if k.startswith("__") or k == SIDECAR_EXT else b"" for k, v in sample.items()}

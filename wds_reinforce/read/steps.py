@@ -76,11 +76,12 @@ def sample_sidecar(sample: dict, plan: ReplayPlan, first: bool) -> Sidecar:
         if raw is None:
             break
         other = decode_sidecar(raw)
-        if (other.fingerprint, other.rounds, other.topk) != (
-            sidecar.fingerprint,
-            sidecar.rounds,
-            sidecar.topk,
-        ) or other.ops:
+        same = (other.fingerprint, other.rounds, other.topk) == (sidecar.fingerprint, sidecar.rounds, sidecar.topk)
+        bound = all(  # the same place (shard, position, round group) and image, where both record them
+            None in (mine, theirs) or mine == theirs
+            for mine, theirs in ((sidecar.place, other.place), (sidecar.image_crc, other.image_crc))
+        )
+        if not (same and bound) or other.ops:
             raise FormatError(f"teacher set {n}'s sidecar does not hold targets for this sample's stored rounds")
         extras.append(other)
     sample["teacher_sidecars"] = extras
