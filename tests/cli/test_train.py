@@ -179,6 +179,7 @@ def test_labels_from_an_image_folder_then_make_shards_takes_the_checkpoint_as_it
     assert result["steps"] == 2 * (13 // 4) and result["recipe"]["size"] == [32, 32]
     assert result["recipe"]["ops"][0]["op"] == "rrc"
     assert "skipped sample dog_broken" in out.stderr and "Traceback" not in out.stderr
+    assert "note:" not in out.stderr  # a teacher (--save): no shards to compare it with yet
     # No --teacher: the checkpoint names its model and classes.
     shards = tmp_path / "shards"
     made = subprocess.run(
@@ -270,3 +271,23 @@ def test_bad_warmup_is_refused_before_loading_anything(data):
     out = _train("--data", str(data / "ds"), "--warmup", "1.5", check=False)
     assert out.returncode == 2
     assert out.stderr.strip() == "train.py: error: expected --warmup in [0, 1) (a fraction of the run), got 1.5"
+
+
+# ----------------------------------------------------------------------------------------
+# Progress within an epoch (issue 21, item 11)
+
+
+def test_progress_lines_within_an_epoch(data):
+    out = _train(
+        "--data", str(data / "ds"), "--epochs", "2", "--batch-size", "4", "--workers", "0", "--json",
+        "--progress-every", "0",
+    )  # fmt: skip
+    steps = [line for line in out.stderr.splitlines() if ": step " in line]
+    assert [line.split(" (")[0] for line in steps] == [
+        f"  epoch {e}/2: step {s}/4" for e in (1, 2) for s in (1, 2, 3, 4)
+    ]
+    assert all(" steps/s, elapsed " in line and " for the epoch, " in line for line in steps)
+    assert steps[-1].endswith("ETA 0s for the epoch, 0s for the run's training steps")
+    assert "\r" not in out.stderr and _result(out)["steps"] == 8
+    quiet = _train("--data", str(data / "ds"), "--epochs", "1", "--batch-size", "4", "--workers", "0", "--json")
+    assert ": step " not in quiet.stderr  # the default: a line per 30 s

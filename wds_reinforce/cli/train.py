@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--save", help="write a checkpoint here (weights, model name, classes, input size; make_shards.py reads it)"
     )
     p.add_argument("--json", action="store_true", help="print the final result as one JSON line")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="within an epoch, a line to stderr this often: steps done / total, steps/s, ETA",
+    )
     return p
 
 
@@ -222,7 +229,8 @@ def _train(args: argparse.Namespace) -> int:
 def _announce(args: argparse.Namespace, data: Any, workers: int, threads: int, device: Any) -> None:
     from wds_reinforce.cli.training import recipe_label
 
-    if not data.reinforced and data.manifest is None and not args.recipe:
+    # Only for a baseline: a teacher (--save) is trained before any shards exist to compare with.
+    if not data.reinforced and data.manifest is None and not args.recipe and not args.save:
         print(
             f"{_PROG}: note: the labels arm uses {recipe_label(data.fresh)}; to compare it with reinforced shards, "
             f"pass --recipe SHARDS to train on their augmentation",

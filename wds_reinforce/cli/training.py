@@ -28,6 +28,7 @@ from wds_reinforce.core.augment import Recipe, normalize, replay
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError
 from wds_reinforce.core.format import Manifest
+from wds_reinforce.core.progress import StepProgress
 from wds_reinforce.core.targets import soft_cross_entropy
 from wds_reinforce.core.threads import default_threads, default_workers
 from wds_reinforce.layouts import layout_of, manifest_url, read_manifest
@@ -301,11 +302,16 @@ class Trainer:
         total = args.epochs * steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step, total, args.warmup))
         self.step = 0
+        # Lines within an epoch (rank 0 only), so that a slow run and a stalled one look different.
+        quiet = distributed and dist.get_rank() != 0
+        every = getattr(args, "progress_every", 30.0)
+        self.progress = StepProgress(args.epochs, steps, say=(lambda line: None) if quiet else None, every=every)
 
     def epoch(self, epoch: int, loader: torch.utils.data.DataLoader) -> list[float]:
         """One epoch of at most ``steps`` steps; the losses."""
         self.train_model.train()
         losses = []
+        self.progress.start(epoch)
         # Under DDP a rank whose shards run out first must not leave the others waiting in an
         # all-reduce: join() shadows its missing steps.
         with self.train_model.join() if self.distributed else contextlib.nullcontext():
@@ -323,6 +329,7 @@ class Trainer:
                 self.sched.step()
                 losses.append(loss.item())
                 self.step += 1
+                self.progress.step()
         return losses
 
     def evaluate(self, val: tuple[torch.Tensor, torch.Tensor] | None) -> float | None:

@@ -1,9 +1,11 @@
 """Progress reports that read well both on a terminal and in a log file.
 
 On a terminal: a tqdm bar. Elsewhere (a log file, a pipe, a batch job): no carriage-return
-updates, but one line per finished shard with the count, the rate and the time left. Every job
-that writes shards (the producer's, the importers') reports through ``ShardProgress``; a caller
-that wants the lines itself (a library user, a test) passes ``say``.
+updates, but one line per finished shard with the count, the rate and the time left, and one
+between shards when a shard takes long (so a slow run and a stalled one look different). Every
+job that writes shards (the producer's, the importers') reports through ``ShardProgress``; a
+caller that wants the lines itself (a library user, a test) passes ``say``. ``StepProgress`` does
+the same for a training loop's steps.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-__all__ = ["ShardProgress", "format_duration"]
+__all__ = ["ShardProgress", "StepProgress", "eta", "format_duration"]
 
 
 def format_duration(seconds: float) -> str:
@@ -24,6 +26,13 @@ def format_duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def eta(done: float, total: float, elapsed: float) -> str:
+    """The time ``total - done`` more take at the rate so far (``done`` in ``elapsed`` s); ``?`` before any."""
+    if done <= 0 or elapsed <= 0:
+        return "?"
+    return format_duration(max(total - done, 0) * elapsed / done)
 
 
 def _is_tty(stream: Any) -> bool:
@@ -46,6 +55,7 @@ class ShardProgress:
         clock: seconds, for tests.
         say: where lines go instead of ``stream`` (then never a bar).
         every: ``note`` writes at most one line per this many seconds (unless forced).
+        between: in a log, a line within a shard once this many seconds passed without one.
     """
 
     def __init__(
@@ -59,12 +69,13 @@ class ShardProgress:
         clock: Callable[[], float] = time.monotonic,
         say: Callable[[str], None] | None = None,
         every: float = 10.0,
+        between: float = 30.0,
     ):
         self.items, self.shards, self.desc, self.unit = items, shards, desc, unit
         self.stream = sys.stderr if stream is None else stream
         self.clock = clock
-        self.start = self._noted = clock()
-        self.every = every
+        self.start = self._noted = self._lined = clock()
+        self.every, self.between = every, between
         self.done_items = 0
         self.done_shards = 0
         self.bar = None
@@ -77,7 +88,7 @@ class ShardProgress:
     def restart(self, items: int, shards: int) -> None:
         """Count afresh from now: ``items`` and ``shards`` are what is left to make (after reuse)."""
         self.items, self.shards, self.done_items, self.done_shards = items, shards, 0, 0
-        self.start = self.clock()
+        self.start = self._lined = self.clock()
         if self.bar is not None:
             self.bar.reset(total=items)
 
@@ -85,6 +96,8 @@ class ShardProgress:
         self.done_items += n
         if self.bar is not None:
             self.bar.update(n)
+        elif self.clock() - self._lined >= self.between:
+            self._write(self._status(f"shard {self.done_shards + 1}/{self.shards} in progress"))
 
     def shard_done(self, name: str) -> None:
         """Report a finished shard (a line when not on a terminal)."""
@@ -106,24 +119,76 @@ class ShardProgress:
                 self._write(text)
 
     def _write(self, line: str) -> None:
+        self._lined = self.clock()
         if self._say is not None:
             self._say(line)
         else:
             print(line, file=self.stream, flush=True)
 
     def line(self, name: str) -> str:
+        return self._status(f"shard {self.done_shards}/{self.shards} done ({name})")
+
+    def _status(self, head: str) -> str:
         elapsed = max(self.clock() - self.start, 1e-9)
         rate = self.done_items / elapsed
-        left = self.items - self.done_items
-        eta = format_duration(left / rate) if rate > 0 else "?"
         pct = 100.0 * self.done_items / self.items if self.items else 100.0
         return (
-            f"{self.desc}: shard {self.done_shards}/{self.shards} done ({name}); "
-            f"{self.done_items}/{self.items} {self.unit} ({pct:.0f} %), {rate:.1f} {self.unit}/s, "
-            f"elapsed {format_duration(elapsed)}, ETA {eta}"
+            f"{self.desc}: {head}; {self.done_items}/{self.items} {self.unit} ({pct:.0f} %), "
+            f"{rate:.1f} {self.unit}/s, elapsed {format_duration(elapsed)}, "
+            f"ETA {eta(self.done_items, self.items, elapsed)}"
         )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class StepProgress:
+    """A line within a training epoch every ``every`` seconds: steps done / total, steps/s, the time left.
+
+    Args:
+        epochs: epochs of the run.
+        steps: steps per epoch (``None``: not known; then no total and no ETA).
+        say: where lines go (default: ``sys.stderr``, flushed).
+        every: seconds between lines; each is a line of its own (no carriage return), for log files.
+        clock: seconds, for tests.
+    """
+
+    def __init__(
+        self,
+        epochs: int,
+        steps: int | None,
+        say: Callable[[str], None] | None = None,
+        every: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.epochs, self.steps, self.every, self.clock = epochs, steps, every, clock
+        self._say = say if say is not None else (lambda line: print(line, file=sys.stderr, flush=True))
+        self.epoch, self.done = 0, 0
+        self.began = self._said = clock()
+
+    def start(self, epoch: int) -> None:
+        """A new epoch (0-based) begins now."""
+        self.epoch, self.done = epoch, 0
+        self.began = self._said = self.clock()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self._said >= self.every:
+            self._said = now
+            self._say(self.line(now))
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.began, 1e-9)
+        head = f"  epoch {self.epoch + 1}/{self.epochs}: step {self.done}"
+        rate = f"{self.done / elapsed:.2f} steps/s, elapsed {format_duration(elapsed)}"
+        if not self.steps:
+            return f"{head}, {rate}"
+        left_in_run = (self.epochs - self.epoch) * self.steps
+        return (
+            f"{head}/{self.steps} ({100.0 * self.done / self.steps:.0f} %), {rate}, "
+            f"ETA {eta(self.done, self.steps, elapsed)} for the epoch, "
+            f"{eta(self.done, left_in_run, elapsed)} for the run's training steps"
+        )
