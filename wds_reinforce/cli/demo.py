@@ -1,14 +1,16 @@
-"""The offline demo behind ``python tools/make_shards.py`` with no arguments.
+"""The offline demo behind ``python tools/make_shards.py`` with no arguments (and ``tools/demo.py``).
 
 It needs no network and no downloaded weights: it draws a small image-classification set
 (shapes of random colour, size and position on textured backgrounds, where crops and flips
 matter), trains a small timm teacher on it from random initialisation, and reinforces the set
 into shards. Every stage is cached under ``shards/demo/``: a second run reuses the images and
-the teacher, and verifies and reuses the finished shards.
+the teacher, and verifies and reuses the finished shards. ``tools/demo.py --epochs N`` trains
+the teacher for N epochs; ``--quick`` is a short run into its own folder (see ``QUICK``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -21,12 +23,27 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["DEMO_CLASSES", "DEMO_SIZE", "photo_like", "make_demo_images", "train_demo_teacher", "run_demo"]
+from wds_reinforce.core.progress import eta, format_duration
+
+__all__ = [
+    "DEMO_CLASSES",
+    "DEMO_SIZE",
+    "QUICK",
+    "photo_like",
+    "make_demo_images",
+    "train_demo_teacher",
+    "run_demo",
+    "build_parser",
+    "main",
+]
 
 DEMO_CLASSES = ("circle", "square", "triangle", "cross", "ring", "stripes")
 DEMO_SIZE = 64  # reinforced output size (and the teacher's training size)
 _SOURCE_SIZE = 80  # stored JPEGs are larger than the output, as in real data
 _MODEL = "resnet10t"
+_EPOCHS = 12  # the teacher's epochs (a checkpoint without a note of its own was trained for these)
+# --quick: a smoke run of every stage (a weak teacher), in its own folder so the full demo's cache stays.
+QUICK = {"root": "shards/demo-quick", "per_class": 100, "rounds": 4, "epochs": 2}
 # What the printed next commands take and give (measured; see README "Training on reinforced shards").
 _NEXT_EXPECTED = "~1 minute on 2 CPU cores; after 2 epochs ~40 % val top-1 on the teacher's targets, ~36 % on labels"
 
@@ -121,7 +138,7 @@ def train_demo_teacher(
     train_root: Path,
     val_root: Path,
     path: Path,
-    epochs: int = 12,
+    epochs: int = _EPOCHS,
     batch_size: int = 64,
     seed: int = 0,
     log: Any = print,
@@ -160,15 +177,30 @@ def train_demo_teacher(
             opt.step()
             sched.step()
         acc = _accuracy(model, val_images, val_labels, val_recipe, cfg)
-        log(
-            f"  teacher epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, val acc {acc:.1%} "
-            f"({time.perf_counter() - start:.0f} s)"
-        )
+        log(_epoch_line(epoch, epochs, loss.item(), acc, time.perf_counter() - start))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
     return acc
+
+
+def _epoch_line(epoch: int, epochs: int, loss: float, acc: float, elapsed: float) -> str:
+    return (
+        f"  teacher epoch {epoch + 1}/{epochs}: loss {loss:.3f}, val acc {acc:.1%} "
+        f"(elapsed {format_duration(elapsed)}, ETA {eta(epoch + 1, epochs, elapsed)})"
+    )
+
+
+def _cached_teacher(ckpt: Path, epochs: int, images_cached: bool) -> bool:
+    """Whether ``ckpt`` is a teacher of these images and ``epochs`` (else it is removed)."""
+    note = ckpt.with_suffix(".json")
+    trained = json.loads(note.read_text())["epochs"] if note.is_file() else _EPOCHS
+    if ckpt.is_file() and images_cached and trained == epochs:
+        return True
+    ckpt.unlink(missing_ok=True)
+    note.unlink(missing_ok=True)
+    return False
 
 
 @torch.inference_mode()
@@ -190,12 +222,13 @@ def _clear_shards(root: Path) -> None:
     shutil.rmtree(root / ".done", ignore_errors=True)
 
 
-def _next_steps(root: Path, log: Any) -> None:
-    """What to run next on the demo's shards."""
+def _next_steps(root: Path, log: Any, full: bool) -> None:
+    """What to run next on the demo's shards (the expected figures are the full demo's)."""
     val = root / "source" / "val"
+    expected = _NEXT_EXPECTED if full else f"on the full demo: {_NEXT_EXPECTED}; these settings give other figures"
     log(
         "next: train a student on the teacher's soft targets, and the same student on one-hot labels "
-        f"(each {_NEXT_EXPECTED}):"
+        f"(each {expected}):"
     )
     log(f"  python tools/train.py --data {root} --val {val} --epochs 2")
     log(f"  python tools/train.py --data {root} --val {val} --epochs 2 --targets labels")
@@ -208,7 +241,11 @@ def _next_steps(root: Path, log: Any) -> None:
 
 
 def run_demo(
-    root: str | os.PathLike = "shards/demo", per_class: int = 400, rounds: int = 8, epochs: int = 12, log: Any = print
+    root: str | os.PathLike = "shards/demo",
+    per_class: int = 400,
+    rounds: int = 8,
+    epochs: int = _EPOCHS,
+    log: Any = print,
 ) -> Any:
     """Generate, train (cached) and reinforce the demo set; print what was written and what to run next."""
     from wds_reinforce.core.threads import default_threads, default_workers
@@ -230,14 +267,14 @@ def run_demo(
     cached = before == marker.read_text()
     val_root = make_demo_images(root / "source" / "val", max(per_class // 8, 10), seed=1)
     ckpt = root / f"teacher_{_MODEL}.pt"
-    if ckpt.is_file() and not cached:
-        ckpt.unlink()  # new images: the cached teacher was trained on others
-    if ckpt.is_file():
-        log(f"[2/3] teacher: reusing {ckpt}")
+    # A teacher of other images or other epochs is not this run's.
+    if _cached_teacher(ckpt, epochs, cached):
+        log(f"[2/3] teacher: reusing {ckpt} ({epochs} epochs)")
     else:
         log(f"[2/3] teacher: training timm:{_MODEL} from random init at {DEMO_SIZE} px ({epochs} epochs)")
         _clear_shards(root)  # shards of an earlier teacher are another job's
         train_demo_teacher(train_root, val_root, ckpt, epochs=epochs, log=log)
+        ckpt.with_suffix(".json").write_text(json.dumps({"epochs": epochs}))
     torch.set_num_threads(default_threads(workers))
     log(f"[3/3] reinforcing: recipe rrc at {DEMO_SIZE} px, {rounds} rounds, top-3 -> {root}/")
     job = dict(
@@ -261,5 +298,42 @@ def run_demo(
         summary = make_shards(str(train_root), f"timm:{_MODEL}", out=str(root), **job)
     log(summary.format())
     log(f"demo done in {time.perf_counter() - t0:.0f} s: shards {root}/train-*.tar, manifest {root}/manifest.json")
-    _next_steps(root, log)
+    _next_steps(root, log, full=(per_class, rounds, epochs) == (400, 8, _EPOCHS))
     return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="demo.py",
+        description="The offline demo (the same as make_shards.py without arguments): demo images, a teacher "
+        "trained here, reinforced shards. Every stage is cached; a rerun reuses it.",
+    )
+    p.add_argument("--epochs", type=int, help=f"teacher epochs (default: {_EPOCHS}, or {QUICK['epochs']} with --quick)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short run of every stage into {QUICK['root']}: {QUICK['per_class']} images per class, "
+        f"{QUICK['epochs']} teacher epochs, {QUICK['rounds']} rounds (a weak teacher; ~1 minute on 2 idle cores)",
+    )
+    p.add_argument("--root", help="the demo folder (default: shards/demo, or the --quick one)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = build_parser().parse_args(argv)
+    settings: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if args.epochs is not None:
+        if args.epochs < 1:
+            print(f"demo.py: error: expected --epochs >= 1, got {args.epochs}", file=sys.stderr)
+            return 2
+        settings["epochs"] = args.epochs
+    if args.root:
+        settings["root"] = args.root
+    try:
+        run_demo(**settings)
+    except KeyboardInterrupt:
+        print("demo.py: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
