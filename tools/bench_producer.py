@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-__all__ = ["main", "bench"]
+__all__ = ["bench", "build_parser", "main"]
 
 
 def _photo(height: int, width: int, seed: int) -> bytes:
@@ -135,18 +135,25 @@ def bench(
     }
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench_producer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--teacher", default="timm:resnet18", help="timm:NAME, random weights (default timm:resnet18)")
+    p.add_argument("--images", type=int, default=64, help="source images, each replayed --rounds times (default 64)")
+    p.add_argument("--rounds", type=int, default=4, help="augmentation rounds per image (default 4)")
+    p.add_argument("--image-size", type=int, default=224, help="side of the teacher's views in pixels (default 224)")
+    p.add_argument("--batch-size", type=int, default=64, help="teacher batch size, both runs (default 64)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers that decode and augment (default 1)")
+    p.add_argument("--device", default="auto", help="teacher device: auto (default), cpu, cuda")
+    p.add_argument("--recipe", default="rrc", help="augmentation preset or recipe file (default rrc)")
+    p.add_argument("--repeat", type=int, default=2, help="alternating timed runs of each; the best counts (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="timm:resnet18")
-    p.add_argument("--images", type=int, default=64, help="source images (each replayed --rounds times)")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--recipe", default="rrc")
-    p.add_argument("--repeat", type=int, default=2, help="alternating timed runs of each; the best counts")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = build_parser()
     args = p.parse_args(argv)
     result = bench(
         args.teacher,

@@ -88,36 +88,52 @@ def _ensemble_top1(members: list[str], ckpts: list[Path], val: str, size: int) -
     return float((preds == labels).float().mean()) * 100
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="experiment.py",
-        description=__doc__,
-        formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}),
+        prog="experiment.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--source", help="training ImageFolder (default: the demo's images under --demo)")
     p.add_argument("--val", help="held-out ImageFolder (default: 1,200 fresh demo images)")
-    p.add_argument("--root", default="shards/experiment", help="work folder")
-    p.add_argument("--demo", default="shards/demo", help="the demo folder whose images are the default source")
-    p.add_argument("--image-size", type=int, default=64, help="size of the teacher's and the students' views")
+    p.add_argument("--root", default="shards/experiment", help="work folder (default shards/experiment)")
     p.add_argument(
-        "--teacher-models", default="resnet18", help="timm model(s), comma-separated for an ensemble (mean of softmax)"
+        "--demo",
+        default="shards/demo",
+        help="the demo folder whose images are the default source (default shards/demo)",
     )
-    p.add_argument("--teacher-epochs", type=int, default=30)
-    p.add_argument("--student-model", default="resnet10t")
-    p.add_argument("--student-epochs", type=int, default=10)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--rounds", type=int, default=16)
+    p.add_argument(
+        "--image-size", type=int, default=64, help="size of the teacher's and the students' views (default 64)"
+    )
+    p.add_argument(
+        "--teacher-models",
+        default="resnet18",
+        help="timm model(s), comma-separated for an ensemble (mean of softmax) (default resnet18)",
+    )
+    p.add_argument("--teacher-epochs", type=int, default=30, help="epochs of each teacher member (default 30)")
+    p.add_argument("--student-model", default="resnet10t", help="timm model of both students (default resnet10t)")
+    p.add_argument("--student-epochs", type=int, default=10, help="epochs of each student run (default 10)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1], help="one student run of each arm per seed (default 0 1)"
+    )
+    p.add_argument("--rounds", type=int, default=16, help="augmentation rounds stored per image (default 16)")
     p.add_argument(
         "--recipe",
         default="rrc",
         help="the reinforced shards' recipe: a preset (rrc, rrc+mix, rrc+ra/re, rrc+ra/re+mix) or a recipe file; "
-        "the labels arm reads the folder with the same ops (no mixing: plain labels cannot label a mixture)",
+        "the labels arm reads the folder with the same ops (no mixing: plain labels cannot label a mixture) "
+        "(default rrc)",
     )
-    p.add_argument("--topk", type=int, default=3)
-    p.add_argument("--p", type=float, default=1.0, help="probability of a reinforced round (train.py --p)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--topk", type=int, default=3, help="teacher probabilities stored per round (default 3)")
+    p.add_argument(
+        "--p", type=float, default=1.0, help="probability of a reinforced round (train.py --p) (default 1.0)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of every training run (default 64)")
     p.add_argument("--workers", type=int, help="DataLoader workers of every step (default: the tools' own choice)")
     p.add_argument("--json", action="store_true", help="also print one JSON line per run and a summary line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     members = [m.strip() for m in args.teacher_models.split(",") if m.strip()]
     if not members:

@@ -71,3 +71,25 @@ def test_rounds_picture_is_enlarged_and_labelled(made, capsys, monkeypatch):
     tile = image[34 : 34 + 128, :128]
     assert (tile[::4, ::4] == tile[3::4, 3::4]).all()  # nearest: every 4x4 block is one pixel
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("to", ["file", "pipe"])
+def test_progress_off_a_terminal_is_a_line_per_shard(made, tmp_path, to):
+    import json
+    import subprocess
+
+    out, _ = made
+    shards = json.loads((out / "manifest.json").read_text())["shards"]
+    tool = Path(__file__).resolve().parents[2] / "tools" / "inspect_shards.py"
+    command = [sys.executable, str(tool), str(out), "--no-decode"]
+    if to == "file":
+        with open(tmp_path / "log", "w") as log:
+            assert subprocess.run(command, stdout=subprocess.DEVNULL, stderr=log).returncode == 0
+        err = (tmp_path / "log").read_bytes()
+    else:
+        err = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).stderr
+    assert b"\r" not in err  # bytes: text mode would read a carriage return as a newline
+    lines = err.decode().split("\n")[:-1]
+    assert len(lines) == len(shards) >= 2
+    for i, (line, shard) in enumerate(zip(lines, shards), 1):
+        assert line.startswith(f"verify: shard {i}/{len(shards)} done ({shard['name']}); ")

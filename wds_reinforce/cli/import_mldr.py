@@ -1,17 +1,19 @@
 r"""Import apple/ml-dr's released reinforcements (ImageNet+ and others) into reinforced webdataset shards.
 
 The paper's authors released their teacher's outputs and augmentation parameters (ImageNet+-RRC,
--RA/RE, -M*, -M*+R*: 400 rounds of top-10 from an IG-ResNeXt ensemble) as a .tar.gz with one
-pickle per image, keyed by the image's position in torchvision's ImageFolder order of the train
-split. This reads that archive as a stream (never extracted, never unpickled beyond plain
-values), pairs every file with its image, and writes a manifest that ReinforcedDataset and
-tools/train.py read, with self-contained shards (images copied in, sidecars beside them) for an
-ImageFolder, or a sidecar set (sidecars only, aligned with the input shards) for webdataset shards.
+-RA/RE, -M*, -M*+R*: 400 rounds of top-10 from an IG-ResNeXt ensemble) as a .tar.gz each
+(imagenet_plus_rrc.tar.gz, imagenet_plus_randaug.tar.gz, ...) with one pickle per image, keyed by
+the image's position in torchvision's ImageFolder order of the train split. This reads that archive
+as a stream (never extracted, never unpickled beyond plain values), pairs every file with its image,
+and writes a manifest that ReinforcedDataset and tools/train.py read, with self-contained shards
+(images copied in, sidecars beside them) for an ImageFolder, or a sidecar set (sidecars only,
+aligned with the input shards) for webdataset shards.
 
-    python tools/import_mldr.py --metadata rdata_randaug.tar.gz --images imagenet/train --out shards/in1k-ra-re
-    python tools/import_mldr.py --metadata rdata_randaug.tar.gz --images 'in1k/train-{0000..1023}.tar' \
-        --out sets/in1k-ra-re --group-rounds 50   # a sidecar set beside your shards: 8 groups of 50 rounds
-    python tools/import_mldr.py --metadata rdata_mixing.tar.gz --images imagenet/train --out shards/in1k-m \
+    python tools/import_mldr.py --metadata imagenet_plus_randaug.tar.gz --images imagenet/train \
+        --out shards/in1k-ra-re
+    python tools/import_mldr.py --metadata imagenet_plus_randaug.tar.gz --images 'in1k/train-{0000..1023}.tar' \
+        --out sets/in1k-ra-re --round-group 50   # a sidecar set beside your shards: 8 groups of 50 rounds
+    python tools/import_mldr.py --metadata imagenet_plus_mixing.tar.gz --images imagenet/train --out shards/in1k-m \
         --drop-mixing                     # +M* variants: keep only the rounds without a partner image
     torchrun --nproc_per_node=8 tools/import_mldr.py ...   # rank r makes shards j % world == r; rank 0 the manifest
 
@@ -67,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         "sidecar set beside them",
     )
     p.add_argument(
+        "--round-group",
         "--group-rounds",
+        dest="round_group",
         type=int,
+        metavar="G",
         help="for a sidecar set: rounds per round group, a divisor of the rounds kept (default all in one group); "
-        "an epoch reads one group's sidecars",
+        "an epoch reads one group's sidecars; --group-rounds is another name for it",
     )
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard for an ImageFolder (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the ImageFolder's shard order (default 0)")
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             spool=args.spool,
             progress=progress,
             copy_images=args.copy_images,
-            group_rounds=args.group_rounds,
+            group_rounds=args.round_group,
         )
     except (UsageError, DataError) as exc:
         return _fail(str(exc))

@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decode", action="store_true", help="skip decoding every image (faster)")
     p.add_argument("--grid", metavar="PNG", help="draw one sample's rounds with the stored top-3 into PNG, then stop")
     p.add_argument("--key", help="with --grid: the sample to draw (default: the first)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress report (a bar on a terminal, else a line per shard on stderr)",
+    )
     return p
 
 

@@ -97,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per opt
     )
     p.add_argument(
         "--round-group",
+        "--group-rounds",
+        dest="round_group",
         type=int,
-        help="with --sidecars-only: rounds per sidecar shard, of which an epoch reads one (default: all --rounds)",
+        metavar="G",
+        help="with --sidecars-only: rounds per sidecar shard, of which an epoch reads one (default: all --rounds); "
+        "--group-rounds is another name for it, as in import_mldr.py",
     )
     p.add_argument(
         "--add-teacher",

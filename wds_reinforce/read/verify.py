@@ -22,6 +22,7 @@ from wds_reinforce.core.augment.mixing import check_window, mix_row, window_crc
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError, DecodeError, FormatError
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, Sidecar, crc32c, decode_sidecar
+from wds_reinforce.core.progress import ShardProgress
 from wds_reinforce.core.schedule import WindowCutter, pairing_windows
 from wds_reinforce.io.shards import IMAGE_EXTS, HashingReader, ShardCut, image_member, samples
 from wds_reinforce.io.storage import dirname_url, open_url
@@ -206,7 +207,7 @@ def verify_shards(
         tolerance: largest allowed |stored - teacher| probability (fp16 storage and AMP differ a little).
         seed: picks the pairs.
         decode_images: decode every image (the slow part) to find undecodable ones.
-        progress: show a tqdm bar over samples.
+        progress: report progress on stderr: a bar on a terminal, a line per shard elsewhere.
     """
     url = manifest_url(location)
     manifest = read_manifest(url)
@@ -228,14 +229,13 @@ def verify_shards(
     picked: set[int] = set()
     if teacher is not None and total:
         picked = set(rng.choice(total, min(checks, total), replace=False).tolist())
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="sample", desc="verify")
+    units = layout.units(manifest, dirname_url(url))
+    bar = ShardProgress(total, len(units), desc="verify") if progress else None
     checker = _Checker(report, manifest, recipe, picked, rng, decode_images, bar)
-    for unit in layout.units(manifest, dirname_url(url)):
+    for unit in units:
         layout.verify(manifest, unit, checker)
+        if bar is not None:
+            bar.shard_done(unit.images.url.rsplit("/", 1)[-1])
     if bar is not None:
         bar.close()
     if teacher is not None and checker.chosen:
