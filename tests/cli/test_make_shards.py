@@ -70,12 +70,17 @@ def reference(source, tmp_path_factory):
         ({"--teacher": "keras:resnet"}, None, "unknown teacher kind 'keras'"),
         ({"--recipe": "no_such_recipe"}, None, "unknown recipe 'no_such_recipe'"),
         ({"--recipe": "{tmp}/missing.yaml"}, None, "does not exist"),
-        ({"--topk": "4"}, None, "expected topk <= the 3 classes, got 4"),
-        ({"--teacher-num-classes": "10"}, None, "expected a teacher with the source's 3 classes, got 10"),
+        ({"--topk": "4"}, None, "expected --topk <= the 3 classes, got 4"),
+        (
+            {"--teacher-num-classes": "10"},
+            None,
+            "expected a teacher with the source's 3 classes, got 10 (pass a --class-map from source classes",
+        ),
+        ({"--image-size": "0"}, None, "expected --image-size a positive int or (height, width), got 0"),
         ({"--out": "{tmp}/afile/out"}, None, "expected a writable output folder"),
-        ({"--rounds": "0"}, None, "expected rounds an integer >= 1, got 0"),
+        ({"--rounds": "0"}, None, "expected --rounds an integer >= 1, got 0"),
         ({"--teacher-checkpoint": "{tmp}/missing.pt"}, None, "expected a teacher checkpoint file"),
-        ({"--class-map": "{tmp}/missing.json"}, None, "expected class_map to be a JSON file"),
+        ({"--class-map": "{tmp}/missing.json"}, None, "expected --class-map to be a JSON file"),
         (
             {"--teacher-checkpoint": "{tmp}/text.pt"},
             None,
@@ -169,7 +174,7 @@ def test_bad_argument_in_a_subprocess_has_no_traceback(source, tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "make_shards.py: error: expected topk <= the 3 classes, got 9"
+    assert proc.stderr.strip().splitlines()[-1] == "make_shards.py: error: expected --topk <= the 3 classes, got 9"
     assert not out.exists()
 
 
@@ -365,6 +370,9 @@ def test_default_topk_fits_the_classes_and_help_says_the_thread_choice(source, t
     del argv[i : i + 2]
     assert cli.main(argv) == 0
     assert json.loads((out / "manifest.json").read_text())["topk"] == 3  # 3 classes, not the default 10
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "make_shards.py: note: keeping all 3 classes per round (the default --topk 10 is more than there are)"
+    )
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -375,8 +383,8 @@ def test_argument_errors_come_before_the_teacher_loads(source, tmp_path):
     """Cheap checks run before torch loads a model: fast, one line."""
     out = tmp_path / "out"
     for over, message in [
-        ({"--workers": "-1"}, "expected workers an integer >= 0, got -1"),
-        ({"--threads": "0"}, "expected threads an integer >= 1, got 0"),
+        ({"--workers": "-1"}, "expected --workers an integer >= 0, got -1"),
+        ({"--threads": "0"}, "expected --threads an integer >= 1, got 0"),
         ({"--source": str(tmp_path / "none.tar")}, "expected existing webdataset shard(s)"),
     ]:
         proc = subprocess.run(
@@ -396,3 +404,17 @@ def test_a_recipe_file_is_named_by_its_file(source, tmp_path):
     assert cli.main(cli_args(source, str(out), **{"--recipe": str(recipe)})) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["name"] == "mild.yaml" and manifest["recipe"]["ops"][0]["scale"] == [0.35, 1.0]
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"image_size": 0}, "expected image_size a positive int or (height, width), got 0"),
+        ({"topk": 4}, "expected topk <= the 3 classes, got 4"),
+        ({"teacher_num_classes": 10}, "(pass a class_map from source classes to teacher classes)"),
+    ],
+)
+def test_the_library_names_its_arguments_not_the_flags(source, tmp_path, over, match):
+    with pytest.raises(UsageError) as info:
+        prepare_job(str(source), TEACHER, str(tmp_path / "out"), **job_args(**over))
+    assert match in str(info.value) and "--" not in str(info.value)

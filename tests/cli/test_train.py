@@ -81,15 +81,18 @@ def test_train_runs_and_reports(data, targets):
     assert any(k.endswith("weight") for k in saved["state_dict"])
 
 
-def test_train_missing_data_is_a_one_line_error(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "train.py"), "--data", str(tmp_path / "none"), "--val", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        ("labels", "an ImageFolder directory, a webdataset .tar pattern or reinforced shards"),
+        ("reinforced", "reinforced shards (a folder holding manifest.json, or the manifest)"),
+    ],
+)
+def test_train_missing_data_names_the_flag_and_what_it_reads(tmp_path, targets, expected):
+    missing = str(tmp_path / "none")
+    out = _train("--data", missing, "--val", str(tmp_path), "--targets", targets, check=False)
     assert out.returncode == 2
-    assert out.stderr.startswith("train.py: error: cannot read") and "Traceback" not in out.stderr
+    assert out.stderr.strip() == f"train.py: error: expected --data {expected}, got {missing!r} (not found)"
 
 
 def test_train_bad_recipe_is_a_one_line_error(data):

@@ -238,6 +238,39 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
         ReinforcedDataset(str(tmp_path / "shard-{000000..000001}.tar"))
 
 
+@pytest.mark.parametrize("given", ["missing/dir", "missingdir", "missing/dir/"])
+def test_missing_source_names_the_path_given(tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        ReinforcedDataset(given)
+    assert f"got {given!r}, which does not exist" in str(info.value)
+    assert "folder or URL prefix holding manifest.json" in str(info.value)
+
+
+class _NotFoundHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_shards_without_a_manifest_say_one_is_needed(monkeypatch):
+    monkeypatch.setenv("WDS_REINFORCE_RETRIES", "0")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFoundHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(FileNotFoundError) as info:
+            ReinforcedDataset(f"{root}/x.tar")
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(info.value)
+    assert f"got '{root}/x.tar'" in message and f"cannot read {root}/manifest.json" in message
+    assert "manifest.json beside them (else pass manifest=)" in message
+
+
 def assert_same_as_local(made, url_pattern, manifest_url):
     local = collect(ReinforcedDataset(made.pattern, epoch=2, keys=META))
     for source in (url_pattern, manifest_url):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import sys
 from typing import Any
 
@@ -162,7 +163,9 @@ def _add_teacher(args: argparse.Namespace, options: dict[str, Any]) -> int:
             pretrained=bool(options.get("pretrained")),
             progress=not args.no_progress,
         )
-    except (UsageError, DataError) as exc:  # DataError: e.g. an image shard changed since the set was made
+    except UsageError as exc:
+        return _fail(_as_flags(str(exc)))
+    except DataError as exc:  # e.g. an image shard changed since the set was made
         return _fail(str(exc))
     names = [t.name for t in manifest.teacher_sets]
     print(f"{options['out']}: teacher sets {names} beside the manifest's own teacher (use teacher=k or 'mean')")
@@ -174,13 +177,29 @@ def _fail(message: str) -> int:
     return 2
 
 
+# The library's errors name its arguments (topk, class_map); this command's name the flags that set them.
+_IDENTIFIERS = ("topk", "class_map", "image_size", "round_group", "shard_size", "batch_size", "teacher_num_classes")
+_WORDS = ("rounds", "workers", "threads", "seed", "split")  # English too: flags only as "expected NAME", "NAME="
+_FLAG_OF = {name: "--" + name.replace("_", "-") for name in _IDENTIFIERS + _WORDS}
+_ARGUMENT = re.compile(
+    r"(?<![\w'\"/.-])(?:(?P<id>{})|(?<=expected )(?P<word>{})(?= )|(?P<set>{})(?==))(?![\w'\"/.-])".format(
+        "|".join(_IDENTIFIERS), "|".join(_WORDS), "|".join(_WORDS)
+    )
+)
+
+
+def _as_flags(message: str) -> str:
+    """A library error in this command's words: each argument it names becomes its flag."""
+    return _ARGUMENT.sub(lambda m: _FLAG_OF[m.group(m.lastgroup)], message)
+
+
 def _cheap_checks(options: dict[str, Any]) -> str | None:
     """A complaint about an argument that needs no torch, or None (the producer checks the rest)."""
     numbers = (("rounds", 1), ("topk", 1), ("shard_size", 1), ("batch_size", 1), ("workers", 0), ("threads", 1))
     try:
         for name, minimum in numbers:
             if options.get(name) is not None:
-                check_int(name, options[name], minimum)
+                check_int(_FLAG_OF[name], options[name], minimum)
     except UsageError as exc:
         return str(exc)
     source = options.get("source")
@@ -312,7 +331,7 @@ def _make(options: dict[str, Any], threads: int, progress: bool) -> int:
     """Check the options, run the job, print its summary (Ctrl-C: what was kept)."""
     import torch
 
-    from wds_reinforce.produce.make import prepare_job, prepare_sidecar_job
+    from wds_reinforce.produce.make import DEFAULT_TOPK, prepare_job, prepare_sidecar_job
 
     torch.set_num_threads(threads)
     job = None
@@ -331,7 +350,13 @@ def _make(options: dict[str, Any], threads: int, progress: bool) -> int:
             else:
                 job = prepare_job(progress=progress, **options)
         except UsageError as exc:
-            return _fail(str(exc))
+            return _fail(_as_flags(str(exc)))
+        if options.get("topk") is None and job.topk < DEFAULT_TOPK:
+            print(
+                f"make_shards.py: note: keeping all {job.topk} classes per round (the default --topk "
+                f"{DEFAULT_TOPK} is more than there are)",
+                file=sys.stderr,
+            )
         summary = job.run()
     except DataError as exc:  # e.g. an image shard changed since a sidecar set was made from it
         return _fail(str(exc))

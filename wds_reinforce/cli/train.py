@@ -132,6 +132,13 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return problem
     if args.val and "://" not in args.val and not os.path.isdir(args.val) and not _tar_matches(args.val):
         return f"expected --val an ImageFolder directory or webdataset .tar pattern, got {args.val!r} (not found)"
+    if _missing_locally(args.data):
+        what = (
+            "an ImageFolder directory, a webdataset .tar pattern or reinforced shards"
+            if args.targets == "labels"
+            else "reinforced shards (a folder holding manifest.json, or the manifest)"
+        )
+        return f"expected --data {what}, got {args.data!r} (not found)"
     kind = data_kind(args.data)
     if kind != "reinforced" and args.targets == "reinforced":
         what = "an ImageFolder" if kind == "folder" else "plain webdataset shards"
@@ -142,6 +149,13 @@ def _check_args(args: argparse.Namespace) -> str | None:
     if kind == "reinforced" and args.image_size is not None:
         return "expected no --image-size with reinforced shards (they are replayed at the size they were made at)"
     return None
+
+
+def _missing_locally(spec: str) -> bool:
+    """A local --data that names nothing there: no folder, no manifest file, no matching .tar."""
+    if "://" in spec or os.path.exists(spec):
+        return False
+    return spec.endswith(".json") or not _tar_matches(spec)
 
 
 def _tar_matches(spec: str) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from wds_reinforce.core.augment import Recipe
+from wds_reinforce.core.augment.ops import check_size
 from wds_reinforce.core.errors import UsageError, check_int, check_split
 from wds_reinforce.core.threads import default_workers
 from wds_reinforce.io.outputs import Output
@@ -29,7 +30,9 @@ from wds_reinforce.produce.sources import Source, WebDatasetSource, open_source
 from wds_reinforce.produce.teacher import Teacher, load_teacher, parse_teacher_spec
 from wds_reinforce.produce.teacher_job import ProducerSummary
 
-__all__ = ["checked_teacher", "prepare_job", "prepare_sidecar_job", "make_shards"]
+__all__ = ["DEFAULT_TOPK", "checked_teacher", "prepare_job", "prepare_sidecar_job", "make_shards"]
+
+DEFAULT_TOPK = 10  # teacher classes kept per round when topk is not given (at most the classes)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class _Settings:
     """
 
     rounds: int
-    topk: int | None  # None: up to 10, at most the classes
+    topk: int | None  # None: DEFAULT_TOPK, at most the classes
     batch_size: int
     workers: int
     seed: int
@@ -85,6 +88,11 @@ class _Settings:
         topk = None if topk is None else check_int("topk", topk)
         workers = default_workers() if workers is None else check_int("workers", workers, 0)  # None: half the cores
         check_split(split)
+        if image_size is not None:
+            try:
+                check_size(image_size)
+            except ValueError:
+                raise UsageError(f"expected image_size a positive int or (height, width), got {image_size!r}") from None
         rank, world = dist_env()
         source = check_source()
         try:
@@ -223,7 +231,7 @@ def prepare_job(
     shard_size = check_int("shard_size", shard_size)
     checked, src = _Settings.check(lambda: _open_source(source), teacher, out, **settings)
     class_names, cmap = _class_names(src, checked.teacher, class_map)
-    k = min(10, len(class_names)) if checked.topk is None else checked.topk
+    k = min(DEFAULT_TOPK, len(class_names)) if checked.topk is None else checked.topk
     if k > len(class_names):
         raise UsageError(f"expected topk <= the {len(class_names)} classes, got {k}")
     checked.output.check_writable()
@@ -269,7 +277,7 @@ def prepare_sidecar_job(
         raise UsageError(f"expected round_group a positive divisor of rounds={rounds}, got {group!r}")
     checked, urls = _Settings.check(lambda: image_shard_urls(source), teacher, out, **settings)
     classes = checked.teacher.num_classes
-    k = min(10, classes) if checked.topk is None else checked.topk
+    k = min(DEFAULT_TOPK, classes) if checked.topk is None else checked.topk
     if not 1 <= k <= classes:
         raise UsageError(f"expected topk in [1, {classes}] (the teacher's classes), got {k!r}")
     checked.output.check_writable()

@@ -71,8 +71,25 @@ def _resolve_manifest(
         where = join_url(dirname_url(urls[0]), MANIFEST_NAME)
     if isinstance(manifest, Manifest):
         return urls, manifest, where
-    where = manifest or where
-    return urls, read_manifest(where), where
+    if manifest:
+        return urls, read_manifest(manifest), manifest
+    try:
+        return urls, read_manifest(where), where
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(_no_manifest(source, urls, exc)) from None
+
+
+def _no_manifest(source: str | Sequence[str], urls: list[str] | None, exc: OSError) -> str:
+    """What was given and what is expected, for a source whose manifest cannot be read."""
+    given = source if isinstance(source, str) else (urls or [""])[0]
+    expected = (
+        "expected a folder or URL prefix holding manifest.json, a manifest .json, "
+        "or shards with manifest.json beside them (else pass manifest=)"
+    )
+    local = "://" not in given and not given.startswith("file:")
+    if local and not any(os.path.exists(u) for u in (urls or [given])):
+        return f"{expected}, got {given!r}, which does not exist ({exc})"
+    return f"{expected}, got {given!r}: {exc}"
 
 
 # What reading a missing, cut or damaged shard raises besides DataError (tario's tarfile errors,
