@@ -45,7 +45,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)".lstrip()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per option, nothing else
     p = argparse.ArgumentParser(prog=_PROG, description=__doc__, formatter_class=_Formatter)
     p.add_argument(
         "--data",
