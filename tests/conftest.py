@@ -33,6 +33,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Requests to 127.0.0.1 go straight there (no proxy), and no rank settings leak in."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def moto_server():
     """A real S3-compatible server (moto) on 127.0.0.1 for the whole session; yields its URL."""

@@ -45,12 +45,7 @@ def made(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("shards"), rounds=R)
 
 
-@pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch):
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("loopback_only")
 
 
 def collect(ds) -> list[tuple]:

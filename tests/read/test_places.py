@@ -34,12 +34,7 @@ def unbound(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("unbound"), rounds=R, record_pixels=False, bound=False)
 
 
-@pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch):
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.setenv(name, "127.0.0.1,localhost")
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("loopback_only")
 
 
 def _members(path: Path) -> list[tuple[str, bytes]]:
