@@ -139,3 +139,29 @@ def test_a_sidecar_set_manifest_must_fit_its_layout(change, message):
 def test_a_unit_without_groups_reads_its_shard_alone():
     unit = Unit(Part("a.tar"))
     assert unit.sidecars(0) == () and unit.samples is None
+
+
+@pytest.mark.parametrize("given", ["missing/dir", "missingdir", "missing/dir/"])
+def test_every_reader_of_a_set_names_the_location_given(tmp_path, monkeypatch, given):
+    """verify, the rounds picture, train.py's --recipe SHARDS and load_manifest all say the path as typed."""
+    from wds_reinforce.cli.training import resolve_recipe
+    from wds_reinforce.layouts import load_manifest
+    from wds_reinforce.read.picture import draw_rounds
+    from wds_reinforce.read.verify import verify_shards
+
+    monkeypatch.chdir(tmp_path)
+    for read in (
+        load_manifest,
+        verify_shards,
+        lambda where: draw_rounds(where, str(tmp_path / "x.png")),
+    ):
+        with pytest.raises(FileNotFoundError) as info:
+            read(given)
+        assert str(info.value) == (
+            f"expected a folder or URL prefix holding manifest.json, or a manifest .json, got {given!r}, "
+            "which does not exist"
+        )
+    with pytest.raises(
+        FileNotFoundError, match=f"expected --recipe a preset .*got {given!r}: no such preset, file or folder$"
+    ):
+        resolve_recipe(given, None, None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -46,6 +47,8 @@ __all__ = [
     "manifest_url",
     "parse_manifest",
     "read_manifest",
+    "load_manifest",
+    "no_manifest",
     "shard_urls",
     "read_unit",
     "group_dir",
@@ -81,6 +84,29 @@ def read_manifest(url: str) -> Manifest:
     if not data:
         raise FileNotFoundError(f"cannot read {url}: empty response")
     return parse_manifest(data, url)
+
+
+def load_manifest(location: str) -> tuple[str, Manifest]:
+    """(its URL, the manifest) of the set at ``location``: a folder, URL prefix or manifest .json.
+
+    Raises:
+        FileNotFoundError: no manifest there; the message names ``location`` as given and what is expected.
+    """
+    url = manifest_url(location)
+    try:
+        return url, read_manifest(url)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(no_manifest(location, None, exc)) from None
+
+
+def no_manifest(given: str | Sequence[str], urls: Sequence[str] | None, exc: OSError, expected: str = "") -> str:
+    """What was given and what is expected (``expected``, or a folder/URL/.json), for a set without a manifest."""
+    given = given if isinstance(given, str) else (list(urls or []) or [""])[0]
+    expected = expected or "expected a folder or URL prefix holding manifest.json, or a manifest .json"
+    local = "://" not in given and not given.startswith("file:")
+    if local and not any(os.path.exists(u) for u in (urls or [given])):
+        return f"{expected}, got {given!r}, which does not exist"
+    return f"{expected}, got {given!r}: {exc}"
 
 
 def shard_urls(manifest_location: str, manifest: Manifest) -> list[str]:

@@ -116,7 +116,7 @@ def test_killed_producer_leaves_no_worker(tmp_path):
 def test_a_worker_says_nothing_when_the_producer_hangs_up_mid_transfer():
     """Ctrl-C while the producer takes a batch: the worker's resource-sharer thread reports the
     broken connection through sys.excepthook; a producer worker drops exactly that report."""
-    code = r'''
+    code = r"""
 import multiprocessing.resource_sharer as rs, sys
 from wds_reinforce.produce.workers import _quiet_hang_ups
 
@@ -133,7 +133,7 @@ there["serve"](EOFError("peer went away"))
 there["serve"](BrokenPipeError("peer went away"))
 there["serve"](ValueError("a real bug in the serve loop"))
 here["serve"](EOFError("an EOFError anywhere else"))
-'''
+"""
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert "peer went away" not in err
     assert "ValueError: a real bug in the serve loop" in err and "EOFError: an EOFError anywhere else" in err

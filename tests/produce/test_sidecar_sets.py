@@ -143,7 +143,7 @@ def test_adding_rounds_writes_only_new_groups(images, tmp_path):
     manifest = Manifest.from_json((out / "manifest.json").read_text())
     assert manifest.rounds == 16 and len(manifest.round_groups) == 4
     seen = defaultdict(set)
-    for (key, r) in _rows(str(out), range(16)):
+    for key, r in _rows(str(out), range(16)):
         seen[key].add(r)
     assert all(v == set(range(16)) for v in seen.values()) and len(seen) == 9
     with pytest.raises(OtherJobError, match=r"another job \(group_rounds 2 \(the output has 4\)\)"):

@@ -229,7 +229,10 @@ def test_sources_resolve_to_the_same_samples(made):
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cannot read .*manifest.json"):
+    with pytest.raises(FileNotFoundError, match="shard-{000000..000001}.tar', which does not exist$"):
+        ReinforcedDataset(str(tmp_path / "shard-{000000..000001}.tar"))
+    (tmp_path / "shard-000000.tar").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="manifest.json beside them .*: cannot read .*manifest.json"):
         ReinforcedDataset(str(tmp_path / "shard-{000000..000001}.tar"))
 
 

@@ -119,7 +119,10 @@ def test_inspect_cli_exit_status(made, tmp_path):
     bad = _inspect(str(made.root), "--no-progress")
     assert bad.returncode == 1 and "FAIL shard-000000.tar" in bad.stdout
     missing = _inspect(str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and missing.stderr.startswith("inspect_shards.py: error: cannot read")
+    assert missing.returncode == 2 and missing.stderr.startswith(
+        "inspect_shards.py: error: expected a folder or URL prefix holding manifest.json"
+    )
+    assert "nothing', which does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
 
 

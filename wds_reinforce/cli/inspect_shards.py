@@ -58,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_teacher(args: argparse.Namespace):
     """The teacher to recheck with, refused (ValueError) when its weights are not the shards' teacher's."""
-    from wds_reinforce.layouts import manifest_url, read_manifest
+    from wds_reinforce.layouts import load_manifest
     from wds_reinforce.produce.teacher import Teacher
 
-    stored = read_manifest(manifest_url(args.location)).teacher.get("members", [])
+    stored = load_manifest(args.location)[1].teacher.get("members", [])
     members = args.teacher or [f"{m.get('kind', 'timm')}:{m.get('name')}" for m in stored]
     teacher = Teacher(members, args.teacher_checkpoint, device=args.device)
     if stored and len(teacher.members) != len(stored):

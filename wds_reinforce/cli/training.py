@@ -24,14 +24,14 @@ import torch
 import torch.distributed as dist
 import torch.utils.data
 
-from wds_reinforce.core.augment import Recipe, normalize, replay
+from wds_reinforce.core.augment import RECIPES, Recipe, normalize, replay
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError
 from wds_reinforce.core.format import Manifest
 from wds_reinforce.core.progress import StepProgress
 from wds_reinforce.core.targets import soft_cross_entropy
 from wds_reinforce.core.threads import default_threads, default_workers
-from wds_reinforce.layouts import layout_of, manifest_url, read_manifest
+from wds_reinforce.layouts import layout_of, load_manifest
 from wds_reinforce.produce.sources import Source, open_source
 from wds_reinforce.read.dataset import ReinforcedDataset
 
@@ -110,8 +110,13 @@ def recipe_label(recipe: Any) -> str:
 
 def resolve_recipe(spec: str | None, size: int | None, default_size: tuple[int, int] | None) -> Any:
     """A recipe from a preset, a file, or reinforced shards (theirs), at ``size`` if given."""
+    if spec is not None and _names_nothing(spec):
+        raise FileNotFoundError(
+            f"expected --recipe a preset ({', '.join(RECIPES.names())}), a YAML/JSON recipe file or reinforced "
+            f"shards (a folder or URL holding manifest.json), got {spec!r}: no such preset, file or folder"
+        )
     if spec is not None and _names_shards(spec):
-        recipe = Recipe.from_dict(read_manifest(manifest_url(spec)).recipe)
+        recipe = Recipe.from_dict(load_manifest(spec)[1].recipe)
         recipe.name = f"{recipe.name} (from {spec})"
         return Recipe.from_spec(recipe, size=size) if size else recipe
     return Recipe.from_spec(spec or "rrc", size=size or default_size)
@@ -177,8 +182,13 @@ def _collate(batch: list[Any]) -> Any:
 
 
 def _names_shards(spec: str) -> bool:
-    """Whether a --recipe spec names reinforced shards (a URL, or a folder holding a manifest)."""
-    return "://" in spec or os.path.isfile(os.path.join(spec, "manifest.json"))
+    """Whether a --recipe spec names reinforced shards (a URL, a manifest, or a folder holding one)."""
+    return "://" in spec or os.path.basename(spec) == "manifest.json" or os.path.isdir(spec)
+
+
+def _names_nothing(spec: str) -> bool:
+    """Whether a --recipe spec is no preset and no URL, and names no file or folder here."""
+    return spec not in RECIPES and "://" not in spec and not os.path.exists(spec)
 
 
 # ----------------------------------------------------------------------------------------
@@ -221,7 +231,7 @@ def load_data(args: argparse.Namespace, kind: str) -> TrainData:
     """
     reinforced = args.targets == "reinforced"
     if kind == "reinforced":
-        manifest = read_manifest(manifest_url(args.data))
+        manifest = load_manifest(args.data)[1]
         recipe = Recipe.from_dict(manifest.recipe)
         # Labels arm: fresh augmentations (p=0 never uses a stored round).
         fresh = resolve_recipe(args.recipe, None, recipe.size) if args.recipe else recipe

@@ -31,7 +31,16 @@ from wds_reinforce.core.errors import DataError, FormatError, SampleError, Usage
 from wds_reinforce.core.format import Manifest
 from wds_reinforce.core.schedule import SharedEpoch
 from wds_reinforce.io.storage import check_settings, dirname_url, join_url
-from wds_reinforce.layouts import MANIFEST_NAME, Layout, Unit, layout_of, manifest_url, read_manifest, read_unit
+from wds_reinforce.layouts import (
+    MANIFEST_NAME,
+    Layout,
+    Unit,
+    layout_of,
+    manifest_url,
+    no_manifest,
+    read_manifest,
+    read_unit,
+)
 from wds_reinforce.read.loader import LoaderOptions, ReplayPlan, reinforce
 from wds_reinforce.read.places import ShardTally
 
@@ -58,6 +67,12 @@ def _resolve(
     return units, found, layout
 
 
+_EXPECTED = (
+    "expected a folder or URL prefix holding manifest.json, a manifest .json, "
+    "or shards with manifest.json beside them (else pass manifest=)"
+)
+
+
 def _resolve_manifest(
     source: str | Sequence[str], manifest: Manifest | str | None
 ) -> tuple[list[str] | None, Manifest, str]:
@@ -76,20 +91,7 @@ def _resolve_manifest(
     try:
         return urls, read_manifest(where), where
     except FileNotFoundError as exc:
-        raise FileNotFoundError(_no_manifest(source, urls, exc)) from None
-
-
-def _no_manifest(source: str | Sequence[str], urls: list[str] | None, exc: OSError) -> str:
-    """What was given and what is expected, for a source whose manifest cannot be read."""
-    given = source if isinstance(source, str) else (urls or [""])[0]
-    expected = (
-        "expected a folder or URL prefix holding manifest.json, a manifest .json, "
-        "or shards with manifest.json beside them (else pass manifest=)"
-    )
-    local = "://" not in given and not given.startswith("file:")
-    if local and not any(os.path.exists(u) for u in (urls or [given])):
-        return f"{expected}, got {given!r}, which does not exist ({exc})"
-    return f"{expected}, got {given!r}: {exc}"
+        raise FileNotFoundError(no_manifest(source, urls, exc, _EXPECTED)) from None
 
 
 # What reading a missing, cut or damaged shard raises besides DataError (tario's tarfile errors,

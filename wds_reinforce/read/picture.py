@@ -21,7 +21,7 @@ from wds_reinforce.core.format import SIDECAR_EXT, Manifest, Sidecar, decode_sid
 from wds_reinforce.core.schedule import pairing_windows
 from wds_reinforce.io.shards import image_bytes, image_member
 from wds_reinforce.io.storage import dirname_url
-from wds_reinforce.layouts import layout_of, manifest_url, read_manifest, read_unit
+from wds_reinforce.layouts import layout_of, load_manifest, read_unit
 from wds_reinforce.read.verify import partner_view
 
 __all__ = ["draw_rounds"]
@@ -180,8 +180,7 @@ def draw_rounds(location: str, out: str, key: str | None = None, max_rounds: int
         max_rounds: draw at most this many rounds.
         columns: tiles per row.
     """
-    url = manifest_url(location)
-    manifest = read_manifest(url)
+    url, manifest = load_manifest(location)
     recipe = Recipe.from_dict(manifest.recipe)
     width = recipe.pairing_window
     (key, members, sidecar), window = _find_sample(url, manifest, key, max_rounds, width)

@@ -26,7 +26,7 @@ from wds_reinforce.core.progress import ShardProgress
 from wds_reinforce.core.schedule import WindowCutter, pairing_windows
 from wds_reinforce.io.shards import IMAGE_EXTS, HashingReader, ShardCut, image_member, samples
 from wds_reinforce.io.storage import dirname_url, open_url
-from wds_reinforce.layouts import Part, layout_of, manifest_url, read_manifest
+from wds_reinforce.layouts import Part, layout_of, load_manifest
 
 __all__ = ["Problem", "VerifyReport", "verify_shards", "teacher_view", "partner_view"]
 
@@ -209,8 +209,7 @@ def verify_shards(
         decode_images: decode every image (the slow part) to find undecodable ones.
         progress: report progress on stderr: a bar on a terminal, a line per shard elsewhere.
     """
-    url = manifest_url(location)
-    manifest = read_manifest(url)
+    url, manifest = load_manifest(location)
     recipe = Recipe.from_dict(manifest.recipe)
     fingerprint = bytes.fromhex(manifest.fingerprint)
     report = VerifyReport()
