@@ -227,12 +227,19 @@ def test_recipe_from_file(tmp_path, suffix):
     [
         (
             lambda: Recipe.from_spec("rrc+mixup"),
-            r"unknown recipe 'rrc\+mixup'; expected one of: center, rrc, rrc\+mix, rrc\+ra/re, rrc\+ra/re\+mix",
+            r"unknown recipe 'rrc\+mixup'; expected one of: center, cifar100\+, flowers102\+, food101\+, rrc, "
+            r"rrc\+mix, rrc\+ra/re, rrc\+ra/re\+mix",
         ),
         (lambda: Recipe.from_spec("missing.yaml"), "recipe file 'missing.yaml' does not exist"),
-        (lambda: Recipe([{"op": "warp"}]), "unknown op 'warp'; expected one of: center, flip, ra, re, rrc"),
-        (lambda: Recipe([{"op": "flip"}]), r"expected the first op to be one of \['center', 'rrc'\]"),
-        (lambda: Recipe([{"op": "rrc"}, {"op": "center"}]), "expected exactly one geometry op"),
+        (
+            lambda: Recipe([{"op": "warp"}]),
+            "unknown op 'warp'; expected one of: center, center_crop, flip, ra, random_crop, re, resize, rrc",
+        ),
+        (
+            lambda: Recipe([{"op": "flip"}]),
+            r"expected the first op to be one of \['center', 'center_crop', 'random_crop', 'resize', 'rrc'\]",
+        ),
+        (lambda: Recipe([{"op": "rrc"}, {"op": "flip"}, {"op": "center"}]), "expected the geometry ops first"),
         (lambda: Recipe([{"op": "rrc"}, {"op": "flip"}, {"op": "flip"}]), "expected each op at most once"),
         (
             lambda: Recipe([{"op": "rrc", "scale": [0.5, 0.1]}]),
@@ -280,7 +287,16 @@ def test_decompression_bomb_is_bad_data(monkeypatch):
 
 
 def test_presets_are_listed():
-    assert RECIPES.names() == ["center", "rrc", "rrc+mix", "rrc+ra/re", "rrc+ra/re+mix"]
+    assert RECIPES.names() == [
+        "center",
+        "cifar100+",
+        "flowers102+",
+        "food101+",
+        "rrc",
+        "rrc+mix",
+        "rrc+ra/re",
+        "rrc+ra/re+mix",
+    ]
     with pytest.raises(ValueError, match="already registered"):
         RECIPES.register("rrc", {})
 

@@ -171,7 +171,7 @@ def _spec_table() -> dict[str, tuple[str, str]]:
 def test_columns_are_the_spec_s():
     """Every column a reader knows has the codec and row width that docs/FORMAT.md gives it."""
     spec = _spec_table()
-    assert sorted(spec) == COLUMNS.names() == ["flip", "mixb", "mixl", "mixp", "ra", "re", "rrc"]
+    assert sorted(spec) == COLUMNS.names() == ["flip", "mixb", "mixl", "mixp", "ra", "random_crop", "re", "rrc"]
     for name, (codec, fields) in spec.items():
         col = COLUMNS.get(name)
         assert col.codec == codec, name
@@ -185,7 +185,7 @@ def test_a_fresh_reader_knows_every_column():
     """format.COLUMNS declares every column: importing the format alone brings them all, no op needed."""
     code = "from wds_reinforce.core.format import COLUMNS; print(' '.join(COLUMNS.names()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["flip", "mixb", "mixl", "mixp", "ra", "re", "rrc"]
+    assert out.split() == ["flip", "mixb", "mixl", "mixp", "ra", "random_crop", "re", "rrc"]
 
 
 def test_the_worked_example_of_the_spec():

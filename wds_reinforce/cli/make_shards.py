@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per opt
     p.add_argument("--class-map", help="JSON {source class name: teacher class id}, for a teacher with other classes")
     p.add_argument(
         "--recipe",
-        help="preset (rrc, rrc+mix, rrc+ra/re, rrc+ra/re+mix, center; +mix: MixUp/CutMix within windows of 16 "
-        "samples of a shard, the teacher labels the mixture) or a YAML/JSON recipe file (default rrc)",
+        help="preset (rrc, rrc+mix, rrc+ra/re, rrc+ra/re+mix, center, cifar100+, flowers102+, food101+; +mix: "
+        "MixUp/CutMix within windows of 16 samples of a shard, the teacher labels the mixture) or a YAML/JSON "
+        "recipe file (default rrc)",
     )
     p.add_argument("--image-size", type=int, help="output size of the recipe (overrides the recipe's)")
     p.add_argument("--decode", choices=["full", "reduced"], help="decode mode (overrides the recipe's)")

@@ -1,10 +1,12 @@
 """Augmentations: ops, kernel sets, mixing, recipes and the one ``replay`` both sides call.
 
-``ops`` (sample parameters, check them, apply them), ``randaugment`` (its op table), ``kernels``
+``ops`` (sample parameters, check them, apply them), ``crops`` (resize, random_crop,
+center_crop), ``randaugment`` (its op table), ``kernels``
 (the pixel code behind the ops, one set per version), ``mixing`` (MixUp/CutMix within pairing
 windows) and ``recipe`` (ops in order, presets, ``replay``).
 """
 
+from wds_reinforce.core.augment.crops import PlainCenterCrop, RandomCrop, Resize
 from wds_reinforce.core.augment.kernels import CURRENT_KERNELS, KERNELS, LEGACY_KERNELS, Kernels
 from wds_reinforce.core.augment.mixing import Mixing
 from wds_reinforce.core.augment.ops import (
@@ -19,7 +21,17 @@ from wds_reinforce.core.augment.ops import (
     register_op,
 )
 from wds_reinforce.core.augment.randaugment import RANDAUGMENT_SPACE
-from wds_reinforce.core.augment.recipe import IMAGENET_MEAN, IMAGENET_STD, RECIPES, Recipe, normalize, replay, round_rng
+from wds_reinforce.core.augment.recipe import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RECIPES,
+    Recipe,
+    normalize,
+    replay,
+    round_rng,
+)
 
 __all__ = [
     "OPS",
@@ -34,6 +46,9 @@ __all__ = [
     "register_op",
     "RandomResizedCrop",
     "CenterCrop",
+    "Resize",
+    "RandomCrop",
+    "PlainCenterCrop",
     "HorizontalFlip",
     "RandAugment",
     "RandomErasing",
@@ -44,4 +59,6 @@ __all__ = [
     "normalize",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
 ]

@@ -16,7 +16,8 @@ kernel is a new set, so shards made with an old one keep replaying it bit for bi
   rounding ties; Translate is an exact whole-pixel shift. Resizing: OpenCV's bilinear
   (nearest, bicubic) where no antialiasing is asked or none is needed (an upscale), and
   torchvision's antialiased kernel on channels-last memory for a downscale with
-  ``antialias: true``. Erasing and flipping move pixels only.
+  ``antialias: true``. Erasing, flipping, padding and cropping move pixels only (padding:
+  OpenCV's borders for torchvision's four modes), so they equal set 1.
 
 Both sets decode JPEGs the same way (libjpeg-turbo through simplejpeg, accurate DCT and fancy
 upsampling: the fastest decoder measured that does both) and take and return uint8 (3, H, W)
@@ -38,10 +39,21 @@ from torchvision.transforms.v2 import functional as TF
 from wds_reinforce.core.augment.randaugment import fast_randaugment_op, randaugment_op
 from wds_reinforce.core.registry import Registry
 
-__all__ = ["KERNELS", "LEGACY_KERNELS", "CURRENT_KERNELS", "Kernels", "TorchKernels", "FastKernels", "kernel_set"]
+__all__ = [
+    "KERNELS",
+    "LEGACY_KERNELS",
+    "CURRENT_KERNELS",
+    "PADDING_MODES",
+    "Kernels",
+    "TorchKernels",
+    "FastKernels",
+    "kernel_set",
+    "resized_size",
+]
 
 Size = tuple[int, int]  # (height, width)
 Box = tuple[int, int, int, int]  # (top, left, height, width)
+Sides = tuple[int, int, int, int]  # padding (left, top, right, bottom), torchvision's order
 
 KERNELS: Registry[Kernels] = Registry("kernel set")
 LEGACY_KERNELS = 1  # recipes recorded without a ``kernels`` field
@@ -53,6 +65,15 @@ _TV_MODES = {
     "bicubic": InterpolationMode.BICUBIC,
 }
 _CV_MODES = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+# torchvision's padding modes and OpenCV's borders that copy the same pixels: "reflect" leaves
+# out the edge pixel (OpenCV's REFLECT_101), "symmetric" repeats it (OpenCV's REFLECT).
+_CV_BORDERS = {
+    "constant": cv2.BORDER_CONSTANT,
+    "edge": cv2.BORDER_REPLICATE,
+    "reflect": cv2.BORDER_REFLECT_101,
+    "symmetric": cv2.BORDER_REFLECT,
+}
+PADDING_MODES = tuple(_CV_BORDERS)
 
 
 class Kernels:
@@ -78,10 +99,22 @@ class Kernels:
         raise NotImplementedError
 
     def center_crop(self, img: torch.Tensor, size: Size) -> torch.Tensor:
-        """torchvision's center crop of an image at least ``size`` large (no padding)."""
+        """torchvision's center crop: a smaller image is first padded with zeros, as it pads."""
         height, width = img.shape[-2:]
+        if size[0] > height or size[1] > width:
+            dh, dw = max(size[0] - height, 0), max(size[1] - width, 0)
+            img = self.pad(img, (dw // 2, dh // 2, (dw + 1) // 2, (dh + 1) // 2), [0], "constant")
+            height, width = img.shape[-2:]
         top, left = int(round((height - size[0]) / 2.0)), int(round((width - size[1]) / 2.0))
         return img[..., top : top + size[0], left : left + size[1]]
+
+    def pad(self, img: torch.Tensor, sides: Sides, fill: Sequence[int], mode: str) -> torch.Tensor:
+        """torchvision's ``pad`` by (left, top, right, bottom); ``fill`` (1 or 3 values) for mode ``constant``."""
+        raise NotImplementedError
+
+    def crop(self, img: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        """The (top, left, height, width) box of an image that holds it."""
+        return img[..., top : top + height, left : left + width]
 
     def hflip(self, img: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -115,6 +148,14 @@ class TorchKernels(Kernels):
 
     def center_crop(self, img: torch.Tensor, size: Size) -> torch.Tensor:
         return TF.center_crop(img, list(size))
+
+    def pad(self, img: torch.Tensor, sides: Sides, fill: Sequence[int], mode: str) -> torch.Tensor:
+        # The fill matters only to "constant" (torchvision refuses a per-channel one with another mode).
+        value = 0 if mode != "constant" else fill[0] if len(fill) == 1 else [float(v) for v in fill]
+        return TF.pad(img, list(sides), fill=value, padding_mode=mode)
+
+    def crop(self, img: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        return TF.crop(img, top, left, height, width)
 
     def hflip(self, img: torch.Tensor) -> torch.Tensor:
         return TF.horizontal_flip(img)
@@ -168,10 +209,15 @@ class FastKernels(Kernels):
 
     def resize_short(self, img: torch.Tensor, size: list[int], interpolation: str, antialias: bool) -> torch.Tensor:
         height, width = img.shape[-2:]
-        return self.resize(img, _resized_size((height, width), size), interpolation, antialias)
+        return self.resize(img, resized_size((height, width), size), interpolation, antialias)
 
     def hflip(self, img: torch.Tensor) -> torch.Tensor:
         return chw(cv2.flip(hwc(img), 1))
+
+    def pad(self, img: torch.Tensor, sides: Sides, fill: Sequence[int], mode: str) -> torch.Tensor:
+        left, top, right, bottom = sides
+        value = tuple(float(v) for v in fill) * (3 if len(fill) == 1 else 1)
+        return chw(cv2.copyMakeBorder(hwc(img), top, bottom, left, right, _CV_BORDERS[mode], value=value))
 
     def erase(self, img: torch.Tensor, box: Box, value: Sequence[int]) -> torch.Tensor:
         top, left, h, w = box
@@ -188,7 +234,7 @@ class FastKernels(Kernels):
         return img if out is arr else chw(out)
 
 
-def _resized_size(size: Size, target: list[int]) -> Size:
+def resized_size(size: Size, target: Sequence[int]) -> Size:
     """torchvision's output size of ``resize(target)``: [short side] keeps the aspect ratio."""
     if len(target) == 2:
         return int(target[0]), int(target[1])

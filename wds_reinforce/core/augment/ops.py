@@ -169,9 +169,16 @@ def _ints(row: np.ndarray | Sequence[int] | None, op: Op) -> list[int]:
 
 
 class GeometryOp(Op):
-    """The first op of a recipe: maps the decoded source to the recipe's output size."""
+    """An op that sets the image's size: a recipe's first ops (``rrc``, ``center``, ``resize``, ``random_crop``, ...).
+
+    ``sized_by_recipe`` ops (``rrc``, ``center``) take their output size from the recipe; the others
+    carry their own. The first op of a recipe also decides a reduced decode (``region``) and is
+    applied to the decode (``apply_geometry``); the last geometry op must give a ``fixed_size``,
+    the recipe's.
+    """
 
     geometry = True
+    sized_by_recipe: ClassVar[bool] = False
 
     def __init__(self, size: Size):
         self.size = size
@@ -179,9 +186,17 @@ class GeometryOp(Op):
     def output_size(self, size: Size) -> Size:
         return self.size
 
+    @property
+    def fixed_size(self) -> Size | None:
+        """The output size whatever the input's, or None when it depends on the input (``resize`` of the short side)."""
+        return self.size
+
     def region(self, row: np.ndarray | None, src: Size) -> tuple[Size, Size]:
-        """(source region size, size it is resized to): what a reduced decode must keep."""
-        raise NotImplementedError
+        """(source region size, size it is resized to): what a reduced decode must keep.
+
+        The default keeps the whole source at its size: no reduced decode.
+        """
+        return src, src
 
     def apply_geometry(
         self, img: torch.Tensor, row: np.ndarray | None, src: Size, kernels: Kernels = _CURRENT
@@ -211,6 +226,7 @@ class RandomResizedCrop(GeometryOp):
 
     name = "rrc"
     column = COLUMNS.get("rrc")
+    sized_by_recipe = True
 
     def __init__(
         self,
@@ -277,6 +293,7 @@ class CenterCrop(GeometryOp):
     """Resize so the crop is ``crop_pct`` of the resized image, then center crop (timm's eval view)."""
 
     name = "center"
+    sized_by_recipe = True
 
     def __init__(self, size: Size, crop_pct: float = 0.875, interpolation: str = "bilinear", antialias: bool = True):
         super().__init__(check_size(size))
@@ -336,7 +353,12 @@ class HorizontalFlip(Op):
 
 @register_op
 class RandAugment(Op):
-    """torchvision's RandAugment; each round stores num_ops pairs (op id, signed magnitude bin)."""
+    """torchvision's RandAugment, applied with probability ``p``; each round stores num_ops pairs (op id, signed bin).
+
+    A round where it is not applied (``p`` < 1) stores the all-zero row: op 0 is Identity, so that
+    row is, pixel for pixel, "not applied". With ``p`` 1 (the default) the description and the
+    draws are those of the op before ``p`` existed.
+    """
 
     name = "ra"
     # The class column has a variable width (readers derive it); an instance fixes num_ops pairs.
@@ -349,6 +371,7 @@ class RandAugment(Op):
         num_magnitude_bins: int = 31,
         interpolation: str = "nearest",
         fill: Sequence[int] | int | None = None,
+        p: float = 1.0,
     ):
         if not isinstance(num_ops, int) or not 0 <= num_ops <= 16:
             raise ValueError(f"expected num_ops an integer in [0, 16], got {num_ops!r}")
@@ -362,18 +385,24 @@ class RandAugment(Op):
         self.num_magnitude_bins = num_magnitude_bins
         self.interpolation = _interpolation(interpolation)
         self.fill = list(fill) if isinstance(fill, (list, tuple)) else fill
+        self.p = _prob("p", p)
 
     def _config(self) -> dict[str, Any]:
-        return {
+        config = {
             "num_ops": self.num_ops,
             "magnitude": self.magnitude,
             "num_magnitude_bins": self.num_magnitude_bins,
             "interpolation": self.interpolation,
             "fill": self.fill,
         }
+        if self.p != 1.0:  # absent = 1: recipes recorded before p existed keep their description and fingerprint
+            config["p"] = self.p
+        return config
 
     def sample(self, rng: np.random.Generator, size: Size) -> np.ndarray:
         row = np.zeros(2 * self.num_ops, np.int64)
+        if self.p < 1.0 and rng.random() >= self.p:  # p == 1 draws nothing more: the same rows as before p
+            return row
         for i in range(self.num_ops):
             op_id = int(rng.integers(len(RANDAUGMENT_SPACE)))
             negative = bool(rng.random() < 0.5) if SIGNED[op_id] else False

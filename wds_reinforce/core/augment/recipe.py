@@ -4,8 +4,9 @@ The ops live in ``ops`` (``sample(rng, size) -> row``, ``check``, a pure ``apply
 here). The RNG is always passed in, seeded from (seed, key, round) by ``round_rng``; nothing
 here reads global RNG state.
 
-A ``Recipe`` is an ordered list of ops (a geometry op first: ``rrc`` or ``center``), an output
-size, a decode mode and a kernel set. ``replay(image, params, recipe)`` is the one function that
+A ``Recipe`` is an ordered list of ops (geometry ops first: ``rrc`` or ``center``, or a chain of
+``resize``, ``random_crop``, ``center_crop`` from ``crops``), an output size, a decode mode and a
+kernel set. ``replay(image, params, recipe)`` is the one function that
 turns an encoded or decoded image plus one round's parameters into pixels; the producer and the
 loader both call it, which is what makes replay exact. It checks every row before it decodes.
 
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wds_reinforce.core.augment import crops  # noqa: F401  (files resize, random_crop, center_crop in OPS)
 from wds_reinforce.core.augment.kernels import CURRENT_KERNELS, LEGACY_KERNELS, Kernels, kernel_set
 from wds_reinforce.core.augment.mixing import MIX_WIDTHS, Mixing
 from wds_reinforce.core.augment.ops import (
@@ -40,10 +42,23 @@ from wds_reinforce.core.errors import FormatError
 from wds_reinforce.core.registry import Registry
 from wds_reinforce.core.schedule import key_word
 
-__all__ = ["RECIPES", "Recipe", "round_rng", "replay", "normalize", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "round_rng",
+    "replay",
+    "normalize",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# CIFAR-100's, as apple/ml-dr's CIFAR-100 configs give them.
+CIFAR100_MEAN = (0.507075159237, 0.4865488733149, 0.440917843367)
+CIFAR100_STD = (0.267334285879, 0.2564384629170, 0.276150471325)
 RECIPES: Registry[dict] = Registry("recipe")
 
 Size = tuple[int, int]  # (height, width)
@@ -62,8 +77,10 @@ class Recipe:
     """An ordered list of ops, an output size, a decode mode and a kernel set; its fingerprint goes into every sidecar.
 
     Args:
-        ops: op descriptions ``{"op": name, **arguments}`` or ``Op`` objects; the first must be a
-            geometry op (``rrc`` or ``center``), which takes ``size`` from the recipe.
+        ops: op descriptions ``{"op": name, **arguments}`` or ``Op`` objects. Geometry ops come
+            first: ``rrc`` or ``center`` (which take ``size`` from the recipe), or a chain of
+            ``resize``, ``random_crop`` and ``center_crop`` (each with its own size); the last of
+            them must give the recipe's size whatever the source's.
         size: output (height, width), or one int for a square.
         decode: ``full`` (decode at full size) or ``reduced`` (JPEG DCT-scaled decode at
             the largest of 1/8, 1/4, 1/2 that keeps the crop at least at the output size; chosen
@@ -73,6 +90,9 @@ class Recipe:
             OpenCV and numpy. Part of the fingerprint unless it is 1.
         mix: MixUp/CutMix with a partner from the sample's pairing window (``mixing.Mixing`` or
             its dict, see ``mixing``); None (default) for none. Applied after every op.
+        normalize: ``{"mean": [3 floats], "std": [3 floats]}``, the float normalisation that
+            training should use (``mean``, ``std``); None (default): ImageNet's. Recorded in the
+            manifest, not part of the fingerprint (it changes no parameter and no pixel).
 
     Raises:
         ValueError: bad arguments, or a kernel set this version does not know.
@@ -86,8 +106,11 @@ class Recipe:
         name: str = "custom",
         kernels: int = CURRENT_KERNELS,
         mix: Mixing | Mapping[str, Any] | None = None,
+        normalize: Mapping[str, Sequence[float]] | None = None,
     ):
         self.size = check_size(size)
+        self.normalization = _normalization(normalize)
+        self.mean, self.std = self.normalization or (IMAGENET_MEAN, IMAGENET_STD)
         self.mix: Mixing | None = mix if mix is None or isinstance(mix, Mixing) else Mixing.from_dict(mix)
         if decode not in DECODE_MODES:
             raise ValueError(f"expected decode in {list(DECODE_MODES)}, got {decode!r}")
@@ -105,19 +128,29 @@ class Recipe:
             args = {k: v for k, v in spec.items() if k != "op"}
             cls = OPS.get(spec["op"])
             try:
-                built.append(cls(self.size, **args) if cls.geometry else cls(**args))
+                built.append(cls(self.size, **args) if getattr(cls, "sized_by_recipe", False) else cls(**args))
             except TypeError as exc:
                 raise ValueError(f"bad arguments for op {spec['op']!r}: {exc}") from None
-        if not built or not built[0].geometry:
-            raise ValueError(f"expected the first op to be one of {_geometry_names()}, got {[o.name for o in built]}")
-        if any(op.geometry for op in built[1:]):
-            raise ValueError("expected exactly one geometry op, first")
-        names = [op.name for op in built]
+        self.ops: tuple[Op, ...] = tuple(built)
+        self._check_ops()
+
+    def _check_ops(self) -> None:
+        names = [op.name for op in self.ops]
+        if not self.ops or not self.ops[0].geometry:
+            raise ValueError(f"expected the first op to be one of {_geometry_names()}, got {names}")
+        lead = next((i for i, op in enumerate(self.ops) if not op.geometry), len(self.ops))
+        if any(op.geometry for op in self.ops[lead:]):
+            raise ValueError(f"expected the geometry ops first, before the others, got {names}")
         if len(set(names)) != len(names):
             raise ValueError(f"expected each op at most once, got {names}")
-        if built[0].output_size(self.size) != self.size:
-            raise ValueError(f"the geometry op's size {built[0].size} differs from the recipe's {self.size}")
-        self.ops: tuple[Op, ...] = tuple(built)
+        last = self.ops[lead - 1]
+        if last.fixed_size is None:
+            raise ValueError(
+                f"expected the last geometry op to give a fixed size, got {last!r}, whose size depends on "
+                "the source's (end with a crop, or resize to [height, width])"
+            )
+        if last.fixed_size != self.size:
+            raise ValueError(f"the geometry op's size {last.fixed_size} differs from the recipe's {self.size}")
 
     # -- description and identity
 
@@ -132,12 +165,14 @@ class Recipe:
             desc["kernels"] = self.kernels
         if self.mix is not None:  # absent = no mixing: every recipe before mixing keeps its fingerprint
             desc["mix"] = self.mix.to_dict()
+        if self.normalization is not None:
+            desc["normalize"] = {"mean": list(self.mean), "std": list(self.std)}
         return desc
 
     @functools.cached_property
     def fingerprint(self) -> bytes:
         """8 bytes of sha256 over the canonical JSON of everything that changes params or pixels."""
-        desc = {k: v for k, v in self.to_dict().items() if k != "name"}
+        desc = {k: v for k, v in self.to_dict().items() if k not in ("name", "normalize")}
         canon = json.dumps(desc, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).digest()[:8]
 
@@ -176,10 +211,10 @@ class Recipe:
         """
         if not isinstance(desc, Mapping) or "ops" not in desc:
             raise ValueError(f"expected a recipe mapping with 'ops', got {desc!r}")
-        unknown = set(desc) - {"name", "size", "decode", "ops", "kernels", "mix"}
+        unknown = set(desc) - {"name", "size", "decode", "ops", "kernels", "mix", "normalize"}
         if unknown:
             raise ValueError(
-                f"unknown recipe field(s) {sorted(unknown)}; expected name, size, decode, ops, kernels, mix"
+                f"unknown recipe field(s) {sorted(unknown)}; expected name, size, decode, ops, kernels, mix, normalize"
             )
         return cls(
             desc["ops"],
@@ -188,6 +223,7 @@ class Recipe:
             desc.get("name", "custom"),
             desc.get("kernels", kernels),
             desc.get("mix"),
+            desc.get("normalize"),
         )
 
     @classmethod
@@ -267,6 +303,20 @@ class Recipe:
 
 def _geometry_names() -> list[str]:
     return [name for name in OPS if OPS.get(name).geometry]
+
+
+def _normalization(value: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """A recipe's ``normalize``, ``{"mean": [3], "std": [3]}``, as (mean, std); None for none."""
+    if value is None:
+        return None
+    try:
+        ok = isinstance(value, Mapping) and set(value) == {"mean", "std"}
+        mean, std = (tuple(float(v) for v in value[k]) for k in ("mean", "std")) if ok else ((), ())
+    except (TypeError, ValueError):
+        mean = std = ()
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"expected normalize {{'mean': [3 floats], 'std': [3 positive floats]}}, got {value!r}")
+    return mean, std
 
 
 def replay(image: bytes | torch.Tensor | SourceImage, params: Mapping[str, np.ndarray], recipe: Recipe) -> torch.Tensor:
@@ -350,3 +400,43 @@ RECIPES.register(
 _MIX = {"window": 16, "mode": "both", "mixup": {"p": 0.5, "alpha": 1.0, "max": 0.5}, "cutmix": {"p": 0.5, "alpha": 1.0}}
 RECIPES.register("rrc+mix", dict(RECIPES.get("rrc"), mix=_MIX))
 RECIPES.register("rrc+ra/re+mix", dict(RECIPES.get("rrc+ra/re"), mix=_MIX))
+
+# The paper's fine-tuning sets, as apple/ml-dr's reinforce configs give them (100 rounds per run,
+# 1000 for Flowers-102, top-10, an ensemble teacher). Their RandomErasing runs before their
+# normalisation and fills with 0: black. Their Flowers-102 and Food-101 configs name the crop
+# ``random_resize_crop``, which their code does not know and silently skipped: it applied no crop
+# and no resize, so each view kept its image's size. A recipe has one size, so those presets
+# resize the whole image to 224x224 (nothing cropped, as their code) before the same ops.
+_FT_OPS = [
+    {"op": "flip", "p": 0.5},
+    {"op": "ra", "num_ops": 2, "magnitude": 9, "num_magnitude_bins": 31, "interpolation": "nearest", "p": 1.0},
+    {"op": "re", "p": 0.25, "scale": [0.02, 0.33], "ratio": [0.3, 3.3], "value": 0},
+]
+_IMAGENET_NORM = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+RECIPES.register(
+    "cifar100+",
+    {
+        "size": [224, 224],
+        "decode": "full",
+        "kernels": CURRENT_KERNELS,
+        "ops": [
+            {"op": "resize", "size": 224, "interpolation": "bilinear", "antialias": True},
+            {"op": "random_crop", "size": [224, 224], "padding": 16},
+            *_FT_OPS,
+        ],
+        "normalize": {"mean": list(CIFAR100_MEAN), "std": list(CIFAR100_STD)},
+    },
+)
+_WHOLE = {"op": "resize", "size": [224, 224], "interpolation": "bilinear", "antialias": True}
+for _name in ("flowers102+", "food101+"):
+    RECIPES.register(
+        _name,
+        {
+            "size": [224, 224],
+            "decode": "full",
+            "kernels": CURRENT_KERNELS,
+            "ops": [_WHOLE, *_FT_OPS],
+            "normalize": _IMAGENET_NORM,
+        },
+    )
+del _name

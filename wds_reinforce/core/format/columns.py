@@ -110,8 +110,20 @@ _BOX = ("top", "left", "height", "width")
 COLUMNS: Registry[Column] = Registry("op column")
 for _col in (
     Column("rrc", "uint", _BOX, doc="random resized crop: the crop box in source pixels"),
+    Column(
+        "random_crop",
+        "uint",
+        ("top", "left"),
+        doc="random crop: the crop's offset in the padded image (torchvision RandomCrop.get_params' i, j)",
+    ),
     Column("flip", "bits", ("flip",), doc="1 = flipped horizontally"),
-    Column("ra", "i8", ("op", "bin"), repeat=None, doc="RandAugment: op id in RANDAUGMENT_SPACE, signed magnitude bin"),
+    Column(
+        "ra",
+        "i8",
+        ("op", "bin"),
+        repeat=None,
+        doc="RandAugment: op id in RANDAUGMENT_SPACE, signed magnitude bin; all zero = not applied (p < 1)",
+    ),
     Column("re", "sparse", _BOX, doc="random erasing: the erase box in output pixels; zeros = not erased"),
     Column("mixp", "sparse", ("partner",), doc="partner's position in the pairing window + 1; 0 = round not mixed"),
     Column("mixl", "sparse", ("weight",), doc="MixUp: the partner's weight x 256, 1..255; 0 = no MixUp"),
