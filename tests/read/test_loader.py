@@ -88,6 +88,21 @@ def test_float_output_is_normalised_uint8(made):
         torch.testing.assert_close(f, normalize(u8, (0.5,) * 3, (0.25,) * 3))
 
 
+def test_float_output_defaults_to_the_recipes_normalisation(tmp_path):
+    """A recipe naming its normalisation (cifar100+: CIFAR's mean/std) is what float output uses; else ImageNet's."""
+    from wds_reinforce.core.augment import IMAGENET_MEAN, IMAGENET_STD, Recipe
+    from wds_reinforce.core.augment.recipe import CIFAR100_MEAN, CIFAR100_STD
+
+    cifar = make_shards(tmp_path / "c", num_shards=1, per_shard=2, rounds=2, recipe=Recipe.from_spec("cifar100+"))
+    plain = make_shards(tmp_path / "p", num_shards=1, per_shard=2, rounds=2)
+    for made, mean, std in ((cifar, CIFAR100_MEAN, CIFAR100_STD), (plain, IMAGENET_MEAN, IMAGENET_STD)):
+        u8 = collect(ReinforcedDataset(made.pattern, keys=("image", "__key__")))
+        f = collect(ReinforcedDataset(made.pattern, keys=("image", "__key__"), output="float"))
+        assert len(u8) == 2 and [k for _, k in u8] == [k for _, k in f]
+        for (a, _), (b, _) in zip(u8, f):
+            torch.testing.assert_close(b, normalize(a, mean, std))
+
+
 def test_sparse_targets_densify_on_the_batch_to_the_dense_ones(made):
     dense = collect(ReinforcedDataset(made.pattern, p=0.5, label_smoothing=0.1, keys=("target", "round")))
     loader = torch.utils.data.DataLoader(

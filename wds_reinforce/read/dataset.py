@@ -26,7 +26,7 @@ from webdataset.pipeline import DataPipeline
 from webdataset.shardlists import ResampledShards, expand_urls, split_by_node, split_by_worker
 from webdataset.utils import pytorch_worker_info
 
-from wds_reinforce.core.augment import IMAGENET_MEAN, IMAGENET_STD, Recipe
+from wds_reinforce.core.augment import Recipe
 from wds_reinforce.core.errors import DataError, FormatError, SampleError, UsageError, error_text
 from wds_reinforce.core.format import Manifest
 from wds_reinforce.core.schedule import SharedEpoch
@@ -236,7 +236,8 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
             densify on the GPU with ``targets.densify``).
         label_smoothing: smoothing of the one-hot targets of original-image epochs.
         output: ``uint8`` (3, H, W) images (normalise on the GPU) or ``float`` (normalised here).
-        mean, std: for ``output="float"``.
+        mean, std: for ``output="float"``; None (default): the recipe's (``Recipe.mean``/``std``: ImageNet's
+            unless the recipe names another, e.g. ``cifar100+``).
         shardshuffle: shuffle the shard order per epoch (the same order on every rank).
         shuffle: size of a sample shuffle buffer (0 or False: none; True: ``DEFAULT_SHUFFLE``, 1000):
             before decoding, or for mixing recipes (which pair samples in shard order) after mixing,
@@ -271,8 +272,8 @@ class ReinforcedDataset(DataPipeline, FluidInterface):
         densify: str = "smooth",
         label_smoothing: float = 0.0,
         output: str = "uint8",
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         shardshuffle: bool = False,
         shuffle: int | bool = 0,
         resampled: bool = False,

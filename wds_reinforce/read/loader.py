@@ -30,7 +30,7 @@ from typing import Any
 from webdataset import filters as wds_filters
 from webdataset.handlers import reraise_exception
 
-from wds_reinforce.core.augment import IMAGENET_MEAN, IMAGENET_STD, Recipe
+from wds_reinforce.core.augment import Recipe
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.core.format import Manifest
 from wds_reinforce.core.schedule import SharedEpoch, epoch_value
@@ -125,8 +125,8 @@ def _replay_images(
     recipe: Recipe,
     fallback: Recipe | None = None,
     output: str = "uint8",
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     handler: Callable = reraise_exception,
 ) -> Iterator[dict]:
     """Replay ``sample["round"]`` into ``sample["image"]`` (round -1: ``fallback``, default RRC + flip)."""

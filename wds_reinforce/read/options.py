@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -107,7 +107,8 @@ class LoaderOptions:
         densify: ``smooth`` (the paper's), ``zeros``, or ``sparse`` (``idx``/``prob`` per sample,
             densified later on the GPU with ``targets.densify``).
         label_smoothing: smoothing of the one-hot targets of original-image epochs.
-        output: ``uint8`` (3, H, W) images or ``float`` (normalised with ``mean``/``std``).
+        output: ``uint8`` (3, H, W) images or ``float`` (normalised with ``mean``/``std``; None: the
+            recipe's ``normalize``, ImageNet's unless the recipe names another).
         fallback_recipe: the augmentation of original-image epochs.
         teacher: whose targets, for sidecar sets with more teachers: 0 (the manifest's), k (its
             teacher set k) or ``"mean"`` (all of them, ``targets.mean_topk``; not with ``sparse``).
@@ -118,8 +119,8 @@ class LoaderOptions:
     densify: str = "smooth"
     label_smoothing: float = 0.0
     output: str = "uint8"
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
+    mean: Sequence[float] | None = None  # None: the recipe's (``Recipe.mean``)
+    std: Sequence[float] | None = None
     fallback_recipe: Recipe | None = None
     teacher: int | str = 0
 
@@ -136,6 +137,8 @@ class LoaderOptions:
             raise UsageError(f"expected output in {list(OUTPUT_MODES)}, got {self.output!r}")
         for name in ("mean", "std"):
             value = getattr(self, name)
+            if value is None:
+                continue
             try:
                 ok = len(value) == 3 and all(np.isfinite(float(v)) for v in value)
             except (TypeError, ValueError):
@@ -150,8 +153,9 @@ class LoaderOptions:
         if self.fallback_recipe is not None and not isinstance(self.fallback_recipe, Recipe):
             raise UsageError(f"expected fallback_recipe a Recipe, got {type(self.fallback_recipe).__name__}")
         object.__setattr__(self, "p", float(self.p))
-        object.__setattr__(self, "mean", tuple(self.mean))
-        object.__setattr__(self, "std", tuple(self.std))
+        for name in ("mean", "std"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,13 @@ class ReplayPlan:
     topk: int | None = None
     num_classes: int | None = None
     total_rounds: int | None = None  # rounds of the data set (more than ``rounds`` for sidecar sets)
+
+    def __post_init__(self) -> None:
+        # Normalisation not given: the recipe's (``Recipe.mean``/``std``: ImageNet's unless it says).
+        opts = self.options
+        if opts.mean is None or opts.std is None:
+            mean, std = (self.recipe.mean, self.recipe.std) if self.recipe else (IMAGENET_MEAN, IMAGENET_STD)
+            object.__setattr__(self, "options", replace(opts, mean=opts.mean or mean, std=opts.std or std))
 
     @classmethod
     def build(cls, manifest: Manifest, options: LoaderOptions) -> ReplayPlan:
