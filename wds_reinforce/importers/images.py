@@ -3,7 +3,8 @@
 Records name each image by its position in some order of the train split. ``FolderImages`` lists
 a folder with torchvision's own ``find_classes`` and ``make_dataset`` (so the order is
 torchvision's ``ImageFolder`` order by construction); ``ShardImages`` recovers the order from
-plain webdataset shards by a stated rule. Both say how output shards are cut from them.
+plain webdataset shards by a stated rule; ``datasets`` indexes torchvision's CIFAR-100,
+Flowers-102 and Food-101 as torchvision does. Each says how output shards are cut from it.
 """
 
 from __future__ import annotations
@@ -265,9 +266,17 @@ def _read_at(path: str, offset: int, size: int) -> bytes:
 
 
 def open_images(spec: str | os.PathLike, rule: str = "imagefolder", keep_keys: bool = False) -> ImageIndex:
-    """The train split: an ImageFolder directory, or webdataset shards (``.tar`` path, pattern or glob;
-    ``keep_keys``: their keys as they are, see ``ShardImages``)."""
+    """The train split: an ImageFolder directory, webdataset shards (``.tar`` path, pattern or glob;
+    ``keep_keys``: their keys as they are, see ``ShardImages``), or a torchvision dataset on disk
+    (``cifar100:ROOT``, ``flowers102:ROOT``, ``food101:ROOT``; ``importers.datasets``)."""
     text = str(spec)
+    name, sep, root = text.partition(":")
+    if sep and name in ("cifar100", "flowers102", "food101") and not os.path.exists(text):
+        from wds_reinforce.importers.datasets import open_dataset
+
+        if rule != "imagefolder":
+            raise UsageError(f"index rule {rule!r} is for webdataset shards; {name} is indexed as torchvision does")
+        return open_dataset(name, root)
     if os.path.isdir(text):
         if rule != "imagefolder":
             raise UsageError(f"index rule {rule!r} is for webdataset shards; an ImageFolder uses 'imagefolder'")

@@ -23,19 +23,19 @@ from typing import Any
 from wds_reinforce.core.augment import Recipe
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.importers import MetadataError, Rounds
-from wds_reinforce.importers.images import open_images
+from wds_reinforce.importers.images import ShardImages, open_images
 from wds_reinforce.importers.job import ImportSummary, check_settings, run_import
 from wds_reinforce.importers.mldr.config import MldrConfig
 from wds_reinforce.importers.mldr.convert import convert_rounds
 from wds_reinforce.importers.mldr.metadata import CONFIG_NAME, INDEX_NAME, MetadataSource
-from wds_reinforce.importers.mldr.unpickle import check_plain, load_torch_save
+from wds_reinforce.importers.mldr.unpickle import check_plain, load_record
 
 __all__ = ["MldrImporter", "import_mldr", "load_config"]
 
 
 def load_config(data: bytes, name: str) -> MldrConfig:
     """Their ``config.pth.tar``'s bytes, read without running code, as a checked ``MldrConfig``."""
-    obj = load_torch_save(data, name)
+    obj = load_record(data, name)
     check_plain(obj, name)
     return MldrConfig.from_dict(obj, name)
 
@@ -59,6 +59,10 @@ class MldrImporter:
     @property
     def label(self) -> str:
         return self.config.variant
+
+    @property
+    def notes(self) -> list[str]:
+        return [self.config.ignored_note()] if self.config.ignored else []
 
     @property
     def recipe(self) -> Recipe:
@@ -107,9 +111,9 @@ class MldrImporter:
             return None
         m = INDEX_NAME.fullmatch(base)
         if m is None:
-            if base.endswith(".jb"):
-                raise MetadataError("joblib metadata (.jb) is not read; only torch.save files are", url=name)
-            raise MetadataError(f"unexpected file in the metadata (expected INDEX.pth.tar and {CONFIG_NAME})", url=name)
+            raise MetadataError(
+                f"unexpected file in the metadata (expected INDEX.pth.tar or INDEX.jb, and {CONFIG_NAME})", url=name
+            )
         return int(m.group(1))
 
     def record_name(self, index: int) -> str:
@@ -125,7 +129,7 @@ class MldrImporter:
             yield where, read
 
     def convert(self, read: Callable[[], bytes], index: int, name: str, size: tuple[int, int]) -> Rounds:
-        return convert_rounds(load_torch_save(read(), name), index, self.config, name, size, self.drop_mixing)
+        return convert_rounds(load_record(read(), name), index, self.config, name, size, self.drop_mixing)
 
     def too_few(self, where: str, index: int, kept: int, keep: int) -> str:
         return f"image {where} ({self.record_name(index)}) has {kept} rounds without a mixing partner, " + (
@@ -259,11 +263,14 @@ def import_mldr(  # long: its arguments and their documentation; the body is sho
         MetadataError: a metadata file that is refused (not their plain format) or does not fit its image.
     """
     shard_size, rounds, group_rounds = check_settings(shard_size, rounds, seed, split, group_rounds)
-    sidecar_set = not copy_images and not os.path.isdir(str(images))
-    index = open_images(images, index_rule, keep_keys=sidecar_set)
+    index = open_images(images, index_rule, keep_keys=not copy_images)
+    sidecar_set = not copy_images and isinstance(index, ShardImages)
     if group_rounds is not None and not sidecar_set:
         raise UsageError("expected group_rounds only for a sidecar set (webdataset shards as images, no copy_images)")
     importer = _importer(MetadataSource(metadata), config, drop_mixing, progress, len(index.class_names))
+    dataset = getattr(index, "name", None)
+    if dataset is not None and importer.config.dataset not in (None, dataset):
+        raise UsageError(f"their config is for {importer.config.dataset}, the images are {index.spec}")
     return run_import(
         importer,
         index,

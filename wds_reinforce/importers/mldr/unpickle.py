@@ -7,6 +7,14 @@ unpickler that resolves no globals (the standard C unpickler, so protocol 4 with
 except the few names numpy uses for a scalar, which become inert placeholders that are themselves
 refused wherever a value is used (``check_plain``): mixing rounds hold CutMix boxes as numpy
 integers, and ``--drop-mixing`` must be able to skip those rounds.
+
+Their reinforce script can also write each file with ``joblib.dump(..., compress=True)`` (a zlib
+stream, or gzip for a ``.gz`` name, of a pickle in which every numpy array is a
+``NumpyArrayWrapper`` record followed by the array's raw bytes), and CIFAR's own batches are
+pickles of numpy arrays. ``load_arrays`` reads both kinds: the only globals it resolves are
+numpy's array and dtype names and joblib's wrapper, each to a placeholder here that builds the
+array from its bytes with ``numpy.frombuffer`` (numeric dtypes only); nothing of numpy's or
+joblib's pickle code runs. ``load_record`` tells the formats apart by their first bytes.
 """
 
 from __future__ import annotations
@@ -15,11 +23,22 @@ import gc
 import io
 import pickle
 import zipfile
+import zlib
 from typing import Any
+
+import numpy as np
 
 from wds_reinforce.importers import MetadataError
 
-__all__ = ["restricted_loads", "load_torch_save", "check_plain", "Inert", "MAX_PICKLE_BYTES"]
+__all__ = [
+    "restricted_loads",
+    "load_torch_save",
+    "load_arrays",
+    "load_record",
+    "check_plain",
+    "Inert",
+    "MAX_PICKLE_BYTES",
+]
 
 MAX_PICKLE_BYTES = 256 << 20  # the largest data.pkl read (8000 rounds of top-10 are ~3 MB)
 _MAX_NODES = 50_000_000  # values visited by check_plain
@@ -163,3 +182,194 @@ def check_plain(obj: Any, name: str) -> None:
                 stack.extend(value)
         elif kind not in _LEAVES:
             raise MetadataError(f"refused: holds a {_what(value)}, not a plain value", url=name)
+
+
+# ----------------------------------------------------------------------------------------
+# Pickles that hold numpy arrays: joblib's files and CIFAR's batches
+
+_RECONSTRUCT = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")})
+_NDARRAY = frozenset({("numpy", "ndarray")})
+_WRAPPER = frozenset({("joblib.numpy_pickle", "NumpyArrayWrapper")})
+_DTYPE = frozenset({("numpy", "dtype")})
+
+
+class _Dtype:
+    """``numpy.dtype(name, align, copy)`` and its state (byte order): becomes a numeric numpy dtype."""
+
+    def __init__(self, name: Any, *args: Any):
+        self.spec, self.order = name, "="
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.order = state[1]
+
+    def dtype(self, where: str) -> np.dtype:
+        spec = self.spec.decode("latin1") if isinstance(self.spec, bytes) else self.spec
+        try:
+            dt = np.dtype(spec)
+        except TypeError:
+            dt = None
+        if dt is None or dt.kind not in "biuf" or dt.fields is not None or dt.subdtype is not None:
+            raise MetadataError(f"refused: an array of dtype {spec!r}; only numeric arrays are read", url=where)
+        return dt.newbyteorder(self.order) if self.order in "<>" else dt
+
+
+def _array(raw: bytes, dtype: np.dtype, shape: Any, fortran: bool, where: str) -> np.ndarray:
+    if not isinstance(shape, (tuple, list)) or not all(type(n) is int and n >= 0 for n in shape):
+        raise MetadataError(f"refused: an array of shape {shape!r}", url=where)
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if count * dtype.itemsize != len(raw):
+        raise MetadataError(f"an array of shape {tuple(shape)} {dtype} with {len(raw)} bytes of data", url=where)
+    arr = np.frombuffer(raw, dtype).reshape(tuple(shape), order="F" if fortran else "C")
+    return arr.astype(dtype.newbyteorder("="), copy=False)
+
+
+class _Reconstructed:
+    """numpy's ``_reconstruct(ndarray, (0,), b"b")``; its BUILD state holds shape, dtype and the bytes."""
+
+    def __init__(self, *args: Any):
+        self.array: np.ndarray | None = None
+        self.where = ""
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != 5 or not isinstance(state[2], _Dtype):
+            raise MetadataError("refused: an array whose state is not numpy's (version, shape, dtype, ...)")
+        _, shape, dtype, fortran, raw = state
+        raw = raw.encode("latin1") if isinstance(raw, str) else raw  # a Python 2 pickle's str is its bytes
+        if not isinstance(raw, (bytes, bytearray)):
+            raise MetadataError("refused: an array whose data is not bytes (an object array?)")
+        self.array = _array(bytes(raw), dtype.dtype(""), shape, bool(fortran), "")
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Resolves only the names above; joblib's wrapper reads its array's bytes from the stream itself."""
+
+    def __init__(self, stream: Any, name: str, limit: int, encoding: str):
+        super().__init__(stream, encoding=encoding)
+        self._stream, self._name, self._left = stream, name, limit
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = (module, name)
+        if key in _RECONSTRUCT:
+            return _Reconstructed
+        if key in _NDARRAY:
+            return Inert("numpy.ndarray")
+        if key in _DTYPE:
+            return _Dtype
+        if key in _WRAPPER:
+            unpickler = self
+
+            class Wrapper:  # NEWOBJ needs a class; its state is joblib's record of the array that follows
+                def __setstate__(self, state: Any) -> None:
+                    self.array = unpickler._wrapped(state)
+
+            return Wrapper
+        if key in _INERT_NAMES:
+            return Inert(f"{module}.{name}")
+        raise MetadataError(
+            f"refused: the pickle needs the global {module}.{name}; only numpy arrays (numeric) and plain values "
+            "are read",
+            url=self._name,
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise MetadataError("refused: the pickle refers to a persistent object", url=self._name)
+
+    def _wrapped(self, state: Any) -> np.ndarray:
+        """joblib's array: (an alignment byte and padding) then the raw bytes, right after the record."""
+        if not isinstance(state, dict) or not isinstance(state.get("dtype"), _Dtype):
+            raise MetadataError(f"refused: a NumpyArrayWrapper record {state!r:.80}", url=self._name)
+        dtype, shape = state["dtype"].dtype(self._name), state.get("shape")
+        if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape):
+            raise MetadataError(f"refused: an array of shape {shape!r}", url=self._name)
+        if state.get("numpy_array_alignment_bytes") is not None:
+            pad = self._stream.read(1)
+            self._stream.read(pad[0] if pad else 0)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+        if size > self._left:
+            raise MetadataError(f"refused: an array of {size} bytes, over the limit", url=self._name)
+        self._left -= size
+        raw = self._stream.read(size)
+        return _array(raw, dtype, list(shape), state.get("order") == "F", self._name)
+
+
+def _unwrap(obj: Any) -> Any:
+    """The loaded tree with every array placeholder replaced by its array."""
+    if isinstance(obj, _Reconstructed) or hasattr(obj, "array") and type(obj).__name__ == "Wrapper":
+        return obj.array
+    if type(obj) is list:
+        obj[:] = [_unwrap(v) for v in obj]
+    elif type(obj) is dict:
+        for k, v in obj.items():
+            obj[k] = _unwrap(v)
+    elif type(obj) is tuple:
+        return tuple(_unwrap(v) for v in obj)
+    return obj
+
+
+def load_arrays(data: bytes, name: str, encoding: str = "ASCII") -> Any:
+    """Unpickle ``data`` holding plain values and numeric numpy arrays (joblib's format or numpy's own).
+
+    ``encoding`` is for Python 2 strings (CIFAR's batches: ``latin1``). Raises ``MetadataError`` for any
+    other global, an object array, a persistent id or a malformed pickle.
+    """
+    # A stream without peek(): the C unpickler then reads exactly what it needs, so a wrapper's
+    # array bytes are still in the stream when its record is built.
+    stream = _Exact(data)
+    try:
+        return _unwrap(_ArrayUnpickler(stream, name, MAX_PICKLE_BYTES, encoding).load())
+    except MetadataError as exc:
+        if exc.url:
+            raise
+        raise MetadataError(exc.message, url=name) from None
+    except _PICKLE_ERRORS as exc:
+        raise MetadataError(f"refused: not a readable pickle ({type(exc).__name__}: {exc})", url=name) from None
+
+
+class _Exact:
+    __slots__ = ("_buf",)
+
+    def __init__(self, data: bytes):
+        self._buf = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._buf.read(n)
+
+    def readline(self) -> bytes:
+        return self._buf.readline()
+
+    def readinto(self, b: Any) -> int:
+        return self._buf.readinto(b)
+
+
+def _inflate(data: bytes, wbits: int, name: str) -> bytes:
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(data, MAX_PICKLE_BYTES + 1)
+    except zlib.error as exc:
+        raise MetadataError(f"refused: not a readable compressed file ({exc})", url=name) from None
+    if len(out) > MAX_PICKLE_BYTES:
+        raise MetadataError(f"refused: over {MAX_PICKLE_BYTES} bytes once decompressed", url=name)
+    if not d.eof:
+        raise MetadataError("refused: a compressed file cut short", url=name)
+    return out
+
+
+def load_record(data: bytes, name: str) -> Any:
+    """One of their files, whatever way it was written: ``torch.save`` (a zip), or ``joblib.dump``
+    (zlib- or gzip-compressed, or not), each possibly gzipped; read without running any of it."""
+    if data[:2] == b"\x1f\x8b":  # gzip: joblib's for a .gz name, or a file gzipped after
+        return load_record(_inflate(data, 31, name), name)
+    if data[:4] == b"PK\x03\x04":
+        return load_torch_save(data, name)
+    if data[:1] == b"\x78":  # zlib: what joblib.dump(compress=True) writes for their names
+        data = _inflate(data, zlib.MAX_WBITS, name)
+    if data[:1] != b"\x80":
+        raise MetadataError("not a torch.save container, a joblib file or a pickle", url=name)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return load_arrays(data, name)
+    finally:
+        if collecting:
+            gc.enable()
