@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 __all__ = ["build_parser", "main"]
@@ -94,7 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The library's errors name its arguments; this command's name the flags that set them.
+_FLAG_OF = {
+    "group_rounds": "--round-group",
+    "copy_images": "--copy-images",
+    "drop_mixing": "--drop-mixing",
+    "shard_size": "--shard-size",
+    "index_rule": "--index-rule",
+}
+_ARGUMENT = re.compile(r"\b({})\b".format("|".join(_FLAG_OF)))
+
+
 def _fail(message: str) -> int:
+    message = _ARGUMENT.sub(lambda m: _FLAG_OF[m.group(1)], message)
     first = message.splitlines()[0] if message else "failed"
     print(f"import_mldr.py: error: {first}", file=sys.stderr)
     return 2

@@ -369,7 +369,21 @@ def load_record(data: bytes, name: str) -> Any:
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return load_arrays(data, name)
+        return _listed(load_arrays(data, name))
     finally:
         if collecting:
             gc.enable()
+
+
+def _listed(obj: Any) -> Any:
+    """Arrays as the plain lists ``tolist`` gives: a record's values are then what torch.save's would be."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if type(obj) is list:
+        obj[:] = [_listed(v) for v in obj]
+    elif type(obj) is dict:
+        for k, v in obj.items():
+            obj[k] = _listed(v)
+    elif type(obj) is tuple:
+        return tuple(_listed(v) for v in obj)
+    return obj
