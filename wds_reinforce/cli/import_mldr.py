@@ -18,7 +18,9 @@ aligned with the input shards) for webdataset shards.
     torchrun --nproc_per_node=8 tools/import_mldr.py ...   # rank r makes shards j % world == r; rank 0 the manifest
 
 --images is the train split they reinforced: an ImageFolder directory (listed exactly as
-torchvision's ImageFolder lists it), or plain webdataset shards (local .tar files, never rewritten;
+torchvision's ImageFolder lists it), cifar100:ROOT, flowers102:ROOT or food101:ROOT
+(torchvision's files, in torchvision's order, never downloaded; CIFAR-100+, Flowers-102+,
+Food-101+), or plain webdataset shards (local .tar files, never rewritten;
 --out then gets a sidecar set: sidecar shard j holds input shard j's keys in their order, the
 manifest names the input shards by absolute path, and --index-rule says how a sample's index is
 known; --copy-images writes self-contained shards instead). Every
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--images",
         required=True,
-        help="the train split they reinforced: ImageFolder directory, or webdataset shards (path, {a..b} or glob)",
+        help="the train split they reinforced: ImageFolder directory, cifar100:ROOT / flowers102:ROOT / food101:ROOT "
+        "(torchvision's files, never downloaded), or webdataset shards (path, {a..b} or glob)",
     )
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     p.add_argument("--config", help="their config.pth.tar, if extracted: skips searching the archive for it")

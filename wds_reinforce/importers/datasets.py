@@ -24,7 +24,7 @@ from wds_reinforce.core.errors import UsageError
 from wds_reinforce.importers import MetadataError
 from wds_reinforce.importers.images import ImageIndex
 from wds_reinforce.importers.matfile import read_mat
-from wds_reinforce.importers.mldr.unpickle import load_arrays
+from wds_reinforce.importers.pickles import load_arrays
 from wds_reinforce.io.shards import image_ext
 from wds_reinforce.produce.sources import sample_order, unique_keys
 

@@ -267,16 +267,9 @@ def _read_at(path: str, offset: int, size: int) -> bytes:
 
 def open_images(spec: str | os.PathLike, rule: str = "imagefolder", keep_keys: bool = False) -> ImageIndex:
     """The train split: an ImageFolder directory, webdataset shards (``.tar`` path, pattern or glob;
-    ``keep_keys``: their keys as they are, see ``ShardImages``), or a torchvision dataset on disk
-    (``cifar100:ROOT``, ``flowers102:ROOT``, ``food101:ROOT``; ``importers.datasets``)."""
+    ``keep_keys``: their keys as they are, see ``ShardImages``). torchvision's datasets are
+    ``importers.datasets``."""
     text = str(spec)
-    name, sep, root = text.partition(":")
-    if sep and name in ("cifar100", "flowers102", "food101") and not os.path.exists(text):
-        from wds_reinforce.importers.datasets import open_dataset
-
-        if rule != "imagefolder":
-            raise UsageError(f"index rule {rule!r} is for webdataset shards; {name} is indexed as torchvision does")
-        return open_dataset(name, root)
     if os.path.isdir(text):
         if rule != "imagefolder":
             raise UsageError(f"index rule {rule!r} is for webdataset shards; an ImageFolder uses 'imagefolder'")

@@ -1,8 +1,9 @@
 """Import apple/ml-dr's released reinforcements: the importer behind tools/import_mldr.py.
 
 The paper's authors released ImageNet+ (and CIFAR-100+, Food-101+, Flowers-102+) as a ``.tar.gz``
-holding one file per training image, ``{index}.pth.tar``, and ``config.pth.tar``. ``index`` is
-the image's position in torchvision's ``ImageFolder`` order of the train split. ``MldrImporter``
+holding one file per training image, ``{index}.pth.tar`` (``torch.save``, or ``joblib.dump``), and
+``config.pth.tar``. ``index`` is the image's position in torchvision's ``ImageFolder`` order of the
+train split (ImageNet) or in torchvision's dataset (the others). ``MldrImporter``
 is what the shared import job (``importers.job``) needs from them: the archive as a stream
 (``metadata``), which image each file is, and each file's rounds as ``Rounds`` (read without
 running their pickles, ``unpickle``; mapped by ``convert``). ``import_mldr`` checks the
@@ -23,7 +24,8 @@ from typing import Any
 from wds_reinforce.core.augment import Recipe
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.importers import MetadataError, Rounds
-from wds_reinforce.importers.images import ShardImages, open_images
+from wds_reinforce.importers.datasets import DATASETS, open_dataset
+from wds_reinforce.importers.images import ImageIndex, ShardImages, open_images
 from wds_reinforce.importers.job import ImportSummary, check_settings, run_import
 from wds_reinforce.importers.mldr.config import MldrConfig
 from wds_reinforce.importers.mldr.convert import convert_rounds
@@ -211,6 +213,16 @@ def _importer(
     return MldrImporter(meta, cfg, drop_mixing, str(config) if config is not None else "")
 
 
+def _images(spec: str | os.PathLike, rule: str, copy_images: bool) -> ImageIndex:
+    """The train split: ``cifar100:ROOT`` and the like (``importers.datasets``), else ``open_images``."""
+    name, sep, root = str(spec).partition(":")
+    if sep and name in DATASETS and not os.path.exists(str(spec)):
+        if rule != "imagefolder":
+            raise UsageError(f"index rule {rule!r} is for webdataset shards; {name} is indexed as torchvision does")
+        return open_dataset(name, root)
+    return open_images(spec, rule, keep_keys=not copy_images)
+
+
 def import_mldr(  # long: its arguments and their documentation; the body is short
     metadata: str | os.PathLike,
     images: str | os.PathLike,
@@ -241,7 +253,8 @@ def import_mldr(  # long: its arguments and their documentation; the body is sho
 
     Args:
         metadata: their ``.tar.gz`` (or ``.tar``), or its extracted folder.
-        images: the train split they reinforced: an ImageFolder directory or webdataset shards.
+        images: the train split they reinforced: an ImageFolder directory, ``cifar100:ROOT``,
+            ``flowers102:ROOT`` or ``food101:ROOT`` (``importers.datasets``), or webdataset shards.
         out: output folder or ``s3://bucket/prefix``.
         config: their ``config.pth.tar`` as a file, to skip finding it in the archive.
         drop_mixing: for +M* variants, keep only rounds without a mixing partner (refused otherwise).
@@ -263,7 +276,7 @@ def import_mldr(  # long: its arguments and their documentation; the body is sho
         MetadataError: a metadata file that is refused (not their plain format) or does not fit its image.
     """
     shard_size, rounds, group_rounds = check_settings(shard_size, rounds, seed, split, group_rounds)
-    index = open_images(images, index_rule, keep_keys=not copy_images)
+    index = _images(images, index_rule, copy_images)
     sidecar_set = not copy_images and isinstance(index, ShardImages)
     if group_rounds is not None and not sidecar_set:
         raise UsageError("expected group_rounds only for a sidecar set (webdataset shards as images, no copy_images)")
