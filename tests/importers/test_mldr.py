@@ -534,13 +534,13 @@ def test_folder_listing_is_torchvision_imagefolder(tmp_path):
 
 def test_config_checks(tmp_path, folder):
     config = config_dict("rrc+ra/re", rounds=3, topk=2, size=SIZE)
-    cifar = json.loads(json.dumps(config))
-    cifar["reinforce"]["image_augmentation"]["random_crop"] = {"size": 224, "padding": 16}
-    with pytest.raises(UsageError, match="uses 'random_crop'.*has no op here yet"):
-        MldrConfig.from_dict(cifar)
+    crop = json.loads(json.dumps(config))
+    crop["reinforce"]["image_augmentation"]["random_crop"] = {"size": 224, "padding": -1}
+    with pytest.raises(UsageError, match=r"random_crop padding an int or 1, 2 or 4 ints >= 0, got -1"):
+        MldrConfig.from_dict(crop)
     skipping = json.loads(json.dumps(config))
-    skipping["reinforce"]["image_augmentation"]["rand_augment"]["p"] = 0.5
-    with pytest.raises(UsageError, match="rand_augment p=0.5"):
+    skipping["reinforce"]["image_augmentation"]["rand_augment"]["p"] = 1.5
+    with pytest.raises(UsageError, match="rand_augment p a probability, got 1.5"):
         MldrConfig.from_dict(skipping)
     odd = json.loads(json.dumps(config))
     odd["reinforce"]["image_augmentation"]["random_erase"]["mode"] = "rand"

@@ -18,7 +18,9 @@ aligned with the input shards) for webdataset shards.
     torchrun --nproc_per_node=8 tools/import_mldr.py ...   # rank r makes shards j % world == r; rank 0 the manifest
 
 --images is the train split they reinforced: an ImageFolder directory (listed exactly as
-torchvision's ImageFolder lists it), or plain webdataset shards (local .tar files, never rewritten;
+torchvision's ImageFolder lists it), cifar100:ROOT, flowers102:ROOT or food101:ROOT
+(torchvision's files, in torchvision's order, never downloaded; CIFAR-100+, Flowers-102+,
+Food-101+), or plain webdataset shards (local .tar files, never rewritten;
 --out then gets a sidecar set: sidecar shard j holds input shard j's keys in their order, the
 manifest names the input shards by absolute path, and --index-rule says how a sample's index is
 known; --copy-images writes self-contained shards instead). Every
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 __all__ = ["build_parser", "main"]
@@ -47,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--images",
         required=True,
-        help="the train split they reinforced: ImageFolder directory, or webdataset shards (path, {a..b} or glob)",
+        help="the train split they reinforced: ImageFolder directory, cifar100:ROOT / flowers102:ROOT / food101:ROOT "
+        "(torchvision's files, never downloaded), or webdataset shards (path, {a..b} or glob)",
     )
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     p.add_argument("--config", help="their config.pth.tar, if extracted: skips searching the archive for it")
@@ -94,7 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The library's errors name its arguments; this command's name the flags that set them.
+_FLAG_OF = {
+    "group_rounds": "--round-group",
+    "copy_images": "--copy-images",
+    "drop_mixing": "--drop-mixing",
+    "shard_size": "--shard-size",
+    "index_rule": "--index-rule",
+}
+_ARGUMENT = re.compile(r"\b({})\b".format("|".join(_FLAG_OF)))
+
+
 def _fail(message: str) -> int:
+    message = _ARGUMENT.sub(lambda m: _FLAG_OF[m.group(1)], message)
     first = message.splitlines()[0] if message else "failed"
     print(f"import_mldr.py: error: {first}", file=sys.stderr)
     return 2

@@ -59,6 +59,7 @@ class Importer(Protocol):
 
     Attributes:
         label: what is imported, for the summary (e.g. ``RRC+RA/RE``).
+        notes: lines for the summary about the records (e.g. what their config named but their code ignored).
         recipe: their augmentation, as this package's recipe.
         topk, num_classes: the teacher's top-k and classes.
         total_rounds: rounds per image in the records.
@@ -69,6 +70,7 @@ class Importer(Protocol):
     """
 
     label: str
+    notes: list[str]
     recipe: Recipe
     topk: int
     num_classes: int

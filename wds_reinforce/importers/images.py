@@ -3,7 +3,8 @@
 Records name each image by its position in some order of the train split. ``FolderImages`` lists
 a folder with torchvision's own ``find_classes`` and ``make_dataset`` (so the order is
 torchvision's ``ImageFolder`` order by construction); ``ShardImages`` recovers the order from
-plain webdataset shards by a stated rule. Both say how output shards are cut from them.
+plain webdataset shards by a stated rule; ``datasets`` indexes torchvision's CIFAR-100,
+Flowers-102 and Food-101 as torchvision does. Each says how output shards are cut from it.
 """
 
 from __future__ import annotations
@@ -265,8 +266,9 @@ def _read_at(path: str, offset: int, size: int) -> bytes:
 
 
 def open_images(spec: str | os.PathLike, rule: str = "imagefolder", keep_keys: bool = False) -> ImageIndex:
-    """The train split: an ImageFolder directory, or webdataset shards (``.tar`` path, pattern or glob;
-    ``keep_keys``: their keys as they are, see ``ShardImages``)."""
+    """The train split: an ImageFolder directory, webdataset shards (``.tar`` path, pattern or glob;
+    ``keep_keys``: their keys as they are, see ``ShardImages``). torchvision's datasets are
+    ``importers.datasets``."""
     text = str(spec)
     if os.path.isdir(text):
         if rule != "imagefolder":

@@ -47,7 +47,7 @@ from wds_reinforce.core.format import (
 )
 from wds_reinforce.core.progress import ShardProgress
 from wds_reinforce.importers import Importer, IndexMismatchError
-from wds_reinforce.importers.images import FolderImages, ImageIndex
+from wds_reinforce.importers.images import ImageIndex, ShardImages
 from wds_reinforce.importers.summary import ImportSummary, summarize
 from wds_reinforce.importers.writers import SelfContainedShards, ShardWriter, SidecarSetShards
 from wds_reinforce.io.outputs import LocalOutput
@@ -331,7 +331,7 @@ def _check(importer: Importer, images: ImageIndex, rounds: int | None, world: in
             "rank must keep the same number of rounds); a single process finds the most every image has"
         )
     classes = importer.num_classes
-    if isinstance(images, FolderImages) and len(images.class_names) != classes:
+    if not isinstance(images, ShardImages) and len(images.class_names) != classes:
         raise UsageError(f"the images have {len(images.class_names)} classes, their teacher {classes}")
     if max(images.labels) >= classes:
         raise UsageError(f"the images have a label {max(images.labels)}, outside their teacher's {classes} classes")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from wds_reinforce.layouts import layout_of
@@ -35,6 +35,7 @@ class ImportSummary:
     image_shards: int = 0
     note: str = ""  # where the output lies (a sidecar set beside the input shards)
     without_rounds: int = 0  # images that kept no round, imported without any
+    notes: list[str] = field(default_factory=list)  # the importer's (e.g. transforms their code ignored)
 
     def format(self) -> str:
         lines = [
@@ -49,6 +50,7 @@ class ImportSummary:
             lines.append(self.note)
         if self.kept:
             lines.append(self.kept)
+        lines.extend(self.notes)
         if self.without_rounds:
             lines.append(
                 f"{self.without_rounds} image(s) kept no round: imported without rounds (the loader gives them their "
@@ -100,4 +102,5 @@ def summarize(maker: Any, result: Any) -> ImportSummary:
         image_shards=len(maker.shards),
         note=maker.writer.note(groups, rounds, len(maker.shards)),
         without_rounds=without,
+        notes=list(importer.notes),
     )

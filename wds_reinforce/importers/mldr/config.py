@@ -17,7 +17,7 @@ from typing import Any
 from wds_reinforce.core.augment import Recipe
 from wds_reinforce.core.errors import UsageError
 
-__all__ = ["TRANSFORMS", "PARAM_TRANSFORMS", "MIXING", "MldrConfig"]
+__all__ = ["TRANSFORMS", "PARAM_TRANSFORMS", "GEOMETRY", "MIXING", "MldrConfig"]
 
 # Their transforms in the order they compose them (dr/transforms.py), and those of them that
 # store parameters, in the order of a round's compressed ``params`` list.
@@ -46,13 +46,16 @@ PARAM_TRANSFORMS = (
     "cutmix",
 )
 MIXING = ("mixup", "cutmix")
-# Transforms with an effect but no op here yet (CIFAR-100+ resizes to 224 and pads-and-crops).
-_UNSUPPORTED = ("resize", "center_crop", "random_crop")
-# Arguments each supported transform may carry in their config (anything else: refused).
+# Their transforms that set the image's size, in their order (the last one sets the output size).
+GEOMETRY = ("resize", "center_crop", "random_crop", "random_resized_crop")
+# Arguments each transform may carry in their config (anything else: refused).
 _ARGS = {
     "uint8": (),
     "to_tensor": (),
     "normalize": ("mean", "std", "inplace"),
+    "resize": ("size", "interpolation", "max_size", "antialias"),
+    "center_crop": ("size",),
+    "random_crop": ("size", "padding", "pad_if_needed", "fill", "padding_mode"),
     "random_resized_crop": ("size", "scale", "ratio", "interpolation", "antialias"),
     "random_horizontal_flip": ("p",),
     "rand_augment": ("p", "num_ops", "magnitude", "num_magnitude_bins", "interpolation", "fill"),
@@ -97,14 +100,14 @@ def _pair(value: Any, default: tuple[float, float], what: str, name: str) -> lis
     return [a, b]
 
 
-def _size(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
+def _size(value: Any, transform: str, name: str) -> tuple[int, int]:
+    if type(value) is int and value > 0:
         return value, value
     if isinstance(value, (list, tuple)) and len(value) == 1:
-        return _size(value[0], name)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value):
+        return _size(value[0], transform, name)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int and v > 0 for v in value):
         return int(value[0]), int(value[1])
-    raise UsageError(f"{name}: expected random_resized_crop size an int or [height, width], got {value!r}")
+    raise UsageError(f"{name}: expected {transform} size an int or [height, width], got {value!r}")
 
 
 def _interpolation(value: Any, default: str, what: str, name: str) -> str:
@@ -159,8 +162,6 @@ class MldrConfig:
             raise UsageError(
                 f"{name}: reinforce.compress is off (params stored as dicts); only compressed params are read"
             )
-        if reinforce.get("joblib", False):
-            raise UsageError(f"{name}: reinforce.joblib is on (files are joblib dumps); only torch.save files are read")
         augmentation = reinforce.get("image_augmentation")
         if not isinstance(augmentation, Mapping):
             raise UsageError(f"{name}: expected reinforce.image_augmentation to be a mapping")
@@ -173,15 +174,7 @@ class MldrConfig:
         ignored = tuple(sorted(k for k in enabled if k not in TRANSFORMS))
         transforms = {t: enabled[t] for t in TRANSFORMS if t in enabled}
         for t in transforms:
-            if t in _UNSUPPORTED:
-                raise UsageError(
-                    f"{name}: their recipe uses {t!r} ({sorted(transforms)}), which has no op here yet: only "
-                    "random_resized_crop, random_horizontal_flip, rand_augment, random_erase (and mixing, "
-                    "dropped) import"
-                )
             _args(transforms, t, name)
-        if "random_resized_crop" not in transforms:
-            raise UsageError(f"{name}: expected random_resized_crop among their transforms, got {sorted(transforms)}")
         teacher = config.get("teacher")
         names = teacher.get("name") if isinstance(teacher, Mapping) else None
         teachers = tuple(n.strip() for n in names.split(",") if n.strip()) if isinstance(names, str) else ()
@@ -203,9 +196,22 @@ class MldrConfig:
 
     @property
     def variant(self) -> str:
-        """The paper's name of the variant: ``RRC``, ``RRC+RA/RE``, ``RRC+M*``, ``RRC+RA/RE+M*`` (or a mix)."""
+        """The paper's name of the variant: ``RRC``, ``RRC+RA/RE``, ``RRC+M*``, ``RRC+RA/RE+M*`` (or a mix);
+        CIFAR-100+'s is ``Resize+RandomCrop+RA/RE``, and one without any crop or resize ``NoCrop+...``."""
+        names = {
+            "resize": "Resize",
+            "center_crop": "CenterCrop",
+            "random_crop": "RandomCrop",
+            "random_resized_crop": "RRC",
+        }
+        geometry = "+".join(n for t, n in names.items() if t in self.transforms) or "NoCrop"
         extra = "/".join(n for t, n in (("rand_augment", "RA"), ("random_erase", "RE")) if t in self.transforms)
-        return "RRC" + (f"+{extra}" if extra else "") + ("+M*" if self.mixing else "")
+        return geometry + (f"+{extra}" if extra else "") + ("+M*" if self.mixing else "")
+
+    @property
+    def geometry(self) -> tuple[str, ...]:
+        """Their transforms that set the image's size, in their order; none: the teacher saw each image whole."""
+        return tuple(t for t in GEOMETRY if t in self.transforms)
 
     def position(self, transform: str) -> int:
         """Where ``transform``'s entry sits in a round's ``params`` list."""
@@ -214,57 +220,18 @@ class MldrConfig:
     @functools.cached_property
     def recipe(self) -> Recipe:
         """The recipe that describes their augmentation: same ops, arguments and order as theirs."""
-        t, name = self.transforms, "config.pth.tar"
-        rrc = t["random_resized_crop"]
-        if "size" not in rrc:
-            raise UsageError(f"{name}: expected random_resized_crop to have a size")
-        size = _size(rrc["size"], name)
-        ops: list[dict[str, Any]] = [
-            {
-                "op": "rrc",
-                "scale": _pair(rrc.get("scale"), (0.08, 1.0), "random_resized_crop scale", name),
-                "ratio": _pair(rrc.get("ratio"), (3 / 4, 4 / 3), "random_resized_crop ratio", name),
-                "interpolation": _interpolation(rrc.get("interpolation"), "bilinear", "random_resized_crop", name),
-                # They crop a PIL image, whose resize always antialiases.
-                "antialias": True,
-            }
-        ]
-        if "random_horizontal_flip" in t:
-            ops.append({"op": "flip", "p": float(t["random_horizontal_flip"].get("p", 0.5))})
-        if "rand_augment" in t:
-            ra = t["rand_augment"]
-            if float(ra.get("p", 1.0)) != 1.0:
-                raise UsageError(f"{name}: rand_augment p={ra['p']} (skipped rounds) has no counterpart here; only p=1")
-            if ra.get("fill") is not None:
-                raise UsageError(f"{name}: rand_augment fill={ra['fill']!r}; only the default fill (None) imports")
-            ops.append(
-                {
-                    "op": "ra",
-                    "num_ops": ra.get("num_ops", 2),
-                    "magnitude": ra.get("magnitude", 9),
-                    "num_magnitude_bins": ra.get("num_magnitude_bins", 31),
-                    "interpolation": _interpolation(ra.get("interpolation"), "nearest", "rand_augment", name),
-                }
-            )
-        if "random_erase" in t:
-            er = t["random_erase"]
-            ops.append(
-                {
-                    "op": "re",
-                    "p": float(er.get("p", 0.5)),
-                    "scale": _pair(er.get("scale"), (0.02, 0.33), "random_erase scale", name),
-                    "ratio": _pair(er.get("ratio"), (0.3, 3.3), "random_erase ratio", name),
-                    # Their RandomErasing writes zeros into the [0, 1] image before Normalize,
-                    # whatever its configured value: black pixels.
-                    "value": 0,
-                }
-            )
+        name = "config.pth.tar"
+        ops, size = _geometry_ops(self.transforms, name)
+        ops += _pixel_ops(self.transforms, name)
         # A recorded recipe without a kernel set: torchvision's kernels, the library they used.
-        desc = {"name": f"mldr-{self.variant.lower()}", "size": list(size), "decode": "full", "ops": ops}
+        desc: dict[str, Any] = {"name": f"mldr-{self.variant.lower()}", "decode": "full", "ops": ops}
+        if size is not None:
+            desc["size"] = list(size)
         try:
             return Recipe.from_dict(desc)
         except ValueError as exc:
-            raise UsageError(f"{name}: their augmentation does not make a recipe here: {exc}") from None
+            what = f" ({', '.join(self.geometry)} set the size)" if self.geometry else " (no crop or resize)"
+            raise UsageError(f"{name}: their augmentation{what} does not make a recipe here: {exc}") from None
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records about their config."""
@@ -278,7 +245,17 @@ class MldrConfig:
             "num_classes": self.num_classes,
             "image_augmentation": _jsonable(reinforce.get("image_augmentation")),
             "ignored_transforms": list(self.ignored),
+            "ignored_note": self.ignored_note(),
         }
+
+    def ignored_note(self) -> str:
+        """What their code did with configured transforms it does not know (``""`` when none)."""
+        if not self.ignored:
+            return ""
+        return (
+            f"their config names {', '.join(self.ignored)}, which their code does not know (not in its "
+            "TRANSFORMATION_TO_NAME): ignored when their rounds were drawn, so not applied and not stored"
+        )
 
 
 def _jsonable(value: Any) -> Any:
@@ -287,3 +264,116 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+# ----------------------------------------------------------------------------------------
+# Their transforms -> our ops (torchvision's defaults where their config gives none)
+
+
+def _geometry_ops(t: Mapping[str, Mapping[str, Any]], name: str) -> tuple[list[dict[str, Any]], Any]:
+    """The ops of their transforms that set the size, in their order, and the output size (None: per image)."""
+    ops: list[dict[str, Any]] = []
+    size: tuple[int, int] | None = None
+    for transform in GEOMETRY:
+        if transform not in t:
+            continue
+        args = t[transform]
+        if "size" not in args:
+            raise UsageError(f"{name}: expected {transform} to have a size")
+        if transform == "resize":
+            if args.get("max_size") is not None:
+                raise UsageError(f"{name}: resize max_size={args['max_size']!r}; only the default (None) imports")
+            value = args["size"]
+            value = value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+            pair = None if isinstance(value, int) and not isinstance(value, bool) else _size(value, transform, name)
+            size = pair  # an int resizes the shorter side: the size then depends on the image
+            # They resize a PIL image (their datasets give PIL images), which always antialiases.
+            interpolation = _interpolation(args.get("interpolation"), "bilinear", transform, name)
+            resize = value if pair is None else list(pair)
+            ops.append({"op": "resize", "size": resize, "interpolation": interpolation, "antialias": True})
+        elif transform == "center_crop":
+            size = _size(args["size"], transform, name)
+            ops.append({"op": "center_crop", "size": list(size)})
+        elif transform == "random_crop":
+            size = _size(args["size"], transform, name)
+            ops.append({"op": "random_crop", "size": list(size), **_crop_padding(args, name)})
+        else:
+            size = _size(args["size"], transform, name)
+            ops.append(
+                {
+                    "op": "rrc",
+                    "scale": _pair(args.get("scale"), (0.08, 1.0), "random_resized_crop scale", name),
+                    "ratio": _pair(args.get("ratio"), (3 / 4, 4 / 3), "random_resized_crop ratio", name),
+                    "interpolation": _interpolation(args.get("interpolation"), "bilinear", transform, name),
+                    # They crop a PIL image, whose resize always antialiases.
+                    "antialias": True,
+                }
+            )
+    return ops, size
+
+
+_PADDING_MODES = ("constant", "edge", "reflect", "symmetric")
+
+
+def _crop_padding(args: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """torchvision RandomCrop's padding arguments, checked (padding None is 0)."""
+    padding = args.get("padding") or 0
+    ok = (type(padding) is int and padding >= 0) or (
+        isinstance(padding, (list, tuple))
+        and len(padding) in (1, 2, 4)
+        and all(type(v) is int and v >= 0 for v in padding)
+    )
+    if not ok:
+        raise UsageError(f"{name}: expected random_crop padding an int or 1, 2 or 4 ints >= 0, got {padding!r}")
+    mode = args.get("padding_mode", "constant")
+    if mode not in _PADDING_MODES:
+        raise UsageError(f"{name}: expected random_crop padding_mode one of {list(_PADDING_MODES)}, got {mode!r}")
+    fill = args.get("fill", 0)
+    if not (
+        type(fill) in (int, float) or (isinstance(fill, (list, tuple)) and all(type(v) in (int, float) for v in fill))
+    ):
+        raise UsageError(f"{name}: expected random_crop fill a number or one per channel, got {fill!r}")
+    return {
+        "padding": padding if type(padding) is int else list(padding),
+        "fill": fill if type(fill) in (int, float) else list(fill),
+        "padding_mode": mode,
+        "pad_if_needed": bool(args.get("pad_if_needed", False)),
+    }
+
+
+def _pixel_ops(t: Mapping[str, Mapping[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The ops of their flip, RandAugment and RandomErasing, in their order."""
+    ops: list[dict[str, Any]] = []
+    if "random_horizontal_flip" in t:
+        ops.append({"op": "flip", "p": float(t["random_horizontal_flip"].get("p", 0.5))})
+    if "rand_augment" in t:
+        ra = t["rand_augment"]
+        if ra.get("fill") is not None:
+            raise UsageError(f"{name}: rand_augment fill={ra['fill']!r}; only the default fill (None) imports")
+        op = {
+            "op": "ra",
+            "num_ops": ra.get("num_ops", 2),
+            "magnitude": ra.get("magnitude", 9),
+            "num_magnitude_bins": ra.get("num_magnitude_bins", 31),
+            "interpolation": _interpolation(ra.get("interpolation"), "nearest", "rand_augment", name),
+        }
+        p = ra.get("p", 1.0)
+        if type(p) not in (int, float) or not 0 <= p <= 1:
+            raise UsageError(f"{name}: expected rand_augment p a probability, got {p!r}")
+        if p != 1:  # absent when 1: the recipe (and its fingerprint) of every p=1 import stays as it was
+            op["p"] = float(p)
+        ops.append(op)
+    if "random_erase" in t:
+        er = t["random_erase"]
+        ops.append(
+            {
+                "op": "re",
+                "p": float(er.get("p", 0.5)),
+                "scale": _pair(er.get("scale"), (0.02, 0.33), "random_erase scale", name),
+                "ratio": _pair(er.get("ratio"), (0.3, 3.3), "random_erase ratio", name),
+                # Their RandomErasing writes zeros into the [0, 1] image before Normalize,
+                # whatever its configured value: black pixels.
+                "value": 0,
+            }
+        )
+    return ops

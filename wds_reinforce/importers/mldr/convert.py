@@ -143,11 +143,13 @@ def convert_rounds(
     """
     rounds = _rounds(obj, index, config, name)
     params, probs = _kept(rounds, config, name, drop_mixing)
+    sizes = _sizes(config, image_size)
     ops = {}
     for transform, convert in _CONVERTERS.items():
         if transform in config.transforms:
-            column, values = convert(_entries(params, config.position(transform)), config, name, image_size)
-            ops[column] = values
+            out = convert(_entries(params, config.position(transform)), config, name, sizes)
+            if out is not None:
+                ops[out[0]] = out[1]
     idx, prob = _topk(probs, config, name)
     return Rounds(idx, prob, {c: ops[c] for c in config.recipe.columns}, total=len(rounds))
 
@@ -190,7 +192,75 @@ def _kept(rounds: list[dict], config: MldrConfig, name: str, drop_mixing: bool) 
     return [params[r] for r in keep], [rounds[r]["prob"] for r in keep]
 
 
-def _crop_boxes(entries: list[Any], config: MldrConfig, name: str, image_size: Any) -> tuple[str, np.ndarray]:
+def _sizes(config: MldrConfig, image_size: tuple[int, int] | None) -> dict[str, tuple[int, int] | None]:
+    """The (height, width) each of their transforms gets, and "out", what the ops after the geometry get
+    (None where it depends on an image size not given)."""
+    size, sizes = image_size, {}
+    for transform in config.geometry:
+        sizes[transform] = size
+        args = config.transforms[transform]
+        if transform == "resize":
+            value = args["size"]
+            value = value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+            if not isinstance(value, int):
+                size = (int(value[0]), int(value[1]))
+            elif size is not None:  # torchvision's Resize(int): the shorter side becomes value, the ratio kept
+                short, long = sorted(size)
+                new = (value, int(value * long / short))
+                size = new if size[0] <= size[1] else new[::-1]
+        else:  # a crop: its size, whatever it gets
+            value = args["size"]
+            size = (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
+    sizes["out"] = size
+    return sizes
+
+
+def _resize_sizes(entries: list[Any], config: MldrConfig, name: str, sizes: Any) -> None:
+    """Their Resize stores its size in every round; it must be the configured one (no column here)."""
+    value = config.transforms["resize"]["size"]
+    allowed = [value, [value], list(value)] if not isinstance(value, int) else [value, [value], [value, value]]
+    allowed = [v if isinstance(v, int) else list(v) for v in allowed]
+    for r, e in enumerate(entries):
+        got = list(e) if type(e) in (tuple, list) else e
+        if got not in allowed or (type(got) is list and set(map(type, got)) - {int}):
+            raise MetadataError(f"round {r}: expected resize's size {value!r}, got {_short(e)}", url=name)
+    return None
+
+
+def _crop_offsets(entries: list[Any], config: MldrConfig, name: str, sizes: Any) -> tuple[str, np.ndarray]:
+    """Their RandomCrop's (top, left) in the padded image: the ``random_crop`` rows as they are."""
+    rows = len(entries)
+    offsets = np.array(_flat(entries, 2, (int,), "random_crop offsets", name), np.int64).reshape(rows, 2)
+    size, crop = sizes["random_crop"], config.recipe.size
+    if rows and size is not None:
+        args = next(o for o in config.recipe.to_dict()["ops"] if o["op"] == "random_crop")
+        limit = np.array(_padded(size, args)) - np.array(crop)
+        bad = (offsets < 0).any(axis=1) | (offsets > limit).any(axis=1)
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise MetadataError(
+                f"round {r}: random_crop offset {offsets[r].tolist()} does not fit a {list(crop)} crop of the "
+                f"{size[0]}x{size[1]} image padded to {list(map(int, limit + np.array(crop)))}",
+                url=name,
+            )
+    return "random_crop", offsets
+
+
+def _padded(size: tuple[int, int], args: dict[str, Any]) -> tuple[int, int]:
+    """torchvision RandomCrop's padded (height, width) of a ``size`` input."""
+    pad = args["padding"]
+    pad = [pad] * 4 if isinstance(pad, int) else pad * 4 if len(pad) == 1 else pad * 2 if len(pad) == 2 else pad
+    left, top, right, bottom = pad
+    h, w = size[0] + top + bottom, size[1] + left + right
+    ch, cw = args["size"]
+    if args["pad_if_needed"]:  # it pads both sides by what is missing
+        w += 2 * max(cw - w, 0)
+        h += 2 * max(ch - h, 0)
+    return h, w
+
+
+def _crop_boxes(entries: list[Any], config: MldrConfig, name: str, sizes: Any) -> tuple[str, np.ndarray]:
+    image_size = sizes["random_resized_crop"]
     rows = len(entries)
     box = np.array(_flat(entries, 4, (int,), "crop boxes", name)).reshape(rows, 4).astype(np.int64)
     if rows:
@@ -205,16 +275,27 @@ def _crop_boxes(entries: list[Any], config: MldrConfig, name: str, image_size: A
     return "rrc", box
 
 
-def _flips(entries: list[Any], config: MldrConfig, name: str, image_size: Any) -> tuple[str, np.ndarray]:
+def _flips(entries: list[Any], config: MldrConfig, name: str, sizes: Any) -> tuple[str, np.ndarray]:
     if set(map(type, entries)) - {bool}:
         raise MetadataError("expected flips as booleans", url=name)
     return "flip", np.array(entries, np.int64).reshape(len(entries), 1)
 
 
-def _randaugment(entries: list[Any], config: MldrConfig, name: str, image_size: Any) -> tuple[str, np.ndarray]:
-    op, rows = next(o for o in config.recipe.ops if o.name == "ra"), len(entries)
-    if any(p is None for p in entries):
+def _randaugment(entries: list[Any], config: MldrConfig, name: str, sizes: Any) -> tuple[str, np.ndarray]:
+    op = next(o for o in config.recipe.ops if o.name == "ra")
+    applied = [r for r, e in enumerate(entries) if e is not None]
+    if len(applied) < len(entries) and float(getattr(op, "p", 1.0)) == 1.0:
         raise MetadataError("a round without RandAugment parameters, though their p is 1", url=name)
+    out = np.zeros((len(entries), 2 * op.num_ops), np.int64)  # all zeros: not applied (op 0 is Identity)
+    if applied:
+        out[applied] = _ra_rows([entries[r] for r in applied], op, sizes, name)
+    return "ra", out
+
+
+def _ra_rows(entries: list[Any], op: Any, sizes: Any, name: str) -> np.ndarray:
+    rows, size = len(entries), sizes["out"]
+    if size is None:
+        raise MetadataError("RandAugment's magnitudes depend on the image size, which is not known here", url=name)
     flat_pairs = _flat(entries, op.num_ops, (tuple, list), "RandAugment ops", name)
     flat = _flat(flat_pairs, 2, (int, float), "RandAugment (op, magnitude) pairs", name)
     ids, mags = flat[0::2], flat[1::2]
@@ -222,11 +303,11 @@ def _randaugment(entries: list[Any], config: MldrConfig, name: str, image_size: 
         raise MetadataError("expected RandAugment pairs of (int op index, float magnitude)", url=name)
     ids_arr = np.array(ids, np.int64).reshape(rows, op.num_ops)
     mags_arr = np.array(mags, np.float64).reshape(rows, op.num_ops)
-    return "ra", _ra_bins(ids_arr, mags_arr, op, config.recipe.size, name)
+    return _ra_bins(ids_arr, mags_arr, op, size, name)
 
 
-def _erase_boxes(entries: list[Any], config: MldrConfig, name: str, image_size: Any) -> tuple[str, np.ndarray]:
-    out_size = config.recipe.size
+def _erase_boxes(entries: list[Any], config: MldrConfig, name: str, sizes: Any) -> tuple[str, np.ndarray]:
+    out_size = sizes["out"]
     present = [r for r, e in enumerate(entries) if e is not None]
     boxes = np.zeros((len(entries), 4), np.int64)
     if present:
@@ -234,7 +315,9 @@ def _erase_boxes(entries: list[Any], config: MldrConfig, name: str, image_size: 
         got = got.reshape(len(present), 4)
         got[got[:, 0] == -1] = 0  # their forward skips a box whose top is -1; zeros are "not applied" here
         top, left, h, w = got.T
-        bad = (top < 0) | (left < 0) | (h < 0) | (w < 0) | (top + h > out_size[0]) | (left + w > out_size[1])
+        bad = (top < 0) | (left < 0) | (h < 0) | (w < 0)
+        if out_size is not None:
+            bad |= (top + h > out_size[0]) | (left + w > out_size[1])
         if bad.any():
             r = present[int(np.argmax(bad))]
             raise MetadataError(f"round {r}: erase box {list(entries[r])} does not fit {out_size}", url=name)
@@ -242,8 +325,10 @@ def _erase_boxes(entries: list[Any], config: MldrConfig, name: str, image_size: 
     return "re", boxes
 
 
-# Their transforms that store parameters -> (our column, its rows), in their params order.
+# Their transforms that store parameters -> (our column, its rows) or None (checked, no column), in their order.
 _CONVERTERS = {
+    "resize": _resize_sizes,
+    "random_crop": _crop_offsets,
     "random_resized_crop": _crop_boxes,
     "random_horizontal_flip": _flips,
     "rand_augment": _randaugment,

@@ -1,8 +1,9 @@
 """Import apple/ml-dr's released reinforcements: the importer behind tools/import_mldr.py.
 
 The paper's authors released ImageNet+ (and CIFAR-100+, Food-101+, Flowers-102+) as a ``.tar.gz``
-holding one file per training image, ``{index}.pth.tar``, and ``config.pth.tar``. ``index`` is
-the image's position in torchvision's ``ImageFolder`` order of the train split. ``MldrImporter``
+holding one file per training image, ``{index}.pth.tar`` (``torch.save``, or ``joblib.dump``), and
+``config.pth.tar``. ``index`` is the image's position in torchvision's ``ImageFolder`` order of the
+train split (ImageNet) or in torchvision's dataset (the others). ``MldrImporter``
 is what the shared import job (``importers.job``) needs from them: the archive as a stream
 (``metadata``), which image each file is, and each file's rounds as ``Rounds`` (read without
 running their pickles, ``unpickle``; mapped by ``convert``). ``import_mldr`` checks the
@@ -23,19 +24,20 @@ from typing import Any
 from wds_reinforce.core.augment import Recipe
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.importers import MetadataError, Rounds
-from wds_reinforce.importers.images import open_images
+from wds_reinforce.importers.datasets import DATASETS, open_dataset
+from wds_reinforce.importers.images import ImageIndex, ShardImages, open_images
 from wds_reinforce.importers.job import ImportSummary, check_settings, run_import
 from wds_reinforce.importers.mldr.config import MldrConfig
 from wds_reinforce.importers.mldr.convert import convert_rounds
 from wds_reinforce.importers.mldr.metadata import CONFIG_NAME, INDEX_NAME, MetadataSource
-from wds_reinforce.importers.mldr.unpickle import check_plain, load_torch_save
+from wds_reinforce.importers.mldr.unpickle import check_plain, load_record
 
 __all__ = ["MldrImporter", "import_mldr", "load_config"]
 
 
 def load_config(data: bytes, name: str) -> MldrConfig:
     """Their ``config.pth.tar``'s bytes, read without running code, as a checked ``MldrConfig``."""
-    obj = load_torch_save(data, name)
+    obj = load_record(data, name)
     check_plain(obj, name)
     return MldrConfig.from_dict(obj, name)
 
@@ -59,6 +61,10 @@ class MldrImporter:
     @property
     def label(self) -> str:
         return self.config.variant
+
+    @property
+    def notes(self) -> list[str]:
+        return [self.config.ignored_note()] if self.config.ignored else []
 
     @property
     def recipe(self) -> Recipe:
@@ -107,9 +113,9 @@ class MldrImporter:
             return None
         m = INDEX_NAME.fullmatch(base)
         if m is None:
-            if base.endswith(".jb"):
-                raise MetadataError("joblib metadata (.jb) is not read; only torch.save files are", url=name)
-            raise MetadataError(f"unexpected file in the metadata (expected INDEX.pth.tar and {CONFIG_NAME})", url=name)
+            raise MetadataError(
+                f"unexpected file in the metadata (expected INDEX.pth.tar or INDEX.jb, and {CONFIG_NAME})", url=name
+            )
         return int(m.group(1))
 
     def record_name(self, index: int) -> str:
@@ -125,7 +131,7 @@ class MldrImporter:
             yield where, read
 
     def convert(self, read: Callable[[], bytes], index: int, name: str, size: tuple[int, int]) -> Rounds:
-        return convert_rounds(load_torch_save(read(), name), index, self.config, name, size, self.drop_mixing)
+        return convert_rounds(load_record(read(), name), index, self.config, name, size, self.drop_mixing)
 
     def too_few(self, where: str, index: int, kept: int, keep: int) -> str:
         return f"image {where} ({self.record_name(index)}) has {kept} rounds without a mixing partner, " + (
@@ -207,6 +213,16 @@ def _importer(
     return MldrImporter(meta, cfg, drop_mixing, str(config) if config is not None else "")
 
 
+def _images(spec: str | os.PathLike, rule: str, copy_images: bool) -> ImageIndex:
+    """The train split: ``cifar100:ROOT`` and the like (``importers.datasets``), else ``open_images``."""
+    name, sep, root = str(spec).partition(":")
+    if sep and name in DATASETS and not os.path.exists(str(spec)):
+        if rule != "imagefolder":
+            raise UsageError(f"index rule {rule!r} is for webdataset shards; {name} is indexed as torchvision does")
+        return open_dataset(name, root)
+    return open_images(spec, rule, keep_keys=not copy_images)
+
+
 def import_mldr(  # long: its arguments and their documentation; the body is short
     metadata: str | os.PathLike,
     images: str | os.PathLike,
@@ -237,7 +253,8 @@ def import_mldr(  # long: its arguments and their documentation; the body is sho
 
     Args:
         metadata: their ``.tar.gz`` (or ``.tar``), or its extracted folder.
-        images: the train split they reinforced: an ImageFolder directory or webdataset shards.
+        images: the train split they reinforced: an ImageFolder directory, ``cifar100:ROOT``,
+            ``flowers102:ROOT`` or ``food101:ROOT`` (``importers.datasets``), or webdataset shards.
         out: output folder or ``s3://bucket/prefix``.
         config: their ``config.pth.tar`` as a file, to skip finding it in the archive.
         drop_mixing: for +M* variants, keep only rounds without a mixing partner (refused otherwise).
@@ -259,11 +276,14 @@ def import_mldr(  # long: its arguments and their documentation; the body is sho
         MetadataError: a metadata file that is refused (not their plain format) or does not fit its image.
     """
     shard_size, rounds, group_rounds = check_settings(shard_size, rounds, seed, split, group_rounds)
-    sidecar_set = not copy_images and not os.path.isdir(str(images))
-    index = open_images(images, index_rule, keep_keys=sidecar_set)
+    index = _images(images, index_rule, copy_images)
+    sidecar_set = not copy_images and isinstance(index, ShardImages)
     if group_rounds is not None and not sidecar_set:
         raise UsageError("expected group_rounds only for a sidecar set (webdataset shards as images, no copy_images)")
     importer = _importer(MetadataSource(metadata), config, drop_mixing, progress, len(index.class_names))
+    dataset = getattr(index, "name", None)
+    if dataset is not None and importer.config.dataset not in (None, dataset):
+        raise UsageError(f"their config is for {importer.config.dataset}, the images are {index.spec}")
     return run_import(
         importer,
         index,

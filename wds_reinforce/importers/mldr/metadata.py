@@ -30,7 +30,8 @@ from wds_reinforce.io.tario import TarMember, iter_members
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "MAX_FILE_BYTES", "MetadataSource"]
 
 CONFIG_NAME = "config.pth.tar"
-INDEX_NAME = re.compile(r"(\d+)\.pth\.tar")  # an image's file: {index}.pth.tar
+# An image's file: {index}.pth.tar (torch.save, or joblib.dump under that name), {index}.jb, maybe gzipped.
+INDEX_NAME = re.compile(r"(\d+)\.(?:pth\.tar|jb)(?:\.gz)?")
 # The largest file read: a torch.save container around a data.pkl up to unpickle's limit (their
 # files are a few MB). A larger one is refused from its size, before a byte of it is read.
 MAX_FILE_BYTES = MAX_PICKLE_BYTES + (1 << 20)

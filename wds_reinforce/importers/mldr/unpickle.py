@@ -7,6 +7,12 @@ unpickler that resolves no globals (the standard C unpickler, so protocol 4 with
 except the few names numpy uses for a scalar, which become inert placeholders that are themselves
 refused wherever a value is used (``check_plain``): mixing rounds hold CutMix boxes as numpy
 integers, and ``--drop-mixing`` must be able to skip those rounds.
+
+Their reinforce script can also write each file with ``joblib.dump(..., compress=True)`` (a zlib
+stream, or gzip for a ``.gz`` name, of a pickle in which every numpy array is a
+``NumpyArrayWrapper`` record followed by the array's raw bytes), and CIFAR's own batches are
+pickles of numpy arrays. ``importers.pickles.load_arrays`` reads both kinds without running
+numpy's or joblib's code; ``load_record`` tells the formats apart by their first bytes.
 """
 
 from __future__ import annotations
@@ -15,43 +21,25 @@ import gc
 import io
 import pickle
 import zipfile
+import zlib
 from typing import Any
 
+import numpy as np
+
 from wds_reinforce.importers import MetadataError
+from wds_reinforce.importers.pickles import INERT_NAMES, MAX_PICKLE_BYTES, PICKLE_ERRORS, Inert, load_arrays
 
-__all__ = ["restricted_loads", "load_torch_save", "check_plain", "Inert", "MAX_PICKLE_BYTES"]
+__all__ = [
+    "restricted_loads",
+    "load_torch_save",
+    "load_arrays",
+    "load_record",
+    "check_plain",
+    "Inert",
+    "MAX_PICKLE_BYTES",
+]
 
-MAX_PICKLE_BYTES = 256 << 20  # the largest data.pkl read (8000 rounds of top-10 are ~3 MB)
 _MAX_NODES = 50_000_000  # values visited by check_plain
-
-
-class Inert:
-    """What one of the few allowed global names becomes: a placeholder that does nothing.
-
-    No module is imported and no attribute looked up: calling it (REDUCE) gives another
-    placeholder, ``__setstate__`` (BUILD) ignores its state, and ``check_plain`` and
-    ``convert_rounds`` refuse it wherever it turns up in data that is used.
-    """
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Inert:
-        return Inert(f"{self.name}(...)")
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
-
-
-# numpy scalars pickle as multiarray.scalar(dtype(...), bytes); their mixing rounds hold some.
-_INERT_NAMES = frozenset(
-    {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
-)
 
 
 class _NoGlobals(pickle.Unpickler):
@@ -60,7 +48,7 @@ class _NoGlobals(pickle.Unpickler):
         self._name = name
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _INERT_NAMES:
+        if (module, name) in INERT_NAMES:
             return Inert(f"{module}.{name}")
         raise MetadataError(
             f"refused: the pickle needs the global {module}.{name}; their metadata holds only tuples, lists, "
@@ -74,20 +62,6 @@ class _NoGlobals(pickle.Unpickler):
             "plain values",
             url=self._name,
         )
-
-
-# What the C unpickler raises for malformed or hostile input: all of it is bad data here.
-_PICKLE_ERRORS = (
-    pickle.UnpicklingError,
-    EOFError,
-    ValueError,
-    TypeError,
-    AttributeError,
-    IndexError,
-    KeyError,
-    OverflowError,
-    RecursionError,
-)
 
 
 def restricted_loads(data: bytes, name: str) -> Any:
@@ -105,7 +79,7 @@ def restricted_loads(data: bytes, name: str) -> Any:
         return _NoGlobals(data, name).load()
     except MetadataError:
         raise
-    except _PICKLE_ERRORS as exc:
+    except PICKLE_ERRORS as exc:
         raise MetadataError(f"refused: not a readable pickle ({type(exc).__name__}: {exc})", url=name) from None
     finally:
         if collecting:
@@ -163,3 +137,50 @@ def check_plain(obj: Any, name: str) -> None:
                 stack.extend(value)
         elif kind not in _LEAVES:
             raise MetadataError(f"refused: holds a {_what(value)}, not a plain value", url=name)
+
+
+def _inflate(data: bytes, wbits: int, name: str) -> bytes:
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(data, MAX_PICKLE_BYTES + 1)
+    except zlib.error as exc:
+        raise MetadataError(f"refused: not a readable compressed file ({exc})", url=name) from None
+    if len(out) > MAX_PICKLE_BYTES:
+        raise MetadataError(f"refused: over {MAX_PICKLE_BYTES} bytes once decompressed", url=name)
+    if not d.eof:
+        raise MetadataError("refused: a compressed file cut short", url=name)
+    return out
+
+
+def load_record(data: bytes, name: str) -> Any:
+    """One of their files, whatever way it was written: ``torch.save`` (a zip), or ``joblib.dump``
+    (zlib- or gzip-compressed, or not), each possibly gzipped; read without running any of it."""
+    if data[:2] == b"\x1f\x8b":  # gzip: joblib's for a .gz name, or a file gzipped after
+        return load_record(_inflate(data, 31, name), name)
+    if data[:4] == b"PK\x03\x04":
+        return load_torch_save(data, name)
+    if data[:1] == b"\x78":  # zlib: what joblib.dump(compress=True) writes for their names
+        data = _inflate(data, zlib.MAX_WBITS, name)
+    if data[:1] != b"\x80":
+        raise MetadataError("not a torch.save container, a joblib file or a pickle", url=name)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _listed(load_arrays(data, name))
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _listed(obj: Any) -> Any:
+    """Arrays as the plain lists ``tolist`` gives: a record's values are then what torch.save's would be."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if type(obj) is list:
+        obj[:] = [_listed(v) for v in obj]
+    elif type(obj) is dict:
+        for k, v in obj.items():
+            obj[k] = _listed(v)
+    elif type(obj) is tuple:
+        return tuple(_listed(v) for v in obj)
+    return obj
