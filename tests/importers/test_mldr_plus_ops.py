@@ -21,6 +21,7 @@ from tests.importers.test_mldr_plus import (
 from tests.mldr_plus import cifar_root, flowers_root, plus_config
 from wds_reinforce import ReinforcedDataset
 from wds_reinforce.core.augment import Recipe, replay
+from wds_reinforce.core.errors import UsageError
 from wds_reinforce.importers.datasets import open_dataset
 from wds_reinforce.importers.mldr import MetadataError, MldrConfig, convert_rounds, import_mldr
 
@@ -95,17 +96,18 @@ def test_random_crop_offset_outside_the_padded_image_is_refused():
         convert_rounds((0, bad), 0, mldr, "0.pth.tar", (32, 32))
 
 
-def test_flowers_as_their_code_ran_it_has_no_crop(tmp_path):
-    """Their yaml's random_resize_crop is skipped by their code: rounds are flip, RA, RE on the whole image."""
+def test_flowers_as_their_code_ran_it_has_no_crop_and_is_refused(tmp_path):
+    """Their yaml's random_resize_crop is skipped by their code: rounds are flip, RA, RE at each image's own
+    size, which no fixed-size recipe replays; the import says so in one line and writes nothing."""
     flowers_root(tmp_path / "data", FLOWER_SIZES, FLOWER_TRNID, FLOWER_LABELS)
     images = open_dataset("flowers102", str(tmp_path / "data"))
     config = plus_config("flowers102", rounds=3, topk=2, crop="random_resize_crop")
-    mldr = MldrConfig.from_dict(config)
-    assert mldr.ignored == ("random_resize_crop",) and mldr.geometry == () and mldr.variant == "NoCrop+RA/RE"
+    refused = "no crop or resize .their code skipped random_resize_crop.*own size"
+    with pytest.raises(UsageError, match=refused):
+        MldrConfig.from_dict(config)
     objs, files = their_files(images, config, "torch")
-    for obj in objs:
-        assert all(len(r["params"]) == 3 for r in obj[1])
+    assert all(len(r["params"]) == 3 for obj in objs for r in obj[1])
     write_archive(tmp_path / "meta.tar.gz", files, "tar.gz")
-    summary = import_mldr(tmp_path / "meta.tar.gz", f"flowers102:{tmp_path / 'data'}", tmp_path / "out")
-    assert "random_resize_crop" in summary.format()
-    check_import(tmp_path / "out", images, objs, config)
+    with pytest.raises(UsageError, match=refused):
+        import_mldr(tmp_path / "meta.tar.gz", f"flowers102:{tmp_path / 'data'}", tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -222,6 +222,12 @@ class MldrConfig:
         """The recipe that describes their augmentation: same ops, arguments and order as theirs."""
         name = "config.pth.tar"
         ops, size = _geometry_ops(self.transforms, name)
+        if not ops:
+            skipped = f" (their code skipped {', '.join(self.ignored)}: not a name it knows)" if self.ignored else ""
+            raise UsageError(
+                f"{name}: their augmentation has no crop or resize{skipped}, so each view keeps its image's own "
+                "size; a recipe here makes views of one size, so these rounds cannot be replayed as they were made"
+            )
         ops += _pixel_ops(self.transforms, name)
         # A recorded recipe without a kernel set: torchvision's kernels, the library they used.
         desc: dict[str, Any] = {"name": f"mldr-{self.variant.lower()}", "decode": "full", "ops": ops}
