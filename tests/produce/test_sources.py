@@ -114,27 +114,31 @@ def test_food101_layout_without_download(tmp_path):
     assert src[2].data == (base / "images" / "bibimbap" / "5.jpg").read_bytes()
 
 
-def test_cifar100_arrays_become_lossless_deterministic_png(tmp_path, monkeypatch):
-    # CIFAR's distribution files are pickles; rather than write one here, stand in for the
-    # torchvision class (no server involved) and check what the source makes of its arrays.
+def test_cifar100_arrays_become_lossless_deterministic_png(tmp_path):
+    """CIFAR's own pickled batches (built by hand, opcode by opcode) are read without pickle, in order."""
     import numpy as np
-    import torchvision.datasets as tvd
     from PIL import Image
 
-    class FakeCIFAR100:
-        def __init__(self, root, train=True, download=False):
-            assert download is False
-            self.data = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-            self.targets = [5, 0, 99]
-            self.classes = [f"c{i}" for i in range(100)]
+    from tests.mldr_plus import cifar_root
 
-    monkeypatch.setattr(tvd, "CIFAR100", FakeCIFAR100)
+    images, labels = cifar_root(tmp_path, 3)
     src = open_source(f"cifar100:{tmp_path}")
-    assert len(src) == 3 and src.num_classes == 100
+    assert len(src) == 3 and src.num_classes == 100 and src.class_names[7] == "class_7"
     s = src[2]
-    assert (s.key, s.label, s.ext) == ("train_00002", 99, "png")
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(s.data))), FakeCIFAR100(tmp_path).data[2])
+    assert (s.key, s.label, s.ext) == ("train_00002", labels[2], "png")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(s.data))), images[2])
     assert src[2].data == s.data
+
+
+def test_cifar100_pickle_with_code_is_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cifar-100-python").mkdir()
+    evil = b"cos\nsystem\n(S'touch hacked'\ntR."  # a pickle that would call os.system
+    (tmp_path / "cifar-100-python" / "train").write_bytes(evil)
+    (tmp_path / "cifar-100-python" / "meta").write_bytes(evil)
+    with pytest.raises(ValueError, match="cannot open cifar100 .*system"):
+        open_source(f"cifar100:{tmp_path}")
+    assert not (tmp_path / "hacked").exists()
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ a tar path or brace pattern (webdataset shards), or ``NAME:ROOT`` for a register
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wds_reinforce.core.errors import DataError
+from wds_reinforce.core.errors import DataError, UsageError
 from wds_reinforce.core.registry import Registry
 from wds_reinforce.io.shards import (
     IMAGE_EXTS,
@@ -299,61 +298,31 @@ class WebDatasetSource(Source):
 
 
 class TorchvisionSource(Source):
-    """A torchvision classification dataset already on disk, read without re-encoding files.
+    """A torchvision dataset's train split already on disk (``cifar100``, ``flowers102``, ``food101``).
 
-    CIFAR's images are arrays, not files: they are stored losslessly as PNG. Note that
-    torchvision reads CIFAR's own distribution files with pickle; those files are the
-    dataset's published format, not something this project writes.
+    Read in torchvision's order from the dataset's own files by ``importers.datasets`` (the ml-dr
+    importer's image source, so both halves see item i alike): CIFAR's pickled batches through the
+    restricted unpickler (numeric arrays and plain values only), never torchvision's pickle.
+    CIFAR's images are arrays: they are stored losslessly as PNG. Nothing is downloaded.
     """
 
-    def __init__(self, name: str, root: str, split: str = "train"):
-        import torchvision.datasets as tvd
+    def __init__(self, name: str, root: str):
+        from wds_reinforce.importers.datasets import open_dataset  # importers build on this module
 
-        self.spec = f"{name}:{root}"
-        if not os.path.isdir(root):
-            raise ValueError(f"expected the {name} root directory, got {root!r} (not a directory)")
         try:
-            if name == "cifar100":
-                ds = tvd.CIFAR100(root, train=split == "train", download=False)
-            elif name == "flowers102":
-                ds = tvd.Flowers102(root, split=split, download=False)
-            elif name == "food101":
-                ds = tvd.Food101(root, split=split, download=False)
-            else:
-                raise ValueError(f"expected cifar100, flowers102 or food101, got {name!r}")
-        except (RuntimeError, ImportError) as exc:  # "Dataset not found or corrupted"; Flowers102 needs scipy
+            self._images = open_dataset(name, root)
+        except (DataError, UsageError) as exc:  # a missing or malformed file, named
             raise ValueError(f"cannot open {name} at {root!r}: {exc}") from None
-        self._name = name
-        if name == "cifar100":
-            self._arrays = np.asarray(ds.data)
-            self._labels = [int(t) for t in ds.targets]
-            self._files: list[Path] = []
-            self._keys = [f"{split}_{i:05d}" for i in range(len(self._labels))]
-            self.class_names = list(ds.classes)
-        else:
-            self._files = [Path(p) for p in ds._image_files]
-            self._labels = [int(t) for t in ds._labels]
-            if name == "food101":
-                raw = [f"{p.parent.name}_{p.stem}" for p in self._files]
-                self.class_names = list(ds.classes)
-            else:
-                raw = [p.stem for p in self._files]
-                self.class_names = list(getattr(ds, "classes", [])) or [str(i) for i in range(max(self._labels) + 1)]
-            self._keys = unique_keys(raw)
+        self.spec = self._images.spec
+        self._keys, self._labels = self._images.keys, self._images.labels
+        self.class_names = list(self._images.class_names)
 
     def __len__(self) -> int:
         return len(self._labels)
 
     def __getitem__(self, index: int) -> SourceSample:
-        if self._name == "cifar100":
-            from PIL import Image
-
-            buf = io.BytesIO()
-            # compress_level fixed: the PNG bytes (and so the shards) must not vary between runs.
-            Image.fromarray(self._arrays[index]).save(buf, "PNG", compress_level=6)
-            return SourceSample(self._keys[index], buf.getvalue(), self._labels[index], "png")
-        path = self._files[index]
-        return SourceSample(self._keys[index], path.read_bytes(), self._labels[index], image_ext(path.name))
+        data = self._images.read(index)
+        return SourceSample(self._keys[index], data, self._labels[index], self._images.exts[index])
 
 
 for _name in ("cifar100", "flowers102", "food101"):
