@@ -8,8 +8,9 @@ pinned at the first open by what ``fs.info`` says of it (a generation, version i
 blob id where the store has one, else its modification time): a resumed read of another
 version, or a read whose object changed by the time its last byte arrives, raises
 ``ObjectChangedError`` instead of returning spliced bytes. Every backend call runs on a helper
-thread and is abandoned (a fault, retried) when it brings nothing for ``WDS_REINFORCE_TIMEOUT``
-seconds, so the reader's bound on a read without good progress holds over any backend.
+thread and is abandoned when it is still blocked after ``WDS_REINFORCE_STALL_LIMIT`` seconds (the
+read then gives up), as the watchdog ends a blocked socket call over HTTP and S3, which it cannot
+do inside a backend: a dead store costs about the bound, whatever the backend's own timeouts.
 
 ``FsspecOutput`` is a job's output in such a store: files are staged locally and uploaded whole
 (``put_file``), straight to their name where the store's upload is atomic (object stores),
@@ -135,15 +136,15 @@ def _transient(exc: BaseException) -> bool:
 
 
 class _Caller:
-    """Runs a backend's calls on a helper thread, and abandons one that takes ``timeout`` seconds.
+    """Runs a backend's calls on a helper thread, and abandons one still blocked after ``bound`` seconds.
 
-    A socket timeout cannot be set on every backend, nor can the reader's watchdog reach their
-    connections; a call abandoned here is a fault (retried with a fresh ``fs.open``), and its
-    thread ends when the call returns.
+    Neither a socket timeout nor the reader's watchdog reaches every backend's connections; a call
+    abandoned here is a fault (the read is past its bound by then, so it gives up), and its thread
+    ends when the call returns. A body's thread ends with the body (``close``).
     """
 
-    def __init__(self, timeout: float):
-        self.timeout = timeout
+    def __init__(self, bound: float):
+        self.bound = bound
         self._jobs: queue.SimpleQueue | None = None
 
     def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -152,10 +153,10 @@ class _Caller:
             threading.Thread(target=_serve, args=(self._jobs,), name="wds_reinforce-fsspec", daemon=True).start()
         done, box = threading.Event(), {}
         self._jobs.put((fn, args, box, done))
-        if not done.wait(self.timeout):
+        if not done.wait(self.bound):
             self._jobs.put(None)  # the thread ends after the call it is stuck in
             self._jobs = None
-            raise _Transient(f"no answer from the store in {self.timeout:g} s (WDS_REINFORCE_TIMEOUT)")
+            raise _Transient(f"no answer from the store in {self.bound:g} s (WDS_REINFORCE_STALL_LIMIT)")
         if "error" in box:
             raise box["error"]
         return box["value"]
@@ -181,10 +182,10 @@ class _Source:
 
     read_errors = ()  # a body's read raises ``_Transient`` for a fault worth retrying, anything else is final
 
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, url: str, policy: RetryPolicy):
         self.url = url
         self.fs, self.path = filesystem(url)
-        self.call = _Caller(timeout)
+        self.call = _Caller(policy.stall_limit)
 
     def info(self) -> tuple[int | None, str | None]:
         """(size, version) of the object now."""
@@ -288,7 +289,7 @@ def open_fsspec(url: str) -> ResumableReader:
         NetworkReadError, ObjectChangedError: as for ``http(s)://`` and ``s3://``.
     """
     policy = RetryPolicy.from_env()
-    return ResumableReader(_Source(url, policy.timeout), policy)
+    return ResumableReader(_Source(url, policy), policy)
 
 
 def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
