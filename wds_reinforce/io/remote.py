@@ -1,6 +1,6 @@
 """Remote reads that survive transient faults: the S3 client, HTTP and S3 streams, retries.
 
-``ResumableReader`` is a stream over an ``http(s)://`` or ``s3://`` object that survives
+``ResumableReader`` is a stream over an ``http(s)://``, ``s3://`` or fsspec object that survives
 connection resets, 5xx, S3 throttling, a body shorter than its Content-Length and a response
 too slow to be worth waiting for, by retrying with exponential backoff and resuming with a
 ranged request where it stopped, so a fault never changes the bytes read; and that gives up
@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from wds_reinforce.core.errors import UsageError
+from wds_reinforce.io.auth import authorize, authorized_opener, http_headers
 from wds_reinforce.io.retry import (
     BACKOFF,
     BACKOFF_MAX,
@@ -368,20 +369,22 @@ _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 
 
 class _HTTPSource:
-    """GET through urllib (redirects and ``http(s)_proxy``/``no_proxy`` as urllib does them)."""
+    """GET through urllib (redirects and ``http(s)_proxy``/``no_proxy`` as urllib does them), with the
+    headers of ``auth`` (never shown; they follow a redirect to the same origin only)."""
 
     read_errors = (OSError, http.client.HTTPException)
 
     def __init__(self, url: str, timeout: float):
-        self.url, self.timeout = url, timeout
-        self._opener = watched_opener()
+        self.url, self.timeout, self._headers = url, timeout, http_headers(url)
+        self._opener = authorized_opener(watched_opener())
 
     def open(self, offset: int, version: str | None) -> _Opened:
         headers = {"User-Agent": "wds_reinforce", "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
-            response = self._opener.open(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
+            request = authorize(urllib.request.Request(self.url, headers=headers), self._headers)
+            response = self._opener.open(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             exc.close()
             status, reason = exc.code, exc.reason
