@@ -318,6 +318,13 @@ def test_http_streaming_equals_local(made, http_root):
         read_manifest(f"{http_root}/nope/manifest.json")
 
 
+def test_a_set_url_reads_with_or_without_the_trailing_slash(made, http_root):
+    keys = sorted(k for (k,) in ReinforcedDataset(f"{http_root}/manifest.json", keys=("__key__",)))
+    assert keys == sorted(made.keys)
+    for folder in (http_root, f"{http_root}/"):
+        assert sorted(k for (k,) in ReinforcedDataset(folder, keys=("__key__",))) == keys
+
+
 class _DyingHandler(_QuietHandler):
     """Serves the manifest and the first shard, cuts the second mid-body, then answers nothing."""
 

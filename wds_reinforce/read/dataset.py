@@ -73,11 +73,17 @@ _EXPECTED = (
 )
 
 
+def _names_folder(source: str) -> bool:
+    """A URL whose last part names no shard (no ``.tar``, no brace pattern): a set's folder, slash or not."""
+    last = source.rstrip("/").rsplit("/", 1)[-1]
+    return "://" in source and ".tar" not in last and "{" not in last
+
+
 def _resolve_manifest(
     source: str | Sequence[str], manifest: Manifest | str | None
 ) -> tuple[list[str] | None, Manifest, str]:
     """(shard URLs, or None when only a manifest was named; the manifest; the manifest's URL)."""
-    if isinstance(source, str) and (source.endswith((".json", "/")) or os.path.isdir(source)):
+    if isinstance(source, str) and (source.endswith((".json", "/")) or os.path.isdir(source) or _names_folder(source)):
         where, urls = manifest_url(source), None
     else:
         urls = expand_urls(source) if isinstance(source, str) else [str(u) for u in source]
