@@ -112,7 +112,7 @@ def test_train_bad_recipe_is_a_one_line_error(data):
         cwd=ROOT,
     )
     assert out.returncode == 2
-    assert out.stderr.startswith("train.py: error: expected --recipe a preset (center, rrc, ")
+    assert out.stderr.startswith("train.py: error: expected --recipe a preset (center, ")
     assert "got 'rrc+mixup': no such preset, file or folder" in out.stderr and "Traceback" not in out.stderr
 
 
