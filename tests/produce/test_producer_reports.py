@@ -151,14 +151,19 @@ def test_the_bytes_line_says_payload_tar_overhead_and_what_an_epoch_reads(named_
     assert members == samples * rounds // group
     disk = sum(p.stat().st_size for p in tars)
     per_round = samples * rounds
-    read = f"one group of {group} rounds" if group < rounds else "all 3 rounds"
+    read = f"one group of {group} round{'s' * (group > 1)}" if group < rounds else "all 3 rounds"
     lines = summary.format().splitlines()
     assert lines[1] == (
         f"sidecar: {payload / per_round:.1f} B/round payload + {(disk - payload) / per_round:.1f} B/round tar "
         f"overhead = {disk / per_round:.1f} B/round on disk; an epoch reads {read}: {disk / members:.0f} B of "
         "sidecar per sample"
     )
-    assert lines[2].startswith(f"  (tar overhead: {(disk - payload) / members:.0f} B per sample and ")
+    each = "sample and round group" if group < rounds else "sample"
+    why = "; larger groups pay it fewer times" if group < rounds else ""
+    assert lines[2] == (
+        f"  (tar overhead: {(disk - payload) / members:.0f} B per {each}: a sidecar member's 512-byte header and "
+        f"padding to 512 bytes, and a share of the tar's end{why})"
+    )
     assert summary.sidecar_bytes_per_round == pytest.approx(payload / (samples * rounds))
 
 

@@ -219,6 +219,7 @@ class SidecarBytes:
     group_rounds: int  # rounds per member
     rounds: int  # rounds per sample
     estimated: bool = False  # on_disk from the average padding (256 bytes a member), not counted
+    alone: bool = False  # in tars of sidecars alone (a sidecar set): on_disk counts the tars' end too
 
     @property
     def payload_per_round(self) -> float:
@@ -230,16 +231,18 @@ class SidecarBytes:
         rounds = max(self.members * self.group_rounds, 1)
         about = "~" if self.estimated else ""
         grouped = self.group_rounds < self.rounds
-        read = f"one group of {self.group_rounds} rounds" if grouped else f"all {self.rounds} rounds"
+        plural = "s" if self.group_rounds > 1 else ""
+        read = f"one group of {self.group_rounds} round{plural}" if grouped else f"all {self.rounds} rounds"
         epoch = f"an epoch reads {read}: {about}{self.on_disk / max(self.members, 1):.0f} B of sidecar per sample"
         if self.payload is None:
             return [f"sidecar: {about}{self.on_disk / rounds:.1f} B/round on disk with the tar overhead; {epoch}"]
         overhead = self.on_disk - self.payload
-        each = "round group" if grouped else "sample"
-        why = ": larger groups pay it fewer times" if grouped else ""
+        each = "sample and round group" if grouped else "sample"
+        end = ", and a share of the tar's end" if self.alone else ""
+        why = "; larger groups pay it fewer times" if grouped else ""
         return [
             f"sidecar: {self.payload_per_round:.1f} B/round payload + {about}{overhead / rounds:.1f} B/round tar "
             f"overhead = {about}{self.on_disk / rounds:.1f} B/round on disk; {epoch}",
-            f"  (tar overhead: {about}{overhead / max(self.members, 1):.0f} B per sample and {each}, one member's "
-            f"{TAR_MEMBER_OVERHEAD}-byte header and padding to {TAR_MEMBER_OVERHEAD} bytes{why})",
+            f"  (tar overhead: {about}{overhead / max(self.members, 1):.0f} B per {each}: a sidecar member's "
+            f"{TAR_MEMBER_OVERHEAD}-byte header and padding to {TAR_MEMBER_OVERHEAD} bytes{end}{why})",
         ]

@@ -119,5 +119,5 @@ def _sidecar_bytes(markers: list[Any], layout: str, rounds: int) -> SidecarBytes
     if layout == SIDECAR_SETS:  # shards of sidecars alone: their bytes are the sidecars'
         groups = len(markers[0]["files"]) if markers and "files" in markers[0] else 1
         on_disk = sum(f["bytes"] for m in markers for f in m.get("files", [m["shard"]]))
-        return SidecarBytes(payload, on_disk, samples * groups, rounds // max(groups, 1), rounds)
+        return SidecarBytes(payload, on_disk, samples * groups, rounds // max(groups, 1), rounds, alone=True)
     return SidecarBytes(payload, payload + samples * (512 + 256), samples, rounds, rounds, estimated=True)

@@ -304,7 +304,8 @@ class SidecarSetJob(TeacherJob):
         payloads = [m.get("sidecar_bytes") for m in markers]
         payload = None if None in payloads else sum(payloads)
         members = sum(m["shard"]["samples"] for m in markers)
-        return SidecarBytes(payload, sum(m["shard"]["bytes"] for m in markers), members, self.group_rounds, self.rounds)
+        disk = sum(m["shard"]["bytes"] for m in markers)
+        return SidecarBytes(payload, disk, members, self.group_rounds, self.rounds, alone=True)
 
     def _names_note(self, manifest: Manifest) -> str:
         if self.names_from:
