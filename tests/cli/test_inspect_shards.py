@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -63,8 +64,10 @@ def test_rounds_picture_is_enlarged_and_labelled(made, capsys, monkeypatch):
     out, _ = made
     png = out.parent / "rounds.png"
     assert cli.main([str(out), "--grid", str(png), "--key", "dog_img_2"]) == 0
-    assert texts[0] == "dog_img_2: label dog; 3 of 3 rounds, teacher's top-3 under each"
+    assert texts[0] == "dog_img_2: label dog (1); 3 of 3 rounds, teacher's top-3 under each"
     assert texts[1] == "recipe rrc at 32x32 px, shown x4"
+    tops = [t for t in texts if re.search(r": [01]\.\d\d$", t)]  # 3 rounds' top-2: "dog (1): 0.41", never "1 0.41"
+    assert len(tops) == 6 and all(re.fullmatch(r"(cat|dog|eel) \([012]\): [01]\.\d\d", t) for t in tops)
     image = np.asarray(Image.open(png).convert("RGB"))
     # 3 rounds of 32 px shown x4: 128 px tiles (nearest), 4 columns of at least 150 px.
     assert image.shape[1] == 4 * 150 and image.shape[0] == 34 + 128 + 60

@@ -1,7 +1,8 @@
 r"""Make reinforced webdataset shards: source + teacher + recipe -> shards + manifest.
 
 With no arguments, runs the built-in offline demo (generated images, a small teacher trained
-here, shards in shards/demo/). Under torchrun every rank takes its share of the shards.
+here, shards in shards/demo/). Under torchrun, or with RANK and WORLD_SIZE set by hand (one
+process per rank, the same --out), every rank takes its share of the shards.
 
     python tools/make_shards.py --source data/train --teacher timm:resnet50 \
         --teacher-checkpoint teacher.pth --recipe rrc+ra/re --rounds 16 --topk 10 --out shards/train
@@ -107,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per opt
         "--group-rounds is another name for it, as in import_mldr.py",
     )
     p.add_argument(
+        "--class-names",
+        metavar="FILE",
+        help="with --sidecars-only: a UTF-8 text file naming the teacher's classes, one per line (line i: class i), "
+        "for the manifest (default: the class_names of a manifest.json or _info.json beside the image shards, else "
+        "the samples' json class_name, else 0..N-1)",
+    )
+    p.add_argument(
         "--add-teacher",
         metavar="NAME",
         help="add --teacher's targets, as teacher set NAME, to the sidecar set in --out for the rounds it stores "
@@ -144,6 +152,7 @@ _KEYS = {
     "shuffle": "shuffle",
     "sidecars_only": "sidecars_only",
     "round_group": "round_group",
+    "class_names": "class_names",
 }
 
 
@@ -179,7 +188,16 @@ def _fail(message: str) -> int:
 
 
 # The library's errors name its arguments (topk, class_map); this command's name the flags that set them.
-_IDENTIFIERS = ("topk", "class_map", "image_size", "round_group", "shard_size", "batch_size", "teacher_num_classes")
+_IDENTIFIERS = (
+    "topk",
+    "class_map",
+    "class_names",
+    "image_size",
+    "round_group",
+    "shard_size",
+    "batch_size",
+    "teacher_num_classes",
+)
 _WORDS = ("rounds", "workers", "threads", "seed", "split")  # English too: flags only as "expected NAME", "NAME="
 _FLAG_OF = {name: "--" + name.replace("_", "-") for name in _IDENTIFIERS + _WORDS}
 _ARGUMENT = re.compile(
@@ -346,8 +364,9 @@ def _make(options: dict[str, Any], threads: int, progress: bool) -> int:
         try:
             if options.pop("sidecars_only", False):
                 job = prepare_sidecar_job(progress=progress, **options)
-            elif options.get("round_group") is not None:
-                return _fail("expected --round-group only with --sidecars-only")
+            elif options.get("round_group") is not None or options.get("class_names") is not None:
+                flag = "--round-group" if options.get("round_group") is not None else "--class-names"
+                return _fail(f"expected {flag} only with --sidecars-only")
             else:
                 job = prepare_job(progress=progress, **options)
         except UsageError as exc:
@@ -365,10 +384,7 @@ def _make(options: dict[str, Any], threads: int, progress: bool) -> int:
         kept = job.finished_shards() if job is not None else 0
         print(f"make_shards.py: interrupted; rerun the same command to resume, {kept} shards kept", file=sys.stderr)
         return _INTERRUPTED
-    if summary.manifest_written:
-        print(summary.format())
-    else:
-        print(f"rank {job.rank}: made {summary.made} shards, reused {summary.reused}; rank 0 writes the manifest")
+    print(summary.format())  # rank 0: every rank's work; another rank: its own share
     return 0
 
 

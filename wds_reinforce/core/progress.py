@@ -5,7 +5,8 @@ updates, but one line per finished shard with the count, the rate and the time l
 between shards when a shard takes long (so a slow run and a stalled one look different). Every
 job that writes shards (the producer's, the importers') reports through ``ShardProgress``; a
 caller that wants the lines itself (a library user, a test) passes ``say``. ``StepProgress`` does
-the same for a training loop's steps.
+the same for a training loop's steps. ``SidecarBytes`` says what a data set's sidecars take, the
+same way for the producer and the importers.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-__all__ = ["ShardProgress", "StepProgress", "eta", "format_duration"]
+__all__ = ["ShardProgress", "StepProgress", "SidecarBytes", "TAR_MEMBER_OVERHEAD", "eta", "format_duration"]
+
+TAR_MEMBER_OVERHEAD = 512  # a tar member's header; its data is padded to a multiple of 512 too
 
 
 def format_duration(seconds: float) -> str:
@@ -84,6 +88,11 @@ class ShardProgress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=items, unit=unit, desc=desc, dynamic_ncols=True, file=self.stream)
+
+    def started(self) -> None:
+        """In a log, a first line now (the first finished shard may be minutes away)."""
+        if self.bar is None:
+            self._write(f"{self.desc}: started, {self.shards} shards ({self.items} {self.unit}) to make")
 
     def restart(self, items: int, shards: int) -> None:
         """Count afresh from now: ``items`` and ``shards`` are what is left to make (after reuse)."""
@@ -192,3 +201,48 @@ class StepProgress:
             f"ETA {eta(self.done, self.steps, elapsed)} for the epoch, "
             f"{eta(self.done, left_in_run, elapsed)} for the run's training steps"
         )
+
+
+@dataclass(frozen=True)
+class SidecarBytes:
+    """What a data set's sidecars take, for a summary: the encoded sidecars (payload) and the bytes
+    they take in the tars (on disk: each member's 512-byte header and padding to 512 bytes, and for
+    shards of sidecars alone the tar's end blocks).
+
+    A self-contained sample has one sidecar member holding every round (``group_rounds`` =
+    ``rounds``); a sidecar set has one per round group, of which an epoch reads one.
+    """
+
+    payload: int | None  # None: not recorded (shards made by an older version)
+    on_disk: int
+    members: int  # sidecar members counted (samples x round groups)
+    group_rounds: int  # rounds per member
+    rounds: int  # rounds per sample
+    estimated: bool = False  # on_disk from the average padding (256 bytes a member), not counted
+    alone: bool = False  # in tars of sidecars alone (a sidecar set): on_disk counts the tars' end too
+
+    @property
+    def payload_per_round(self) -> float:
+        return (self.payload or 0) / max(self.members * self.group_rounds, 1)
+
+    def lines(self) -> list[str]:
+        """``sidecar: 24.4 B/round payload + 255.9 B/round tar overhead = 280.3 B/round on disk; ...``,
+        and a line on what the overhead is."""
+        rounds = max(self.members * self.group_rounds, 1)
+        about = "~" if self.estimated else ""
+        grouped = self.group_rounds < self.rounds
+        plural = "s" if self.group_rounds > 1 else ""
+        read = f"one group of {self.group_rounds} round{plural}" if grouped else f"all {self.rounds} rounds"
+        epoch = f"an epoch reads {read}: {about}{self.on_disk / max(self.members, 1):.0f} B of sidecar per sample"
+        if self.payload is None:
+            return [f"sidecar: {about}{self.on_disk / rounds:.1f} B/round on disk with the tar overhead; {epoch}"]
+        overhead = self.on_disk - self.payload
+        each = "sample and round group" if grouped else "sample"
+        end = ", and a share of the tar's end" if self.alone else ""
+        why = "; larger groups pay it fewer times" if grouped else ""
+        return [
+            f"sidecar: {self.payload_per_round:.1f} B/round payload + {about}{overhead / rounds:.1f} B/round tar "
+            f"overhead = {about}{self.on_disk / rounds:.1f} B/round on disk; {epoch}",
+            f"  (tar overhead: {about}{overhead / max(self.members, 1):.0f} B per {each}: a sidecar member's "
+            f"{TAR_MEMBER_OVERHEAD}-byte header and padding to {TAR_MEMBER_OVERHEAD} bytes{end}{why})",
+        ]

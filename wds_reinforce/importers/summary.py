@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from wds_reinforce.layouts import layout_of
+from wds_reinforce.core.progress import SidecarBytes
+from wds_reinforce.layouts import SIDECAR_SETS, layout_of
 
 __all__ = ["ImportSummary", "summarize"]
 
@@ -36,14 +37,19 @@ class ImportSummary:
     note: str = ""  # where the output lies (a sidecar set beside the input shards)
     without_rounds: int = 0  # images that kept no round, imported without any
     notes: list[str] = field(default_factory=list)  # the importer's (e.g. transforms their code ignored)
+    sidecar: SidecarBytes | None = None
 
     def format(self) -> str:
         lines = [
             f"imported {self.variant} into {self.out}: {self.samples} images x {self.rounds} rounds (of "
             f"{self.total_rounds}), top-{self.topk}, {self.shards} shards ({self.made} made, {self.reused} reused), "
             f"{self.bytes / 1e6:.1f} MB",
-            f"sidecar: {self.sidecar_bytes_per_round:.1f} bytes per round; their metadata: "
-            f"{self.metadata_bytes_per_round:.1f} bytes per round",
+            *(
+                self.sidecar.lines()
+                if self.sidecar is not None
+                else [f"sidecar: {self.sidecar_bytes_per_round:.1f} B/round payload"]
+            ),
+            f"their metadata: {self.metadata_bytes_per_round:.1f} bytes per round (the archive, per image and round)",
             f"speed: {self.images_per_s:.0f} images/s over {self.seconds:.1f} s",
         ]
         if self.note:
@@ -72,6 +78,8 @@ def summarize(maker: Any, result: Any) -> ImportSummary:
         written = sum(s.bytes for s in layout_of(manifest).made_files(manifest))
     else:  # a rank other than 0: its own files
         written = sum(f["bytes"] for m in mine for f in m.get("files", [m["shard"]]))
+    every = list(job.markers.values()) if manifest is not None else mine  # rank 0: every rank's shards
+    sidecar = _sidecar_bytes(every, maker.writer.layout, rounds)
     stats = [m["kept"] for m in mine if m["kept"]["images"]]
     low, high = min((s["min"] for s in stats), default=0), max((s["max"] for s in stats), default=0)
     groups = len(mine[0]["files"]) if mine and "files" in mine[0] else 1
@@ -90,8 +98,7 @@ def summarize(maker: Any, result: Any) -> ImportSummary:
         made=result.made,
         reused=result.reused,
         bytes=written,
-        sidecar_bytes_per_round=sum(m["sidecar_bytes"] for m in mine)
-        / max(sum(m["shard"]["samples"] for m in mine) * rounds, 1),
+        sidecar_bytes_per_round=sidecar.payload_per_round,
         metadata_bytes_per_round=importer.bytes / max(len(maker.images) * importer.total_rounds, 1),
         images_per_s=result.rate,
         seconds=result.seconds,
@@ -103,4 +110,17 @@ def summarize(maker: Any, result: Any) -> ImportSummary:
         note=maker.writer.note(groups, rounds, len(maker.shards)),
         without_rounds=without,
         notes=list(importer.notes),
+        sidecar=sidecar,
     )
+
+
+def _sidecar_bytes(markers: list[Any], layout: str, rounds: int) -> SidecarBytes:
+    """What the sidecars of these shards take, said as the producer says it (``SidecarBytes``); in
+    self-contained shards their tar overhead is estimated (256 bytes of padding a member)."""
+    payload = sum(m["sidecar_bytes"] for m in markers)
+    samples = sum(m["shard"]["samples"] for m in markers)
+    if layout == SIDECAR_SETS:  # shards of sidecars alone: their bytes are the sidecars'
+        groups = len(markers[0]["files"]) if markers and "files" in markers[0] else 1
+        on_disk = sum(f["bytes"] for m in markers for f in m.get("files", [m["shard"]]))
+        return SidecarBytes(payload, on_disk, samples * groups, rounds // max(groups, 1), rounds, alone=True)
+    return SidecarBytes(payload, payload + samples * (512 + 256), samples, rounds, rounds, estimated=True)

@@ -4,7 +4,8 @@ A job writes its files into an ``Output`` (a local folder or ``s3://bucket/prefi
 (output shard j, or image shard i with its round groups). ``ShardJob`` keeps its bookkeeping
 there, so that any process can make any unit and a killed run resumes:
 
-- **partition**: under torchrun (``RANK``/``WORLD_SIZE``) rank r makes the units j % world == r;
+- **partition**: under torchrun, or with ``RANK``/``WORLD_SIZE`` set by hand (one process per rank,
+  the same output), rank r makes the units j % world == r;
 - **identity**: a digest of everything that decides the bytes; a job file (for the tools that
   keep one) and every done marker carry it, and another job's files in the same output are
   refused, saying what differs;
@@ -12,7 +13,10 @@ there, so that any process can make any unit and a killed run resumes:
 - **done markers**: ``.done/{part}.json`` records a part's files with their sha256; a rerun
   verifies them and remakes only what is missing or damaged;
 - **wait for all**: rank 0 waits for every part's marker, then writes the manifest last (its
-  presence means every shard it lists is complete), with timm's ``_info.json`` where asked.
+  presence means every shard it lists is complete), with timm's ``_info.json`` where asked;
+- **work records**: a made part's marker says which rank made it and what it took (``made``:
+  images, images x rounds, seconds into that rank's run), so that rank 0 can total every rank's
+  work (``JobRun.fresh``: the parts made while it ran).
 
 ``run`` drives it; a job supplies a ``Maker``: its parts per unit, how to make the missing ones,
 and the manifest. The producer (``self_contained``, ``sidecar_sets``, ``teacher_sets``) and the
@@ -50,12 +54,14 @@ __all__ = [
     "describe_differences",
     "library_versions",
     "write_tar",
+    "tar_member_bytes",
 ]
 
 DONE_DIR = ".done"
 TAR_MTIME = 0  # fixed tar header fields: reruns give byte-identical shards
 _TAR_MODE = 0o444
 WAIT_TIMEOUT = 7 * 24 * 3600.0  # how long rank 0 waits for the other ranks' shards
+SAME_RUN_SLACK = 60.0  # a rank that started this long before rank 0 still belongs to its run
 
 
 class OtherJobError(UsageError):
@@ -94,6 +100,11 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
+
+
+def tar_member_bytes(size: int) -> int:
+    """The bytes a member of ``size`` bytes takes in a tar: its 512-byte header and its data padded to 512."""
+    return 512 + -(-size // 512) * 512
 
 
 def write_tar(fileobj: io.BufferedIOBase, members: Iterable[tuple[str, bytes]]) -> None:
@@ -136,6 +147,25 @@ class ShardJob:
     _checked: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
     # part -> its marker, for the parts this process made or found finished
     markers: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
+    started: float = field(default_factory=time.monotonic, init=False, repr=False)  # this run's start
+    started_at: float = field(default_factory=time.time, init=False, repr=False)  # the same, wall clock
+
+    def work(self, images: int, views: int) -> dict[str, Any]:
+        """A made part's record (its marker's ``made``): this rank, the images and images x rounds it
+        took, the seconds since this rank's run started when it was done, and when that was."""
+        elapsed = round(time.monotonic() - self.started, 3)
+        made = {"rank": self.rank, "world": self.world, "images": images, "views": views, "elapsed": elapsed}
+        return {**made, "started": round(self.started_at, 3)}
+
+    def made_in_this_run(self, marker: Mapping[str, Any] | None, before: Mapping[str, Any] | None) -> bool:
+        """Whether a part's final ``marker`` was made in the run that began when this rank's did: it
+        changed since ``before`` (its marker then), or a rank that started at most ``SAME_RUN_SLACK``
+        seconds before this one made it (ranks launched together start within seconds)."""
+        if marker is None:
+            return False
+        made = marker.get("made")
+        recent = isinstance(made, Mapping) and float(made.get("started", 0)) >= self.started_at - SAME_RUN_SLACK
+        return marker != before or recent
 
     def mine(self, units: int) -> list[int]:
         """This rank's units of ``range(units)``."""
@@ -316,7 +346,10 @@ class JobRun:
     work: int  # what ``Maker.make`` returned
     seconds: float
     manifest: Manifest | None = None  # rank 0
-    markers: dict[str, dict[str, Any]] = field(default_factory=dict)  # rank 0: every part's
+    markers: dict[str, dict[str, Any]] = field(default_factory=dict)  # rank 0: every part's; others: their own
+    fresh: list[str] = field(default_factory=list)  # parts made while this ran (rank 0: by any rank)
+    wall: float = 0.0  # seconds until the manifest was written (rank 0), or as ``seconds``
+    ended_at: float = 0.0  # when (wall clock)
 
     @property
     def rate(self) -> float:
@@ -326,9 +359,16 @@ class JobRun:
 def run(
     job: ShardJob, maker: Maker, units: int, info: bool = False, say: Callable[[str], None] | None = None
 ) -> JobRun:
-    """Make this rank's unfinished parts; rank 0 then waits for all and writes the manifest last."""
+    """Make this rank's unfinished parts; rank 0 then waits for all and writes the manifest last.
+
+    Rank 0 of several reads every part's marker first, to tell the parts made in this run (by
+    whichever rank its ``made`` names; ``ShardJob.made_in_this_run``) from those reused.
+    """
     start = time.perf_counter()
+    job.started, job.started_at = time.monotonic(), time.time()
     job.output.staging()
+    every = [part for u in range(units) for part in maker.parts(u)]
+    before = {part: job.read_marker(part) for part in every} if job.rank == 0 and job.world > 1 else {}
     todo, reused = [], 0
     for unit in job.mine(units):
         parts = maker.parts(unit)
@@ -338,13 +378,17 @@ def run(
             todo.append((unit, missing))
     work = maker.make(todo) if todo else 0
     seconds = time.perf_counter() - start
-    result = JobRun(
-        units, sum(len(maker.parts(u)) for u in range(units)), sum(len(p) for _, p in todo), reused, work, seconds
-    )
+    result = JobRun(units, len(every), sum(len(p) for _, p in todo), reused, work, seconds, wall=seconds)
+    result.fresh = [part for _, parts in todo for part in parts]
+    result.markers = {part: job.markers[part] for part in result.fresh if part in job.markers}
     if job.rank == 0:
-        result.markers = job.wait_all([part for u in range(units) for part in maker.parts(u)], say)
+        result.markers = job.wait_all(every, say)
+        if job.world > 1:
+            result.fresh = [part for part in every if job.made_in_this_run(result.markers[part], before.get(part))]
         result.manifest = maker.manifest(result.markers)
         job.write_manifest(result.manifest, info)
+        result.wall = time.perf_counter() - start
+    result.ended_at = time.time()
     job.output.close()
     return result
 

@@ -25,7 +25,7 @@ from wds_reinforce.io.outputs import Output
 from wds_reinforce.io.storage import open_output
 from wds_reinforce.produce.jobs import dist_env
 from wds_reinforce.produce.self_contained import ReinforceJob
-from wds_reinforce.produce.sidecar_sets import SidecarSetJob, image_shard_urls
+from wds_reinforce.produce.sidecar_sets import SidecarSetJob, found_class_names, image_shard_urls, read_class_names
 from wds_reinforce.produce.sources import Source, WebDatasetSource, open_source
 from wds_reinforce.produce.teacher import Teacher, load_teacher, parse_teacher_spec
 from wds_reinforce.produce.teacher_job import ProducerSummary
@@ -247,19 +247,48 @@ def prepare_job(
     return job
 
 
+def _sidecar_class_names(
+    given: str | os.PathLike | Sequence[str] | None, urls: Sequence[str], classes: int
+) -> tuple[list[str] | None, str]:
+    """A sidecar set's class names, given or listed beside the image shards, and where from (None:
+    none yet; the samples' json members may name them)."""
+    if given is not None:
+        if isinstance(given, (str, os.PathLike)):
+            names, where = read_class_names(given), f"class_names file {str(given)!r}"
+        else:
+            names, where = [str(n) for n in given], "class_names"
+        if len(names) != classes:
+            raise UsageError(f"expected {where} to name the teacher's {classes} classes, got {len(names)} names")
+        return names, where
+    found = found_class_names(urls)
+    if found is None:
+        return None, ""
+    names, url = found
+    if len(names) != classes:
+        raise UsageError(
+            f"expected the {len(names)} class names of {url} to match the teacher's {classes} classes; "
+            "pass class_names (a file of the teacher's class names, one per line)"
+        )
+    return names, url
+
+
 def prepare_sidecar_job(
     source: str | Sequence[str],
     teacher: str | Sequence[str] | Teacher,
     out: str = "shards/out",
     *,
     round_group: int | None = None,
+    class_names: str | os.PathLike | Sequence[str] | None = None,
     **settings: Any,
 ) -> SidecarSetJob:
     """Check every argument and build a sidecar-set job; nothing is written.
 
     ``source`` is plain webdataset image shards (a brace pattern or a list; local, http(s), s3);
     ``round_group`` G rounds go into each group (default: all ``rounds`` in one group), and
-    ``rounds`` must be a multiple of G. ``settings`` are the producer's, as for ``prepare_job``.
+    ``rounds`` must be a multiple of G. ``class_names`` (a list, or a text file of one name per
+    line) names the teacher's classes in the manifest; without them, the names listed beside the
+    image shards (their ``manifest.json`` / ``_info.json``) or in their samples' ``json`` members
+    (``class_name``), else ``"0" .. "N-1"``. ``settings`` are the producer's, as for ``prepare_job``.
 
     Raises:
         UsageError: bad arguments (also a producer option that has no meaning here), before any work.
@@ -280,8 +309,11 @@ def prepare_sidecar_job(
     k = min(DEFAULT_TOPK, classes) if checked.topk is None else checked.topk
     if not 1 <= k <= classes:
         raise UsageError(f"expected topk in [1, {classes}] (the teacher's classes), got {k!r}")
+    names, names_from = _sidecar_class_names(class_names, urls, classes)
     checked.output.check_writable()
-    job = SidecarSetJob(image_urls=urls, group_rounds=group, **checked.common(k))
+    job = SidecarSetJob(
+        image_urls=urls, group_rounds=group, class_names=names, names_from=names_from, **checked.common(k)
+    )
     job.check_existing()
     return job
 
@@ -300,7 +332,7 @@ def make_shards(
             topk, shard_size, batch_size (images, i.e. samples x rounds, per teacher call),
             workers, seed, device, teacher_checkpoint, teacher_num_classes, pretrained,
             class_map, progress, name, split, shuffle), or with ``sidecars_only=True`` those of
-            ``prepare_sidecar_job`` (``round_group``).
+            ``prepare_sidecar_job`` (``round_group``, ``class_names``).
 
     Returns:
         A ``ProducerSummary``. Under torchrun (RANK / WORLD_SIZE set) each rank makes shards
@@ -311,7 +343,8 @@ def make_shards(
     """
     if kwargs.pop("sidecars_only", False):
         return prepare_sidecar_job(source, teacher, out, **kwargs).run()
-    if kwargs.get("round_group") is not None:
-        raise UsageError("expected round_group only with sidecars_only=True")
-    kwargs.pop("round_group", None)
+    for name in ("round_group", "class_names"):
+        if kwargs.get(name) is not None:
+            raise UsageError(f"expected {name} only with sidecars_only=True (self-contained shards take the source's)")
+        kwargs.pop(name, None)
     return prepare_job(source, teacher, out, **kwargs).run()

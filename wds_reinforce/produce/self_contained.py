@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,9 +25,9 @@ import torch
 from wds_reinforce.core.augment import Recipe
 from wds_reinforce.core.errors import DataError, error_text
 from wds_reinforce.core.format import SIDECAR_EXT, Manifest, ShardInfo, Sidecar, SkippedInput, crc32c, encode_sidecar
-from wds_reinforce.core.progress import ShardProgress
+from wds_reinforce.core.progress import ShardProgress, SidecarBytes
 from wds_reinforce.core.schedule import pairing_windows
-from wds_reinforce.produce.jobs import DONE_DIR, library_versions, run
+from wds_reinforce.produce.jobs import DONE_DIR, library_versions, run, tar_member_bytes
 from wds_reinforce.produce.sources import Source, SourceSample, SourceSampleError, sample_order
 from wds_reinforce.produce.teacher import TeacherBatcher
 from wds_reinforce.produce.teacher_job import ProducerSummary, TeacherJob
@@ -114,8 +114,19 @@ class ReinforceJob(TeacherJob):
         self.job.output.staging()
         self.job.keep_identity(self.job_file, json.dumps(self.identity(), sort_keys=True) + "\n", self.job_file_decides)
         result = run(self.job, self, self.num_shards, info=True)
-        side = sum(m.get("sidecar_bytes", 0) for m in result.markers.values())
-        return ProducerSummary.of(self.job, result, self.rounds, sidecar_bytes=side)
+        return ProducerSummary.of(self.job, result, self.rounds, self._sidecar_bytes(result.markers.values()))
+
+    def _sidecar_bytes(self, markers: Iterable[Mapping[str, Any]]) -> SidecarBytes:
+        """What the sidecars of these parts take (markers of older versions: the tar overhead estimated)."""
+        markers = list(markers)
+        samples = sum(m["shard"]["samples"] for m in markers)
+        payload = sum(m.get("sidecar_bytes", 0) for m in markers)
+        counted = [m["sidecar_tar_bytes"] for m in markers if "sidecar_tar_bytes" in m]
+        estimated = len(counted) < len(markers)
+        on_disk = sum(
+            m.get("sidecar_tar_bytes", m.get("sidecar_bytes", 0) + m["shard"]["samples"] * 768) for m in markers
+        )
+        return SidecarBytes(payload, on_disk, samples, self.rounds, self.rounds, estimated)
 
     # -- the Maker
 
@@ -142,7 +153,7 @@ class ReinforceJob(TeacherJob):
             )
         )
         # A bar on a terminal; in a log file, one line per finished shard (count, rate, ETA).
-        bar = ShardProgress(len(indices), len(shards), desc="reinforce") if self.progress and self.rank == 0 else None
+        bar = self.progress_bar(len(indices), len(shards), "reinforce")
         views = 0
         try:
             for j in shards:
@@ -158,7 +169,7 @@ class ReinforceJob(TeacherJob):
         batcher = TeacherBatcher(self.teacher, self.topk, self.batch_size, self.class_map)
         keys: list[str] = []
         skipped: list[SkippedInput] = []
-        sidecar_bytes = [0]
+        sidecar_bytes = [0, 0]  # the sidecars' bytes, and what they take in the tar
 
         def good() -> Iterator[dict[str, Any]]:
             for _ in self._indices(j):
@@ -187,6 +198,8 @@ class ReinforceJob(TeacherJob):
         info = self.job.write_tar(self.shard_name(j), members(), keys)
         skipped_rows = [dataclasses.asdict(s) for s in skipped]
         payload = {"shard": dataclasses.asdict(info), "skipped": skipped_rows, "sidecar_bytes": sidecar_bytes[0]}
+        payload["sidecar_tar_bytes"] = sidecar_bytes[1]
+        payload["made"] = self.job.work(len(keys), batcher.views)
         payload["places"] = True  # its sidecars record them (shards made before, resumed, do not)
         self.job.done(self.shard_name(j), payload)
         return batcher.views
@@ -213,6 +226,7 @@ class ReinforceJob(TeacherJob):
             data = encode_sidecar(sidecar)
             keys.append(sample.key)
             sidecar_bytes[0] += len(data)
+            sidecar_bytes[1] += tar_member_bytes(len(data))
             yield f"{sample.key}.{sample.ext}", sample.data
             yield f"{sample.key}.cls", label
             yield f"{sample.key}.{SIDECAR_EXT}", data

@@ -13,6 +13,11 @@ replaced last. Work is partitioned by image shard (rank r takes shards ``i % wor
 the shared job's lifecycle (``jobs``); another teacher's targets for the stored rounds are added
 by ``teacher_sets``.
 
+Class names (the manifest's ``class_names``, what ``inspect_shards.py --grid`` prints) come from,
+in order: the caller (``--class-names FILE``), the image shards' own ``manifest.json`` or
+``_info.json`` (``found_class_names``), each sample's ``json`` member (``{"label": 3, "class_name":
+"dog"}``, gathered while the shards are read), else ``"0" .. "N-1"`` with a note in the summary.
+
 Adding to a set (rounds, a teacher) first reads every image shard that files were made from and
 refuses, before anything is written, if one's sha256 changed since (``check_image_shards``). Every
 rank checks every such shard, not only its own: otherwise one rank could write new groups while
@@ -24,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -43,12 +48,19 @@ from wds_reinforce.core.format import (
     crc32c,
     encode_sidecar,
 )
-from wds_reinforce.core.progress import ShardProgress
+from wds_reinforce.core.progress import SidecarBytes
 from wds_reinforce.core.schedule import WindowCutter
 from wds_reinforce.io.outputs import local_path
-from wds_reinforce.io.shards import HashingReader, image_bytes, samples
-from wds_reinforce.io.storage import open_url
-from wds_reinforce.layouts import SIDECAR_SETS, group_rows, group_shard_name, sidecar_set_fields
+from wds_reinforce.io.shards import HashingReader, image_bytes, sample_label, samples
+from wds_reinforce.io.storage import dirname_url, join_url, open_url, read_url
+from wds_reinforce.layouts import (
+    INFO_NAME,
+    MANIFEST_NAME,
+    SIDECAR_SETS,
+    group_rows,
+    group_shard_name,
+    sidecar_set_fields,
+)
 from wds_reinforce.produce.jobs import (
     DONE_DIR,
     library_versions,
@@ -58,7 +70,15 @@ from wds_reinforce.produce.teacher import TeacherBatcher
 from wds_reinforce.produce.teacher_job import ProducerSummary, TeacherJob
 from wds_reinforce.produce.workers import mix_items, replay_rounds, worker_loader
 
-__all__ = ["SidecarSetJob", "SIDECAR_JOB_FILE", "MadeFrom", "check_image_shards", "image_shard_urls"]
+__all__ = [
+    "SidecarSetJob",
+    "SIDECAR_JOB_FILE",
+    "MadeFrom",
+    "check_image_shards",
+    "image_shard_urls",
+    "found_class_names",
+    "read_class_names",
+]
 
 SIDECAR_JOB_FILE = f"{DONE_DIR}/sidecar-job.json"  # the job's identity, written before any shard
 
@@ -84,6 +104,54 @@ def image_shard_urls(spec: str | Sequence[str]) -> list[str]:
             raise UsageError(f"expected existing image shards, got {url!r} (not found)")
         out.append(os.path.abspath(path))
     return out
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """Class names from a UTF-8 text file, one per line: line i names class i (blank lines at the end ignored).
+
+    Raises:
+        UsageError: the file cannot be read, or a name is blank.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f.read().rstrip().splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(
+            f"expected class_names a UTF-8 text file, one name per line, got {str(path)!r} ({exc})"
+        ) from None
+    blank = [i for i, name in enumerate(names) if not name]
+    if not names or blank:
+        where = f"line {blank[0] + 1} is blank" if blank else "it is empty"
+        raise UsageError(f"expected class_names a UTF-8 text file, one name per line, got {str(path)!r} ({where})")
+    return names
+
+
+def found_class_names(urls: Sequence[str]) -> tuple[list[str], str] | None:
+    """The class names the image shards' folder lists (``class_names`` of its ``manifest.json`` or
+    ``_info.json``, beside the first shard; a data set this producer made has both), and that file."""
+    folder = dirname_url(urls[0]) if urls else ""
+    for name in (MANIFEST_NAME, INFO_NAME):
+        url = join_url(folder, name)
+        if "://" not in url and not os.path.isfile(url):
+            continue
+        try:
+            meta = json.loads(read_url(url))
+        except (OSError, ValueError):  # none there, or not JSON: not a list of names
+            continue
+        names = meta.get("class_names") if isinstance(meta, dict) else None
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            return list(names), url
+    return None
+
+
+def _json_class_name(sample: Mapping[str, Any]) -> tuple[int, str] | None:
+    """(label, name) from a sample's ``json`` member ``{"class_name": ...}``; None without one."""
+    try:
+        meta = json.loads(sample.get("json") or b"null")
+        name = meta.get("class_name") if isinstance(meta, dict) else None
+        return (sample_label(sample), name) if isinstance(name, str) and name else None
+    except ValueError:  # not JSON, or no label: no name to learn
+        return None
 
 
 @dataclass(frozen=True)
@@ -172,7 +240,8 @@ class _ShardReplay(torch.utils.data.IterableDataset):
         except DataError as exc:
             return {"shard": i, "key": key, "error": error_text(exc, whole=True)}
         crcs = {"crc": crc32c(data), "label_crc": crc32c(sample.get("cls") or b"")}
-        return {"shard": i, "key": key, "error": None, "params": params, "images": pixels, **crcs}
+        named = _json_class_name(sample)
+        return {"shard": i, "key": key, "error": None, "params": params, "images": pixels, "named": named, **crcs}
 
 
 @dataclass
@@ -184,6 +253,8 @@ class SidecarSetJob(TeacherJob):
     what: ClassVar[str] = "sidecar shards"
     image_urls: list[str]
     group_rounds: int
+    class_names: list[str] | None = None  # given or found before the run (checked against the teacher)
+    names_from: str = ""  # where they came from, for the summary
     # image shard i -> what its finished groups were made from (``check_images``)
     _made_from: dict[int, list[MadeFrom]] = field(default_factory=dict, init=False, repr=False)
 
@@ -221,7 +292,30 @@ class SidecarSetJob(TeacherJob):
         self.job.output.staging()
         identity = json.dumps({"job": self.digest, "identity": self.identity()}, sort_keys=True)
         self.job.keep_identity(self.job_file, identity, self.job_file_decides)
-        return ProducerSummary.of(self.job, run(self.job, self, len(self.image_urls)), self.rounds)
+        result = run(self.job, self, len(self.image_urls))
+        summary = ProducerSummary.of(self.job, result, self.rounds, self._sidecar_bytes(result.markers.values()))
+        if result.manifest is not None:
+            summary.notes.append(self._names_note(result.manifest))
+        return summary
+
+    def _sidecar_bytes(self, markers: Iterable[Mapping[str, Any]]) -> SidecarBytes:
+        """What these parts' sidecars take (the payload unknown if one was made by an older version)."""
+        markers = list(markers)
+        payloads = [m.get("sidecar_bytes") for m in markers]
+        payload = None if None in payloads else sum(payloads)
+        members = sum(m["shard"]["samples"] for m in markers)
+        disk = sum(m["shard"]["bytes"] for m in markers)
+        return SidecarBytes(payload, disk, members, self.group_rounds, self.rounds, alone=True)
+
+    def _names_note(self, manifest: Manifest) -> str:
+        if self.names_from:
+            return f"class names: {len(manifest.class_names)}, from {self.names_from}"
+        if any(n != str(c) for c, n in enumerate(manifest.class_names)):
+            return f"class names: {len(manifest.class_names)}, from the image shards' json members (class_name)"
+        return (
+            f'class names: not found (no class_names beside the image shards, no json class_name), listed as "0" .. '
+            f'"{len(manifest.class_names) - 1}"; --class-names FILE (one name per line) names them'
+        )
 
     def check_images(self) -> None:
         """Refuse, before anything is written, to add groups beside groups made from other image bytes.
@@ -255,11 +349,7 @@ class SidecarSetJob(TeacherJob):
         items = [(i, self.image_urls[i], [r for g in groups[i] for r in range(g * G, (g + 1) * G)]) for i, _ in todo]
         rounds_of = {i: rounds for i, _, rounds in items}
         loader = worker_loader(_ShardReplay(items, self.recipe, self.seed), min(self.workers, len(items)))
-        bar = (
-            ShardProgress(len(items), len(items), "sidecars", "image shards")
-            if self.progress and self.rank == 0
-            else None
-        )
+        bar = self.progress_bar(len(items), len(items), "sidecars", "image shards")
         width = self.recipe.pairing_window
         state: dict[int, dict[str, Any]] = {}  # workers take whole shards, but their items interleave
         views = 0
@@ -267,6 +357,8 @@ class SidecarSetJob(TeacherJob):
             for item in loader:
                 i = item["shard"]
                 st = state.setdefault(i, {"samples": [], "cutter": WindowCutter(width), "batcher": self._batcher()})
+                if bar is not None and "end" not in item:
+                    bar.update(0)  # in a log, a line within a long shard
                 if "end" in item:  # the shard's last, shorter window
                     windows = [w for w in [st["cutter"].close()] if w]
                 else:
@@ -277,7 +369,7 @@ class SidecarSetJob(TeacherJob):
                 if "end" in item:
                     st["batcher"].flush()
                     views += st["batcher"].views
-                    self._write_shard(i, groups[i], state.pop(i)["samples"], item["end"])
+                    self._write_shard(i, groups[i], state.pop(i)["samples"], item["end"], st["batcher"].views)
                     if bar is not None:
                         bar.update(1)
                         bar.shard_done(os.path.basename(item["end"].name))
@@ -295,13 +387,19 @@ class SidecarSetJob(TeacherJob):
         for item in window:
             item["views"] = batcher.add(item.pop("images"))  # the batcher holds the pixels until seen
 
-    def _write_shard(self, i: int, groups: list[int], made: list[dict[str, Any]], image: ShardInfo) -> None:
+    def _write_shard(  # long: the sidecars of every group, then each group's tar and marker
+        self, i: int, groups: list[int], made: list[dict[str, Any]], image: ShardInfo, views: int
+    ) -> None:
         for known in self._made_from.get(i, []):  # changed while this run read it
             if known.sha256 != image.sha256:
                 raise _changed(known, image.sha256)
         G = self.group_rounds
         skipped = [dataclasses.asdict(SkippedInput(s["key"], s["error"])) for s in made if s["error"] is not None]
         done = [s for s in made if s["error"] is None]
+        names: dict[str, str] = {}  # label -> the first class_name its samples' json members give
+        for s in done:
+            if s.get("named") is not None:
+                names.setdefault(str(s["named"][0]), s["named"][1])
         fp = self.recipe.fingerprint
         sidecars = [
             Sidecar(
@@ -329,6 +427,9 @@ class SidecarSetJob(TeacherJob):
             info = self.job.write_tar(name, iter(members), [s["key"] for s in done])
             payload = {"shard": dataclasses.asdict(info), "image": dataclasses.asdict(image), "skipped": skipped}
             payload["places"] = True  # its sidecars record them (groups made before do not)
+            payload["sidecar_bytes"] = sum(len(data) for _, data in members)
+            payload["class_names"] = names
+            payload["made"] = self.job.work(len(done), views // len(groups))
             self.job.done(name, payload)
 
     def manifest(self, markers: Mapping[str, Mapping[str, Any]]) -> Manifest:
@@ -351,7 +452,9 @@ class SidecarSetJob(TeacherJob):
             rounds=self.rounds,
             topk=self.topk,
             seed=self.seed,
-            class_names=[str(c) for c in range(self.teacher.num_classes)],
+            class_names=self._class_names(
+                [markers[self.sidecar_name(g, i)] for g in range(self.groups) for i in range(n)]
+            ),
             skipped=[SkippedInput(**s) for i in range(n) for s in markers[self.sidecar_name(0, i)]["skipped"]],
             versions=library_versions(),
             split=self.split,
@@ -361,3 +464,18 @@ class SidecarSetJob(TeacherJob):
             ),
             **sidecar_set_fields(images, self.group_rounds, by_group),
         )
+
+    def _class_names(self, markers: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The given or found names; else those the samples' json members gave (the first per label,
+        in shard order), numbers where none did."""
+        if self.class_names is not None:
+            return list(self.class_names)
+        names = [str(c) for c in range(self.teacher.num_classes)]
+        seen: set[int] = set()
+        for marker in markers:
+            for label, name in (marker.get("class_names") or {}).items():
+                c = int(label)
+                if c < len(names) and c not in seen:
+                    names[c] = name
+                    seen.add(c)
+        return names

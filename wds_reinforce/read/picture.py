@@ -24,7 +24,7 @@ from wds_reinforce.io.storage import dirname_url
 from wds_reinforce.layouts import layout_of, load_manifest, read_unit
 from wds_reinforce.read.verify import partner_view
 
-__all__ = ["draw_rounds"]
+__all__ = ["draw_rounds", "class_text"]
 
 
 Found = tuple[str, dict, "Sidecar | None"]  # a sample's key, members and sidecar (None: unreadable)
@@ -87,6 +87,15 @@ def _joined(key: str, sample: dict) -> Sidecar:
     )
 
 
+def class_text(c: int, names: list[str], width: int = 14) -> str:
+    """Class ``c`` as the picture writes it: ``circle (5)`` where the manifest names it, else ``class 5``
+    (never a bare number that a probability beside it would run into)."""
+    name = names[c] if 0 <= c < len(names) else ""
+    if not name or name == str(c):
+        return f"class {c}"
+    return f"{name[:width]} ({c})"
+
+
 class _Sheet:
     """The picture being drawn: a title, then one tile per round (or, mixing, a row of three per round)."""
 
@@ -114,9 +123,8 @@ class _Sheet:
     def top3(self, x: int, y: int, sidecar: Sidecar, r: int, names: list[str]) -> None:
         """The stored top-3 of round r under the tile at (x, y)."""
         for i in range(min(3, sidecar.topk)):
-            c = int(sidecar.idx[r, i])
-            label = names[c] if c < len(names) else f"class {c}"
-            self.text(x + 2, y + self.h + 16 + 14 * i, f"{label[:18]} {float(sidecar.prob[r, i]):.2f}", "black")
+            c, p = int(sidecar.idx[r, i]), float(sidecar.prob[r, i])
+            self.text(x + 2, y + self.h + 16 + 14 * i, f"{class_text(c, names)}: {p:.2f}", "black")
 
 
 def _title(
@@ -125,8 +133,7 @@ def _title(
     """The picture's two title lines: the sample and its true label; the recipe and size."""
     names = manifest.class_names
     try:
-        true = int(members.get("cls", b"").decode().strip())
-        label = f"label {names[true] if 0 <= true < len(names) else true}"
+        label = f"label {class_text(int(members.get('cls', b'').decode().strip()), names)}"
     except ValueError:
         label = "no label"
     # A recipe file is named by its file when made by make_shards.py; otherwise "custom": list its ops.
