@@ -33,6 +33,7 @@ def resolve_model(init: str | None, model: str | None) -> str:
         named = init[len("timm:") :]
         if not named:
             raise UsageError(f"expected --init timm:NAME or a checkpoint file, got {init!r}")
+        cached_timm_weights(named)  # before any data is read
     else:
         named = _checkpoint_model(init)
         if named is None:  # a bare state_dict: --model says what it holds

@@ -81,7 +81,9 @@ class OnlineTargets:
         probs = self.teacher.predict(images)
         self.seconds += time.perf_counter() - began
         self.forwards += len(images) * len(self.teacher.models)
-        return probs.to(self.device, non_blocking=True)
+        probs = probs.to(self.device, non_blocking=True)
+        # predict() runs in inference mode: its tensors cannot enter autograd's graph of the loss.
+        return probs.clone() if probs.is_inference() else probs
 
 
 def evaluate_checkpoints(args: Any) -> dict[str, Any]:
