@@ -19,9 +19,9 @@ shards) with a center crop after every epoch. CPU or GPU; under torchrun it trai
 --save writes a checkpoint (weights_only-safe) that names its model, classes and input size.
 
     python tools/train.py --evaluate teacher.pt --val data/val       # a checkpoint's metrics, no training
-    python tools/train.py --data data/train --val data/val --targets online \
+    python tools/train.py --data data/train --val data/val --targets online \\
         --teacher-checkpoint teacher.pt --image-size 64 --epochs 10  # online distillation, for comparison
-    python tools/train.py --data data/train --val data/val --targets labels --init student.pt \
+    python tools/train.py --data data/train --val data/val --targets labels --init student.pt \\
         --opt sgd --lr 0.002 --weight-decay 5e-4 --warmup 0           # fine-tune, the head replaced
 """
 
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per opt
         "--init",
         metavar="timm:NAME|CHECKPOINT",
         help="fine-tune from weights: timm's pretrained NAME (only if already in the local HF/torch cache; nothing "
-        "is downloaded) or a train.py --save checkpoint; the classifier is replaced for --data's classes",
+        "is downloaded) or a train.py --save checkpoint; the classifier is replaced for --data's classes "
+        "(default: random init)",
     )
     p.add_argument(
         "--targets",
@@ -83,15 +84,15 @@ def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per opt
         "--teacher-checkpoint",
         action="append",
         metavar="CHECKPOINT",
-        help="the teacher of --targets online, a train.py --save checkpoint; repeat it for an ensemble "
-        "(mean of softmax)",
+        help="the teacher of --targets online (and only there), a train.py --save checkpoint; repeat it for an "
+        "ensemble (mean of softmax)",
     )
     p.add_argument(
         "--evaluate",
         action="append",
         metavar="CHECKPOINT",
         help="no training: report top-1, top-5, NLL and ECE of this checkpoint on --val; repeat it for an "
-        "ensemble (mean of softmax); a bare state_dict is taken as --model",
+        "ensemble (mean of softmax); a bare state_dict is taken as --model (default: train)",
     )
     p.add_argument("--p", type=float, default=1.0, help="probability of a reinforced round per sample (paper: 0.99)")
     p.add_argument("--densify", choices=["smooth", "zeros"], default="smooth", help="sparse -> dense targets")
