@@ -14,9 +14,15 @@ your folder, then the student from the shards made with it:
 
 Both arms of a comparison should see the same augmentation: --targets labels on reinforced
 shards uses the shards' own recipe; on a folder, pass --recipe SHARDS to take it from them.
-It evaluates top-1 on a held-out split (ImageFolder or webdataset shards) with a center crop
-after every epoch. CPU or GPU; under torchrun it trains with DDP. --save writes a checkpoint
-(weights_only-safe) that names its model, classes and input size.
+It evaluates top-1, top-5, NLL and ECE (15 bins) on a held-out split (ImageFolder or webdataset
+shards) with a center crop after every epoch. CPU or GPU; under torchrun it trains with DDP.
+--save writes a checkpoint (weights_only-safe) that names its model, classes and input size.
+
+    python tools/train.py --evaluate teacher.pt --val data/val       # a checkpoint's metrics, no training
+    python tools/train.py --data data/train --val data/val --targets online \\
+        --teacher-checkpoint teacher.pt --image-size 64 --epochs 10  # online distillation, for comparison
+    python tools/train.py --data data/train --val data/val --targets labels --init student.pt \\
+        --opt sgd --lr 0.002 --weight-decay 5e-4 --warmup 0           # fine-tune, the head replaced
 """
 
 from __future__ import annotations
@@ -49,19 +55,44 @@ def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per opt
     p = argparse.ArgumentParser(prog=_PROG, description=__doc__, formatter_class=_Formatter)
     p.add_argument(
         "--data",
-        required=True,
         help="reinforced shards (a folder or URL prefix holding manifest.json, or the manifest); with "
-        "--targets labels also an ImageFolder directory or a plain webdataset .tar pattern",
+        "--targets labels or online also an ImageFolder directory or a plain webdataset .tar pattern "
+        "(required, except with --evaluate)",
     )
     p.add_argument(
         "--val", help="held-out images, ImageFolder directory or webdataset .tar pattern (default: no evaluation)"
     )
-    p.add_argument("--model", default="resnet10t", help="timm model name, random init")
+    p.add_argument(
+        "--model",
+        help="timm model name, random init unless --init (default: resnet10t, or the model --init holds)",
+    )
+    p.add_argument(
+        "--init",
+        metavar="timm:NAME|CHECKPOINT",
+        help="fine-tune from weights: timm's pretrained NAME (only if already in the local HF/torch cache; nothing "
+        "is downloaded) or a train.py --save checkpoint; the classifier is replaced for --data's classes "
+        "(default: random init)",
+    )
     p.add_argument(
         "--targets",
-        choices=["reinforced", "labels"],
+        choices=["reinforced", "labels", "online"],
         default="reinforced",
-        help="the teacher's soft targets (reinforced shards) or one-hot labels",
+        help="the teacher's stored soft targets (reinforced shards), one-hot labels, or online distillation: "
+        "--teacher-checkpoint run on every training batch (the labels arm's augmentation), its full softmax",
+    )
+    p.add_argument(
+        "--teacher-checkpoint",
+        action="append",
+        metavar="CHECKPOINT",
+        help="the teacher of --targets online (and only there), a train.py --save checkpoint; repeat it for an "
+        "ensemble (mean of softmax)",
+    )
+    p.add_argument(
+        "--evaluate",
+        action="append",
+        metavar="CHECKPOINT",
+        help="no training: report top-1, top-5, NLL and ECE of this checkpoint on --val; repeat it for an "
+        "ensemble (mean of softmax); a bare state_dict is taken as --model (default: train)",
     )
     p.add_argument("--p", type=float, default=1.0, help="probability of a reinforced round per sample (paper: 0.99)")
     p.add_argument("--densify", choices=["smooth", "zeros"], default="smooth", help="sparse -> dense targets")
@@ -132,10 +163,16 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return problem
     if args.val and "://" not in args.val and not os.path.isdir(args.val) and not _tar_matches(args.val):
         return f"expected --val an ImageFolder directory or webdataset .tar pattern, got {args.val!r} (not found)"
+    if args.evaluate or not args.data:
+        return _check_evaluate(args)
+    if (args.targets == "online") != bool(args.teacher_checkpoint):
+        if args.teacher_checkpoint:
+            return f"expected --targets online with --teacher-checkpoint, got --targets {args.targets}"
+        return "expected --teacher-checkpoint CHECKPOINT (repeatable) with --targets online"
     if _missing_locally(args.data):
         what = (
             "an ImageFolder directory, a webdataset .tar pattern or reinforced shards"
-            if args.targets == "labels"
+            if args.targets != "reinforced"
             else "reinforced shards (a folder holding manifest.json, or the manifest)"
         )
         return f"expected --data {what}, got {args.data!r} (not found)"
@@ -148,6 +185,19 @@ def _check_args(args: argparse.Namespace) -> str | None:
         )
     if kind == "reinforced" and args.image_size is not None:
         return "expected no --image-size with reinforced shards (they are replayed at the size they were made at)"
+    return None
+
+
+def _check_evaluate(args: argparse.Namespace) -> str | None:
+    """--evaluate's arguments: --val, and nothing that trains."""
+    if not args.evaluate:
+        return "expected --data (what to train on), or --evaluate CHECKPOINT with --val"
+    if not args.val:
+        return "expected --val (the held-out images) with --evaluate"
+    training = [flag for flag, given in (("--data", args.data), ("--init", args.init)) if given]
+    training += ["--teacher-checkpoint"] if args.teacher_checkpoint else []
+    if training:
+        return f"expected no {training[0]} with --evaluate (it evaluates checkpoints without training)"
     return None
 
 
@@ -185,14 +235,37 @@ def main(argv: list[str] | None = None) -> int:
     problem = _check_args(args)
     if problem:
         return _fail(problem)
+    from wds_reinforce.core.errors import UsageError
+
     try:
-        return _train(args)
+        return _evaluate(args) if args.evaluate else _train(args)
+    except UsageError as exc:
+        return _fail(str(exc).splitlines()[0])
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted" + (f"; nothing saved to {args.save}" if args.save else ""), file=sys.stderr)
         return 130
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    """--evaluate: one checkpoint's or an ensemble's metrics on --val, no training."""
+    from wds_reinforce.cli.metrics import as_json, describe
+    from wds_reinforce.cli.teachers import evaluate_checkpoints
+
+    result = evaluate_checkpoints(args)
+    metrics = result.pop("metrics")
+    if args.json:
+        print(json.dumps({**result, **as_json(metrics), "seconds": round(result["seconds"], 1)}), flush=True)
+    else:
+        what = " + ".join(result["teacher"]) + (" (mean of softmax)" if len(result["teacher"]) > 1 else "")
+        h, w = result["image_size"]
+        print(f"{what} on {result['images']} images at {h}x{w} px: {describe(metrics)}", flush=True)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    from wds_reinforce.cli.finetune import resolve_model
+
+    args.model = resolve_model(args.init, args.model)  # a bad --init fails before any data is read
     import timm
 
     if not timm.is_model(args.model):
@@ -208,6 +281,7 @@ def _train(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FormatError, ValueError) as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     device = training.device_of(args.device)
+    online = _online_targets(args, data, device)  # the teacher loads before the loader's workers start
     distributed, rank, world = training.start_distributed(device)
     workers, threads = training.workers_and_threads(args, data, world)
     torch.set_num_threads(threads)
@@ -218,26 +292,70 @@ def _train(args: argparse.Namespace) -> int:
     steps = data.samples // (args.batch_size * world)
     if steps < 1:
         return _fail(f"expected at least --batch-size x ranks = {args.batch_size * world} samples, got {data.samples}")
-    trainer = training.Trainer(args, len(data.class_names), device, steps, distributed)
-    start, top1, epoch_seconds = time.perf_counter(), None, []
+    trainer = training.Trainer(args, len(data.class_names), device, steps, distributed, targets=online)
+    start, metrics, epoch_seconds = time.perf_counter(), None, []
     for epoch in range(args.epochs):
         (sampler if sampler is not None else dataset).set_epoch(epoch)
+        forwards, teacher_seconds = (online.forwards, online.seconds) if online else (0, 0.0)
         losses, seconds = training.timed(lambda epoch=epoch: trainer.epoch(epoch, loader))
         epoch_seconds.append(seconds)
-        top1 = trainer.evaluate(data.val)
+        metrics = trainer.evaluate(data.val)
         if rank == 0:
-            loss = sum(losses) / len(losses) if losses else float("nan")
-            print(
-                f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}"
-                + (f", val top-1 {top1:.2%}" if top1 is not None else "")
-                + f", lr {trainer.lr:.2e} ({seconds:.0f} s; {time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
+            teacher = (online.forwards - forwards, online.seconds - teacher_seconds) if online else None
+            print(_epoch_line(args, epoch, losses, metrics, trainer.lr, teacher, seconds, start), flush=True)
+    cost = _teacher_cost(online, distributed)
     if rank == 0:
-        _finish(args, data, trainer, top1, time.perf_counter() - start, epoch_seconds, workers, threads)
+        _finish(args, data, trainer, metrics, time.perf_counter() - start, epoch_seconds, (workers, threads), cost)
     if distributed:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _online_targets(args: argparse.Namespace, data: Any, device: Any) -> Any:
+    """--targets online: the teacher of --teacher-checkpoint, checked against the data's classes (else None)."""
+    if args.targets != "online":
+        return None
+    from wds_reinforce.cli.teachers import OnlineTargets, check_classes, load_checkpoints
+
+    teacher, infos = load_checkpoints(args.teacher_checkpoint, "--teacher-checkpoint", device)
+    check_classes(teacher, infos, data.class_names, "--teacher-checkpoint", "--data")
+    return OnlineTargets(teacher, device)
+
+
+def _teacher_cost(online: Any, distributed: bool) -> tuple[int, float]:
+    """(teacher forwards, teacher seconds) of the run, summed over ranks; (0, 0.0) without a teacher."""
+    if online is None:
+        return 0, 0.0
+    if not distributed:
+        return online.forwards, online.seconds
+    import torch
+
+    on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([float(online.forwards), online.seconds], dtype=torch.float64, device=on)
+    torch.distributed.all_reduce(total)
+    return int(total[0]), float(total[1])
+
+
+def _epoch_line(
+    args: argparse.Namespace,
+    epoch: int,
+    losses: list[float],
+    metrics: dict[str, Any] | None,
+    lr: float,
+    teacher: tuple[int, float] | None,
+    seconds: float,
+    start: float,
+) -> str:
+    from wds_reinforce.cli.metrics import describe
+
+    loss = sum(losses) / len(losses) if losses else float("nan")
+    return (
+        f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}"
+        + (f", val {describe(metrics)}" if metrics is not None else "")
+        + f", lr {lr:.2e}"
+        + (f", teacher {teacher[0]} forwards in {teacher[1]:.1f} s" if teacher is not None else "")
+        + f" ({seconds:.0f} s; {time.perf_counter() - start:.0f} s)"
+    )
 
 
 def _announce(args: argparse.Namespace, data: Any, workers: int, threads: int, device: Any) -> None:
@@ -246,14 +364,15 @@ def _announce(args: argparse.Namespace, data: Any, workers: int, threads: int, d
     # Only for a baseline: a teacher (--save) is trained before any shards exist to compare with.
     if not data.reinforced and data.manifest is None and not args.recipe and not args.save:
         print(
-            f"{_PROG}: note: the labels arm uses {recipe_label(data.fresh)}; to compare it with reinforced shards, "
-            f"pass --recipe SHARDS to train on their augmentation",
+            f"{_PROG}: note: the {args.targets} arm uses {recipe_label(data.fresh)}; to compare it with reinforced "
+            f"shards, pass --recipe SHARDS to train on their augmentation",
             file=sys.stderr,
         )
     augmentation = recipe_label(data.recipe if data.reinforced else data.fresh)
     print(
-        f"training timm:{args.model} on {data.samples} samples, {len(data.class_names)} classes ({args.targets}), "
-        f"{augmentation}; {workers} workers, {threads} threads, {device.type}",
+        f"training timm:{args.model}{f' from {args.init}' if args.init else ''} on {data.samples} samples, "
+        f"{len(data.class_names)} classes ({args.targets}), {augmentation}; {workers} workers, {threads} threads, "
+        f"{device.type}",
         flush=True,
     )
 
@@ -262,17 +381,18 @@ def _finish(
     args: argparse.Namespace,
     data: Any,
     trainer: Any,
-    top1: float | None,
+    metrics: dict[str, Any] | None,
     seconds: float,
     epoch_seconds: list[float],
-    workers: int,
-    threads: int,
+    workers_threads: tuple[int, int],
+    teacher_cost: tuple[int, float],
 ) -> None:
     """Save the checkpoint (``--save``) and print the result (a line, or ``--json``)."""
+    from wds_reinforce.cli.metrics import as_json, describe
     from wds_reinforce.produce.checkpoint import save_checkpoint
 
     recipe = data.recipe if data.reinforced else data.fresh
-    percent = None if top1 is None else round(100 * top1, 2)
+    fields = as_json(metrics)
     if args.save:
         save_checkpoint(
             args.save,
@@ -281,26 +401,35 @@ def _finish(
             class_names=data.class_names,
             image_size=data.recipe.size,
             recipe=recipe.to_dict(),
-            top1=percent,
+            top1=fields["top1"],
             epochs=args.epochs,
             targets=args.targets,
         )
+    if args.targets == "online":
+        teacher = [name for _, name in trainer.targets.teacher.members]
+    else:
+        teacher = [m.get("name") for m in data.manifest.teacher.get("members", [])] if data.manifest else []
     result = {
         "model": args.model,
+        "init": args.init,
         "targets": args.targets,
         "seed": args.seed,
         "epochs": args.epochs,
         "steps": trainer.step,
         "batch_size": args.batch_size,
-        "top1": percent,
+        **fields,
         "train_seconds": round(seconds, 1),
         "epoch_seconds": [round(s, 1) for s in epoch_seconds],
-        "workers": workers,
-        "threads": threads,
+        "teacher_forwards": teacher_cost[0],
+        "teacher_seconds": round(teacher_cost[1], 1),
+        "workers": workers_threads[0],
+        "threads": workers_threads[1],
         "recipe": recipe.to_dict(),
-        "teacher": [m.get("name") for m in data.manifest.teacher.get("members", [])] if data.manifest else [],
+        "teacher": teacher,
     }
-    final = f"final val top-1 {top1:.2%}" if top1 is not None else "done"
+    final = f"final val {describe(metrics)}" if metrics is not None else "done"
+    if args.targets == "online":
+        final += f"; teacher {teacher_cost[0]} forwards in {teacher_cost[1]:.1f} s"
     print(json.dumps(result) if args.json else f"{final} after {trainer.step} steps in {seconds:.0f} s", flush=True)
     if args.save:
         size = data.recipe.size[0]

@@ -2,9 +2,10 @@
 
 It reads reinforced shards (``read.ReinforcedDataset``: the teacher's soft targets of one stored
 round per epoch) or, for plain labels, an ImageFolder or plain webdataset shards
-(``LabelledImages``: fresh random augmentations every epoch, one-hot targets), trains a timm
-model with soft-target cross entropy and a warm-up + cosine schedule, and evaluates top-1 on a
-held-out split with a center crop. Under torchrun it trains with DDP.
+(``LabelledImages``: fresh random augmentations every epoch, one-hot targets, or an online
+teacher's softmax of the same views), trains a timm model (random init or ``--init``) with
+soft-target cross entropy and a warm-up + cosine schedule, and evaluates it on a held-out split
+with a center crop (``metrics``: top-1, top-5, NLL, ECE). Under torchrun it trains with DDP.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 import torch.utils.data
 
+from wds_reinforce.cli.finetune import initial_model
+from wds_reinforce.cli.metrics import summarize
 from wds_reinforce.core.augment import RECIPES, Recipe, normalize, replay
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError
@@ -76,24 +78,24 @@ def device_of(name: str) -> Any:
     return torch.device(name)
 
 
-def val_views(spec: str, recipe_size: tuple[int, int], crop_pct: float) -> tuple[Any, Any]:
-
-    source = open_source(spec)
+def val_views(spec: str | Source, recipe_size: tuple[int, int], crop_pct: float) -> tuple[Any, Any]:
+    """The held-out images (uint8, center-cropped at the input size) and their labels."""
+    source = open_source(spec) if isinstance(spec, str) else spec
     view = Recipe([{"op": "center", "crop_pct": crop_pct}], size=recipe_size)
     images = torch.stack([replay(source[i].data, {}, view) for i in range(len(source))])
     labels = torch.tensor([source[i].label for i in range(len(source))])
     return images, labels
 
 
-def evaluate(model: Any, images: Any, labels: Any, mean: Any, std: Any, device: Any) -> float:
-
+def evaluate(model: Any, images: Any, labels: Any, mean: Any, std: Any, device: Any) -> dict[str, Any]:
+    """The model's metrics on held-out images (``metrics.summarize``: top-1, top-5, NLL, ECE)."""
     model.eval()
-    correct = 0
+    probs = []
     with torch.inference_mode():
         for b in range(0, len(images), 256):
             x = normalize(images[b : b + 256].to(device), mean, std)
-            correct += int((model(x).argmax(1).cpu() == labels[b : b + 256]).sum())
-    return correct / len(images)
+            probs.append(torch.softmax(model(x).double(), dim=1).cpu())
+    return summarize(torch.cat(probs), labels)
 
 
 def recipe_label(recipe: Any) -> str:
@@ -292,11 +294,24 @@ def loader_for(
 
 
 class Trainer:
-    """A timm model from random init, its optimiser and warm-up + cosine schedule, and the loop."""
+    """A timm model (random init, or ``--init``'s weights), its optimiser and warm-up + cosine schedule, the loop.
 
-    def __init__(self, args: argparse.Namespace, classes: int, device: torch.device, steps: int, distributed: bool):
+    ``targets``, if given, replaces each batch's targets by its output on the batch's uint8
+    images (the online-distillation arm: the teacher's softmax).
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        classes: int,
+        device: torch.device,
+        steps: int,
+        distributed: bool,
+        targets: Any = None,
+    ):
         self.args, self.device, self.steps, self.distributed = args, device, steps, distributed
-        model = timm.create_model(args.model, pretrained=False, num_classes=classes).to(device)
+        self.targets = targets
+        model = initial_model(getattr(args, "init", None), args.model, classes).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         cfg = model.pretrained_cfg
@@ -331,6 +346,8 @@ class Trainer:
                 images, target = batch
                 if self.step >= (epoch + 1) * self.steps:
                     break  # at most the same iterations per epoch on every rank
+                if self.targets is not None:
+                    target = self.targets(images)
                 x = normalize(images.to(self.device, non_blocking=True), self.mean, self.std)
                 loss = soft_cross_entropy(self.train_model(x), target.to(self.device, non_blocking=True))
                 self.opt.zero_grad(set_to_none=True)
@@ -342,7 +359,7 @@ class Trainer:
                 self.progress.step()
         return losses
 
-    def evaluate(self, val: tuple[torch.Tensor, torch.Tensor] | None) -> float | None:
+    def evaluate(self, val: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any] | None:
         return evaluate(self.model, *val, self.mean, self.std, self.device) if val is not None else None
 
     @property
