@@ -11,7 +11,7 @@ integers, and ``--drop-mixing`` must be able to skip those rounds.
 Their reinforce script can also write each file with ``joblib.dump(..., compress=True)`` (a zlib
 stream, or gzip for a ``.gz`` name, of a pickle in which every numpy array is a
 ``NumpyArrayWrapper`` record followed by the array's raw bytes), and CIFAR's own batches are
-pickles of numpy arrays. ``importers.pickles.load_arrays`` reads both kinds without running
+pickles of numpy arrays. ``io.pickles.load_arrays`` reads both kinds without running
 numpy's or joblib's code; ``load_record`` tells the formats apart by their first bytes.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from wds_reinforce.importers import MetadataError
-from wds_reinforce.importers.pickles import (
+from wds_reinforce.io.pickles import (
     INERT_NAMES,
     MAX_PICKLE_BYTES,
     PICKLE_ERRORS,

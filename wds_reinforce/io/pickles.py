@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from wds_reinforce.importers import MetadataError
+from wds_reinforce.core.errors import MetadataError
 
 __all__ = ["Inert", "INERT_NAMES", "MAX_PICKLE_BYTES", "PICKLE_ERRORS", "load_arrays", "map_leaves"]
 
