@@ -37,9 +37,9 @@ from tests.mldr_plus import (
 from wds_reinforce import decode_sidecar
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.importers.datasets import open_dataset
-from wds_reinforce.importers.matfile import read_mat
 from wds_reinforce.importers.mldr import MetadataError, MldrConfig, import_mldr
 from wds_reinforce.importers.mldr.unpickle import load_arrays, load_record
+from wds_reinforce.io.matfile import read_mat
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOWER_SIZES = [(60, 80), (70, 50), (90, 90), (64, 64), (80, 100), (50, 70)]

@@ -547,7 +547,9 @@ def test_usage_errors_while_reading_shards_are_never_skipped(made, tmp_path, mon
     ds = ReinforcedDataset(["s3://only-a-bucket"], manifest=made.manifest, keys=("__key__",), handler=counter)
     with pytest.raises(UsageError, match="expected an s3://bucket/key URL"):
         collect(ds)
-    with pytest.raises(UsageError, match="cannot open 'nosuch://x/shard.tar'"):
+    with pytest.raises(
+        UsageError, match="expected a URL scheme that webdataset or fsspec knows, got 'nosuch://x/shard.tar'"
+    ):
         collect(ReinforcedDataset(["nosuch://x/shard.tar"], manifest=made.manifest, handler=counter))
     assert counter.count == 0
     monkeypatch.setenv("WDS_REINFORCE_RETRIES", "five")

@@ -25,6 +25,7 @@ __all__ = [
     "DecodeError",
     "SampleError",
     "MismatchError",
+    "MetadataError",
     "UsageError",
     "check_int",
     "check_split",
@@ -137,3 +138,7 @@ def error_text(exc: BaseException, whole: bool = False) -> str:
         text = str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
         text = text.splitlines()[0] if text else type(exc).__name__
     return f"{type(exc).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', text)}"
+
+
+class MetadataError(DataError):
+    """A record or file that cannot be read, or holds something other than its format's plain values."""

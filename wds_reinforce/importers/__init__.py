@@ -20,13 +20,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from wds_reinforce.core.augment import Recipe
-from wds_reinforce.core.errors import DataError, UsageError
+from wds_reinforce.core.errors import MetadataError, UsageError
 
 __all__ = ["MetadataError", "IndexMismatchError", "Rounds", "Importer"]
-
-
-class MetadataError(DataError):
-    """A record that cannot be read, or holds something other than its format's plain values."""
 
 
 class IndexMismatchError(UsageError):

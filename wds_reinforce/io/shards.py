@@ -16,7 +16,7 @@ import io
 import json
 import re
 import tarfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,8 @@ __all__ = [
     "image_ext",
     "sample_label",
     "local_shards",
+    "sanitize_key",
+    "unique_keys",
 ]
 
 # A sample's image is its first member with one of these extensions, in this order.
@@ -238,3 +240,33 @@ def local_shards(pattern: str) -> list[str]:
     for part in braceexpand.braceexpand(pattern):
         paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
     return paths
+
+
+# ----------------------------------------------------------------------------------------
+# Keys
+
+_MAX_KEY = 80
+
+
+def sanitize_key(text: str) -> str:
+    """A webdataset key from arbitrary text: only ``[A-Za-z0-9_-]``, no dots, at most 80 chars."""
+    key = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
+    if len(key) > _MAX_KEY:
+        digest = hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
+        key = f"{key[: _MAX_KEY - 9]}_{digest}"
+    return key
+
+
+def unique_keys(raw: Sequence[str]) -> list[str]:
+    """Sanitised keys, made unique deterministically (in order) with a numeric suffix."""
+    seen: set[str] = set()
+    out = []
+    for text in raw:
+        key = base = sanitize_key(text)
+        n = 1
+        while key in seen:
+            n += 1
+            key = f"{base}_{n}"
+        seen.add(key)
+        out.append(key)
+    return out

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,10 @@ from wds_reinforce.io.shards import (
     members_of,
     sample_label,
     samples,
+    sanitize_key,
+    unique_keys,
 )
+from wds_reinforce.produce.datasets import open_dataset
 
 __all__ = [
     "SOURCES",
@@ -51,7 +54,6 @@ __all__ = [
 ]
 
 # ustar names hold 100 bytes; a key plus ".dr.mp" must fit, with room to spare.
-_MAX_KEY = 80
 
 
 @dataclass(frozen=True)
@@ -122,36 +124,12 @@ class Source:
 SOURCES: Registry[Callable[[str], Source]] = Registry("source")
 
 
-def sanitize_key(text: str) -> str:
-    """A webdataset key from arbitrary text: only ``[A-Za-z0-9_-]``, no dots, at most 80 chars."""
-    key = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
-    if len(key) > _MAX_KEY:
-        digest = hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
-        key = f"{key[: _MAX_KEY - 9]}_{digest}"
-    return key
-
-
 _ORDER_TAG = 0x5348554646  # "SHUFF": the shard order's stream, apart from the augmentation seeds
 
 
 def sample_order(n: int, seed: int, shuffle: bool = True) -> np.ndarray:
     """The order in which a job writes a source's ``n`` samples into shards: seeded, or as listed."""
     return np.random.default_rng([seed, _ORDER_TAG]).permutation(n) if shuffle else np.arange(n)
-
-
-def unique_keys(raw: Sequence[str]) -> list[str]:
-    """Sanitised keys, made unique deterministically (in order) with a numeric suffix."""
-    seen: set[str] = set()
-    out = []
-    for text in raw:
-        key = base = sanitize_key(text)
-        n = 1
-        while key in seen:
-            n += 1
-            key = f"{base}_{n}"
-        seen.add(key)
-        out.append(key)
-    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -300,15 +278,13 @@ class WebDatasetSource(Source):
 class TorchvisionSource(Source):
     """A torchvision dataset's train split already on disk (``cifar100``, ``flowers102``, ``food101``).
 
-    Read in torchvision's order from the dataset's own files by ``importers.datasets`` (the ml-dr
-    importer's image source, so both halves see item i alike): CIFAR's pickled batches through the
+    Read in torchvision's order from the dataset's own files by ``datasets`` (the ml-dr
+    importer's image source too, so both halves see item i alike): CIFAR's pickled batches through the
     restricted unpickler (numeric arrays and plain values only), never torchvision's pickle.
     CIFAR's images are arrays: they are stored losslessly as PNG. Nothing is downloaded.
     """
 
     def __init__(self, name: str, root: str):
-        from wds_reinforce.importers.datasets import open_dataset  # importers build on this module
-
         try:
             self._images = open_dataset(name, root)
         except (DataError, UsageError) as exc:  # a missing or malformed file, named

@@ -11,7 +11,7 @@ integers, and ``--drop-mixing`` must be able to skip those rounds.
 Their reinforce script can also write each file with ``joblib.dump(..., compress=True)`` (a zlib
 stream, or gzip for a ``.gz`` name, of a pickle in which every numpy array is a
 ``NumpyArrayWrapper`` record followed by the array's raw bytes), and CIFAR's own batches are
-pickles of numpy arrays. ``importers.pickles.load_arrays`` reads both kinds without running
+pickles of numpy arrays. ``io.pickles.load_arrays`` reads both kinds without running
 numpy's or joblib's code; ``load_record`` tells the formats apart by their first bytes.
 """
 
@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 
 from wds_reinforce.importers import MetadataError
-from wds_reinforce.importers.pickles import INERT_NAMES, MAX_PICKLE_BYTES, PICKLE_ERRORS, Inert, load_arrays
+from wds_reinforce.io.pickles import (
+    INERT_NAMES,
+    MAX_PICKLE_BYTES,
+    PICKLE_ERRORS,
+    Inert,
+    load_arrays,
+    map_leaves,
+)
 
 __all__ = [
     "restricted_loads",
@@ -166,21 +173,12 @@ def load_record(data: bytes, name: str) -> Any:
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _listed(load_arrays(data, name))
+        return map_leaves(load_arrays(data, name), _listed)
     finally:
         if collecting:
             gc.enable()
 
 
 def _listed(obj: Any) -> Any:
-    """Arrays as the plain lists ``tolist`` gives: a record's values are then what torch.save's would be."""
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if type(obj) is list:
-        obj[:] = [_listed(v) for v in obj]
-    elif type(obj) is dict:
-        for k, v in obj.items():
-            obj[k] = _listed(v)
-    elif type(obj) is tuple:
-        return tuple(_listed(v) for v in obj)
-    return obj
+    """An array as the plain list ``tolist`` gives (a record's values are then what torch.save's would be)."""
+    return obj.tolist() if isinstance(obj, np.ndarray) else obj

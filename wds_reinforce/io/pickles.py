@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from wds_reinforce.importers import MetadataError
+from wds_reinforce.core.errors import MetadataError
 
-__all__ = ["Inert", "INERT_NAMES", "MAX_PICKLE_BYTES", "PICKLE_ERRORS", "load_arrays"]
+__all__ = ["Inert", "INERT_NAMES", "MAX_PICKLE_BYTES", "PICKLE_ERRORS", "load_arrays", "map_leaves"]
 
 MAX_PICKLE_BYTES = 256 << 20  # the largest data.pkl read (8000 rounds of top-10 are ~3 MB)
 
@@ -170,17 +170,24 @@ class _ArrayUnpickler(pickle.Unpickler):
         return _array(raw, dtype, list(shape), state.get("order") == "F", self._name)
 
 
-def _unwrap(obj: Any) -> Any:
-    """The loaded tree with every array placeholder replaced by its array."""
-    if isinstance(obj, _Reconstructed) or hasattr(obj, "array") and type(obj).__name__ == "Wrapper":
-        return obj.array
+def map_leaves(obj: Any, leaf: Any) -> Any:
+    """``obj`` with each value that is no list, dict or tuple replaced by ``leaf(value)`` (lists, dicts in place)."""
     if type(obj) is list:
-        obj[:] = [_unwrap(v) for v in obj]
+        obj[:] = [map_leaves(v, leaf) for v in obj]
     elif type(obj) is dict:
         for k, v in obj.items():
-            obj[k] = _unwrap(v)
+            obj[k] = map_leaves(v, leaf)
     elif type(obj) is tuple:
-        return tuple(_unwrap(v) for v in obj)
+        return tuple(map_leaves(v, leaf) for v in obj)
+    else:
+        return leaf(obj)
+    return obj
+
+
+def _unwrap(obj: Any) -> Any:
+    """An array placeholder's array, else ``obj``."""
+    if isinstance(obj, _Reconstructed) or hasattr(obj, "array") and type(obj).__name__ == "Wrapper":
+        return obj.array
     return obj
 
 
@@ -194,7 +201,7 @@ def load_arrays(data: bytes, name: str, encoding: str = "ASCII") -> Any:
     # array bytes are still in the stream when its record is built.
     stream = _Exact(data)
     try:
-        return _unwrap(_ArrayUnpickler(stream, name, MAX_PICKLE_BYTES, encoding).load())
+        return map_leaves(_ArrayUnpickler(stream, name, MAX_PICKLE_BYTES, encoding).load(), _unwrap)
     except MetadataError as exc:
         if exc.url:
             raise

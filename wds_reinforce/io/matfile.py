@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from wds_reinforce.importers import MetadataError
+from wds_reinforce.core.errors import MetadataError
 
 __all__ = ["read_mat"]
 
