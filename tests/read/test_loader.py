@@ -284,6 +284,29 @@ def test_http_shards_without_a_manifest_say_one_is_needed(monkeypatch):
     assert "manifest.json beside them (else pass manifest=)" in message
 
 
+class _UnavailableHandler(_NotFoundHandler):
+    def do_GET(self):
+        self.send_error(503)
+
+
+def test_http_shards_whose_manifest_cannot_be_fetched_say_what_it_was_for(monkeypatch):
+    from wds_reinforce.io.retry import NetworkReadError
+
+    monkeypatch.setenv("WDS_REINFORCE_RETRIES", "0")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _UnavailableHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(NetworkReadError) as info:
+            ReinforcedDataset(f"{root}/x.tar")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert f"cannot read {root}/manifest.json" in str(info.value)
+    assert "reading the manifest beside the shards given" in str(info.value)
+    assert info.value.url == f"{root}/manifest.json"
+
+
 def assert_same_as_local(made, url_pattern, manifest_url):
     local = collect(ReinforcedDataset(made.pattern, epoch=2, keys=META))
     for source in (url_pattern, manifest_url):

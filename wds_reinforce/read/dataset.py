@@ -30,6 +30,7 @@ from wds_reinforce.core.augment import Recipe
 from wds_reinforce.core.errors import DataError, FormatError, SampleError, UsageError, error_text
 from wds_reinforce.core.format import Manifest
 from wds_reinforce.core.schedule import SharedEpoch
+from wds_reinforce.io.retry import NetworkReadError
 from wds_reinforce.io.storage import check_settings, dirname_url, join_url
 from wds_reinforce.layouts import (
     MANIFEST_NAME,
@@ -98,6 +99,15 @@ def _resolve_manifest(
         return urls, read_manifest(where), where
     except FileNotFoundError as exc:
         raise FileNotFoundError(no_manifest(source, urls, exc, _EXPECTED)) from None
+    except NetworkReadError as exc:  # say what it was reading for: a set is read through its manifest
+        raise NetworkReadError(
+            f"{exc} (reading the manifest beside the shards given: a set is read through its manifest.json; "
+            "pass manifest= when it lies elsewhere)",
+            exc.url,
+            exc.offset,
+            exc.attempts,
+            exc.cause,
+        ) from exc
 
 
 # What reading a missing, cut or damaged shard raises besides DataError (tario's tarfile errors,
