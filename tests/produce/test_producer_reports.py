@@ -236,3 +236,27 @@ def test_a_log_gets_a_first_line_before_any_shard_is_done():
     progress = ShardProgress(3000, 3, "rank 1/2: reinforce", stream=log, clock=lambda: 0.0)
     progress.started()
     assert log.getvalue() == "rank 1/2: reinforce: started, 3 shards (3000 samples) to make\n"
+
+
+def test_a_run_id_tells_this_launchs_parts_from_an_earlier_ones(tmp_path, monkeypatch):
+    """With a run id the markers' ``run`` decides (an earlier launch a second ago is not this one; a rank
+    started long before is); without one, the timing heuristic."""
+    from wds_reinforce.io.outputs import LocalOutput
+    from wds_reinforce.produce.jobs import SAME_RUN_SLACK, ShardJob
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("WDS_REINFORCE_RUN_ID", "launch-2")
+    job = ShardJob(LocalOutput(tmp_path), "d" * 16, rank=0, world=2)
+    assert job.work(4, 12)["run"] == "launch-2"
+    now = job.started_at
+    earlier = {"made": {"rank": 1, "started": now - 1.0, "run": "launch-1"}}
+    long_ago = {"made": {"rank": 1, "started": now - 10 * SAME_RUN_SLACK, "run": "launch-2"}}
+    assert not job.made_in_this_run(earlier, earlier)
+    assert job.made_in_this_run(long_ago, long_ago)
+    monkeypatch.setenv("WDS_REINFORCE_RUN_ID", "")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default: no id
+    guess = ShardJob(LocalOutput(tmp_path), "d" * 16, rank=0, world=2)
+    assert guess.run is None and "run" not in guess.work(4, 12)
+    assert guess.made_in_this_run(earlier, earlier)  # within the slack: counted as made
+    assert not guess.made_in_this_run(long_ago, long_ago)
+    assert guess.made_in_this_run(long_ago, None)  # changed since this rank started

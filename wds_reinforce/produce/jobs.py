@@ -61,7 +61,18 @@ DONE_DIR = ".done"
 TAR_MTIME = 0  # fixed tar header fields: reruns give byte-identical shards
 _TAR_MODE = 0o444
 WAIT_TIMEOUT = 7 * 24 * 3600.0  # how long rank 0 waits for the other ranks' shards
-SAME_RUN_SLACK = 60.0  # a rank that started this long before rank 0 still belongs to its run
+SAME_RUN_SLACK = 60.0  # without a run id: a rank that started this long before rank 0 belongs to its run
+RUN_ID_VARS = ("WDS_REINFORCE_RUN_ID", "TORCHELASTIC_RUN_ID")  # the launch's id, shared by its ranks
+
+
+def run_id() -> str | None:
+    """This launch's id, the same on every rank: ``WDS_REINFORCE_RUN_ID``, else torchrun's
+    ``TORCHELASTIC_RUN_ID`` (not its default ``none``); None without one."""
+    for name in RUN_ID_VARS:
+        value = os.environ.get(name, "").strip()
+        if value and value != "none":
+            return value
+    return None
 
 
 class OtherJobError(UsageError):
@@ -149,23 +160,29 @@ class ShardJob:
     markers: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
     started: float = field(default_factory=time.monotonic, init=False, repr=False)  # this run's start
     started_at: float = field(default_factory=time.time, init=False, repr=False)  # the same, wall clock
+    run: str | None = field(default_factory=run_id, init=False, repr=False)  # the launch's id (``run_id``)
 
     def work(self, images: int, views: int) -> dict[str, Any]:
         """A made part's record (its marker's ``made``): this rank, the images and images x rounds it
         took, the seconds since this rank's run started when it was done, and when that was."""
         elapsed = round(time.monotonic() - self.started, 3)
         made = {"rank": self.rank, "world": self.world, "images": images, "views": views, "elapsed": elapsed}
-        return {**made, "started": round(self.started_at, 3)}
+        return {**made, "started": round(self.started_at, 3), **({"run": self.run} if self.run else {})}
 
     def made_in_this_run(self, marker: Mapping[str, Any] | None, before: Mapping[str, Any] | None) -> bool:
-        """Whether a part's final ``marker`` was made in the run that began when this rank's did: it
-        changed since ``before`` (its marker then), or a rank that started at most ``SAME_RUN_SLACK``
-        seconds before this one made it (ranks launched together start within seconds)."""
+        """Whether a part's final ``marker`` was made in this launch: by a rank of the same run id
+        (``run_id``) when both have one; else when it changed since ``before`` (its marker when this
+        rank started) or a rank that started at most ``SAME_RUN_SLACK`` seconds before this one made it
+        (ranks launched together start within seconds; approximate: a rerun within the slack counts
+        its reused parts as made, a rank started earlier than the slack its made parts as reused)."""
         if marker is None:
             return False
         made = marker.get("made")
-        recent = isinstance(made, Mapping) and float(made.get("started", 0)) >= self.started_at - SAME_RUN_SLACK
-        return marker != before or recent
+        if not isinstance(made, Mapping):
+            return marker != before
+        if self.run is not None and made.get("run") is not None:
+            return made["run"] == self.run
+        return marker != before or float(made.get("started", 0)) >= self.started_at - SAME_RUN_SLACK
 
     def mine(self, units: int) -> list[int]:
         """This rank's units of ``range(units)``."""
