@@ -32,7 +32,8 @@ def test_the_same_size_changes_nothing():
         assert again.to_dict() == preset.to_dict() and again.fingerprint == preset.fingerprint
     # The fingerprints recorded before sizes could be overridden.
     assert Recipe.from_spec("rrc+ra/re", kernels=1).fingerprint.hex() == "551ddeee2dfb6629"
-    assert Recipe.from_spec("rrc", size=64).fingerprint == Recipe.from_spec({**RECIPES.get("rrc"), "size": 64}).fingerprint
+    at_64 = Recipe.from_spec({**RECIPES.get("rrc"), "size": 64})
+    assert Recipe.from_spec("rrc", size=64).fingerprint == at_64.fingerprint
 
 
 def test_every_sized_geometry_op_scales_per_axis():
