@@ -297,11 +297,11 @@ def loader_for(
 def normalization_for(recipe: Recipe | None, init: str | None, model: Any) -> tuple[tuple, tuple, str]:
     """(mean, std, whose) a run trains and evaluates with: ``recipe``, ``checkpoint`` or ``model``.
 
-    The data's recipe's ``normalize`` where it names one, with or without ``--init``: apple/ml-dr
-    fine-tunes its ImageNet-pretrained resnet50d on CIFAR-100+ with CIFAR-100's mean and std (its
-    ``configs/cifar100/ft_plus.yaml``), and on Flowers-102+ and Food-101+ with ImageNet's, as
-    their recipes name them. Else the one an ``--init`` checkpoint was trained with (``train.py
-    --save`` records it); else the model's timm config (a pretrained ``--init timm:NAME``'s own).
+    The data's recipe's ``normalize`` where it names one, with or without ``--init``: apple/ml-dr's
+    CIFAR-100+ fine-tuning config (``configs/cifar100/ft_plus.yaml``, meant for an ImageNet-pretrained
+    resnet50d) normalises with CIFAR-100's mean and std, its Flowers-102+ and Food-101+ ones with
+    ImageNet's, as their recipes name them. Else the one an ``--init`` checkpoint was trained with
+    (``train.py --save`` records it); else the model's timm config (a pretrained ``--init timm:NAME``'s own).
     """
     if recipe is not None and recipe.normalization is not None:
         return *recipe.normalization, "recipe"
