@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per opt
         "MixUp/CutMix within windows of 16 samples of a shard, the teacher labels the mixture) or a YAML/JSON "
         "recipe file (default rrc)",
     )
-    p.add_argument("--image-size", type=int, help="output size of the recipe (overrides the recipe's)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="output size of the recipe (overrides the recipe's; its resizes, crops and padding scale with it: "
+        "cifar100+ at 32 resizes to 32 and pads by 2, 16 x 32 / 224)",
+    )
     p.add_argument("--decode", choices=["full", "reduced"], help="decode mode (overrides the recipe's)")
     p.add_argument("--rounds", type=int, help="augmentation rounds per sample (default 8)")
     p.add_argument("--topk", type=int, help="teacher classes kept per round (default 10, at most the classes)")

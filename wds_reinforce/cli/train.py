@@ -292,7 +292,7 @@ def _train(args: argparse.Namespace) -> int:
     steps = data.samples // (args.batch_size * world)
     if steps < 1:
         return _fail(f"expected at least --batch-size x ranks = {args.batch_size * world} samples, got {data.samples}")
-    trainer = training.Trainer(args, len(data.class_names), device, steps, distributed, targets=online)
+    trainer = training.Trainer(args, len(data.class_names), device, steps, distributed, online, data.recipe)
     start, metrics, epoch_seconds = time.perf_counter(), None, []
     for epoch in range(args.epochs):
         (sampler if sampler is not None else dataset).set_epoch(epoch)
@@ -404,6 +404,7 @@ def _finish(
             top1=fields["top1"],
             epochs=args.epochs,
             targets=args.targets,
+            normalize={"mean": list(trainer.mean), "std": list(trainer.std)},  # what a teacher of it must use
         )
     if args.targets == "online":
         teacher = [name for _, name in trainer.targets.teacher.members]
@@ -425,6 +426,7 @@ def _finish(
         "workers": workers_threads[0],
         "threads": workers_threads[1],
         "recipe": recipe.to_dict(),
+        "normalize": {"mean": list(trainer.mean), "std": list(trainer.std), "from": trainer.normalized_by},
         "teacher": teacher,
     }
     final = f"final val {describe(metrics)}" if metrics is not None else "done"

@@ -26,7 +26,7 @@ import torch.utils.data
 
 from wds_reinforce.cli.finetune import initial_model
 from wds_reinforce.cli.metrics import summarize
-from wds_reinforce.core.augment import RECIPES, Recipe, normalize, replay
+from wds_reinforce.core.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPES, Recipe, normalize, replay
 from wds_reinforce.core.decode import SourceImage
 from wds_reinforce.core.errors import DataError
 from wds_reinforce.core.format import Manifest
@@ -52,6 +52,7 @@ __all__ = [
     "resolve_recipe",
     "EpochSampler",
     "LabelledImages",
+    "normalization_for",
 ]
 
 _PROG = "train.py"
@@ -293,11 +294,33 @@ def loader_for(
     return dataset, sampler, loader
 
 
+def normalization_for(recipe: Recipe | None, init: str | None, model: Any) -> tuple[tuple, tuple, str]:
+    """(mean, std, whose) a run trains and evaluates with: ``recipe``, ``checkpoint`` or ``model``.
+
+    The data's recipe's ``normalize`` where it names one, with or without ``--init``: apple/ml-dr's
+    CIFAR-100+ fine-tuning config (``configs/cifar100/ft_plus.yaml``, meant for an ImageNet-pretrained
+    resnet50d) normalises with CIFAR-100's mean and std, its Flowers-102+ and Food-101+ ones with
+    ImageNet's, as their recipes name them. Else the one an ``--init`` checkpoint was trained with
+    (``train.py --save`` records it); else the model's timm config (a pretrained ``--init timm:NAME``'s own).
+    """
+    if recipe is not None and recipe.normalization is not None:
+        return *recipe.normalization, "recipe"
+    if init is not None and not init.startswith("timm:"):
+        from wds_reinforce.produce.checkpoint import checkpoint_info
+
+        norm = checkpoint_info(init).get("normalize")
+        if isinstance(norm, dict):
+            return tuple(norm["mean"]), tuple(norm["std"]), "checkpoint"
+    cfg = model.pretrained_cfg
+    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)), "model"
+
+
 class Trainer:
     """A timm model (random init, or ``--init``'s weights), its optimiser and warm-up + cosine schedule, the loop.
 
     ``targets``, if given, replaces each batch's targets by its output on the batch's uint8
-    images (the online-distillation arm: the teacher's softmax).
+    images (the online-distillation arm: the teacher's softmax). Images are normalised as
+    ``normalization_for`` says (``recipe``: the data's).
     """
 
     def __init__(
@@ -308,14 +331,15 @@ class Trainer:
         steps: int,
         distributed: bool,
         targets: Any = None,
+        recipe: Recipe | None = None,
     ):
         self.args, self.device, self.steps, self.distributed = args, device, steps, distributed
         self.targets = targets
-        model = initial_model(getattr(args, "init", None), args.model, classes).to(device)
+        init = getattr(args, "init", None)
+        model = initial_model(init, args.model, classes).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        cfg = model.pretrained_cfg
-        self.mean, self.std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+        self.mean, self.std, self.normalized_by = normalization_for(recipe, init, model)
         self.model = model
         self.train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
         if args.opt == "sgd":

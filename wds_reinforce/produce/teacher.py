@@ -4,7 +4,8 @@ A member is named ``timm:MODEL``; several members (repeated or comma-separated) 
 ensemble whose output is the mean of the members' softmax probabilities. Weights are random
 unless a checkpoint is given (``torch.load(..., weights_only=True)``; never pickle) or
 ``pretrained=True`` is asked for explicitly. Input normalisation comes from timm's pretrained
-config of each member. The loader never imports this module.
+config of each member, or from the checkpoint where it records the one its weights were trained
+with (``train.py --save`` does). The loader never imports this module.
 """
 
 from __future__ import annotations
@@ -84,8 +85,11 @@ def _load_reason(exc: BaseException) -> str:
     return lines[0] if lines else "unreadable"
 
 
-def _load_state(path: str, member: str | None = None) -> dict[str, torch.Tensor]:
-    """The state_dict in ``path``; ``member`` (``kind:name``) must match the model a checkpoint names."""
+def _load_state(path: str, member: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, list] | None]:
+    """The state_dict in ``path`` and the normalisation a ``train.py --save`` checkpoint says it was trained with.
+
+    ``member`` (``kind:name``) must match the model a checkpoint names.
+    """
     if not os.path.isfile(path):
         raise ValueError(f"expected a teacher checkpoint file, got {path!r} (not found)")
     try:
@@ -106,6 +110,7 @@ def _load_state(path: str, member: str | None = None) -> dict[str, torch.Tensor]
     arch = state.get("arch") if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT else None
     if member is not None and isinstance(arch, str) and arch != member:
         raise ValueError(f"expected a checkpoint of {member}, got one of {arch} in {path!r} (saved by train.py)")
+    trained = _trained_normalization(state, path) if arch is not None else None
     for wrapper in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -116,7 +121,21 @@ def _load_state(path: str, member: str | None = None) -> dict[str, torch.Tensor]
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
+    return state, trained
+
+
+def _trained_normalization(ckpt: dict[str, Any], path: str) -> dict[str, list] | None:
+    """A checkpoint's ``normalize`` (``{"mean": [3], "std": [3]}``, the one it was trained with), or None."""
+    norm = ckpt.get("normalize")
+    if norm is None:
+        return None
+    try:
+        mean, std = ([float(v) for v in norm[k]] for k in ("mean", "std"))
+    except (TypeError, ValueError, KeyError):
+        mean = std = []
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"expected normalize {{'mean': [3 floats], 'std': [3 positive floats]}} in {path!r}")
+    return {"mean": mean, "std": std}
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
@@ -189,9 +208,9 @@ class Teacher:
         self.configs: list[dict[str, Any]] = []
         self.weights: list[str] = []
         for (kind, name), ckpt in zip(pairs, checkpoints):
-            builder = TEACHERS.get(kind)
+            builder, trained = TEACHERS.get(kind), None
             if ckpt:
-                state = _load_state(ckpt, f"{kind}:{name}")
+                state, trained = _load_state(ckpt, f"{kind}:{name}")
                 probe = builder(name, num_classes, False)
                 n = _classifier_out(state, probe) or num_classes
                 model = probe if n is None or n == probe.num_classes else builder(name, n, False)
@@ -210,7 +229,9 @@ class Teacher:
             if self.device.type == "cuda":
                 model = model.to(memory_format=torch.channels_last)
             self.models.append(model)
-            self.configs.append(timm.data.resolve_data_config({}, model=model))
+            cfg = timm.data.resolve_data_config({}, model=model)
+            # A train.py checkpoint names the normalisation its weights learnt with (a recipe's, maybe not timm's).
+            self.configs.append({**cfg, **trained} if trained else cfg)
             self.weights.append(_weights_digest(model))
         counts = {int(m.num_classes) for m in self.models}
         if len(counts) != 1:
@@ -224,17 +245,23 @@ class Teacher:
             recipe: the recipe whose replayed pixels the teacher is run on. Its output size, crop
                 and interpolation are what the teacher saw, and are recorded as the members'
                 input; timm's pretrained config (e.g. 176 px, crop 0.875, bicubic) is not, since
-                the teacher never sees that view here. Without a recipe, no input is recorded.
+                the teacher never sees that view here. ``crop`` is the geometry op that sets the
+                size (the last; without its interpolation), ``interpolation`` the first one a
+                geometry op names; a chain of several geometry ops (``resize``, ``random_crop``)
+                is also recorded whole, in order, as ``geometry`` (absent: ``[crop]``, so that a
+                one-op recipe is described as before). Without a recipe, no input is recorded.
                 The normalisation (mean, std) is the members' own, as used.
         """
         seen: dict[str, Any] = {}
         if recipe is not None:
-            geometry = recipe.ops[0].to_dict()
+            chain = [op.to_dict() for op in recipe.ops if op.geometry]
             seen = {
                 "input_size": [3, *recipe.size],
-                "crop": {"op": recipe.ops[0].name, **{k: v for k, v in geometry.items() if k != "interpolation"}},
-                "interpolation": geometry.get("interpolation"),
+                "crop": {k: v for k, v in chain[-1].items() if k != "interpolation"},
+                "interpolation": next((op["interpolation"] for op in chain if "interpolation" in op), None),
             }
+            if len(chain) > 1:  # absent for one op: the descriptions (and job identities) made before chains
+                seen["geometry"] = chain
         return {
             "members": [
                 {

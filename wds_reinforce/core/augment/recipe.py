@@ -150,7 +150,10 @@ class Recipe:
                 "the source's (end with a crop, or resize to [height, width])"
             )
         if last.fixed_size != self.size:
-            raise ValueError(f"the geometry op's size {last.fixed_size} differs from the recipe's {self.size}")
+            raise ValueError(
+                f"the geometry op's size {last.fixed_size} differs from the recipe's {self.size} (a size given with "
+                "the recipe, e.g. --image-size, resizes its geometry ops with it; a recipe's own must agree)"
+            )
 
     # -- description and identity
 
@@ -236,7 +239,9 @@ class Recipe:
     ) -> Recipe:
         """A recipe to make shards with: a preset name (see ``RECIPES``), a YAML/JSON file path or a mapping.
 
-        ``size``, ``decode`` and ``kernels``, when given, override the spec's. A file or mapping
+        ``size``, ``decode`` and ``kernels``, when given, override the spec's. A new size resizes
+        the geometry chain with it (``_resized_op``): an op that gave the spec's size gives ``size``,
+        and every other size and padding of a geometry op scales by the same factor. A file or mapping
         without ``kernels`` gets the current set (2); read a recorded recipe (a manifest's) with
         ``from_dict``, where a missing ``kernels`` means 1.
         """
@@ -261,7 +266,10 @@ class Recipe:
         else:
             raise ValueError(f"expected a recipe name, file or mapping, got {spec!r}")
         if size is not None:
-            desc["size"] = list(check_size(size))
+            new, ops = check_size(size), desc.get("ops")
+            if isinstance(ops, (list, tuple)) and check_size(desc.get("size", 224)) != new:
+                desc["ops"] = [_resized_op(op, check_size(desc.get("size", 224)), new) for op in ops]
+            desc["size"] = list(new)
         if decode is not None:
             desc["decode"] = decode
         if kernels is not None:
@@ -299,6 +307,42 @@ class Recipe:
             f"Recipe({self.name!r}, size={self.size}, decode={self.decode!r}, kernels={self.kernels}, "
             f"ops={list(self.ops)}" + (f", mix={self.mix}" if self.mix is not None else "") + ")"
         )
+
+
+def _resized_op(spec: Any, old: Size, new: Size) -> Any:
+    """A geometry op's description for a recipe resized from ``old`` to ``new`` (each (height, width)).
+
+    Its ``size`` and ``padding`` (in pixels) scale by new/old per axis, rounded half up: an op
+    that gave ``old`` gives ``new``, and CIFAR-100+'s padding of 16 at 224 becomes 2 at 32. An
+    int ``size`` (a shorter side) scales with the shorter side. Ops sized by the recipe (``rrc``,
+    ``center``), the other ops and an op with bad arguments (the recipe refuses it) pass unchanged.
+    """
+    if isinstance(spec, Op):
+        spec = spec.to_dict()
+    cls = OPS.get(spec["op"]) if isinstance(spec, Mapping) and spec.get("op") in OPS else None
+    if cls is None or not cls.geometry or getattr(cls, "sized_by_recipe", False):
+        return spec
+    try:
+        op = cls(**{k: v for k, v in spec.items() if k != "op"})
+    except (TypeError, ValueError):
+        return spec
+
+    def scaled(value: Any, axis: int) -> Any:
+        was, now = (min(old), min(new)) if axis < 0 else (old[axis], new[axis])
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return int(value * now / was + 0.5) if ok else value  # value * now first: an exact n for value == was
+
+    out = dict(spec)
+    if getattr(op, "size", None) is not None:
+        short = op.fixed_size is None  # resize's shorter side: an int
+        out["size"] = scaled(op.size[0], -1) if short else [scaled(op.size[0], 0), scaled(op.size[1], 1)]
+    pad = out.get("padding")
+    if isinstance(pad, int) and old[0] * new[1] == old[1] * new[0]:  # one factor for both axes
+        out["padding"] = scaled(pad, 0)
+    elif isinstance(pad, (int, list, tuple)):  # (left/right, top/bottom) or (left, top, right, bottom)
+        sides = [pad] * 2 if isinstance(pad, int) else list(pad)
+        out["padding"] = [scaled(v, 1 - i % 2) for i, v in enumerate(sides)]
+    return out
 
 
 def _geometry_names() -> list[str]:
