@@ -294,8 +294,27 @@ def test_bad_init_is_a_one_line_error(folders, tmp_path):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     junk = _one_line_error(_train(*base, "--init", str(tmp_path / "junk.pt"), check=False))
     assert junk.startswith("train.py: error: --init: expected a torch checkpoint at ")
+    tagged = _one_line_error(_train(*base, "--init", "timm:resnet10t.no_such_tag", check=False))
+    assert tagged.endswith("pretrained weights, got timm:resnet10t.no_such_tag")
     other = _one_line_error(_train(*base, "--init", str(folders / "t0.pt"), "--model", "resnet18", check=False))
     assert (
         other
         == f"train.py: error: expected --model test_resnet as --init {folders / 't0.pt'} holds, got --model resnet18"
     )
+
+
+def test_evaluate_on_a_bad_val_is_a_one_line_error(folders, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for val, said in (
+        (tmp_path / "empty", "empty source"),
+        ("http://127.0.0.1:9/x-{0..1}.tar", "unknown source 'http'"),
+    ):
+        line = _one_line_error(_train("--evaluate", str(folders / "t0.pt"), "--val", str(val), check=False))
+        assert line.startswith("train.py: error: --val: ") and said in line
+
+
+def test_save_makes_its_folder_before_training(folders, tmp_path):
+    save = tmp_path / "new" / "deeper" / "model.pt"
+    args = ["--data", str(folders / "train"), "--targets", "labels", "--image-size", "32", "--epochs", "1"]
+    _train(*args, "--batch-size", "4", "--model", "test_resnet", "--save", str(save))
+    assert torch.load(save, weights_only=True)["arch"] == "timm:test_resnet"

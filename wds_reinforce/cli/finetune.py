@@ -66,7 +66,10 @@ def cached_timm_weights(name: str) -> str:
     """
     from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(name)
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        cfg = None
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise UsageError(f"expected --init timm:NAME of a model with pretrained weights, got timm:{name}")
     looked: list[str] = []

@@ -98,7 +98,10 @@ def evaluate_checkpoints(args: Any) -> dict[str, Any]:
 
     teacher, infos = load_checkpoints(args.evaluate, "--evaluate", device_of(args.device), bare_model=args.model)
     size = _input_size(args.image_size, infos, teacher)
-    source = open_source(args.val)
+    try:
+        source = open_source(args.val)
+    except ValueError as exc:  # a missing, empty or unreadable source
+        raise UsageError(f"--val: {str(exc).splitlines()[0]}") from None
     check_classes(teacher, infos, source.class_names, "--evaluate", "--val")
     began = time.perf_counter()
     images, labels = val_views(source, size, args.eval_crop_pct)

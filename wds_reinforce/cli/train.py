@@ -266,6 +266,11 @@ def _train(args: argparse.Namespace) -> int:
     from wds_reinforce.cli.finetune import resolve_model
 
     args.model = resolve_model(args.init, args.model)  # a bad --init fails before any data is read
+    if args.save:  # its folder is made now: a run never ends unable to save
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
+        except OSError as exc:
+            return _fail(f"cannot make the folder of --save {args.save!r}: {exc.strerror or exc}")
     import timm
 
     if not timm.is_model(args.model):
