@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from wds_reinforce.core.errors import UsageError
-from wds_reinforce.io.auth import authorize, authorized_opener, http_headers
+from wds_reinforce.io.auth import authorized_open, authorized_opener, http_headers
 from wds_reinforce.io.retry import (
     BACKOFF,
     BACKOFF_MAX,
@@ -383,8 +383,8 @@ class _HTTPSource:
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
-            request = authorize(urllib.request.Request(self.url, headers=headers), self._headers)
-            response = self._opener.open(request, timeout=self.timeout)
+            request = urllib.request.Request(self.url, headers=headers)
+            response = authorized_open(self._opener, request, self._headers, self.timeout)  # values never shown
         except urllib.error.HTTPError as exc:
             exc.close()
             status, reason = exc.code, exc.reason
