@@ -120,6 +120,26 @@ def test_a_crop_that_does_not_fit_is_data_and_a_row_that_does_not_fit_is_a_forma
         reflect.sample(round_rng(0, "k", 0), (37, 53))
 
 
+@pytest.mark.parametrize("kernels", [1, 2])
+def test_symmetric_padding_past_the_image_is_data_with_either_set_and_up_to_it_is_torchvisions(kernels):
+    small = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (8, 8, 3), np.uint8)).permute(2, 0, 1)
+    args = dict(size=32, pad_if_needed=True, padding_mode="symmetric")  # 24 a side: past the 8x8 image
+    recipe = Recipe([{"op": "random_crop", **args}], size=32, kernels=kernels)
+    with pytest.raises(DataError, match=r"symmetric padding \(24, 0, 24, 0\) reaches past the 8x8 image"):
+        recipe.sample(round_rng(0, "k", 0), (8, 8))
+    with pytest.raises(DataError, match="symmetric padding"):
+        replay(small, {"random_crop": np.array([0, 0])}, recipe)
+    # 8 a side, the most torchvision mirrors: the width by padding=, the height by pad_if_needed
+    args = dict(size=(16, 24), padding=[8, 0], pad_if_needed=True, padding_mode="symmetric")
+    recipe = Recipe([{"op": "random_crop", **args}], size=(16, 24), kernels=kernels)
+    for seed in range(4):
+        tv = _Recording(**args)
+        torch.manual_seed(seed)
+        expected = tv(small.contiguous())
+        got = replay(small, {"random_crop": np.array(tv.offset)}, recipe)
+        assert tv.padded == (24, 24) and torch.equal(got, expected), f"seed {seed}: offset {tv.offset}"
+
+
 @pytest.mark.parametrize("size", [(30, 40), (37, 53), (50, 20), (60, 70)])
 def test_center_crop_is_torchvisions_center_crop_with_either_set(odd, size):
     expected = T.CenterCrop(size)(odd.contiguous())

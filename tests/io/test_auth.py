@@ -4,12 +4,14 @@ redirects, and that no message or log line shows a value. Real servers on 127.0.
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
 
 from tests.token_server import token_server
 from wds_reinforce.core.errors import UsageError
-from wds_reinforce.io.auth import HEADERS_ENV, http_headers
+from wds_reinforce.io.auth import HEADERS_ENV, Headers, authorize, authorized_open, http_headers
+from wds_reinforce.io.retry import watched_opener
 from wds_reinforce.io.storage import check_settings, read_url
 
 TOKEN = "hf_s3cr3t-t0ken-value"
@@ -83,6 +85,8 @@ def test_the_default_token_file_is_under_the_cache_folder(monkeypatch, tmp_path)
         (json.dumps({"Bad Name": TOKEN}), "header names"),
         (json.dumps({"X-A": TOKEN + "\r\nX-Injected: 1"}), "'X-A' to be one line"),
         (json.dumps({"h.example": {"X-A": 3}}), "'X-A' to be one line"),
+        (json.dumps({"X-A": TOKEN + "\x00"}), "'X-A' to be one line"),
+        (json.dumps({"h.example": {"X-A": TOKEN + "\u20ac"}}), "'X-A' to be one line"),  # not Latin-1
     ],
 )
 def test_a_bad_setting_is_refused_without_showing_its_value(monkeypatch, value, match):
@@ -128,3 +132,51 @@ def test_a_redirect_carries_the_headers_to_the_same_origin_only(tmp_path, monkey
         hub.redirects["/elsewhere.bin"] = f"{cdn.base}/a.bin"  # another port: another origin, as the Hub's CDN
         assert read_url(f"{hub.base}/elsewhere.bin") == b"moved bytes"
         assert cdn.requests == [("/a.bin", None)], "the token must not follow a redirect to another host"
+
+
+def test_the_hugging_face_token_goes_over_https_only(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert http_headers("https://huggingface.co/x") == {"Authorization": f"Bearer {TOKEN}"}
+    for url in ("http://huggingface.co/x", "http://hf.co/x", "HTTP://cdn-lfs.huggingface.co/x"):
+        assert http_headers(url) == {}, url
+    _setting(monkeypatch, {"*.hf.co": {"Authorization": "Bearer mine"}})  # the user's setting goes where they said
+    assert http_headers("http://hf.co/x") == {"Authorization": "Bearer mine"}
+
+
+@pytest.mark.parametrize("bad", [f"{TOKEN}\nx", f"{TOKEN}\rX-Injected: 1", f"{TOKEN}\x1b[0m", f"{TOKEN}\u00e9"])
+def test_a_token_of_more_than_one_printable_ascii_line_is_refused_naming_where_it_came_from(monkeypatch, tmp_path, bad):
+    hub = "https://huggingface.co/datasets/org/name/resolve/main/train-000000.tar"
+    monkeypatch.setenv("HF_TOKEN", bad)
+    with pytest.raises(UsageError, match="Hugging Face token in HF_TOKEN to be one line of printable ASCII") as caught:
+        http_headers(hub)
+    assert TOKEN not in str(caught.value)
+    monkeypatch.delenv("HF_TOKEN")
+    (tmp_path / "token").write_text(bad + "\n", encoding="utf-8")
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "token"))
+    with pytest.raises(UsageError, match="in the token file .*token to be one line") as caught:
+        http_headers(hub)
+    assert TOKEN not in str(caught.value) and str(tmp_path / "token") in str(caught.value)
+    (tmp_path / "token").write_bytes(TOKEN.encode() + b"\xff\xfe")  # not UTF-8: refused too, not a decode error
+    with pytest.raises(UsageError, match="in the token file"):
+        http_headers(hub)
+
+
+def test_a_header_value_http_client_would_repeat_is_refused_without_it(tmp_path):
+    with token_server(tmp_path, TOKEN) as srv:
+        request = urllib.request.Request(f"{srv.base}/a.bin")
+        with pytest.raises(UsageError, match="the Authorization header for 127.0.0.1:.* one line") as caught:
+            authorize(request, Headers({"Authorization": f"Bearer {TOKEN}\nx"}))
+        assert TOKEN not in str(caught.value)
+        # what http.client itself refuses (a header urllib got elsewhere): its message, with the value, is replaced
+        request = urllib.request.Request(f"{srv.base}/a.bin", headers={"X-Secret": f"{TOKEN}\nx"})
+        with pytest.raises(UsageError, match="http.client refused a header value or the URL") as caught:
+            authorized_open(watched_opener(), request, Headers(), 5.0)
+        assert TOKEN not in str(caught.value) and caught.value.__context__ is None and caught.value.__cause__ is None
+        assert srv.requests == [], "nothing was sent"
+
+
+def test_a_url_http_client_cannot_send_is_a_usage_error(tmp_path):
+    with token_server(tmp_path, None) as srv:
+        with pytest.raises(UsageError, match="http.client refused a header value or the URL"):
+            read_url(f"{srv.base}/caf\u00e9.bin")
+        assert srv.requests == []

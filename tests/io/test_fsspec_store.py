@@ -9,6 +9,7 @@ import importlib.util
 import os
 import random
 import threading
+import time
 
 import fsspec
 import pytest
@@ -170,6 +171,31 @@ def test_a_blocked_backend_call_is_ended_at_the_reads_bound(tmp_path, monkeypatc
             read_url(f"testfs://{tmp_path}/a.bin")
     finally:
         release.set()
+
+
+def _helpers() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "wds_reinforce-fsspec"}
+
+
+def test_failed_opens_and_closed_readers_leave_no_helper_thread(tmp_path):
+    before, count = _helpers(), threading.active_count()
+    for _ in range(10):
+        with pytest.raises(FileNotFoundError):
+            open_url("memory://bucket/none.bin")
+    (tmp_path / "a.bin").write_bytes(_payload(2_000_000))
+    StoreFS.plan = [("deny", None)]
+    with pytest.raises(OSError, match="denied by the test"):
+        open_url(f"testfs://{tmp_path}/a.bin")
+    StoreFS.plan = [("reset", 1_500_000)]
+    with open_url(f"testfs://{tmp_path}/a.bin") as stream:  # the resume finds a new version: an empty body
+        stream.read(1_000_000)
+        os.utime(tmp_path / "a.bin", ns=(1, 1))
+        with pytest.raises(ObjectChangedError):
+            stream.read()
+    deadline = time.monotonic() + 10
+    for thread in _helpers() - before:  # each was told to end: they end without any waiting of ours
+        thread.join(max(deadline - time.monotonic(), 0))
+    assert not _helpers() - before and threading.active_count() <= count
 
 
 def test_object_versions_prefer_identities_to_times():

@@ -4,16 +4,19 @@
   host (``{"X-Team": "vision"}``); an object value holds the headers of one host
   (``{"data.example.com": {"Authorization": "Bearer ..."}}``), or of a domain and its subdomains
   when the key starts with ``*.`` (``"*.example.com"``). A host's own headers win.
-- The Hugging Face token, for ``huggingface.co``, ``hf.co`` and their subdomains, as
-  ``Authorization: Bearer <token>`` (unless the setting above gives that host an Authorization):
+- The Hugging Face token, for ``https://`` reads of ``huggingface.co``, ``hf.co`` and their
+  subdomains, as ``Authorization: Bearer <token>`` (unless the setting above gives that host an
+  Authorization), never over plain ``http://``:
   ``HF_TOKEN``, else the token file as huggingface_hub reads it (``HF_TOKEN_PATH``, else
-  ``$HF_HOME/token``, else ``~/.cache/huggingface/token``). Read here, no network.
+  ``$HF_HOME/token``, else ``~/.cache/huggingface/token``). Read here, no network; a token that
+  is not one line of printable ASCII is refused, naming where it came from.
 
 The headers go on a request as unredirected headers (``authorize``), and the opener's redirect
 handler (``authorized_opener``) carries them on only to the same origin (scheme, host, port): the
 Hub's redirect to its CDN, or a server's to another host, gets none. Their values appear in no
 message, log line, repr or exception: a bad setting's error names the header or the host, never
-a value.
+a value; ``authorized_open`` checks every value before urllib sends it, and turns a refusal of
+http.client's (whose message repeats the value) into a ``UsageError`` that shows none.
 """
 
 from __future__ import annotations
@@ -27,11 +30,22 @@ from urllib.parse import urlsplit
 
 from wds_reinforce.core.errors import UsageError
 
-__all__ = ["HEADERS_ENV", "Headers", "http_headers", "hf_token", "check_http_headers", "authorize", "authorized_opener"]
+__all__ = [
+    "HEADERS_ENV",
+    "Headers",
+    "http_headers",
+    "hf_token",
+    "check_http_headers",
+    "authorize",
+    "authorized_opener",
+    "authorized_open",
+]
 
 HEADERS_ENV = "WDS_REINFORCE_HTTP_HEADERS"
 _HF_DOMAINS = ("huggingface.co", "hf.co")
 _TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
+_VALUE_CHARS = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # one line, no control characters, Latin-1 (http.client's)
+_TOKEN_VALUE = re.compile(r"[\x20-\x7e]+")  # a token: one line of printable ASCII
 _AUTH_ATTR = "_wds_reinforce_auth"  # where a request keeps the headers that may follow its redirects
 
 
@@ -50,8 +64,11 @@ def _checked_headers(items: Any, where: str) -> dict[str, str]:
     for name, value in items.items():
         if not _TOKEN_CHARS.fullmatch(name):
             raise UsageError(f"expected header names in {HEADERS_ENV}, got {name!r}")
-        if not isinstance(value, str) or "\r" in value or "\n" in value:
-            raise UsageError(f"expected {HEADERS_ENV}'s header {name!r} to be one line of text (value not shown)")
+        if not isinstance(value, str) or not _VALUE_CHARS.fullmatch(value):
+            raise UsageError(
+                f"expected {HEADERS_ENV}'s header {name!r} to be one line of text without control characters "
+                "(value not shown)"
+            )
     return items
 
 
@@ -85,29 +102,41 @@ def _matches(pattern: str, host: str) -> bool:
     return host == pattern
 
 
+def _checked_token(token: str, where: str) -> str | None:
+    if token and not _TOKEN_VALUE.fullmatch(token):  # it would break the header, and http.client's error shows it
+        raise UsageError(f"expected the Hugging Face token in {where} to be one line of printable ASCII (not shown)")
+    return token or None
+
+
 def hf_token() -> str | None:
-    """The Hugging Face token as huggingface_hub finds it: ``HF_TOKEN``, else its token file."""
+    """The Hugging Face token as huggingface_hub finds it: ``HF_TOKEN``, else its token file.
+
+    Raises:
+        UsageError: the token is not one line of printable ASCII (the message names where it came from).
+    """
     token = os.environ.get("HF_TOKEN", "").strip()
     if token:
-        return token
+        return _checked_token(token, "HF_TOKEN")
     path = os.environ.get("HF_TOKEN_PATH")
     if not path:
         home = os.environ.get("HF_HOME") or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
         )
         path = os.path.join(home, "token")
+    path = os.path.expanduser(path)
     try:
-        with open(os.path.expanduser(path)) as f:
-            return f.read().strip() or None
+        with open(path, encoding="utf-8", errors="replace") as f:
+            token = f.read().strip()
     except OSError:  # no token file: anonymous, as huggingface_hub
         return None
+    return _checked_token(token, f"the token file {path}")
 
 
 def http_headers(url: str) -> Headers:
     """The headers a read of ``url`` sends (empty for other schemes).
 
     Raises:
-        UsageError: a bad ``WDS_REINFORCE_HTTP_HEADERS``.
+        UsageError: a bad ``WDS_REINFORCE_HTTP_HEADERS``, or a bad Hugging Face token for a Hub URL.
     """
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https"):
@@ -118,7 +147,7 @@ def http_headers(url: str) -> Headers:
     for pattern in sorted(hosts, key=len):  # the most specific pattern last: it wins
         if _matches(pattern, host):
             out.update(hosts[pattern])
-    if any(_matches(f"*.{domain}", host) for domain in _HF_DOMAINS):
+    if parts.scheme.lower() == "https" and any(_matches(f"*.{domain}", host) for domain in _HF_DOMAINS):
         if not any(name.lower() == "authorization" for name in out):
             token = hf_token()
             if token:
@@ -127,8 +156,14 @@ def http_headers(url: str) -> Headers:
 
 
 def authorize(request: urllib.request.Request, headers: Headers) -> urllib.request.Request:
-    """``request`` with ``headers`` added as unredirected headers (``authorized_opener`` decides on redirects)."""
+    """``request`` with ``headers`` added as unredirected headers (``authorized_opener`` decides on redirects).
+
+    Raises:
+        UsageError: a value that is not one line of text (naming the header, not the value).
+    """
     for name, value in headers.items():
+        if not isinstance(value, str) or not _VALUE_CHARS.fullmatch(value):
+            raise UsageError(f"expected the {name} header for {request.host} to be one line of text (value not shown)")
         request.add_unredirected_header(name, value)
     setattr(request, _AUTH_ATTR, headers)
     return request
@@ -157,3 +192,25 @@ def authorized_opener(opener: urllib.request.OpenerDirector) -> urllib.request.O
     """``opener`` whose redirects carry ``authorize``'s headers to the same origin only."""
     opener.add_handler(_SameOriginRedirects())
     return opener
+
+
+def authorized_open(
+    opener: urllib.request.OpenerDirector, request: urllib.request.Request, headers: Headers, timeout: float
+) -> Any:
+    """``opener.open(request)`` with ``headers`` (``authorize``).
+
+    Raises:
+        UsageError: a header value (or the URL) that http.client refuses: its ``ValueError`` repeats the
+            value, so it is replaced by a message that shows none (and chains nothing).
+        OSError, http.client.HTTPException: as ``opener.open``.
+    """
+    try:
+        return opener.open(authorize(request, headers), timeout=timeout)
+    except UsageError:
+        raise
+    except ValueError as exc:  # UnicodeEncodeError too
+        refused = type(exc).__name__
+    raise UsageError(
+        f"cannot send a request for {request.full_url}: http.client refused a header value or the URL ({refused};"
+        " header values not shown)"
+    )

@@ -140,7 +140,8 @@ class _Caller:
 
     Neither a socket timeout nor the reader's watchdog reaches every backend's connections; a call
     abandoned here is a fault (the read is past its bound by then, so it gives up), and its thread
-    ends when the call returns. A body's thread ends with the body (``close``).
+    ends when the call returns. The thread ends with the body (``close``), or with the source, which
+    the reader closes when it closes or its open fails; a later call starts another.
     """
 
     def __init__(self, bound: float):
@@ -228,6 +229,9 @@ class _Source:
         else:
             return exc  # a bug: as it is
         return error
+
+    def close(self) -> None:
+        self.call.close()
 
 
 class _Body:

@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from wds_reinforce.core.errors import UsageError
-from wds_reinforce.io.auth import authorize, authorized_opener, http_headers
+from wds_reinforce.io.auth import authorized_open, authorized_opener, http_headers
 from wds_reinforce.io.retry import (
     BACKOFF,
     BACKOFF_MAX,
@@ -139,6 +139,7 @@ class ResumableReader(io.RawIOBase):
     """A read-only stream over one URL that retries transient faults and resumes where it stopped.
 
     The first request is made here, so a missing object raises ``FileNotFoundError`` at open.
+    A source with a ``close()`` has it called when the reader closes or its open fails.
     A fault (an error while opening or reading, a body that ends before the size the server
     announced, or a response slower than the policy's speed limit) closes the response, waits
     (``RetryPolicy.delay``) and re-requests the rest with a ranged request from the current
@@ -167,7 +168,11 @@ class ResumableReader(io.RawIOBase):
         self._end: int | None = None
         self._version: str | None = None
         self._body: Any = None
-        self._fill(0)  # opens, with retries
+        try:
+            self._fill(0)  # opens, with retries
+        except BaseException:
+            self.close()  # the caller never gets the reader to close
+            raise
 
     @property
     def offset(self) -> int:
@@ -205,6 +210,7 @@ class ResumableReader(io.RawIOBase):
 
     def close(self) -> None:
         self._drop_body()
+        getattr(self._source, "close", lambda: None)()  # (the fsspec source's helper thread)
         super().close()
 
     def __str__(self) -> str:  # webdataset puts this in its error messages
@@ -260,17 +266,9 @@ class ResumableReader(io.RawIOBase):
             wait = self._policy.delay(failures)
             if failures > self._policy.retries or self._pace.overdue(wait) or self._watch.fired:
                 raise self._give_up(fault, failures)
-            of = f" of {self._end}" if self._end is not None else ""
-            _log.warning(
-                "%s at byte %d%s: %s; retry %d of %d in %.2f s",
-                self.url,
-                self._pos,
-                of,
-                _describe(fault),
-                failures,
-                self._policy.retries,
-                wait,
-            )
+            at = f"{self._pos}" + (f" of {self._end}" if self._end is not None else "")
+            retry = f"retry {failures} of {self._policy.retries} in {wait:.2f} s"
+            _log.warning("%s at byte %s: %s; %s", self.url, at, _describe(fault), retry)
             time.sleep(wait)
 
     def _pull(self, size: int, pieces: list[bytes]) -> bool:
@@ -383,8 +381,8 @@ class _HTTPSource:
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
-            request = authorize(urllib.request.Request(self.url, headers=headers), self._headers)
-            response = self._opener.open(request, timeout=self.timeout)
+            request = urllib.request.Request(self.url, headers=headers)
+            response = authorized_open(self._opener, request, self._headers, self.timeout)  # values never shown
         except urllib.error.HTTPError as exc:
             exc.close()
             status, reason = exc.code, exc.reason

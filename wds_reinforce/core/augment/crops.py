@@ -132,7 +132,7 @@ class RandomCrop(GeometryOp):
 
         Raises:
             DataError: the input cannot give the crop (too small without ``pad_if_needed``), or a
-                ``reflect`` padding would reach past the image (torchvision refuses it).
+                ``reflect`` or ``symmetric`` padding would reach past the image (torchvision refuses it).
         """
         steps = []
         height, width = size
@@ -144,8 +144,13 @@ class RandomCrop(GeometryOp):
         for left, top, right, bottom in wanted:
             if not (left or top or right or bottom):
                 continue
-            if self.padding_mode == "reflect" and (max(left, right) >= width or max(top, bottom) >= height):
-                raise DataError(f"reflect padding {(left, top, right, bottom)} reaches past the {height}x{width} image")
+            # torchvision mirrors each side once: reflect up to the size less 1 (the edge is not repeated),
+            # symmetric up to the size (beyond, it raises IndexError, and OpenCV would mirror again)
+            most = {"reflect": 1, "symmetric": 0}.get(self.padding_mode)
+            if most is not None and (max(left, right) > width - most or max(top, bottom) > height - most):
+                raise DataError(
+                    f"{self.padding_mode} padding {(left, top, right, bottom)} reaches past the {height}x{width} image"
+                )
             steps.append((left, top, right, bottom))
             height, width = height + top + bottom, width + left + right
         if height < self.size[0] or width < self.size[1]:
