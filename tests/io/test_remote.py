@@ -401,3 +401,14 @@ def test_good_progress_is_the_limit_met_on_average_whatever_the_reconnects(rate,
             pace.attempt()
             response = 0
     assert pace.overdue() == gives_up and (now[0] <= 96 if gives_up else now[0] >= 600), (now[0], drops)
+
+
+def test_a_url_http_client_cannot_send_is_refused_at_once(monkeypatch):
+    """A control character in the path is no transient fault: refused before any retry."""
+    from wds_reinforce.core.errors import UsageError
+    from wds_reinforce.io.storage import read_url
+
+    monkeypatch.setenv("WDS_REINFORCE_RETRIES", "6")
+    monkeypatch.setenv("WDS_REINFORCE_BACKOFF", "30")  # a retry would take minutes
+    with pytest.raises(UsageError, match="expected a URL http.client can send, got 'http://127.0.0.1:9/a"):
+        read_url("http://127.0.0.1:9/a\x01 b")

@@ -400,6 +400,8 @@ class _HTTPSource:
                 raise OSError(f"{self.url}: {exc.reason}") from None
             reason = exc.reason
             raise _Transient(_describe(reason) if isinstance(reason, BaseException) else str(reason)) from exc
+        except http.client.InvalidURL as exc:  # a URL no retry can send
+            raise UsageError(f"expected a URL http.client can send, got {self.url!r}: {exc}") from None
         except (OSError, http.client.HTTPException) as exc:
             raise _Transient(_describe(exc)) from exc
         length = response.headers.get("Content-Length")
