@@ -137,6 +137,21 @@ def test_flowers102_and_food101_are_torchvision_order(tmp_path):
     assert fo.keys == ["tacos_71", "tacos_12", "apple_pie_9"]
 
 
+@pytest.mark.parametrize("label", [0, 103, 2.5])
+def test_flowers_label_outside_1_to_102_is_refused(tmp_path, label):
+    """Their labels count from 1: a 0 would be class -1, which no later check on the classes catches."""
+    labels = list(FLOWER_LABELS)
+    labels[FLOWER_TRNID[0] - 1] = label
+    flowers_root(tmp_path, FLOWER_SIZES, FLOWER_TRNID, labels)
+    with pytest.raises(MetadataError, match=r"imagelabels\.mat: a train image's label outside 1\.\.102"):
+        open_dataset("flowers102", str(tmp_path))
+    labels = list(FLOWER_LABELS)
+    labels[3 - 1] = label  # image 3 is no train image: its label is not read
+    flowers_root(tmp_path / "other", FLOWER_SIZES, FLOWER_TRNID, labels)
+    other = open_dataset("flowers102", str(tmp_path / "other"))
+    assert other.labels == [FLOWER_LABELS[i - 1] - 1 for i in FLOWER_TRNID]
+
+
 @pytest.mark.parametrize(
     "name, files",
     [("cifar100", "cifar-100-python/train"), ("flowers102", "setid.mat"), ("food101", "food-101/meta/train.json")],

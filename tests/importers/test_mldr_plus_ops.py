@@ -1,7 +1,6 @@
 """CIFAR-100+ (resize, random_crop), RandAugment with p < 1, and Flowers/Food as their code ran them (no crop).
 
-These need the ops ``resize``, ``random_crop``, ``center_crop`` and RandAugment's ``p`` (issue 20,
-Deliver 1): until those are in core/augment the module is skipped.
+These use the ops ``resize``, ``random_crop``, ``center_crop`` and RandAugment's ``p``.
 """
 
 from __future__ import annotations
@@ -20,37 +19,10 @@ from tests.importers.test_mldr_plus import (
 )
 from tests.mldr_plus import cifar_root, flowers_root, plus_config
 from wds_reinforce import ReinforcedDataset
-from wds_reinforce.core.augment import Recipe, replay
+from wds_reinforce.core.augment import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, Recipe, replay
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.importers.datasets import open_dataset
 from wds_reinforce.importers.mldr import MetadataError, MldrConfig, convert_rounds, import_mldr
-
-
-def _have_ops() -> bool:
-    try:
-        Recipe.from_dict(
-            {
-                "size": [8, 8],
-                "ops": [
-                    {"op": "resize", "size": 8, "interpolation": "bilinear", "antialias": True},
-                    {
-                        "op": "random_crop",
-                        "size": [8, 8],
-                        "padding": 1,
-                        "fill": 0,
-                        "padding_mode": "constant",
-                        "pad_if_needed": False,
-                    },
-                    {"op": "ra", "num_ops": 2, "magnitude": 9, "num_magnitude_bins": 31, "p": 0.5},
-                ],
-            }
-        )
-    except ValueError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _have_ops(), reason="needs ops resize/random_crop and RandAugment p (issue 20, 1)")
 
 
 @pytest.mark.parametrize("p_ra", [1.0, 0.5])
@@ -70,12 +42,40 @@ def test_cifar100_plus_imports_every_parameter(tmp_path, p_ra):
     if p_ra < 1:  # some rounds skipped RandAugment: an all-zero row
         skipped = [r for obj in objs for r in obj[1] if r["params"][3] is None]
         assert skipped, "the seeds drew no skipped round; pick others"
+    assert manifest["recipe"]["normalize"] == {"mean": list(CIFAR100_MEAN), "std": list(CIFAR100_STD)}
     ds = ReinforcedDataset(str(tmp_path / "out"), keys=("__key__", "round", "image"), densify="sparse")
+    assert ds.recipe.mean == CIFAR100_MEAN and ds.recipe.std == CIFAR100_STD
     for key, r, image in ds:
         i = images.keys.index(key)
         rows = _rows(objs[i], ds.recipe.columns, r)
         assert image.shape == (3, 224, 224)
         assert (image == replay(images.read(i), rows, ds.recipe)).all()
+
+
+def test_imported_recipe_keeps_their_normalisation():
+    """Their Normalize's mean and std become the recipe's (outside the fingerprint), as the preset's."""
+    recipe = MldrConfig.from_dict(plus_config("cifar100")).recipe
+    preset = Recipe.from_spec("cifar100+")
+    assert (recipe.mean, recipe.std) == (CIFAR100_MEAN, CIFAR100_STD) == (preset.mean, preset.std)
+    assert recipe.fingerprint.hex() == "da13f9be0ec387ea"  # as imported before the normalisation was kept
+    bare = {k: v for k, v in recipe.to_dict().items() if k != "normalize"}
+    assert Recipe.from_dict(bare).fingerprint == recipe.fingerprint and Recipe.from_dict(bare).mean == IMAGENET_MEAN
+    config = plus_config("cifar100")
+    config["reinforce"]["image_augmentation"]["normalize"]["mean"] = [0.5, 0.5]
+    with pytest.raises(UsageError, match="does not make a recipe here: expected normalize"):
+        MldrConfig.from_dict(config)
+
+
+def test_config_walked_reference_by_reference_is_bounded():
+    """A config pickle can refer to one list again and again: 2**40 paths in a few hundred bytes, which
+    the manifest's JSON (and comparing two configs) would walk one by one."""
+    shared: list = []
+    for _ in range(40):
+        shared = [shared, shared]
+    config = plus_config("cifar100")
+    config["reinforce"]["image_augmentation"]["normalize"]["inplace"] = shared
+    with pytest.raises(UsageError, match=r"config\.pth\.tar: expected their config, got one of more than 100000"):
+        MldrConfig.from_dict(config)
 
 
 def _rows(obj, columns, r):

@@ -9,6 +9,7 @@ holds one element, zlib-compressed. Anything else (cells, structs, sparse, compl
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import zlib
@@ -66,7 +67,8 @@ def _matrix(payload: bytes, order: str, where: str) -> tuple[str, np.ndarray]:
     dims = [int(d) for d in _numbers(*parts[1], order, where)]
     name = parts[2][1].decode("latin1")
     values = _numbers(*parts[3], order, where)
-    if int(np.prod(dims)) != values.size:
+    # math.prod: exact (numpy's int64 product wraps round); a negative dimension is no size.
+    if any(d < 0 for d in dims) or math.prod(dims) != values.size:
         raise MetadataError(f"{name}: {values.size} values for dimensions {dims}", url=where)
     return name, values.reshape(dims, order="F")  # MATLAB stores columns first
 

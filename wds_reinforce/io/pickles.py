@@ -11,6 +11,7 @@ numpy's or joblib's pickle code runs.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from typing import Any
 
@@ -18,9 +19,10 @@ import numpy as np
 
 from wds_reinforce.core.errors import MetadataError
 
-__all__ = ["Inert", "INERT_NAMES", "MAX_PICKLE_BYTES", "PICKLE_ERRORS", "load_arrays", "map_leaves"]
+__all__ = ["Inert", "INERT_NAMES", "MAX_NODES", "MAX_PICKLE_BYTES", "PICKLE_ERRORS", "load_arrays", "map_leaves"]
 
 MAX_PICKLE_BYTES = 256 << 20  # the largest data.pkl read (8000 rounds of top-10 are ~3 MB)
+MAX_NODES = 50_000_000  # values one walk over an unpickled object visits (map_leaves, check_plain)
 
 
 class Inert:
@@ -94,8 +96,8 @@ class _Dtype:
 def _array(raw: bytes, dtype: np.dtype, shape: Any, fortran: bool, where: str) -> np.ndarray:
     if not isinstance(shape, (tuple, list)) or not all(type(n) is int and n >= 0 for n in shape):
         raise MetadataError(f"refused: an array of shape {shape!r}", url=where)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if count * dtype.itemsize != len(raw):
+    # math.prod: exact; numpy's int64 product wraps round for a hostile shape.
+    if math.prod(shape) * dtype.itemsize != len(raw):
         raise MetadataError(f"an array of shape {tuple(shape)} {dtype} with {len(raw)} bytes of data", url=where)
     arr = np.frombuffer(raw, dtype).reshape(tuple(shape), order="F" if fortran else "C")
     return arr.astype(dtype.newbyteorder("="), copy=False)
@@ -162,7 +164,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         if state.get("numpy_array_alignment_bytes") is not None:
             pad = self._stream.read(1)
             self._stream.read(pad[0] if pad else 0)
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+        size = math.prod(shape) * dtype.itemsize  # exact: an int64 product can wrap round to a small size
         if size > self._left:
             raise MetadataError(f"refused: an array of {size} bytes, over the limit", url=self._name)
         self._left -= size
@@ -170,18 +172,72 @@ class _ArrayUnpickler(pickle.Unpickler):
         return _array(raw, dtype, list(shape), state.get("order") == "F", self._name)
 
 
-def map_leaves(obj: Any, leaf: Any) -> Any:
-    """``obj`` with each value that is no list, dict or tuple replaced by ``leaf(value)`` (lists, dicts in place)."""
-    if type(obj) is list:
-        obj[:] = [map_leaves(v, leaf) for v in obj]
-    elif type(obj) is dict:
-        for k, v in obj.items():
-            obj[k] = map_leaves(v, leaf)
-    elif type(obj) is tuple:
-        return tuple(map_leaves(v, leaf) for v in obj)
-    else:
-        return leaf(obj)
-    return obj
+def map_leaves(obj: Any, leaf: Any, where: str = "", limit: int = MAX_NODES) -> Any:
+    """``obj`` with each value that is no list, dict, tuple or plain scalar (int, float, str, bytes, bool,
+    None) replaced by ``leaf(value)``; lists and dicts are changed in place, a tuple is copied if one of
+    its values changes.
+
+    A container met again (a pickle's memo lets one be referred to any number of times) is walked
+    once and gives the same result each time, so the walk costs what the pickle's bytes do.
+
+    Raises:
+        MetadataError: (naming ``where``) containers of more than ``limit`` values in all, values nested
+            deeper than Python's recursion limit, or a tuple that holds itself (through a list or dict).
+    """
+    walk = _Walk(leaf, where, limit)
+    try:
+        return walk.value(obj)
+    except RecursionError:
+        raise MetadataError("refused: values nested deeper than Python's recursion limit", url=where) from None
+
+
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+_BUSY = object()  # a tuple being walked: met again, it holds itself
+
+
+class _Walk:
+    __slots__ = ("leaf", "where", "limit", "left", "done")
+
+    def __init__(self, leaf: Any, where: str, limit: int):
+        self.leaf, self.where, self.limit, self.left = leaf, where, limit, limit - 1
+        # id -> (container, result): the container is kept so that its id is not reused by a new object.
+        self.done: dict[int, tuple[Any, Any]] = {}
+
+    def value(self, v: Any) -> Any:
+        kind = type(v)
+        if kind in _PLAIN:
+            return v
+        if kind is list or kind is dict or kind is tuple:
+            return self.container(v)
+        return self.leaf(v)
+
+    def container(self, obj: Any) -> Any:
+        seen = self.done.get(id(obj))
+        if seen is not None:
+            if seen[1] is _BUSY:
+                raise MetadataError("refused: a tuple that holds itself", url=self.where)
+            return seen[1]
+        self.left -= len(obj)  # each reference counts: a memo hit costs its place in the container
+        if self.left < 0:
+            raise MetadataError(f"refused: more than {self.limit} values", url=self.where)
+        plain, kind = _PLAIN, type(obj)
+        if kind is tuple:
+            self.done[id(obj)] = (obj, _BUSY)
+            out = None
+            for i, v in enumerate(obj):
+                if type(v) not in plain:
+                    new = self.value(v)
+                    if new is not v:
+                        out = list(obj) if out is None else out
+                        out[i] = new
+            result = obj if out is None else tuple(out)
+            self.done[id(obj)] = (obj, result)
+            return result
+        self.done[id(obj)] = (obj, obj)  # a list or dict is its own result (and may hold itself)
+        for k, v in enumerate(obj) if kind is list else obj.items():
+            if type(v) not in plain:
+                obj[k] = self.value(v)
+        return obj
 
 
 def _unwrap(obj: Any) -> Any:
@@ -191,17 +247,20 @@ def _unwrap(obj: Any) -> Any:
     return obj
 
 
-def load_arrays(data: bytes, name: str, encoding: str = "ASCII") -> Any:
+def load_arrays(data: bytes, name: str, encoding: str = "ASCII", leaf: Any = None) -> Any:
     """Unpickle ``data`` holding plain values and numeric numpy arrays (joblib's format or numpy's own).
 
-    ``encoding`` is for Python 2 strings (CIFAR's batches: ``latin1``). Raises ``MetadataError`` for any
-    other global, an object array, a persistent id or a malformed pickle.
+    ``encoding`` is for Python 2 strings (CIFAR's batches: ``latin1``); ``leaf``, when given, maps each
+    array (and any other value that is no container or plain scalar) in the same walk that puts the
+    arrays in place (see ``map_leaves``). Raises ``MetadataError`` for any other global, an object array,
+    a persistent id or a malformed pickle.
     """
     # A stream without peek(): the C unpickler then reads exactly what it needs, so a wrapper's
     # array bytes are still in the stream when its record is built.
     stream = _Exact(data)
     try:
-        return map_leaves(_ArrayUnpickler(stream, name, MAX_PICKLE_BYTES, encoding).load(), _unwrap)
+        unwrap = _unwrap if leaf is None else lambda v: leaf(_unwrap(v))
+        return map_leaves(_ArrayUnpickler(stream, name, MAX_PICKLE_BYTES, encoding).load(), unwrap, name)
     except MetadataError as exc:
         if exc.url:
             raise

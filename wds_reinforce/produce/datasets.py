@@ -129,6 +129,9 @@ class CifarFiles(DatasetFiles):
         return 32, 32
 
 
+_FLOWERS = 102  # Flowers-102's classes
+
+
 class FlowersFiles(DatasetFiles):
     """``ROOT/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat}``: the ``trnid`` order."""
 
@@ -150,16 +153,19 @@ class FlowersFiles(DatasetFiles):
         ids, labels = ids.ravel(), labels.ravel()
         if ids.size and (ids.min() < 1 or ids.max() > labels.size or (ids != ids.round()).any()):
             raise MetadataError(f"an image id in trnid outside 1..{labels.size}", url=str(base / "setid.mat"))
+        picked = labels[ids.astype(np.int64) - 1]
+        if picked.size and (picked.min() < 1 or picked.max() > _FLOWERS or (picked != picked.round()).any()):
+            # their labels count from 1: a 0 would become class -1
+            raise MetadataError(f"a train image's label outside 1..{_FLOWERS}", url=str(base / "imagelabels.mat"))
         self._files = [base / "jpg" / f"image_{int(i):05d}.jpg" for i in ids]
-        self.labels = [int(labels[int(i) - 1]) - 1 for i in ids]  # their labels count from 1
+        self.labels = [int(v) - 1 for v in picked]
         try:
             from torchvision.datasets import Flowers102
 
             classes = list(getattr(Flowers102, "classes", []))
         except ImportError:  # pragma: no cover - torchvision is a dependency
             classes = []
-        count = max(max(self.labels) + 1, 102)
-        self.class_names = classes if len(classes) == count else [str(c) for c in range(count)]
+        self.class_names = classes if len(classes) == _FLOWERS else [str(c) for c in range(_FLOWERS)]
         self.keys = unique_keys([p.stem for p in self._files])
         self.exts = ["jpg"] * len(self._files)
 

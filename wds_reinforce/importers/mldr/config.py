@@ -119,6 +119,27 @@ def _interpolation(value: Any, default: str, what: str, name: str) -> str:
     return _INTERPOLATIONS[key]
 
 
+# Their config holds a few hundred values. A pickle can refer to one list many times over, and
+# what walks the config here (the manifest's JSON, comparing two configs) walks each reference.
+_MAX_CONFIG_VALUES = 100_000
+
+
+def _bounded(config: Mapping[str, Any], name: str) -> None:
+    """UsageError when walking ``config`` reference by reference visits more than ``_MAX_CONFIG_VALUES``."""
+    stack: list[Any] = [config]
+    left = _MAX_CONFIG_VALUES
+    while stack:
+        value = stack.pop()
+        left -= 1
+        if left < 0:
+            raise UsageError(f"{name}: expected their config, got one of more than {_MAX_CONFIG_VALUES} values")
+        if isinstance(value, Mapping):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+
+
 def _positive_int(value: Any, what: str, name: str) -> int:
     if type(value) is not int or value < 1:
         raise UsageError(f"{name}: expected {what} a positive integer, got {value!r}")
@@ -155,6 +176,7 @@ class MldrConfig:
         """Check their config and build it; ``UsageError`` (naming ``name``) for anything unexpected."""
         if not isinstance(config, Mapping) or not isinstance(config.get("reinforce"), Mapping):
             raise UsageError(f"{name}: expected their config, a dict with a 'reinforce' section")
+        _bounded(config, name)
         reinforce = config["reinforce"]
         num_samples = _positive_int(reinforce.get("num_samples"), "reinforce.num_samples", name)
         topk = _positive_int(reinforce.get("topk"), "reinforce.topk", name)
@@ -233,6 +255,9 @@ class MldrConfig:
         desc: dict[str, Any] = {"name": f"mldr-{self.variant.lower()}", "decode": "full", "ops": ops}
         if size is not None:
             desc["size"] = list(size)
+        if "normalize" in self.transforms:  # outside the fingerprint: the loader's float output uses theirs
+            norm = self.transforms["normalize"]
+            desc["normalize"] = {"mean": norm.get("mean"), "std": norm.get("std")}
         try:
             return Recipe.from_dict(desc)
         except ValueError as exc:

@@ -29,11 +29,11 @@ import numpy as np
 from wds_reinforce.importers import MetadataError
 from wds_reinforce.io.pickles import (
     INERT_NAMES,
+    MAX_NODES,
     MAX_PICKLE_BYTES,
     PICKLE_ERRORS,
     Inert,
     load_arrays,
-    map_leaves,
 )
 
 __all__ = [
@@ -46,7 +46,11 @@ __all__ = [
     "MAX_PICKLE_BYTES",
 ]
 
-_MAX_NODES = 50_000_000  # values visited by check_plain
+# Array values a record's arrays may become as Python values: their records hold rounds x top-k
+# values (1000 x 10 for Flowers-102+); a Python int costs 36 bytes where a uint8 costs one.
+MAX_LISTED = 1 << 22
+# gzip layers unwrapped: joblib's own (a .gz name), and a file gzipped after.
+MAX_GZIP_LAYERS = 2
 
 
 class _NoGlobals(pickle.Unpickler):
@@ -130,8 +134,8 @@ def check_plain(obj: Any, name: str) -> None:
     while stack:
         value = stack.pop()
         count += 1
-        if count > _MAX_NODES:
-            raise MetadataError(f"refused: more than {_MAX_NODES} values", url=name)
+        if count > MAX_NODES:
+            raise MetadataError(f"refused: more than {MAX_NODES} values", url=name)
         kind = type(value)
         if kind in (tuple, list, dict):
             if id(value) in seen:
@@ -162,8 +166,12 @@ def _inflate(data: bytes, wbits: int, name: str) -> bytes:
 def load_record(data: bytes, name: str) -> Any:
     """One of their files, whatever way it was written: ``torch.save`` (a zip), or ``joblib.dump``
     (zlib- or gzip-compressed, or not), each possibly gzipped; read without running any of it."""
-    if data[:2] == b"\x1f\x8b":  # gzip: joblib's for a .gz name, or a file gzipped after
-        return load_record(_inflate(data, 31, name), name)
+    layers = 0
+    while data[:2] == b"\x1f\x8b":  # gzip: joblib's for a .gz name, or a file gzipped after
+        layers += 1
+        if layers > MAX_GZIP_LAYERS:
+            raise MetadataError(f"refused: gzip inside gzip more than {MAX_GZIP_LAYERS} deep", url=name)
+        data = _inflate(data, 31, name)
     if data[:4] == b"PK\x03\x04":
         return load_torch_save(data, name)
     if data[:1] == b"\x78":  # zlib: what joblib.dump(compress=True) writes for their names
@@ -173,12 +181,25 @@ def load_record(data: bytes, name: str) -> Any:
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return map_leaves(load_arrays(data, name), _listed)
+        return load_arrays(data, name, leaf=_Lister(name, MAX_LISTED))
     finally:
         if collecting:
             gc.enable()
 
 
-def _listed(obj: Any) -> Any:
-    """An array as the plain list ``tolist`` gives (a record's values are then what torch.save's would be)."""
-    return obj.tolist() if isinstance(obj, np.ndarray) else obj
+class _Lister:
+    """An array as the plain list ``tolist`` gives (a record's values are then what torch.save's would be),
+    refused once the file's arrays would give more than ``limit`` values in all."""
+
+    __slots__ = ("name", "limit", "left")
+
+    def __init__(self, name: str, limit: int):
+        self.name, self.limit, self.left = name, limit, limit
+
+    def __call__(self, obj: Any) -> Any:
+        if not isinstance(obj, np.ndarray):
+            return obj
+        self.left -= obj.size
+        if self.left < 0:
+            raise MetadataError(f"refused: arrays of more than {self.limit} values in all", url=self.name)
+        return obj.tolist()
