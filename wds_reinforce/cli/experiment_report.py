@@ -104,7 +104,9 @@ def summarize(  # long: the summary's fields, one block each
     for student in students:
         mine = [r for r in runs if r["student"] == student]
         labels = [r for r in mine if r["arm"] == "labels"] or None
-        results[student] = {a: _arm_stats([r for r in mine if r["arm"] == a], labels) for a in arms}
+        results[student] = {
+            a: _arm_stats([r for r in mine if r["arm"] == a], None if a == "labels" else labels) for a in arms
+        }
     gain: dict[str, Any] = {}
     for arm in arms:
         if arm == "labels" or "labels" not in arms:
