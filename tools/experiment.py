@@ -75,7 +75,7 @@ def _tag(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:10]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per option, nothing else
     p = argparse.ArgumentParser(
         prog="experiment.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
