@@ -1,21 +1,26 @@
 #!/usr/bin/env python
-"""Does reinforcement pay on your data? Plain labels vs reinforced shards, same student, same budget.
+"""Does reinforcement pay on your data? Plain labels, reinforced shards and online distillation, many students.
 
 1. the images: --source / --val ImageFolders (default: the demo's, generated if missing);
 2. a teacher, or an ensemble (--teacher-models resnet18,resnet34: mean of softmax, as in the
-   paper), each member trained on plain labels from the folder with tools/train.py (cached);
-3. the source reinforced with it (tools/make_shards.py; cached, resumable);
-4. the student trained on plain labels (from the folder, with the shards' own augmentation) and
-   on the reinforced shards: same epochs, iterations, augmentation distribution and seeds,
-   evaluated on --val. Runs are cached by their settings, so a second teacher reuses the
-   labels runs.
+   paper), each member trained on plain labels from the folder with tools/train.py --save
+   (cached), or the train.py checkpoints you already have (--teacher-checkpoint, repeatable);
+3. the source reinforced with it once (tools/make_shards.py; cached with its wall time);
+4. every student of --students, per seed, in every arm of --arms: plain labels (from the folder,
+   with the shards' own augmentation), the reinforced shards (the stored teacher targets), and
+   online distillation (the same teacher run on every training batch of the labels arm's
+   augmentation): same epochs, iterations, augmentation distribution and seeds, evaluated on
+   --val. Runs are cached by their settings, so a second teacher reuses the labels runs.
 
-Prints a Markdown table of top-1 per seed, the means, the gain (mean of the per-seed paired
-differences) with its standard error, and the times (and --json lines).
+Prints a Markdown table per student and arm (top-1 per seed, mean, the gain over labels: mean of
+the per-seed paired differences with its standard error, NLL, ECE, wall time and teacher forwards
+per run), a cost table (student time, the one-time shard making, teacher forwards) and the
+break-even: after how many student runs reinforcing once costs less than online distillation.
 
     python tools/experiment.py                                    # demo images, teacher resnet18
     python tools/experiment.py --teacher-models resnet18,resnet34 # an ensemble teacher
-    python tools/experiment.py --source data/train --val data/val --image-size 64 --seeds 0 1 2
+    python tools/experiment.py --students resnet10t,mobilenetv3_small_100 --arms labels,reinforced,online
+    python tools/experiment.py --source data/train --val data/val --teacher-checkpoint teacher.pt --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import subprocess
 import sys
 import time
@@ -31,6 +35,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from wds_reinforce.cli.experiment_report import ARMS, format_tables, paired_gain, summarize  # noqa: E402
+
+__all__ = ["build_parser", "main", "paired_gain"]
 
 
 def _run(cmd: list[str], log: Path) -> dict:
@@ -56,7 +64,9 @@ def _cached(path: Path, cmd: list[str], log: Path) -> dict:
         result = json.loads(path.read_text())
         print(f"(cached {path.name}: top-1 {result.get('top1')})", flush=True)
         return result
+    began = time.perf_counter()
     result = _run(cmd, log)
+    result["wall_seconds"] = round(time.perf_counter() - began, 1)  # the whole process: start-up, data, eval
     path.write_text(json.dumps(result))
     return result
 
@@ -65,35 +75,12 @@ def _tag(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:10]
 
 
-def paired_gain(labels: list[float], reinforced: list[float]) -> tuple[float, float | None]:
-    """Mean of the per-seed differences and its standard error (None with one seed)."""
-    diffs = [r - b for b, r in zip(labels, reinforced)]
-    mean = sum(diffs) / len(diffs)
-    if len(diffs) < 2:
-        return mean, None
-    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return mean, math.sqrt(var / len(diffs))
-
-
-def _ensemble_top1(members: list[str], ckpts: list[Path], val: str, size: int) -> float:
-    """Top-1 of the (ensemble) teacher on the held-out split, center view as train.py evaluates."""
-    import torch
-
-    from wds_reinforce.cli.training import val_views
-    from wds_reinforce.produce.teacher import Teacher
-
-    images, labels = val_views(val, (size, size), 1.0)
-    teacher = Teacher([f"timm:{m}" for m in members], [str(c) for c in ckpts], device="auto")
-    preds = torch.cat([teacher.predict(images[b : b + 256]).argmax(1) for b in range(0, len(images), 256)])
-    return float((preds == labels).float().mean()) * 100
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per option, nothing else
     p = argparse.ArgumentParser(
         prog="experiment.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--source", help="training ImageFolder (default: the demo's images under --demo)")
-    p.add_argument("--val", help="held-out ImageFolder (default: 1,200 fresh demo images)")
+    p.add_argument("--val", help="held-out ImageFolder (default: 1,200 fresh demo images, 200 per class)")
     p.add_argument("--root", default="shards/experiment", help="work folder (default shards/experiment)")
     p.add_argument(
         "--demo",
@@ -109,7 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="timm model(s), comma-separated for an ensemble (mean of softmax) (default resnet18)",
     )
     p.add_argument("--teacher-epochs", type=int, default=30, help="epochs of each teacher member (default 30)")
-    p.add_argument("--student-model", default="resnet10t", help="timm model of both students (default resnet10t)")
+    p.add_argument(
+        "--teacher-checkpoint",
+        action="append",
+        metavar="CHECKPOINT",
+        help="a teacher you already trained (a train.py --save checkpoint, which names its model); repeat it for "
+        "an ensemble; replaces --teacher-models and the teacher training",
+    )
+    p.add_argument(
+        "--students",
+        default="resnet10t",
+        help="timm model(s) of the students, comma-separated; each must build at --image-size "
+        "(e.g. resnet10t,mobilenetv3_small_100,mobilevit_xxs) (default resnet10t)",
+    )
+    p.add_argument(
+        "--arms",
+        default="labels,reinforced",
+        help="the arms each student runs, comma-separated: labels (one-hot), reinforced (the shards), online "
+        "(online distillation from the same teacher) (default labels,reinforced)",
+    )
     p.add_argument("--student-epochs", type=int, default=10, help="epochs of each student run (default 10)")
     p.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1], help="one student run of each arm per seed (default 0 1)"
@@ -128,40 +133,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=64, help="batch size of every training run (default 64)")
     p.add_argument("--workers", type=int, help="DataLoader workers of every step (default: the tools' own choice)")
+    p.add_argument(
+        "--per-class", type=int, default=400, help="demo training images per class, without --source (default 400)"
+    )
+    p.add_argument(
+        "--val-per-class", type=int, default=200, help="demo held-out images per class, without --val (default 200)"
+    )
     p.add_argument("--json", action="store_true", help="also print one JSON line per run and a summary line")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
-    members = [m.strip() for m in args.teacher_models.split(",") if m.strip()]
-    if not members:
-        p.error("expected at least one --teacher-models name")
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """A one-line complaint about the arguments, or None; nothing has run yet."""
+    import timm
+
     if (args.source is None) != (args.val is None):
-        p.error("expected both --source and --val, or neither (the demo's images)")
+        return "expected both --source and --val, or neither (the demo's images)"
+    for flag, folder in (("--source", args.source), ("--val", args.val)):
+        if folder is not None and not Path(folder).is_dir():
+            return f"expected {flag} an ImageFolder directory, got {folder!r} (not found)"
+    arms = _names(args.arms)
+    if not arms or any(a not in ARMS for a in arms):
+        return f"expected --arms a comma-separated subset of {','.join(ARMS)}, got {args.arms!r}"
+    models = [("--students", n) for n in _names(args.students)]
+    if not models:
+        return "expected at least one --students name"
+    if not args.teacher_checkpoint:
+        models += [("--teacher-models", n) for n in _names(args.teacher_models)]
+        if not _names(args.teacher_models):
+            return "expected at least one --teacher-models name"
+    unknown = next(((flag, n) for flag, n in models if not timm.is_model(n)), None)
+    if unknown:
+        return f"unknown {unknown[0]} model {unknown[1]!r}; expected a timm model name (see timm.list_models())"
+    for flag, value in (("--student-epochs", args.student_epochs), ("--teacher-epochs", args.teacher_epochs)):
+        if value < 1:
+            return f"expected {flag} >= 1, got {value}"
+    if args.image_size < 8:
+        return f"expected --image-size >= 8, got {args.image_size}"
+    return None
 
-    py = sys.executable
-    root = Path(args.root)
-    root.mkdir(parents=True, exist_ok=True)
-    if args.source is None:
-        from wds_reinforce.cli.demo import make_demo_images
 
-        source = str(make_demo_images(Path(args.demo) / "source" / "train", 400, seed=0))
-        # A held-out split larger than the demo's, so that a point of top-1 is above the noise.
-        val = str(make_demo_images(root / "val", 200, seed=2))
-    else:
-        source, val = args.source, args.val
-    workers = ["--workers", str(args.workers)] if args.workers is not None else []
-    common = ["--val", val, "--eval-crop-pct", "1.0", "--batch-size", str(args.batch_size), *workers, "--json"]
-    started = time.perf_counter()
-    data_tag = _tag(str(Path(source).resolve()), args.image_size)
+def _given_teachers(paths: list[str]) -> tuple[list[str], list[Path]]:
+    """--teacher-checkpoint: the member names the checkpoints carry (train.py --save writes them)."""
+    from wds_reinforce.produce.checkpoint import checkpoint_info
 
-    # 1. Teachers: plain labels, straight from the folder. They train on milder crops than the
-    #    students' recipe: crops that miss the object carry a wrong one-hot label.
+    members = []
+    for path in paths:
+        try:
+            arch = checkpoint_info(path).get("arch")
+        except ValueError as exc:
+            raise SystemExit(f"experiment.py: error: --teacher-checkpoint: {exc}") from None
+        if not arch:
+            raise SystemExit(
+                f"experiment.py: error: expected --teacher-checkpoint a train.py --save checkpoint that names its "
+                f"model, got {path!r} (a bare state_dict)"
+            )
+        members.append(str(arch).split(":", 1)[-1])
+    return members, [Path(p) for p in paths]
+
+
+def _train_teachers(
+    args: argparse.Namespace, members: list[str], root: Path, source: str, common: list[str], data_tag: str
+) -> tuple[list[Path], list[dict]]:
+    """Each member on plain labels from the folder, with milder crops than the students' recipe."""
+    # Crops that miss the object carry a wrong one-hot label: the teacher trains on scale 0.35-1.
     teacher_recipe = root / "teacher_recipe.json"
     teacher_recipe.write_text(json.dumps({"ops": [{"op": "rrc", "scale": [0.35, 1.0]}, {"op": "flip", "p": 0.5}]}))
-    ckpts, teachers = [], []
+    ckpts, results = [], []
     for model in members:
         name = f"teacher_{model}_{args.teacher_epochs}ep_{data_tag}"
         ckpt = root / f"{name}.pt"
@@ -169,99 +211,165 @@ def main(argv: list[str] | None = None) -> int:
         if not ckpt.is_file():
             result_file.unlink(missing_ok=True)
         cmd = [
-            py, "tools/train.py", "--data", source, "--targets", "labels", "--model", model,
+            sys.executable, "tools/train.py", "--data", source, "--targets", "labels", "--model", model,
             "--recipe", str(teacher_recipe), "--image-size", str(args.image_size),
             "--epochs", str(args.teacher_epochs), "--seed", "0", "--save", str(ckpt), *common,
         ]  # fmt: skip
         result = _cached(result_file, cmd, root / f"{name}.log")
-        teachers.append(result)
+        results.append(result)
         ckpts.append(ckpt)
         print(f"teacher timm:{model}: val top-1 {result['top1']:.2f} % ({result['train_seconds']:.0f} s)", flush=True)
-    ensemble_top1 = _ensemble_top1(members, ckpts, val, args.image_size) if len(members) > 1 else teachers[0]["top1"]
-    teacher_name = "+".join(members)
-    if len(members) > 1:
-        print(f"teacher ensemble {teacher_name} (mean of softmax): val top-1 {ensemble_top1:.2f} %", flush=True)
+    return ckpts, results
 
-    # 2. Reinforce (the checkpoints name their models: no --teacher needed).
-    recipe_part = "" if args.recipe == "rrc" else _tag(args.recipe) + "_"
-    shards = root / f"reinforced_{teacher_name}_{recipe_part}r{args.rounds}_k{args.topk}_{data_tag}"
-    t0 = time.perf_counter()
+
+def _evaluate(ckpts: list[Path], val: str, args: argparse.Namespace, root: Path) -> dict:
+    """train.py --evaluate of the checkpoints (an ensemble: mean of softmax) on --val, cached."""
+    ids = [(str(c.resolve()), c.stat().st_size, c.stat().st_mtime_ns) for c in ckpts]
+    name = f"evaluate_{_tag(ids, str(Path(val).resolve()), args.image_size)}"
+    cmd = [sys.executable, "tools/train.py", *[x for c in ckpts for x in ("--evaluate", str(c))], "--val", val]
+    cmd += ["--image-size", str(args.image_size), "--eval-crop-pct", "1.0", "--json"]
+    return _cached(root / f"{name}.json", cmd, root / f"{name}.log")
+
+
+def _reinforce(
+    args: argparse.Namespace, shards: Path, source: str, ckpts: list[Path], workers: list[str], root: Path
+) -> dict:
+    """Make the shards once (resumable); their wall time is kept beside them, so a rerun reports it too."""
+    cost_file = root / f"{shards.name}.cost.json"
+    if cost_file.is_file() and (shards / "manifest.json").is_file():
+        cost = json.loads(cost_file.read_text())
+        print(f"(cached {shards.name}: made in {cost['seconds']:.0f} s)", flush=True)
+        return cost
     cmd = [
-        py, "tools/make_shards.py", "--source", source, "--image-size", str(args.image_size),
+        sys.executable, "tools/make_shards.py", "--source", source, "--image-size", str(args.image_size),
         "--rounds", str(args.rounds), "--topk", str(args.topk), "--shard-size", "600", "--out", str(shards),
-        "--recipe", args.recipe,
-        *[x for c in ckpts for x in ("--teacher-checkpoint", str(c))], *workers,
+        "--recipe", args.recipe, *[x for c in ckpts for x in ("--teacher-checkpoint", str(c))], *workers,
     ]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    reinforce_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if subprocess.run(cmd, cwd=ROOT).returncode:
+        raise SystemExit("experiment.py: error: make_shards.py failed (its message is above)")
+    seconds = time.perf_counter() - t0
+    manifest = json.loads((shards / "manifest.json").read_text())
+    images = sum(s["samples"] for s in manifest["shards"])
+    members = len(manifest["teacher"].get("members", [])) or 1
+    cost = {
+        "seconds": round(seconds, 1),
+        "images": images,
+        "rounds": manifest["rounds"],
+        "members": members,
+        "teacher_forwards": images * manifest["rounds"] * members,
+    }
+    cost_file.write_text(json.dumps(cost))
+    return cost
 
-    # 3. Students. The labels arm reads the folder with the shards' recipe (--recipe SHARDS):
-    #    the same augmentation, and the same run whichever teacher made the shards (cached).
-    runs = []
-    for seed in args.seeds:
-        for targets in ("labels", "reinforced"):
-            base = [
-                "--model", args.student_model, "--epochs", str(args.student_epochs), "--seed", str(seed), *common
-            ]  # fmt: skip
-            if targets == "labels":
-                tag = _tag("labels", data_tag, base)
-                cmd = [py, "tools/train.py", "--data", source, "--targets", "labels", "--recipe", str(shards), *base]
-            else:
-                tag = _tag("reinforced", shards.name, args.p, base)
-                cmd = [py, "tools/train.py", "--data", str(shards), "--p", str(args.p), *base]
-            name = f"student_{targets}_{seed}_{tag}"
-            result = _cached(root / f"{name}.json", cmd, root / f"{name}.log")
-            runs.append(result)
-            if args.json:
-                print(json.dumps(result))
 
-    def tops(targets: str) -> list[float]:
-        return [r["top1"] for r in runs if r["targets"] == targets]
+def _student_runs(
+    args: argparse.Namespace,
+    shards: Path,
+    source: str,
+    ckpts: list[Path],
+    common: list[str],
+    data_tag: str,
+    root: Path,
+) -> list[dict]:
+    """Every (student, seed, arm) run, cached by its settings; each result gains ``student`` and ``arm``."""
+    py, runs = sys.executable, []
+    teacher = [x for c in ckpts for x in ("--teacher-checkpoint", str(c))]
+    for student in _names(args.students):
+        for seed in args.seeds:
+            for arm in _names(args.arms):
+                base = ["--model", student, "--epochs", str(args.student_epochs), "--seed", str(seed), *common]
+                folder = [py, "tools/train.py", "--data", source, "--recipe", str(shards)]
+                if arm == "labels":  # the same run whichever teacher made the shards
+                    tag = _tag("labels", data_tag, base)
+                    cmd = [*folder, "--targets", "labels", *base]
+                elif arm == "reinforced":
+                    tag = _tag("reinforced", shards.name, args.p, base)
+                    cmd = [py, "tools/train.py", "--data", str(shards), "--p", str(args.p), *base]
+                else:
+                    tag = _tag("online", shards.name, base)
+                    cmd = [*folder, "--targets", "online", *teacher, *base]
+                name = f"student_{arm}_{seed}_{tag}"
+                result = {**_cached(root / f"{name}.json", cmd, root / f"{name}.log"), "student": student, "arm": arm}
+                runs.append(result)
+                if args.json:
+                    print(json.dumps(result))
+    return runs
 
-    gain, se = paired_gain(tops("labels"), tops("reinforced"))
+
+def main(argv: list[str] | None = None) -> int:  # long: the experiment's steps in order, each a call
+    args = build_parser().parse_args(argv)
+    problem = _check(args)
+    if problem:
+        print(f"experiment.py: error: {problem}", file=sys.stderr)
+        return 2
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    if args.source is None:
+        from wds_reinforce.cli.demo import make_demo_images
+
+        source = str(make_demo_images(Path(args.demo) / "source" / "train", args.per_class, seed=0))
+        # A held-out split larger than the demo's, so that a point of top-1 is above the noise.
+        val = str(make_demo_images(root / "val", args.val_per_class, seed=2))
+    else:
+        source, val = args.source, args.val
+    workers = ["--workers", str(args.workers)] if args.workers is not None else []
+    common = ["--val", val, "--eval-crop-pct", "1.0", "--batch-size", str(args.batch_size), *workers, "--json"]
+    started = time.perf_counter()
+    data_tag = _tag(str(Path(source).resolve()), args.image_size)
+
+    # 1. The teacher: trained here (saved with --save, so that the online arm can load it), or given.
+    if args.teacher_checkpoint:
+        members, ckpts = _given_teachers(args.teacher_checkpoint)
+        trained: list[dict] = []
+        given = _tag([(str(c.resolve()), c.stat().st_size, c.stat().st_mtime_ns) for c in ckpts]) + "_"
+    else:
+        members = _names(args.teacher_models)
+        ckpts, trained = _train_teachers(args, members, root, source, common, data_tag)
+        given = ""
+    teacher_train_seconds = sum(t["train_seconds"] for t in trained) if trained else None
+    ensemble = trained[0] if len(trained) == 1 else _evaluate(ckpts, val, args, root)
+    member_top1 = [t["top1"] for t in trained] or [_evaluate([c], val, args, root)["top1"] for c in ckpts]
+    teacher_name = "+".join(members)
+    print(f"teacher {teacher_name}: val top-1 {ensemble['top1']:.2f} %, ECE {ensemble['ece']:.2f} %", flush=True)
+
+    # 2. Reinforce once (the checkpoints name their models: no --teacher needed).
+    recipe_part = "" if args.recipe == "rrc" else _tag(args.recipe) + "_"
+    shards = root / f"reinforced_{teacher_name}_{given}{recipe_part}r{args.rounds}_k{args.topk}_{data_tag}"
+    reinforce = _reinforce(args, shards, source, ckpts, workers, root)
+
+    # 3. The students, every arm: labels and online read the folder with the shards' recipe.
+    runs = _student_runs(args, shards, source, ckpts, common, data_tag, root)
+    summary = summarize(runs, reinforce, teacher_train_seconds)
     print()
     print(
-        f"| student timm:{args.student_model}, {args.student_epochs} epochs | "
-        + " | ".join(f"seed {s}" for s in args.seeds)
-        + " | mean | time / run |"
+        f"teacher {teacher_name} at {ensemble['top1']:.2f} % (NLL {ensemble['nll']:.4f}, ECE {ensemble['ece']:.2f} %); "
+        f"recipe {args.recipe}, {args.rounds} rounds, top-{args.topk}, {args.image_size} px; reinforcing "
+        f"{reinforce['images']} images x {reinforce['rounds']} rounds x {reinforce['members']} members took "
+        f"{reinforce['seconds']:.0f} s"
     )
-    print("|---|" + "---|" * (len(args.seeds) + 2))
-    for targets in ("labels", "reinforced"):
-        rows = [r for r in runs if r["targets"] == targets]
-        cells = " | ".join(f"{r['top1']:.2f}" for r in rows)
-        secs = sum(r["train_seconds"] for r in rows) / len(rows)
-        label = (
-            "plain labels"
-            if targets == "labels"
-            else f"reinforced (teacher {teacher_name} at {ensemble_top1:.2f} %, recipe {args.recipe}, "
-            f"{args.rounds} rounds, top-{args.topk})"
-        )
-        mean = sum(r["top1"] for r in rows) / len(rows)
-        print(f"| {label} | {cells} | {mean:.2f} | {secs:.0f} s |")
     print()
-    se_text = (
-        f" ± {se:.2f} (standard error over {len(args.seeds)} seeds)" if se is not None else " (one seed: no error)"
-    )
-    print(
-        f"gain: {gain:+.2f}{se_text} points top-1; teacher {teacher_name} {ensemble_top1:.2f} %; "
-        f"reinforcing took {reinforce_seconds:.0f} s; total {time.perf_counter() - started:.0f} s"
-    )
+    print("\n".join(format_tables(summary, args.seeds, args.student_epochs)))
+    total = time.perf_counter() - started
+    print(f"total {total:.0f} s")
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "teacher": members,
-                    "teacher_top1": round(ensemble_top1, 2),
-                    "teacher_member_top1": [t["top1"] for t in teachers],
-                    "labels": tops("labels"),
-                    "reinforced": tops("reinforced"),
-                    "gain": round(gain, 2),
-                    "gain_se": None if se is None else round(se, 2),
-                    "reinforce_seconds": round(reinforce_seconds, 1),
-                }
-            )
-        )
+        head = {
+            "teacher": members,
+            "teacher_checkpoints": [str(c) for c in ckpts],
+            "teacher_top1": ensemble["top1"],
+            "teacher_nll": ensemble["nll"],
+            "teacher_ece": ensemble["ece"],
+            "teacher_member_top1": member_top1,
+            "students": _names(args.students),
+            "arms": _names(args.arms),
+            "seeds": args.seeds,
+            "student_epochs": args.student_epochs,
+            "image_size": args.image_size,
+            "reinforce": reinforce,
+            "reinforce_seconds": reinforce["seconds"],
+        }
+        print(json.dumps({**head, **summary, "runs": runs, "total_seconds": round(total, 1)}))
     return 0
 
 
