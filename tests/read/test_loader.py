@@ -7,6 +7,7 @@ moto S3) listen on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import http.server
@@ -260,48 +261,43 @@ def test_missing_source_names_the_path_given(tmp_path, monkeypatch, given):
     assert "folder or URL prefix holding manifest.json" in str(info.value)
 
 
-class _NotFoundHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_error(404)
-
+class _Silent(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
 
-def test_http_shards_without_a_manifest_say_one_is_needed(monkeypatch):
-    monkeypatch.setenv("WDS_REINFORCE_RETRIES", "0")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFoundHandler)
+@contextlib.contextmanager
+def _answering(status: int):
+    """A server on 127.0.0.1 that answers every GET with ``status``; yields its root URL."""
+
+    class Handler(_Silent):
+        def do_GET(self):
+            self.send_error(status)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    root = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        with pytest.raises(FileNotFoundError) as info:
-            ReinforcedDataset(f"{root}/x.tar")
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_http_shards_without_a_manifest_say_one_is_needed(monkeypatch):
+    monkeypatch.setenv("WDS_REINFORCE_RETRIES", "0")
+    with _answering(404) as root, pytest.raises(FileNotFoundError) as info:
+        ReinforcedDataset(f"{root}/x.tar")
     message = str(info.value)
     assert f"got '{root}/x.tar'" in message and f"cannot read {root}/manifest.json" in message
     assert "manifest.json beside them (else pass manifest=)" in message
-
-
-class _UnavailableHandler(_NotFoundHandler):
-    def do_GET(self):
-        self.send_error(503)
 
 
 def test_http_shards_whose_manifest_cannot_be_fetched_say_what_it_was_for(monkeypatch):
     from wds_reinforce.io.retry import NetworkReadError
 
     monkeypatch.setenv("WDS_REINFORCE_RETRIES", "0")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _UnavailableHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    root = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        with pytest.raises(NetworkReadError) as info:
-            ReinforcedDataset(f"{root}/x.tar")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _answering(503) as root, pytest.raises(NetworkReadError) as info:
+        ReinforcedDataset(f"{root}/x.tar")
     assert f"cannot read {root}/manifest.json" in str(info.value)
     assert "reading the manifest beside the shards given" in str(info.value)
     assert info.value.url == f"{root}/manifest.json"
