@@ -35,6 +35,16 @@ def test_record_arrays_become_lists_up_to_a_total(monkeypatch):
         load_record(pickled((three, three), protocol=4), "3.jb")
 
 
+def test_empty_inner_dimensions_count_the_lists_tolist_builds(monkeypatch):
+    """Shape (N, 0) holds no value but lists to N empty lists: those count against the cap too."""
+    monkeypatch.setattr(unpickle, "MAX_LISTED", 5)
+    four = NumpyArray(np.zeros((4, 0), dtype=np.int64), "joblib")
+    assert load_record(pickled((1, four), protocol=4), "4.jb") == (1, [[], [], [], []])
+    six = NumpyArray(np.zeros((6, 0), dtype=np.int64), "joblib")
+    with pytest.raises(MetadataError, match=r"^6\.jb: refused: arrays of more than 5 values in all$"):
+        load_record(pickled((1, six), protocol=4), "6.jb")
+
+
 def test_gzip_layers_are_bounded():
     data = pickled([1, 2], protocol=4)
     for _ in range(2):  # joblib's gzip for a .gz name, and the file gzipped after

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import io
+import math
 import pickle
 import zipfile
 import zlib
@@ -199,7 +200,8 @@ class _Lister:
     def __call__(self, obj: Any) -> Any:
         if not isinstance(obj, np.ndarray):
             return obj
-        self.left -= obj.size
+        # What tolist builds: the values and every nested list (N empty lists for a shape (N, 0)).
+        self.left -= obj.size + sum(math.prod(obj.shape[: i + 1]) for i in range(obj.ndim - 1))
         if self.left < 0:
             raise MetadataError(f"refused: arrays of more than {self.limit} values in all", url=self.name)
         return obj.tolist()
