@@ -344,6 +344,25 @@ def test_a_set_url_reads_with_or_without_the_trailing_slash(made, http_root):
         assert sorted(k for (k,) in ReinforcedDataset(folder, keys=("__key__",))) == keys
 
 
+@pytest.mark.parametrize(
+    "url, folder",
+    [
+        ("s3://b/set", True),
+        ("hf://datasets/org/name", True),
+        ("https://h/set/", True),
+        ("https://h/set/shard-000.tar?X-Amz-Credential=AKIA/2024/us-east-1/s3/aws4_request", False),
+        ("https://h/x.tgz", False),
+        ("https://h/x-{000..003}.tar", False),
+        ("pipe:curl -s -H 'X: a/b' https://h/x", False),
+        ("data/set", False),  # local paths: a folder is one that exists
+    ],
+)
+def test_which_urls_name_a_sets_folder(url, folder):
+    from wds_reinforce.read.dataset import _names_folder
+
+    assert _names_folder(url) is folder
+
+
 class _DyingHandler(_QuietHandler):
     """Serves the manifest and the first shard, cuts the second mid-body, then answers nothing."""
 

@@ -17,6 +17,7 @@ import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from webdataset import filters as wds_filters
@@ -75,16 +76,20 @@ _EXPECTED = (
 
 
 def _names_folder(source: str) -> bool:
-    """A URL whose last part names no shard (no ``.tar``, no brace pattern): a set's folder, slash or not."""
-    last = source.rstrip("/").rsplit("/", 1)[-1]
-    return "://" in source and ".tar" not in last and "{" not in last
+    """A URL whose path's last part has no extension and no brace pattern (``s3://b/set``): a set's
+    folder, slash or not. Query strings are not looked at; ``pipe:`` commands are never folders."""
+    if "://" not in source or source.startswith("pipe:"):
+        return False
+    last = urlsplit(source).path.rstrip("/").rsplit("/", 1)[-1]
+    return "." not in last and "{" not in last
 
 
 def _resolve_manifest(
     source: str | Sequence[str], manifest: Manifest | str | None
 ) -> tuple[list[str] | None, Manifest, str]:
     """(shard URLs, or None when only a manifest was named; the manifest; the manifest's URL)."""
-    if isinstance(source, str) and (source.endswith((".json", "/")) or os.path.isdir(source) or _names_folder(source)):
+    folder = manifest is None and _names_folder(source) if isinstance(source, str) else False
+    if isinstance(source, str) and (source.endswith((".json", "/")) or os.path.isdir(source) or folder):
         where, urls = manifest_url(source), None
     else:
         urls = expand_urls(source) if isinstance(source, str) else [str(u) for u in source]
@@ -100,9 +105,9 @@ def _resolve_manifest(
     except FileNotFoundError as exc:
         raise FileNotFoundError(no_manifest(source, urls, exc, _EXPECTED)) from None
     except NetworkReadError as exc:  # say what it was reading for: a set is read through its manifest
+        beside = "the manifest beside the shards given" if urls is not None else "the set's manifest"
         raise NetworkReadError(
-            f"{exc} (reading the manifest beside the shards given: a set is read through its manifest.json; "
-            "pass manifest= when it lies elsewhere)",
+            f"{exc} (reading {beside}: a set is read through its manifest.json; pass manifest= when it lies elsewhere)",
             exc.url,
             exc.offset,
             exc.attempts,
