@@ -47,12 +47,32 @@ def test_every_sized_geometry_op_scales_per_axis():
         ],
     }
     ops = Recipe.from_spec(spec, size=(448, 112)).to_dict()["ops"]
-    assert ops[0]["size"] == 128  # a shorter side scales with the shorter side: 256 * 112 / 224
+    assert ops[0]["size"] == 512  # a shorter side scales with the axis that grows most: 256 * 448 / 224
     assert ops[1]["size"] == [480, 120]
     assert ops[2]["size"] == [448, 112] and ops[2]["padding"] == [1, 4, 2, 8]  # left/right x 0.5, top/bottom x 2
     assert ops[3] == {"op": "flip", "p": 0.5}
     rrc = Recipe.from_spec({"size": 224, "ops": [{"op": "rrc", "scale": [0.5, 1.0]}]}, size=40)
     assert rrc.to_dict()["ops"][0]["scale"] == [0.5, 1.0] and rrc.size == (40, 40)
+
+
+@pytest.mark.parametrize("size", [(32, 48), (48, 32), (20, 64)])
+def test_a_non_square_size_still_replays_every_round(size):
+    """The shorter side grows with the larger factor, so the resized image covers the crop; the padding
+    scales per axis. (It used to shrink with the smaller one: every round failed with a crop too large.)"""
+    recipe = Recipe.from_spec("cifar100+", size=size)
+    for hw in ((32, 32), (40, 60), (90, 30)):
+        src = SourceImage(encode(photo_like(*hw, seed=2), "PNG"))
+        for r in range(4):
+            params = recipe.sample(round_rng(0, "k", r), src.size)
+            assert tuple(replay(src, params, recipe).shape) == (3, *size)
+
+
+def test_a_padding_never_rounds_to_none_and_one_value_pads_every_side():
+    assert Recipe.from_spec("cifar100+", size=6).ops[1].to_dict()["padding"] == 1  # 16 * 6 / 224 = 0.43
+    spec = {"size": 224, "ops": [{"op": "random_crop", "size": 224, "padding": [16]}]}
+    assert Recipe.from_spec(spec, size=32).ops[0].to_dict()["padding"] == 2
+    unpadded = {"size": 224, "ops": [{"op": "random_crop", "size": 224, "padding": 0}]}
+    assert Recipe.from_spec(unpadded, size=32).ops[0].to_dict()["padding"] == 0
 
 
 def test_a_recipe_file_at_another_size(tmp_path):

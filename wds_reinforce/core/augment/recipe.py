@@ -313,8 +313,9 @@ def _resized_op(spec: Any, old: Size, new: Size) -> Any:
     """A geometry op's description for a recipe resized from ``old`` to ``new`` (each (height, width)).
 
     Its ``size`` and ``padding`` (in pixels) scale by new/old per axis, rounded half up: an op
-    that gave ``old`` gives ``new``, and CIFAR-100+'s padding of 16 at 224 becomes 2 at 32. An
-    int ``size`` (a shorter side) scales with the shorter side. Ops sized by the recipe (``rrc``,
+    that gave ``old`` gives ``new``, and CIFAR-100+'s padding of 16 at 224 becomes 2 at 32 (a
+    padding never rounds down to none). An int ``size`` (a shorter side) scales with the axis that
+    grows most, so that what it gives still covers ``new``. Ops sized by the recipe (``rrc``,
     ``center``), the other ops and an op with bad arguments (the recipe refuses it) pass unchanged.
     """
     if isinstance(spec, Op):
@@ -327,21 +328,26 @@ def _resized_op(spec: Any, old: Size, new: Size) -> Any:
     except (TypeError, ValueError):
         return spec
 
-    def scaled(value: Any, axis: int) -> Any:
-        was, now = (min(old), min(new)) if axis < 0 else (old[axis], new[axis])
+    most = 0 if new[0] * old[1] >= new[1] * old[0] else 1  # the axis that grows most
+
+    def scaled(value: Any, axis: int, least: int = 0) -> Any:
+        was, now = (old[most], new[most]) if axis < 0 else (old[axis], new[axis])
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        return int(value * now / was + 0.5) if ok else value  # value * now first: an exact n for value == was
+        # value * now first: an exact n for value == was
+        return max(int(value * now / was + 0.5), min(value, least)) if ok else value
 
     out = dict(spec)
     if getattr(op, "size", None) is not None:
         short = op.fixed_size is None  # resize's shorter side: an int
         out["size"] = scaled(op.size[0], -1) if short else [scaled(op.size[0], 0), scaled(op.size[1], 1)]
     pad = out.get("padding")
+    if isinstance(pad, (list, tuple)) and len(pad) == 1:  # torchvision: one value for every side
+        pad = pad[0]
     if isinstance(pad, int) and old[0] * new[1] == old[1] * new[0]:  # one factor for both axes
-        out["padding"] = scaled(pad, 0)
+        out["padding"] = scaled(pad, 0, least=1)
     elif isinstance(pad, (int, list, tuple)):  # (left/right, top/bottom) or (left, top, right, bottom)
         sides = [pad] * 2 if isinstance(pad, int) else list(pad)
-        out["padding"] = [scaled(v, 1 - i % 2) for i, v in enumerate(sides)]
+        out["padding"] = [scaled(v, 1 - i % 2, least=1) for i, v in enumerate(sides)]
     return out
 
 
