@@ -297,7 +297,8 @@ def _train(args: argparse.Namespace) -> int:
     steps = data.samples // (args.batch_size * world)
     if steps < 1:
         return _fail(f"expected at least --batch-size x ranks = {args.batch_size * world} samples, got {data.samples}")
-    trainer = training.Trainer(args, len(data.class_names), device, steps, distributed, online, data.recipe)
+    augmented = data.recipe if data.reinforced else data.fresh  # the recipe this run's views come from
+    trainer = training.Trainer(args, len(data.class_names), device, steps, distributed, online, augmented)
     start, metrics, epoch_seconds = time.perf_counter(), None, []
     for epoch in range(args.epochs):
         (sampler if sampler is not None else dataset).set_epoch(epoch)
