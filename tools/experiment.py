@@ -10,7 +10,9 @@
    with the shards' own augmentation), the reinforced shards (the stored teacher targets), and
    online distillation (the same teacher run on every training batch of the labels arm's
    augmentation): same epochs, iterations, augmentation distribution and seeds, evaluated on
-   --val. Runs are cached by their settings, so a second teacher reuses the labels runs.
+   --val. Runs are cached by what made them (the images' listing, the recipe's contents, the
+   teacher checkpoints' sha256, every setting), so a second teacher reuses the labels runs and a
+   changed setting, file or checkpoint is never answered from the cache.
 
 Prints a Markdown table per student and arm (top-1 per seed, mean, the gain over labels: mean of
 the per-seed paired differences with its standard error, NLL, ECE, wall time and teacher forwards
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -73,6 +76,55 @@ def _cached(path: Path, cmd: list[str], log: Path) -> dict:
 
 def _tag(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:10]
+
+
+# The teacher members train on milder crops than the students' recipe: crops that miss the object
+# carry a wrong one-hot label, so the teacher trains on scale 0.35-1.
+_TEACHER_RECIPE = {"ops": [{"op": "rrc", "scale": [0.35, 1.0]}, {"op": "flip", "p": 0.5}]}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _listing(folder: str) -> str:
+    """A digest of every file under ``folder`` (relative name, size, mtime): reads no image."""
+    entries = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(top, name))
+            entries.append((os.path.relpath(os.path.join(top, name), folder), st.st_size, st.st_mtime_ns))
+    return _tag(entries)
+
+
+def _data_keys(args: argparse.Namespace, source: str, val: str) -> dict[str, str]:
+    """``source``: the training images and the view size (what the shards depend on); ``data``: with --val."""
+    key = _tag(_listing(source), args.image_size)
+    return {"source": key, "data": _tag(key, _listing(val))}
+
+
+def _recipe(args: argparse.Namespace) -> dict:
+    """The contents of --recipe at --image-size (a file by its text, not its path)."""
+    from wds_reinforce.core.augment import Recipe
+
+    return Recipe.from_spec(args.recipe, args.image_size).to_dict()
+
+
+def _teacher_name(args: argparse.Namespace, model: str, data: str) -> str:
+    """A trained member's file name: its model, its training settings and the images."""
+    settings = _tag(_TEACHER_RECIPE, args.teacher_epochs, args.batch_size, args.workers, data)
+    return f"teacher_{model}_{args.teacher_epochs}ep_{settings}"
+
+
+def _shards_name(args: argparse.Namespace, members: list[str], ckpts: list[Path], source_key: str) -> str:
+    """The shard folder's name: the teacher (its checkpoints' sha256), the recipe, rounds, top-k, the images."""
+    key = _tag(_recipe(args), [_sha256(c) for c in ckpts], args.rounds, args.topk, source_key)
+    return f"reinforced_{'+'.join(members)}_r{args.rounds}_k{args.topk}_{key}"
 
 
 def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per option, nothing else
@@ -174,6 +226,10 @@ def _check(args: argparse.Namespace) -> str | None:
             return f"expected {flag} >= 1, got {value}"
     if args.image_size < 8:
         return f"expected --image-size >= 8, got {args.image_size}"
+    try:
+        _recipe(args)
+    except ValueError as exc:
+        return f"--recipe: {exc}"
     return None
 
 
@@ -197,15 +253,14 @@ def _given_teachers(paths: list[str]) -> tuple[list[str], list[Path]]:
 
 
 def _train_teachers(
-    args: argparse.Namespace, members: list[str], root: Path, source: str, common: list[str], data_tag: str
+    args: argparse.Namespace, members: list[str], root: Path, source: str, common: list[str], data: str
 ) -> tuple[list[Path], list[dict]]:
     """Each member on plain labels from the folder, with milder crops than the students' recipe."""
-    # Crops that miss the object carry a wrong one-hot label: the teacher trains on scale 0.35-1.
     teacher_recipe = root / "teacher_recipe.json"
-    teacher_recipe.write_text(json.dumps({"ops": [{"op": "rrc", "scale": [0.35, 1.0]}, {"op": "flip", "p": 0.5}]}))
+    teacher_recipe.write_text(json.dumps(_TEACHER_RECIPE))
     ckpts, results = [], []
     for model in members:
-        name = f"teacher_{model}_{args.teacher_epochs}ep_{data_tag}"
+        name = _teacher_name(args, model, data)
         ckpt = root / f"{name}.pt"
         result_file = root / f"{name}.json"
         if not ckpt.is_file():
@@ -222,10 +277,9 @@ def _train_teachers(
     return ckpts, results
 
 
-def _evaluate(ckpts: list[Path], val: str, args: argparse.Namespace, root: Path) -> dict:
+def _evaluate(ckpts: list[Path], val: str, args: argparse.Namespace, root: Path, data: str) -> dict:
     """train.py --evaluate of the checkpoints (an ensemble: mean of softmax) on --val, cached."""
-    ids = [(str(c.resolve()), c.stat().st_size, c.stat().st_mtime_ns) for c in ckpts]
-    name = f"evaluate_{_tag(ids, str(Path(val).resolve()), args.image_size)}"
+    name = f"evaluate_{_tag([_sha256(c) for c in ckpts], data)}"
     cmd = [sys.executable, "tools/train.py", *[x for c in ckpts for x in ("--evaluate", str(c))], "--val", val]
     cmd += ["--image-size", str(args.image_size), "--eval-crop-pct", "1.0", "--json"]
     return _cached(root / f"{name}.json", cmd, root / f"{name}.log")
@@ -234,12 +288,20 @@ def _evaluate(ckpts: list[Path], val: str, args: argparse.Namespace, root: Path)
 def _reinforce(
     args: argparse.Namespace, shards: Path, source: str, ckpts: list[Path], workers: list[str], root: Path
 ) -> dict:
-    """Make the shards once (resumable); their wall time is kept beside them, so a rerun reports it too."""
+    """Make the shards once (resumable); their wall time is kept beside them, so a rerun reports it too.
+
+    A run that found finished parts (resumed after an interruption, or only verifying) times just
+    its own part, not the whole making: its cost says ``resumed``, and so does the report.
+    """
     cost_file = root / f"{shards.name}.cost.json"
     if cost_file.is_file() and (shards / "manifest.json").is_file():
         cost = json.loads(cost_file.read_text())
         print(f"(cached {shards.name}: made in {cost['seconds']:.0f} s)", flush=True)
         return cost
+    from wds_reinforce.produce.jobs import DONE_DIR
+
+    # A part an earlier run finished (its done marker) is kept, not made again, and not timed.
+    resumed = (shards / "manifest.json").is_file() or any((shards / DONE_DIR).rglob("*.json"))
     cmd = [
         sys.executable, "tools/make_shards.py", "--source", source, "--image-size", str(args.image_size),
         "--rounds", str(args.rounds), "--topk", str(args.topk), "--shard-size", "600", "--out", str(shards),
@@ -259,42 +321,56 @@ def _reinforce(
         "rounds": manifest["rounds"],
         "members": members,
         "teacher_forwards": images * manifest["rounds"] * members,
+        "resumed": resumed,
     }
     cost_file.write_text(json.dumps(cost))
     return cost
 
 
-def _student_runs(
-    args: argparse.Namespace,
-    shards: Path,
-    source: str,
-    ckpts: list[Path],
-    common: list[str],
-    data_tag: str,
-    root: Path,
-) -> list[dict]:
-    """Every (student, seed, arm) run, cached by its settings; each result gains ``student`` and ``arm``."""
-    py, runs = sys.executable, []
+def _common(args: argparse.Namespace, val: str) -> list[str]:
+    """The train.py flags every training run shares."""
+    workers = ["--workers", str(args.workers)] if args.workers is not None else []
+    return ["--val", val, "--eval-crop-pct", "1.0", "--batch-size", str(args.batch_size), *workers, "--json"]
+
+
+def _student_plan(
+    args: argparse.Namespace, shards: Path, source: str, ckpts: list[Path], common: list[str], data: str
+) -> list[tuple[str, str, str, list[str]]]:
+    """Every (student, seed, arm) run as (cache name, student, arm, command).
+
+    The name holds what the run depends on: the images (``data``), the student's settings, and
+    the labels arm's ops (the recipe less its name and mixing: the same run whichever teacher made
+    the shards, and for rrc and rrc+mix alike), the other arms' shard folder (teacher and recipe).
+    """
+    py, plan = sys.executable, []
     teacher = [x for c in ckpts for x in ("--teacher-checkpoint", str(c))]
+    ops = {k: v for k, v in _recipe(args).items() if k not in ("name", "mix")}
     for student in _names(args.students):
         for seed in args.seeds:
             for arm in _names(args.arms):
                 base = ["--model", student, "--epochs", str(args.student_epochs), "--seed", str(seed), *common]
                 folder = [py, "tools/train.py", "--data", source, "--recipe", str(shards)]
-                if arm == "labels":  # the same run whichever teacher made the shards
-                    tag = _tag("labels", data_tag, base)
+                if arm == "labels":
+                    tag = _tag("labels", data, ops, base)
                     cmd = [*folder, "--targets", "labels", *base]
                 elif arm == "reinforced":
-                    tag = _tag("reinforced", shards.name, args.p, base)
+                    tag = _tag("reinforced", data, shards.name, args.p, base)
                     cmd = [py, "tools/train.py", "--data", str(shards), "--p", str(args.p), *base]
                 else:
-                    tag = _tag("online", shards.name, base)
+                    tag = _tag("online", data, shards.name, base)
                     cmd = [*folder, "--targets", "online", *teacher, *base]
-                name = f"student_{arm}_{seed}_{tag}"
-                result = {**_cached(root / f"{name}.json", cmd, root / f"{name}.log"), "student": student, "arm": arm}
-                runs.append(result)
-                if args.json:
-                    print(json.dumps(result))
+                plan.append((f"student_{arm}_{seed}_{tag}", student, arm, cmd))
+    return plan
+
+
+def _student_runs(args: argparse.Namespace, plan: list[tuple[str, str, str, list[str]]], root: Path) -> list[dict]:
+    """Every run of the plan, cached by its name; each result gains ``student`` and ``arm``."""
+    runs = []
+    for name, student, arm, cmd in plan:
+        result = {**_cached(root / f"{name}.json", cmd, root / f"{name}.log"), "student": student, "arm": arm}
+        runs.append(result)
+        if args.json:
+            print(json.dumps(result))
     return runs
 
 
@@ -315,39 +391,36 @@ def main(argv: list[str] | None = None) -> int:  # long: the experiment's steps 
     else:
         source, val = args.source, args.val
     workers = ["--workers", str(args.workers)] if args.workers is not None else []
-    common = ["--val", val, "--eval-crop-pct", "1.0", "--batch-size", str(args.batch_size), *workers, "--json"]
+    common = _common(args, val)
     started = time.perf_counter()
-    data_tag = _tag(str(Path(source).resolve()), args.image_size)
+    keys = _data_keys(args, source, val)
 
     # 1. The teacher: trained here (saved with --save, so that the online arm can load it), or given.
     if args.teacher_checkpoint:
         members, ckpts = _given_teachers(args.teacher_checkpoint)
         trained: list[dict] = []
-        given = _tag([(str(c.resolve()), c.stat().st_size, c.stat().st_mtime_ns) for c in ckpts]) + "_"
     else:
         members = _names(args.teacher_models)
-        ckpts, trained = _train_teachers(args, members, root, source, common, data_tag)
-        given = ""
+        ckpts, trained = _train_teachers(args, members, root, source, common, keys["data"])
     teacher_train_seconds = sum(t["train_seconds"] for t in trained) if trained else None
-    ensemble = trained[0] if len(trained) == 1 else _evaluate(ckpts, val, args, root)
-    member_top1 = [t["top1"] for t in trained] or [_evaluate([c], val, args, root)["top1"] for c in ckpts]
+    ensemble = trained[0] if len(trained) == 1 else _evaluate(ckpts, val, args, root, keys["data"])
+    member_top1 = [t["top1"] for t in trained] or [_evaluate([c], val, args, root, keys["data"])["top1"] for c in ckpts]
     teacher_name = "+".join(members)
     print(f"teacher {teacher_name}: val top-1 {ensemble['top1']:.2f} %, ECE {ensemble['ece']:.2f} %", flush=True)
 
     # 2. Reinforce once (the checkpoints name their models: no --teacher needed).
-    recipe_part = "" if args.recipe == "rrc" else _tag(args.recipe) + "_"
-    shards = root / f"reinforced_{teacher_name}_{given}{recipe_part}r{args.rounds}_k{args.topk}_{data_tag}"
+    shards = root / _shards_name(args, members, ckpts, keys["source"])
     reinforce = _reinforce(args, shards, source, ckpts, workers, root)
 
     # 3. The students, every arm: labels and online read the folder with the shards' recipe.
-    runs = _student_runs(args, shards, source, ckpts, common, data_tag, root)
+    runs = _student_runs(args, _student_plan(args, shards, source, ckpts, common, keys["data"]), root)
     summary = summarize(runs, reinforce, teacher_train_seconds)
     print()
     print(
         f"teacher {teacher_name} at {ensemble['top1']:.2f} % (NLL {ensemble['nll']:.4f}, ECE {ensemble['ece']:.2f} %); "
         f"recipe {args.recipe}, {args.rounds} rounds, top-{args.topk}, {args.image_size} px; reinforcing "
         f"{reinforce['images']} images x {reinforce['rounds']} rounds x {reinforce['members']} members took "
-        f"{reinforce['seconds']:.0f} s"
+        f"{reinforce['seconds']:.0f} s" + (" (a resumed run: only its own part)" if reinforce.get("resumed") else "")
     )
     print()
     print("\n".join(format_tables(summary, args.seeds, args.student_epochs)))

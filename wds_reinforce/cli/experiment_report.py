@@ -45,14 +45,12 @@ def break_even(one_time: float, reinforced_per_run: float, online_per_run: float
 def ece_floor(images: int, accuracy: float, bins: int = 15, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
     """ECE (percent) of a perfectly calibrated classifier measured on ``images`` images: mean and sd over draws.
 
-    The finite-sample noise of the metric: confidences uniform on ``[2a - 1, 1]`` (mean ``a``, the
-    accuracy, clipped at 0), each image right with probability equal to its confidence, the same
-    equal-width bins as ``metrics.ece``. A measured ECE within a few sds of this mean is noise.
+    The finite-sample noise of the metric: confidences uniform on ``[2a - 1, 1]``, or on ``[0, 2a]``
+    when ``a < 0.5`` (either way their mean is ``a``, the accuracy), each image right with
+    probability equal to its confidence, the same equal-width bins as ``metrics.ece``. A measured
+    ECE within a few sds of this mean is noise.
     """
-    rng = np.random.default_rng(seed)
-    low = max(0.0, 2 * accuracy - 1)
-    conf = rng.uniform(low, 1.0, size=(draws, images))
-    hit = rng.random((draws, images)) < conf
+    conf, hit = _calibrated(np.random.default_rng(seed), (draws, images), accuracy)
     which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
     gaps = np.zeros((draws, bins))
     for b in range(bins):
@@ -60,6 +58,13 @@ def ece_floor(images: int, accuracy: float, bins: int = 15, draws: int = 2000, s
         gaps[:, b] = np.abs((conf * inside).sum(1) - (hit & inside).sum(1))
     ece = 100 * gaps.sum(1) / images
     return float(ece.mean()), float(ece.std(ddof=1))
+
+
+def _calibrated(rng: np.random.Generator, shape: tuple[int, int], accuracy: float) -> tuple[np.ndarray, np.ndarray]:
+    """Confidences with mean ``accuracy`` and whether each prediction is right (with that probability)."""
+    low, high = (2 * accuracy - 1, 1.0) if accuracy >= 0.5 else (0.0, 2 * accuracy)
+    conf = rng.uniform(low, high, size=shape)
+    return conf, rng.random(shape) < conf
 
 
 def _wall(run: dict[str, Any]) -> float:
@@ -93,10 +98,12 @@ def summarize(  # long: the summary's fields, one block each
 ) -> dict[str, Any]:
     """The experiment's summary from its student runs (each with ``student`` and ``arm`` added).
 
-    ``reinforce`` holds the one-time shard making: ``seconds`` (wall) and ``teacher_forwards``.
+    ``reinforce`` holds the one-time shard making: ``seconds`` (wall), ``teacher_forwards`` and
+    ``resumed`` (true when ``seconds`` covers only the part of the making after an interruption).
     Returns ``results`` (student -> arm -> stats), ``gain`` (arm -> mean over students of the
     per-student gains, with a standard error over every (student, seed) pair), ``cost`` (arm ->
-    runs, student seconds, one-time seconds, total, teacher forwards) and ``break_even``.
+    runs, student seconds, one-time seconds, total, teacher forwards), ``break_even`` and
+    ``reinforce_resumed``.
     """
     students = list(dict.fromkeys(r["student"] for r in runs))
     arms = [a for a in ARMS if any(r["arm"] == a for r in runs)]
@@ -141,6 +148,7 @@ def summarize(  # long: the summary's fields, one block each
         "cost": cost,
         "break_even": _break_even(runs, students, reinforce),
         "teacher_train_seconds": teacher_train_seconds,
+        "reinforce_resumed": bool(reinforce.get("resumed")),
     }
 
 
@@ -225,6 +233,11 @@ def format_tables(summary: dict[str, Any], seeds: Sequence[int], epochs: int) ->
             f"{be['reinforced_seconds_per_run']:.0f} s per reinforced run is cheaper than "
             f"{be['online_seconds_per_run']:.0f} s per online-KD run {after} "
             f"(per student: {be['runs_per_student']}; by teacher forwards: from {be['runs_by_forwards']} runs on)"
+        )
+    if summary.get("reinforce_resumed"):
+        lines.append(
+            "note: the shards were made by a resumed run, timed only for its own part: the one-time seconds are "
+            "too low and the break-even too early; delete the shard folder and its .cost.json and rerun to measure"
         )
     if summary["teacher_train_seconds"] is not None:
         lines.append(f"teacher training, paid by both distillation arms: {summary['teacher_train_seconds']:.0f} s")
