@@ -184,7 +184,6 @@ class Teacher:
         device: str | torch.device | None = "auto",
         amp: bool | None = None,
     ):
-        import timm.data
 
         if isinstance(members, str) or (members and isinstance(list(members)[0], str)):
             pairs = parse_teacher_spec(members)  # type: ignore[arg-type]
@@ -208,35 +207,41 @@ class Teacher:
         self.configs: list[dict[str, Any]] = []
         self.weights: list[str] = []
         for (kind, name), ckpt in zip(pairs, checkpoints):
-            builder, trained = TEACHERS.get(kind), None
-            if ckpt:
-                state, trained = _load_state(ckpt, f"{kind}:{name}")
-                probe = builder(name, num_classes, False)
-                n = _classifier_out(state, probe) or num_classes
-                model = probe if n is None or n == probe.num_classes else builder(name, n, False)
-                missing, unexpected = model.load_state_dict(state, strict=False)
-                if missing or unexpected:
-                    raise ValueError(
-                        f"checkpoint {ckpt!r} does not fit timm:{name}: "
-                        f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-                    )
-            else:
-                # Random weights (tests, benchmarks) are seeded so that reruns give the same shards.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
-                    model = builder(name, num_classes, pretrained)
-            model.eval().requires_grad_(False).to(self.device)
-            if self.device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
+            model, cfg = self._member(kind, name, ckpt, num_classes)
             self.models.append(model)
-            cfg = timm.data.resolve_data_config({}, model=model)
-            # A train.py checkpoint names the normalisation its weights learnt with (a recipe's, maybe not timm's).
-            self.configs.append({**cfg, **trained} if trained else cfg)
+            self.configs.append(cfg)
             self.weights.append(_weights_digest(model))
         counts = {int(m.num_classes) for m in self.models}
         if len(counts) != 1:
             raise ValueError(f"expected ensemble members with one class count, got {sorted(counts)}")
         self.num_classes = counts.pop()
+
+    def _member(self, kind: str, name: str, ckpt: str | None, num_classes: int | None) -> tuple[Any, dict[str, Any]]:
+        """One member on this teacher's device, and its data config (a checkpoint's normalisation wins)."""
+        import timm.data
+
+        builder, trained = TEACHERS.get(kind), None
+        if ckpt:
+            state, trained = _load_state(ckpt, f"{kind}:{name}")
+            probe = builder(name, num_classes, False)
+            n = _classifier_out(state, probe) or num_classes
+            model = probe if n is None or n == probe.num_classes else builder(name, n, False)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"checkpoint {ckpt!r} does not fit timm:{name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                )
+        else:
+            # Random weights (tests, benchmarks) are seeded so that reruns give the same shards.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = builder(name, num_classes, self.pretrained)
+        model.eval().requires_grad_(False).to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        # A train.py checkpoint names the normalisation its weights learnt with (a recipe's, maybe not timm's).
+        return model, ({**cfg, **trained} if trained else cfg)
 
     def describe(self, recipe: Recipe | None = None) -> dict[str, Any]:
         """The teacher description stored in the manifest.
