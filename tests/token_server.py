@@ -13,7 +13,22 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["token_server"]
+__all__ = ["token_server", "send_ranged_headers"]
+
+
+def send_ranged_headers(handler: http.server.BaseHTTPRequestHandler, size: int, etag: str) -> int:
+    """Answer a GET of ``size`` bytes: 206 from the ``Range: bytes=N-`` asked, else 200; returns N (0)."""
+    asked = re.fullmatch(r"bytes=(\d+)-", handler.headers.get("Range") or "")
+    start = int(asked.group(1)) if asked else 0
+    if asked:
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+    else:
+        handler.send_response(200)
+    handler.send_header("Content-Length", str(size - start))
+    handler.send_header("ETag", etag)
+    handler.end_headers()
+    return start
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -43,16 +58,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = path.read_bytes()
-        asked = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        start = int(asked.group(1)) if asked else 0
-        if asked:
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.send_header("ETag", f'"{path.stat().st_mtime_ns}"')
-        self.end_headers()
+        start = send_ranged_headers(self, len(data), f'"{path.stat().st_mtime_ns}"')
         self.wfile.write(data[start:])
 
 

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wds_reinforce.cli.experiment_report import ARMS, format_tables, paired_gain, summarize  # noqa: E402
+from wds_reinforce.io.outputs import sha256_file  # noqa: E402
 
 __all__ = ["build_parser", "main", "paired_gain"]
 
@@ -83,14 +84,6 @@ def _tag(*parts: object) -> str:
 _TEACHER_RECIPE = {"ops": [{"op": "rrc", "scale": [0.35, 1.0]}, {"op": "flip", "p": 0.5}]}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _listing(folder: str) -> str:
     """A digest of every file under ``folder`` (relative name, size, mtime): reads no image."""
     entries = []
@@ -123,7 +116,7 @@ def _teacher_name(args: argparse.Namespace, model: str, data: str) -> str:
 
 def _shards_name(args: argparse.Namespace, members: list[str], ckpts: list[Path], source_key: str) -> str:
     """The shard folder's name: the teacher (its checkpoints' sha256), the recipe, rounds, top-k, the images."""
-    key = _tag(_recipe(args), [_sha256(c) for c in ckpts], args.rounds, args.topk, source_key)
+    key = _tag(_recipe(args), [sha256_file(c) for c in ckpts], args.rounds, args.topk, source_key)
     return f"reinforced_{'+'.join(members)}_r{args.rounds}_k{args.topk}_{key}"
 
 
@@ -279,7 +272,7 @@ def _train_teachers(
 
 def _evaluate(ckpts: list[Path], val: str, args: argparse.Namespace, root: Path, data: str) -> dict:
     """train.py --evaluate of the checkpoints (an ensemble: mean of softmax) on --val, cached."""
-    name = f"evaluate_{_tag([_sha256(c) for c in ckpts], data)}"
+    name = f"evaluate_{_tag([sha256_file(c) for c in ckpts], data)}"
     cmd = [sys.executable, "tools/train.py", *[x for c in ckpts for x in ("--evaluate", str(c))], "--val", val]
     cmd += ["--image-size", str(args.image_size), "--eval-crop-pct", "1.0", "--json"]
     return _cached(root / f"{name}.json", cmd, root / f"{name}.log")

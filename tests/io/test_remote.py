@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.shardmaker import make_shards
+from tests.token_server import send_ranged_headers
 from wds_reinforce.core.errors import UsageError
 from wds_reinforce.io import storage
 from wds_reinforce.io.remote import NetworkReadError, s3_client
@@ -82,16 +83,7 @@ class _StallingHandler(http.server.BaseHTTPRequestHandler):
         if data is None:
             self.send_error(404)
             return
-        asked = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        start = int(asked.group(1)) if asked else 0
-        if asked:
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.send_header("ETag", '"v1"')
-        self.end_headers()
+        start = send_ranged_headers(self, len(data), '"v1"')
         self._send(data[start:], mode)
 
     def _hang(self, mode: str) -> None:
